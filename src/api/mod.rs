@@ -1,0 +1,10 @@
+//! Kubernetes API glue that does not depend on HTTP: the resource table,
+//! `Status` errors, metadata rules, Service semantics, selectors and patches.
+//! All pure, so the rules are unit-tested without a server.
+
+pub mod meta;
+pub mod patch;
+pub mod resources;
+pub mod selector;
+pub mod service;
+pub mod status;

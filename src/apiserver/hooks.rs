@@ -1,0 +1,139 @@
+//! Kind-specific rules, applied by the object layer on create and update.
+//! Everything else about a kind is data in the resource table.
+
+use serde_json::{json, Value};
+
+use crate::api::meta::{dns1123_label_error, dns1123_subdomain_error, meta_str};
+use crate::api::resources::{Kind, ResourceDef};
+use crate::api::service;
+use crate::api::status::{ApiError, FieldError};
+
+use super::Server;
+
+fn name_errors(def: &ResourceDef, obj: &Value) -> Vec<FieldError> {
+    let name = meta_str(obj, "name").unwrap_or("");
+    let err = match def.kind {
+        // Service names are checked (as DNS-1035 labels) by its validation.
+        Kind::Service => None,
+        Kind::Namespace => dns1123_label_error(name),
+        _ => dns1123_subdomain_error(name),
+    };
+    err.map(|e| {
+        vec![FieldError::invalid(
+            "metadata.name",
+            format!("{name:?}"),
+            &e,
+        )]
+    })
+    .unwrap_or_default()
+}
+
+fn kind_errors(srv: &Server, def: &ResourceDef, obj: &Value) -> Vec<FieldError> {
+    match def.kind {
+        Kind::Service => service::validate_service(obj, &srv.config.service_cidr),
+        Kind::EndpointSlice => {
+            let mut errs = Vec::new();
+            match obj.get("addressType").and_then(Value::as_str) {
+                None => errs.push(FieldError::required("addressType", "")),
+                Some(t) if !["IPv4", "IPv6", "FQDN"].contains(&t) => errs.push(
+                    FieldError::not_supported("addressType", t, &["FQDN", "IPv4", "IPv6"]),
+                ),
+                Some(_) => {}
+            }
+            if let Some(eps) = obj.get("endpoints").and_then(Value::as_array) {
+                for (i, ep) in eps.iter().enumerate() {
+                    let n = ep
+                        .get("addresses")
+                        .and_then(Value::as_array)
+                        .map_or(0, Vec::len);
+                    if n == 0 {
+                        errs.push(FieldError::required(
+                            format!("endpoints[{i}].addresses"),
+                            "must contain at least 1 address",
+                        ));
+                    }
+                }
+            }
+            errs
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn check(srv: &Server, def: &ResourceDef, obj: &Value) -> Result<(), ApiError> {
+    let mut errs = name_errors(def, obj);
+    errs.extend(kind_errors(srv, def, obj));
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            def.kind_name,
+            meta_str(obj, "name").unwrap_or(""),
+            errs,
+        ))
+    }
+}
+
+/// Defaulting and validation of a new object.
+pub fn before_create(srv: &Server, def: &ResourceDef, obj: &mut Value) -> Result<(), ApiError> {
+    match def.kind {
+        Kind::Service => {
+            obj["status"] = json!({"loadBalancer": {}});
+            service::default_service(obj);
+        }
+        Kind::Namespace => {
+            obj["spec"] = json!({"finalizers": ["kubernetes"]});
+            obj["status"] = json!({"phase": "Active"});
+            // Kubernetes labels every namespace with its own name.
+            let name = meta_str(obj, "name").unwrap_or("").to_string();
+            let m = crate::api::meta::meta_mut(obj);
+            if !m.get("labels").is_some_and(Value::is_object) {
+                m.insert("labels".into(), json!({}));
+            }
+            m["labels"]["kubernetes.io/metadata.name"] = json!(name);
+        }
+        Kind::Pod => {
+            obj["status"] = json!({"phase": "Pending"});
+        }
+        _ => {}
+    }
+    check(srv, def, obj)
+}
+
+/// Defaulting and validation of a changed object (`old` is the stored one).
+pub fn before_update(
+    srv: &Server,
+    def: &ResourceDef,
+    old: &Value,
+    new: &mut Value,
+) -> Result<(), ApiError> {
+    match def.kind {
+        Kind::Service => {
+            service::carry_over_allocations(old, new);
+            service::default_service(new);
+            let mut errs = service::validate_service_update(old, new);
+            errs.extend(name_errors(def, new));
+            errs.extend(kind_errors(srv, def, new));
+            if !errs.is_empty() {
+                return Err(ApiError::invalid(
+                    def.kind_name,
+                    meta_str(new, "name").unwrap_or(""),
+                    errs,
+                ));
+            }
+            return Ok(());
+        }
+        Kind::Namespace => {
+            // spec.finalizers changes only through finalization.
+            new["spec"] = old.get("spec").cloned().unwrap_or(json!({}));
+            let name = meta_str(new, "name").unwrap_or("").to_string();
+            let m = crate::api::meta::meta_mut(new);
+            if !m.get("labels").is_some_and(Value::is_object) {
+                m.insert("labels".into(), json!({}));
+            }
+            m["labels"]["kubernetes.io/metadata.name"] = json!(name);
+        }
+        _ => {}
+    }
+    check(srv, def, new)
+}

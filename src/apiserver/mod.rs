@@ -1,0 +1,373 @@
+//! The Kubernetes-compatible API server.
+//!
+//! ```text
+//!  TLS (rustls, client certs)  ─►  rest::handle: route → authn → authz
+//!        │                                   │
+//!        │          discovery / openapi ◄────┤ (static documents from the resource table)
+//!        │                                   ▼
+//!        │                  list / watch (watch.rs)   create / update / patch / delete
+//!        │                                   │              │ objects.rs: metadata rules,
+//!        │                                   │              │ hooks.rs (kind rules), alloc.rs
+//!        ▼                                   ▼              ▼
+//!   metrics (/metrics)                     Store (embedded SQLite | etcd)
+//! ```
+//!
+//! Nothing here is per resource: the resource table
+//! ([`crate::api::resources`]) drives routing, storage keys, discovery and
+//! OpenAPI. Startup ([`start`]) opens the store, creates the PKI and the
+//! kubeconfig on first run, bootstraps the default namespaces and the
+//! `kubernetes` Service, and starts the compactor.
+
+pub mod alloc;
+pub mod discovery;
+pub mod hooks;
+pub mod objects;
+pub mod openapi;
+pub mod rest;
+pub mod table;
+pub mod tls;
+pub mod watch;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::api::resources::{self, Kind};
+use crate::api::service::ServiceCidr;
+use crate::store::{embedded::EmbeddedStore, etcd::EtcdStore, Store};
+
+use objects::WriteOpts;
+
+/// API server settings (flags of `fairlead apiserver`).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// PKI, kubeconfig and the embedded database live here.
+    pub data_dir: PathBuf,
+    pub bind_address: IpAddr,
+    pub secure_port: u16,
+    pub service_cidr: ServiceCidr,
+    /// Empty: the embedded store. Otherwise etcd endpoints.
+    pub etcd_servers: Vec<String>,
+    /// Optional static tokens: CSV lines `token,user,uid,"group1,group2"`.
+    pub token_auth_file: Option<PathBuf>,
+    /// How often old revisions are compacted away (Kubernetes: 5 minutes).
+    pub compaction_interval: Duration,
+}
+
+impl Config {
+    /// The address clients (and the `kubernetes` Endpoints) use.
+    pub fn advertise_address(&self) -> IpAddr {
+        if self.bind_address.is_unspecified() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            self.bind_address
+        }
+    }
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        self.data_dir.join("kubeconfig")
+    }
+}
+
+/// Who sent a request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Identity {
+    pub user: String,
+    pub groups: Vec<String>,
+}
+
+impl Identity {
+    /// Members of `system:masters` may do anything; everyone else may read.
+    pub fn can_write(&self) -> bool {
+        self.groups.iter().any(|g| g == "system:masters")
+    }
+}
+
+/// Shared state of a running API server; cheap to clone.
+#[derive(Clone)]
+pub struct Server {
+    pub store: Arc<dyn Store>,
+    pub config: Arc<Config>,
+    tokens: Arc<HashMap<String, Identity>>,
+}
+
+/// A started API server.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub kubeconfig: PathBuf,
+    pub server: Server,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stop accepting connections.
+    pub fn shutdown(&self) {
+        self.accept.abort();
+    }
+    /// Wait until the accept loop ends (it runs until shutdown).
+    pub async fn wait(self) {
+        let _ = self.accept.await;
+    }
+}
+
+fn load_tokens(path: &std::path::Path) -> anyhow::Result<HashMap<String, Identity>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("reading token file {}: {e}", path.display()))?;
+    let mut out = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut parts = line.splitn(4, ',');
+        let (Some(token), Some(user)) = (parts.next(), parts.next()) else {
+            anyhow::bail!(
+                "{}:{}: expected token,user[,uid[,\"groups\"]]",
+                path.display(),
+                i + 1
+            );
+        };
+        let _uid = parts.next();
+        let groups = parts
+            .next()
+            .map(|g| {
+                g.trim_matches('"')
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.insert(
+            token.to_string(),
+            Identity {
+                user: user.to_string(),
+                groups,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Open the configured store.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(if config.etcd_servers.is_empty() {
+        Arc::new(EmbeddedStore::open(&config.data_dir.join("store.db")).await?)
+    } else {
+        Arc::new(EtcdStore::connect(&config.etcd_servers).await?)
+    })
+}
+
+/// Start the API server: store, PKI, kubeconfig, bootstrap objects,
+/// compactor, and the HTTPS listener.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", config.data_dir.display()))?;
+    let store = open_store(&config).await?;
+    start_with_store(config, store).await
+}
+
+/// Like [`start`], with an already opened store.
+pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Running> {
+    crate::metrics::init();
+    let mut sans = vec![
+        config.advertise_address().to_string(),
+        config.service_cidr.first().to_string(),
+    ];
+    if !config.bind_address.is_unspecified() {
+        sans.push(config.bind_address.to_string());
+    }
+    let pki = tls::ensure_pki(&config.data_dir, &sans)?;
+    let tls_config = tls::server_config(&pki)?;
+    let tokens = match &config.token_auth_file {
+        Some(p) => load_tokens(p)?,
+        None => HashMap::new(),
+    };
+    let listener = TcpListener::bind((config.bind_address, config.secure_port))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "binding {}:{}: {e}",
+                config.bind_address,
+                config.secure_port
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    let host = match config.advertise_address() {
+        IpAddr::V6(v6) => format!("[{v6}]"),
+        v4 => v4.to_string(),
+    };
+    let kubeconfig = config.kubeconfig_path();
+    tls::write_kubeconfig(
+        &kubeconfig,
+        &format!("https://{host}:{}", addr.port()),
+        &pki,
+        &pki.admin_cert_pem,
+        &pki.admin_key_pem,
+    )?;
+    let server = Server {
+        store,
+        config: Arc::new(Config {
+            secure_port: addr.port(),
+            ..config
+        }),
+        tokens: Arc::new(tokens),
+    };
+    server.bootstrap().await?;
+    server.spawn_compactor();
+    let acceptor = TlsAcceptor::from(tls_config);
+    let srv = server.clone();
+    let accept = tokio::spawn(async move {
+        loop {
+            let (tcp, _peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let srv = srv.clone();
+            tokio::spawn(async move {
+                let tls = match acceptor.accept(tcp).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                };
+                let identity = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(tls::peer_identity)
+                    .map(|(user, groups)| Identity { user, groups });
+                let svc = hyper::service::service_fn(move |req| {
+                    let srv = srv.clone();
+                    let identity = identity.clone();
+                    async move { Ok::<_, std::convert::Infallible>(srv.handle(req, identity).await) }
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                if let Err(e) = builder
+                    .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                    .await
+                {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+        }
+    });
+    tracing::info!(%addr, store = %server.store.describe(), "API server listening");
+    Ok(Running {
+        addr,
+        kubeconfig,
+        server,
+        accept,
+    })
+}
+
+impl Server {
+    /// The identity behind a bearer token, if any.
+    pub fn token_identity(&self, token: &str) -> Option<Identity> {
+        self.tokens.get(token).cloned()
+    }
+
+    /// Create what every cluster has: the default namespaces and the
+    /// `kubernetes` Service pointing at this API server. Idempotent and
+    /// safe to run on several API servers at once.
+    async fn bootstrap(&self) -> anyhow::Result<()> {
+        let opts = WriteOpts::default();
+        let ns = resources::by_kind(Kind::Namespace);
+        for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+            let obj = json!({"metadata": {"name": name}});
+            match self.create_object(ns, None, obj, &opts).await {
+                Ok(_) => {}
+                Err(e) if e.code == 409 => {}
+                Err(e) => anyhow::bail!("bootstrapping namespace {name}: {}", e.message),
+            }
+        }
+        let ip = self.config.advertise_address().to_string();
+        let port = self.config.secure_port;
+        let objects = [
+            (
+                Kind::Service,
+                json!({"metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
+                       "spec": {"clusterIP": self.config.service_cidr.first().to_string(),
+                                "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}]}}),
+            ),
+            (
+                Kind::Endpoints,
+                json!({"metadata": {"name": "kubernetes", "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
+                       "subsets": [{"addresses": [{"ip": ip}], "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}]}),
+            ),
+            (
+                Kind::EndpointSlice,
+                json!({"metadata": {"name": "kubernetes", "labels": {"kubernetes.io/service-name": "kubernetes", "endpointslice.kubernetes.io/managed-by": "fairlead-apiserver"}},
+                       "addressType": "IPv4",
+                       "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+                       "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}),
+            ),
+        ];
+        for (kind, obj) in objects {
+            let def = resources::by_kind(kind);
+            match self
+                .create_object(def, Some("default"), obj.clone(), &opts)
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.code == 409 => {
+                    // Keep the endpoints pointing at the current address
+                    // (the port may change between runs).
+                    if kind != Kind::Service {
+                        let _ = self
+                            .update_object(def, Some("default"), "kubernetes", obj, None, &opts)
+                            .await;
+                    }
+                }
+                Err(e) => anyhow::bail!("bootstrapping {}: {}", def.plural, e.message),
+            }
+        }
+        // Resume finalization of namespaces that were terminating at exit.
+        for kv in self.store.list_all(&ns.prefix(None)).await?.kvs {
+            if let Ok(obj) = objects::decode(&kv) {
+                if obj
+                    .pointer("/metadata/deletionTimestamp")
+                    .is_some_and(|v| !v.is_null())
+                {
+                    let name = kv.key.rsplit('/').next().unwrap_or("").to_string();
+                    self.spawn_namespace_finalizer(name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Compact the store periodically to the revision seen one interval
+    /// earlier, as kube-apiserver does, so history does not grow forever
+    /// but watches that reconnect within an interval can resume.
+    fn spawn_compactor(&self) {
+        let store = self.store.clone();
+        let interval = self.config.compaction_interval;
+        tokio::spawn(async move {
+            let mut previous = None;
+            loop {
+                tokio::time::sleep(interval).await;
+                if let Some(rev) = previous {
+                    match store.compact(rev).await {
+                        Ok(()) => tracing::debug!(revision = rev, "compacted"),
+                        Err(e) => tracing::debug!(error = %e, "compaction skipped"),
+                    }
+                }
+                previous = store.current_revision().await.ok();
+            }
+        });
+    }
+}

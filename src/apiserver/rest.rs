@@ -1,0 +1,929 @@
+//! HTTP front: routing, authentication, authorization, request decoding and
+//! response encoding for every endpoint. One generic handler per verb, driven
+//! by the resource table.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+
+use crate::api::patch::{self, PatchError};
+use crate::api::resources::{self, ResourceDef};
+use crate::api::selector::{FieldSelector, LabelSelector};
+use crate::api::status::{success_status, ApiError};
+use crate::store::{ListOptions, Revision};
+
+use super::objects::{self, resource_ref, WriteOpts, Written};
+use super::{discovery, openapi, table, Identity, Server};
+
+/// Response body: whole JSON documents or a watch stream.
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// Largest accepted request body (as kube-apiserver: 3 MiB).
+pub const MAX_BODY: usize = 3 * 1024 * 1024;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+fn json_response(code: u16, v: &Value, warnings: &[String]) -> Response<Body> {
+    let mut resp = Response::new(full(serde_json::to_vec(v).unwrap_or_default()));
+    *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    for w in warnings {
+        if let Ok(h) = HeaderValue::from_str(&format!(
+            "299 - {}",
+            serde_json::to_string(w).unwrap_or_default()
+        )) {
+            resp.headers_mut().append("warning", h);
+        }
+    }
+    resp
+}
+
+pub fn error_response(e: &ApiError) -> Response<Body> {
+    json_response(e.code, &e.to_status(), &[])
+}
+
+fn bytes_response(content_type: &'static str, body: &'static [u8]) -> Response<Body> {
+    let mut resp = Response::new(full(Bytes::from_static(body)));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// Where a request goes.
+#[derive(Debug)]
+enum Route {
+    Version,
+    Health,
+    Metrics,
+    Api,
+    Apis,
+    Group(String),
+    GroupVersion(String, String),
+    OpenApiIndex,
+    OpenApi(String),
+    Resource(ResourceRoute),
+}
+
+/// A request for objects of one resource.
+#[derive(Debug)]
+pub struct ResourceRoute {
+    pub def: &'static ResourceDef,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub sub: Option<String>,
+    /// Legacy `/watch/` path prefix.
+    pub watch_path: bool,
+}
+
+fn route(path: &str) -> Result<Route, ApiError> {
+    let segs: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let (group, version, rest) = match segs.as_slice() {
+        ["version"] => return Ok(Route::Version),
+        ["healthz" | "livez" | "readyz", ..] => return Ok(Route::Health),
+        ["metrics"] => return Ok(Route::Metrics),
+        ["api"] => return Ok(Route::Api),
+        ["apis"] => return Ok(Route::Apis),
+        ["openapi", "v3"] => return Ok(Route::OpenApiIndex),
+        ["openapi", "v3", rest @ ..] => return Ok(Route::OpenApi(rest.join("/"))),
+        ["apis", g] => return Ok(Route::Group(g.to_string())),
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return Err(ApiError::path_not_found()),
+    };
+    if rest.is_empty() {
+        return Ok(Route::GroupVersion(group.into(), version.into()));
+    }
+    let (watch_path, rest) = match rest {
+        ["watch", r @ ..] => (true, r),
+        r => (false, r),
+    };
+    let find =
+        |plural: &str| resources::find(group, version, plural).ok_or_else(ApiError::path_not_found);
+    let (def, namespace, name, sub) = match rest {
+        // The namespace object itself (and its subresources).
+        ["namespaces"] => (find("namespaces")?, None, None, None),
+        ["namespaces", n] => (find("namespaces")?, None, Some(*n), None),
+        ["namespaces", n, s @ ("status" | "finalize")] => {
+            (find("namespaces")?, None, Some(*n), Some(*s))
+        }
+        ["namespaces", ns, plural, tail @ ..] => {
+            let def = find(plural)?;
+            if !def.namespaced {
+                return Err(ApiError::path_not_found());
+            }
+            match tail {
+                [] => (def, Some(*ns), None, None),
+                [n] => (def, Some(*ns), Some(*n), None),
+                [n, s] => (def, Some(*ns), Some(*n), Some(*s)),
+                _ => return Err(ApiError::path_not_found()),
+            }
+        }
+        [plural, tail @ ..] => {
+            let def = find(plural)?;
+            match (def.namespaced, tail) {
+                (_, []) => (def, None, None, None),
+                (false, [n]) => (def, None, Some(*n), None),
+                (false, [n, s]) => (def, None, Some(*n), Some(*s)),
+                _ => return Err(ApiError::path_not_found()),
+            }
+        }
+        [] => return Err(ApiError::path_not_found()),
+    };
+    if let Some(s) = sub {
+        let ok =
+            (s == "status" && def.has_status) || (s == "finalize" && def.plural == "namespaces");
+        if !ok {
+            return Err(ApiError::path_not_found());
+        }
+    }
+    Ok(Route::Resource(ResourceRoute {
+        def,
+        namespace: namespace.map(String::from),
+        name: name.map(String::from),
+        sub: sub.map(String::from),
+        watch_path,
+    }))
+}
+
+/// Query parameters (last value wins).
+pub type Query = HashMap<String, String>;
+
+fn parse_query(q: Option<&str>) -> Query {
+    url::form_urlencoded::parse(q.unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn truthy(q: &Query, k: &str) -> bool {
+    matches!(q.get(k).map(String::as_str), Some("true" | "1"))
+}
+
+/// What the client wants back (from `Accept`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Object,
+    Table,
+    Metadata,
+}
+
+fn output(req: &Request<Incoming>) -> Output {
+    let accept = req
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    // Clients list preferences in order; take the first we can serve.
+    for part in accept.split(',') {
+        let p = part.replace(' ', "");
+        if p.contains("as=Table") && p.contains("g=meta.k8s.io") {
+            return Output::Table;
+        }
+        if p.contains("as=PartialObjectMetadata") {
+            return Output::Metadata;
+        }
+        if p.starts_with("application/json") || p.starts_with("*/*") {
+            return Output::Object;
+        }
+    }
+    Output::Object
+}
+
+fn parse_selectors(
+    def: &ResourceDef,
+    q: &Query,
+) -> Result<(LabelSelector, FieldSelector), ApiError> {
+    let labels = LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str))
+        .map_err(|e| ApiError::bad_request(format!("unable to parse requirement: {e}")))?;
+    let fields = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str))
+        .map_err(|e| ApiError::bad_request(format!("invalid field selector: {e}")))?;
+    for f in fields.fields() {
+        if !def.allows_field(f) {
+            return Err(ApiError::bad_request(format!(
+                "field label not supported: {f}"
+            )));
+        }
+    }
+    Ok((labels, fields))
+}
+
+/// Whether an object passes both selectors.
+pub fn selected(obj: &Value, labels: &LabelSelector, fields: &FieldSelector) -> bool {
+    labels.matches(obj.pointer("/metadata/labels"))
+        && fields.matches(&|f| resources::field_value(obj, f))
+}
+
+/// The object as the client asked for it.
+pub fn render(def: &ResourceDef, obj: Value, out: Output, q: &Query) -> Value {
+    match out {
+        Output::Object => obj,
+        Output::Metadata => json!({
+            "kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": obj.get("metadata").cloned().unwrap_or(json!({})),
+        }),
+        Output::Table => {
+            let rv = obj
+                .pointer("/metadata/resourceVersion")
+                .cloned()
+                .unwrap_or(json!(""));
+            table::table(
+                def.kind,
+                &[obj],
+                q.get("includeObject").map_or("Metadata", String::as_str),
+                true,
+                json!({"resourceVersion": rv}),
+            )
+        }
+    }
+}
+
+fn metric_verb(method: &Method, r: &ResourceRoute, q: &Query) -> &'static str {
+    let watch = r.watch_path || truthy(q, "watch");
+    match *method {
+        Method::GET if watch => "WATCH",
+        Method::GET if r.name.is_none() => "LIST",
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE if r.name.is_none() => "DELETECOLLECTION",
+        Method::DELETE => "DELETE",
+        _ => "OTHER",
+    }
+}
+
+impl Server {
+    /// Serve one request; never fails (errors become `Status` responses).
+    pub async fn handle(self, req: Request<Incoming>, cert: Option<Identity>) -> Response<Body> {
+        let start = Instant::now();
+        let route = route(req.uri().path());
+        let q = parse_query(req.uri().query());
+        let (verb, group, version, resource, sub, scope) = match &route {
+            Ok(Route::Resource(r)) => (
+                metric_verb(req.method(), r, &q),
+                r.def.group,
+                r.def.version,
+                r.def.plural,
+                r.sub.clone().unwrap_or_default(),
+                if r.name.is_some() {
+                    "resource"
+                } else if r.namespace.is_some() {
+                    "namespace"
+                } else {
+                    "cluster"
+                },
+            ),
+            _ => (
+                match *req.method() {
+                    Method::GET => "GET",
+                    _ => "OTHER",
+                },
+                "",
+                "",
+                "",
+                String::new(),
+                "",
+            ),
+        };
+        let resp = match self.dispatch(req, route, q, cert).await {
+            Ok(r) => r,
+            Err(e) => error_response(&e),
+        };
+        if !resource.is_empty() {
+            let code = resp.status().as_u16().to_string();
+            metrics::counter!("apiserver_request_total",
+                "verb" => verb, "group" => group, "version" => version, "resource" => resource,
+                "subresource" => sub.clone(), "scope" => scope, "component" => "apiserver", "code" => code)
+            .increment(1);
+            if verb != "WATCH" {
+                metrics::histogram!("apiserver_request_duration_seconds",
+                    "verb" => verb, "group" => group, "version" => version, "resource" => resource,
+                    "subresource" => sub, "scope" => scope, "component" => "apiserver")
+                .record(start.elapsed().as_secs_f64());
+            }
+        }
+        resp
+    }
+
+    fn authenticate(&self, req: &Request<Incoming>, cert: Option<Identity>) -> Option<Identity> {
+        if let Some(token) = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        {
+            return self.token_identity(token.trim());
+        }
+        cert
+    }
+
+    async fn dispatch(
+        &self,
+        req: Request<Incoming>,
+        route: Result<Route, ApiError>,
+        q: Query,
+        cert: Option<Identity>,
+    ) -> Result<Response<Body>, ApiError> {
+        // Health and version are public, as with Kubernetes' default
+        // system:public-info-viewer role; everything else needs credentials.
+        match &route {
+            Ok(Route::Health) => return Ok(json_ok_text("ok")),
+            Ok(Route::Version) => return Ok(json_response(200, &discovery::version(), &[])),
+            _ => {}
+        }
+        let ident = self
+            .authenticate(&req, cert)
+            .ok_or_else(ApiError::unauthorized)?;
+        let route = route?;
+        if req.method() != Method::GET && !matches!(route, Route::Resource(_)) {
+            return Err(ApiError::method_not_allowed(
+                "the server does not allow this method on the requested resource",
+            ));
+        }
+        match route {
+            Route::Health | Route::Version => unreachable!("handled above"),
+            Route::Metrics => {
+                let mut resp = Response::new(full(crate::metrics::render()));
+                resp.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                Ok(resp)
+            }
+            Route::Api => Ok(json_response(
+                200,
+                &discovery::api_versions(&self.config),
+                &[],
+            )),
+            Route::Apis => Ok(json_response(200, &discovery::group_list(), &[])),
+            Route::Group(g) => discovery::group(&g)
+                .map(|v| json_response(200, &v, &[]))
+                .ok_or_else(ApiError::path_not_found),
+            Route::GroupVersion(g, v) => discovery::resource_list(&g, &v)
+                .map(|v| json_response(200, &v, &[]))
+                .ok_or_else(ApiError::path_not_found),
+            Route::OpenApiIndex => Ok(bytes_response("application/json", openapi::index())),
+            Route::OpenApi(path) => openapi::document(&path)
+                .map(|d| bytes_response("application/json", d))
+                .ok_or_else(ApiError::path_not_found),
+            Route::Resource(r) => self.resource(req, r, q, ident).await,
+        }
+    }
+
+    async fn resource(
+        &self,
+        req: Request<Incoming>,
+        r: ResourceRoute,
+        q: Query,
+        ident: Identity,
+    ) -> Result<Response<Body>, ApiError> {
+        let method = req.method().clone();
+        let verb = match metric_verb(&method, &r, &q) {
+            "WATCH" => "watch",
+            "LIST" => "list",
+            "GET" => "get",
+            "POST" => "create",
+            "PUT" => "update",
+            "PATCH" => "patch",
+            "DELETE" => "delete",
+            "DELETECOLLECTION" => "deletecollection",
+            _ => {
+                return Err(ApiError::method_not_allowed(
+                    "the server does not allow this method on the requested resource",
+                ))
+            }
+        };
+        if !matches!(verb, "get" | "list" | "watch") && !ident.can_write() {
+            let ns = r
+                .namespace
+                .as_deref()
+                .map(|n| format!(" in the namespace \"{n}\""))
+                .unwrap_or_else(|| " at the cluster scope".into());
+            let res = match &r.sub {
+                Some(s) => format!("{}/{s}", r.def.plural),
+                None => r.def.plural.to_string(),
+            };
+            return Err(ApiError::forbidden(format!(
+                "{}{} is forbidden: User \"{}\" cannot {verb} resource \"{res}\" in API group \"{}\"{ns}",
+                resource_ref(r.def),
+                r.name.as_deref().map(|n| format!(" \"{n}\"")).unwrap_or_default(),
+                ident.user,
+                r.def.group,
+            )));
+        }
+        let out = output(&req);
+        let ns = r.namespace.as_deref();
+        let opts = WriteOpts {
+            dry_run: q.get("dryRun").is_some_and(|v| v == "All"),
+            field_validation: q
+                .get("fieldValidation")
+                .cloned()
+                .unwrap_or_else(|| "Warn".into()),
+        };
+        if let Some(dr) = q.get("dryRun") {
+            if dr != "All" {
+                return Err(ApiError::bad_request(format!(
+                    "dryRun: Unsupported value: {dr:?}: supported values: \"All\""
+                )));
+            }
+        }
+        match verb {
+            "watch" => self.watch(&r, &q, out).await,
+            "list" => {
+                let list = self.list(r.def, ns, &q).await?;
+                Ok(json_response(
+                    200,
+                    &self.render_list(r.def, list, out, &q),
+                    &[],
+                ))
+            }
+            "get" => {
+                let (obj, _) = self
+                    .get_object(r.def, ns, r.name.as_deref().unwrap())
+                    .await?;
+                Ok(json_response(200, &render(r.def, obj, out, &q), &[]))
+            }
+            "create" => {
+                if r.sub.is_some() {
+                    return Err(ApiError::method_not_allowed(
+                        "create is not allowed on a subresource",
+                    ));
+                }
+                let body = read_object(req).await?;
+                let Written { obj, warnings } = self.create_object(r.def, ns, body, &opts).await?;
+                Ok(json_response(201, &render(r.def, obj, out, &q), &warnings))
+            }
+            "update" => {
+                let body = read_object(req).await?;
+                let name = r.name.as_deref().unwrap();
+                let sub = r.sub.as_deref().filter(|s| *s == "status");
+                let created_before = self.store.get(&r.def.key(ns, name)).await?.is_none();
+                let Written { obj, warnings } = self
+                    .update_object(r.def, ns, name, body, sub, &opts)
+                    .await?;
+                let code = if created_before { 201 } else { 200 };
+                Ok(json_response(code, &render(r.def, obj, out, &q), &warnings))
+            }
+            "patch" => {
+                let ct = content_type(&req);
+                let body = read_body(req).await?;
+                let Written { obj, warnings } = self.patch(&r, &ct, &body, &opts).await?;
+                Ok(json_response(200, &render(r.def, obj, out, &q), &warnings))
+            }
+            "delete" => {
+                let body = read_body(req).await?;
+                let opts_v: Value = if body.is_empty() {
+                    json!({})
+                } else {
+                    serde_json::from_slice(&body)
+                        .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?
+                };
+                let dry_run = opts.dry_run
+                    || opts_v
+                        .get("dryRun")
+                        .and_then(Value::as_array)
+                        .is_some_and(|a| a.iter().any(|x| x == "All"));
+                let pre = (
+                    opts_v
+                        .pointer("/preconditions/uid")
+                        .and_then(Value::as_str)
+                        .map(String::from),
+                    opts_v
+                        .pointer("/preconditions/resourceVersion")
+                        .and_then(Value::as_str)
+                        .map(String::from),
+                );
+                let obj = self
+                    .delete_object(r.def, ns, r.name.as_deref().unwrap(), pre, dry_run)
+                    .await?;
+                Ok(json_response(200, &render(r.def, obj, out, &q), &[]))
+            }
+            "deletecollection" => {
+                let list = self.list(r.def, ns, &q).await?;
+                let mut deleted = Vec::new();
+                for item in list.items {
+                    let name = item
+                        .pointer("/metadata/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
+                    let item_ns = item.pointer("/metadata/namespace").and_then(Value::as_str);
+                    match self
+                        .delete_object(r.def, item_ns, name, (None, None), opts.dry_run)
+                        .await
+                    {
+                        Ok(o) => deleted.push(o),
+                        Err(e) if e.code == 404 => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                let _ = success_status(json!({}));
+                let list = ListResult {
+                    items: deleted,
+                    revision: self.store.current_revision().await?,
+                    continue_token: None,
+                };
+                Ok(json_response(
+                    200,
+                    &self.render_list(r.def, list, Output::Object, &q),
+                    &[],
+                ))
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    async fn patch(
+        &self,
+        r: &ResourceRoute,
+        content_type: &str,
+        body: &[u8],
+        opts: &WriteOpts,
+    ) -> Result<Written, ApiError> {
+        let kind = match content_type {
+            "application/merge-patch+json" => 0,
+            "application/json-patch+json" => 1,
+            "application/strategic-merge-patch+json" => 2,
+            other => {
+                return Err(ApiError::new(
+                    415,
+                    "UnsupportedMediaType",
+                    format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json; got {other:?}"),
+                ))
+            }
+        };
+        let patch: Value = serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
+        let name = r.name.as_deref().unwrap();
+        let ns = r.namespace.as_deref();
+        let sub = r.sub.as_deref().filter(|s| *s == "status");
+        // A patch carrying a resourceVersion is a precondition; otherwise
+        // the patch is re-applied to the latest version on conflicts.
+        let pinned = patch
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .map(String::from);
+        for _ in 0..32 {
+            let key = r.def.key(ns, name);
+            let kv = self
+                .store
+                .get(&key)
+                .await?
+                .ok_or_else(|| ApiError::not_found(&resource_ref(r.def), name))?;
+            let current = objects::decode(&kv)?;
+            let patched = match kind {
+                0 => patch::merge_patch(&current, &patch),
+                1 => patch::json_patch(&current, &patch),
+                _ => patch::strategic_merge_patch(&current, &patch, &|p| r.def.list_strategy(p)),
+            }
+            .map_err(|e| match e {
+                PatchError::Invalid(m) => ApiError::bad_request(m),
+                PatchError::TestFailed(m) => ApiError::new(422, "Invalid", m),
+            })?;
+            if let Some(rv) = &pinned {
+                if *rv != kv.mod_revision.to_string() {
+                    return Err(ApiError::stale(&resource_ref(r.def), name));
+                }
+            }
+            let mut patched = patched;
+            if !patched.is_object() {
+                return Err(ApiError::bad_request("the patch produced a non-object"));
+            }
+            // Identity fields cannot be patched away.
+            patched["apiVersion"] = json!(r.def.api_version);
+            patched["kind"] = json!(r.def.kind_name);
+            let m = crate::api::meta::meta_mut(&mut patched);
+            m.insert("name".into(), json!(name));
+            if let Some(ns) = ns {
+                m.insert("namespace".into(), json!(ns));
+            }
+            let Written {
+                obj: normalized,
+                warnings,
+            } = objects::normalize(r.def, patched, opts)?;
+            match self
+                .write_update(r.def, ns, name, &kv, current, normalized, sub, opts)
+                .await?
+            {
+                Some(mut w) => {
+                    w.warnings.extend(warnings);
+                    return Ok(w);
+                }
+                None if pinned.is_none() => continue,
+                None => return Err(ApiError::stale(&resource_ref(r.def), name)),
+            }
+        }
+        Err(ApiError::stale(&resource_ref(r.def), name))
+    }
+
+    /// List objects with selectors, paging and resourceVersion semantics.
+    pub async fn list(
+        &self,
+        def: &ResourceDef,
+        ns: Option<&str>,
+        q: &Query,
+    ) -> Result<ListResult, ApiError> {
+        let (labels, fields) = parse_selectors(def, q)?;
+        let limit: usize = match q.get("limit") {
+            None => 0,
+            Some(l) => l
+                .parse()
+                .map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?,
+        };
+        let prefix = def.prefix(ns);
+        let rv = q
+            .get("resourceVersion")
+            .map(String::as_str)
+            .filter(|s| !s.is_empty());
+        let rvm = q
+            .get("resourceVersionMatch")
+            .map(String::as_str)
+            .filter(|s| !s.is_empty());
+        let parse_rv = |s: &str| -> Result<Revision, ApiError> {
+            s.parse().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "resourceVersion: Invalid value: {s:?}: must be a non-negative integer"
+                ))
+            })
+        };
+        let mut at: Option<Revision> = None;
+        let mut after: Option<String> = None;
+        if let Some(token) = q.get("continue").filter(|s| !s.is_empty()) {
+            if rv.is_some_and(|v| v != "0") {
+                return Err(ApiError::bad_request(
+                    "specifying resource version is not allowed when using continue",
+                ));
+            }
+            let (rev, start) = decode_continue(token)?;
+            if !start.starts_with(&prefix) {
+                return Err(ApiError::bad_request(
+                    "continue key is not valid: wrong resource or namespace",
+                ));
+            }
+            at = Some(rev);
+            after = Some(start);
+        } else {
+            match (rv, rvm) {
+                (None, Some(_)) => {
+                    return Err(ApiError::bad_request(
+                        "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided",
+                    ))
+                }
+                (Some(v), Some("Exact")) => {
+                    let r = parse_rv(v)?;
+                    if r == 0 {
+                        return Err(ApiError::bad_request(
+                            "resourceVersionMatch: Forbidden: resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"",
+                        ));
+                    }
+                    at = Some(r);
+                }
+                (Some(v), None | Some("NotOlderThan")) => {
+                    let r = parse_rv(v)?;
+                    if r > 0 {
+                        self.wait_for_revision(r).await?;
+                    }
+                }
+                (Some(_), Some(other)) => {
+                    return Err(ApiError::bad_request(format!(
+                        "resourceVersionMatch: Unsupported value: {other:?}: supported values: \"Exact\", \"NotOlderThan\""
+                    )))
+                }
+                (None, None) => {}
+            }
+        }
+        let chunk = if limit == 0 {
+            1000
+        } else {
+            limit.clamp(1, 1000)
+        };
+        let mut items = Vec::new();
+        let mut revision: Option<Revision>;
+        let mut last_key = None;
+        let mut more = false;
+        loop {
+            let page = self
+                .store
+                .list(&prefix, ListOptions { limit: chunk, after: after.clone(), revision: at })
+                .await
+                .map_err(|e| match e {
+                    crate::store::StoreError::Compacted { .. } if q.contains_key("continue") => ApiError::gone(
+                        "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                    ),
+                    other => other.into(),
+                })?;
+            revision = Some(page.revision);
+            at = Some(page.revision);
+            let page_more = page.more;
+            for kv in page.kvs {
+                after = Some(kv.key.clone());
+                // Objects of a sibling namespace never match a namespace
+                // prefix, but a cluster-wide prefix contains every namespace.
+                let obj = objects::decode(&kv)?;
+                if selected(&obj, &labels, &fields) {
+                    items.push(obj);
+                    last_key = Some(kv.key.clone());
+                    if limit > 0 && items.len() == limit {
+                        break;
+                    }
+                }
+            }
+            if limit > 0 && items.len() == limit {
+                more = true;
+                break;
+            }
+            if !page_more {
+                break;
+            }
+        }
+        let revision = revision.unwrap_or(0);
+        // Only hand out a continue token if something may follow.
+        let continue_token = if more {
+            let lk = last_key.clone().unwrap_or_default();
+            let rest = self
+                .store
+                .list(
+                    &prefix,
+                    ListOptions {
+                        limit: 1,
+                        after: Some(lk.clone()),
+                        revision: Some(revision),
+                    },
+                )
+                .await?;
+            (!rest.kvs.is_empty()).then(|| encode_continue(revision, &lk))
+        } else {
+            None
+        };
+        Ok(ListResult {
+            items,
+            revision,
+            continue_token,
+        })
+    }
+
+    /// Wait (briefly) until the store has reached `rev`, as kube-apiserver
+    /// does for "not older than" reads; then 504 "Too large resource version".
+    pub async fn wait_for_revision(&self, rev: Revision) -> Result<(), ApiError> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            let current = self.store.current_revision().await?;
+            if current >= rev {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(crate::store::StoreError::FutureRevision {
+                    requested: rev,
+                    current,
+                }
+                .into());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    fn render_list(&self, def: &ResourceDef, list: ListResult, out: Output, q: &Query) -> Value {
+        let mut meta = json!({"resourceVersion": list.revision.to_string()});
+        if let Some(c) = &list.continue_token {
+            meta["continue"] = json!(c);
+        }
+        match out {
+            Output::Table => table::table(
+                def.kind,
+                &list.items,
+                q.get("includeObject").map_or("Metadata", String::as_str),
+                true,
+                meta,
+            ),
+            Output::Metadata => json!({
+                "kind": "PartialObjectMetadataList",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": meta,
+                "items": list.items.into_iter().map(|o| json!({
+                    "kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                    "metadata": o.get("metadata").cloned().unwrap_or(json!({}))})).collect::<Vec<_>>(),
+            }),
+            Output::Object => json!({
+                "kind": def.list_kind,
+                "apiVersion": def.api_version,
+                "metadata": meta,
+                "items": list.items,
+            }),
+        }
+    }
+}
+
+/// A list read: items, the revision they were read at, and a continue
+/// token when a limit cut the list.
+pub struct ListResult {
+    pub items: Vec<Value>,
+    pub revision: Revision,
+    pub continue_token: Option<String>,
+}
+
+fn encode_continue(rev: Revision, key: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(json!({"v": "meta.k8s.io/v1", "rv": rev, "start": key}).to_string())
+}
+
+fn decode_continue(token: &str) -> Result<(Revision, String), ApiError> {
+    use base64::Engine;
+    let bad = |why: &str| ApiError::bad_request(format!("continue key is not valid: {why}"));
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.trim_end_matches('='))
+        .map_err(|_| bad("not base64"))?;
+    let v: Value = serde_json::from_slice(&raw).map_err(|_| bad("not JSON"))?;
+    let rev = v
+        .get("rv")
+        .and_then(Value::as_i64)
+        .filter(|r| *r > 0)
+        .ok_or_else(|| bad("bad rv"))?;
+    let start = v
+        .get("start")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("bad start"))?;
+    Ok((rev, start.to_string()))
+}
+
+fn json_ok_text(s: &'static str) -> Response<Body> {
+    let mut resp = Response::new(full(Bytes::from_static(s.as_bytes())));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn content_type(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    if req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > MAX_BODY)
+    {
+        return Err(ApiError::too_large());
+    }
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::too_large())
+        }
+        Err(e) => Err(ApiError::bad_request(format!("reading request body: {e}"))),
+    }
+}
+
+/// Read a JSON or YAML object body.
+async fn read_object(req: Request<Incoming>) -> Result<Value, ApiError> {
+    let ct = content_type(&req);
+    let body = read_body(req).await?;
+    let v: Value = match ct.as_str() {
+        "application/json" | "" => serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "the object provided is unrecognized: json parse error: {e}"
+            ))
+        })?,
+        "application/yaml" => serde_yaml::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "the object provided is unrecognized: yaml parse error: {e}"
+            ))
+        })?,
+        other => return Err(ApiError::unsupported_media_type(other)),
+    };
+    if !v.is_object() {
+        return Err(ApiError::bad_request(
+            "the object provided is unrecognized: expected a JSON object",
+        ));
+    }
+    Ok(v)
+}

@@ -1,0 +1,289 @@
+//! Watch streams: newline-delimited JSON `WatchEvent`s over a chunked
+//! response (HTTP/1.1) or a stream (HTTP/2).
+//!
+//! Semantics follow kube-apiserver, because every informer depends on them:
+//!
+//! * `resourceVersion` unset or `"0"`: synthetic `ADDED` events for the
+//!   current state, then changes after it.
+//! * `resourceVersion=N`: changes after N; if N was compacted, one `ERROR`
+//!   event carrying a 410 `Expired` Status (clients then relist).
+//! * selectors are applied to both the old and the new object, so an object
+//!   that leaves the selection is reported as `DELETED`, one that enters as
+//!   `ADDED`.
+//! * `allowWatchBookmarks`: store progress is reported as `BOOKMARK` events
+//!   (an object of the watched kind holding only `resourceVersion`).
+//! * `sendInitialEvents=true`: the initial events end with a bookmark
+//!   annotated `k8s.io/initial-events-end` (WatchList).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::Response;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::api::resources::ResourceDef;
+use crate::api::selector::{FieldSelector, LabelSelector};
+use crate::api::status::ApiError;
+use crate::store::{EventKind, Revision, StoreError, WatchItem};
+
+use super::objects::decode;
+use super::rest::{render, selected, Body, Output, Query, ResourceRoute};
+use super::{table, Server};
+
+/// Watches end after this long unless `timeoutSeconds` says otherwise
+/// (clients reconnect from their last resourceVersion).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+struct WatchGauge(&'static str);
+impl WatchGauge {
+    fn new(resource: &'static str) -> Self {
+        metrics::gauge!("apiserver_registered_watchers", "resource" => resource).increment(1.0);
+        WatchGauge(resource)
+    }
+}
+impl Drop for WatchGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("apiserver_registered_watchers", "resource" => self.0).decrement(1.0);
+    }
+}
+
+/// Formats events for one watch (plain objects or Table rows).
+struct Encoder {
+    def: &'static ResourceDef,
+    out: Output,
+    q: Query,
+    first: bool,
+}
+
+impl Encoder {
+    fn event(&mut self, ty: &str, obj: Value) -> Bytes {
+        let object = match self.out {
+            Output::Table => {
+                let rv = obj
+                    .pointer("/metadata/resourceVersion")
+                    .cloned()
+                    .unwrap_or(json!(""));
+                let t = table::table(
+                    self.def.kind,
+                    &[obj],
+                    self.q
+                        .get("includeObject")
+                        .map_or("Metadata", String::as_str),
+                    self.first,
+                    json!({"resourceVersion": rv}),
+                );
+                self.first = false;
+                t
+            }
+            out => render(self.def, obj, out, &self.q),
+        };
+        line(&json!({"type": ty, "object": object}))
+    }
+
+    fn bookmark(&self, rev: Revision, initial_end: bool) -> Bytes {
+        let mut meta = json!({"resourceVersion": rev.to_string()});
+        if initial_end {
+            meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+        }
+        line(&json!({"type": "BOOKMARK", "object": {
+            "kind": self.def.kind_name, "apiVersion": self.def.api_version, "metadata": meta}}))
+    }
+}
+
+fn line(v: &Value) -> Bytes {
+    let mut b = serde_json::to_vec(v).unwrap_or_default();
+    b.push(b'\n');
+    Bytes::from(b)
+}
+
+fn error_event(e: &ApiError) -> Bytes {
+    line(&json!({"type": "ERROR", "object": e.to_status()}))
+}
+
+fn expired(requested: Revision, compacted: Revision) -> ApiError {
+    ApiError::gone(format!(
+        "too old resource version: {requested} ({compacted})"
+    ))
+}
+
+impl Server {
+    pub(super) async fn watch(
+        &self,
+        r: &ResourceRoute,
+        q: &Query,
+        out: Output,
+    ) -> Result<Response<Body>, ApiError> {
+        let def = r.def;
+        let mut q = q.clone();
+        if let Some(name) = &r.name {
+            // /watch/.../name: a watch of one object.
+            let fs = match q.get("fieldSelector").filter(|s| !s.is_empty()) {
+                Some(f) => format!("{f},metadata.name={name}"),
+                None => format!("metadata.name={name}"),
+            };
+            q.insert("fieldSelector".into(), fs);
+        }
+        let labels = LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str))
+            .map_err(|e| ApiError::bad_request(format!("unable to parse requirement: {e}")))?;
+        let fields = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str))
+            .map_err(|e| ApiError::bad_request(format!("invalid field selector: {e}")))?;
+        for f in fields.fields() {
+            if !def.allows_field(f) {
+                return Err(ApiError::bad_request(format!(
+                    "field label not supported: {f}"
+                )));
+            }
+        }
+        let bookmarks = matches!(
+            q.get("allowWatchBookmarks").map(String::as_str),
+            Some("true" | "1")
+        );
+        let send_initial = q.get("sendInitialEvents").map(String::as_str);
+        let timeout = q
+            .get("timeoutSeconds")
+            .and_then(|t| t.parse::<u64>().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_TIMEOUT)
+            .min(DEFAULT_TIMEOUT);
+        let rv = q.get("resourceVersion").map(String::as_str).unwrap_or("");
+        let prefix = def.prefix(r.namespace.as_deref());
+
+        let mut enc = Encoder {
+            def,
+            out,
+            q: q.clone(),
+            first: true,
+        };
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        // Initial state.
+        let initial = send_initial == Some("true")
+            || (send_initial.is_none() && (rv.is_empty() || rv == "0"));
+        let mut start: Revision;
+        let mut initial_frames = Vec::new();
+        if initial {
+            if send_initial == Some("true") && !bookmarks {
+                return Err(ApiError::invalid(
+                    "ListOptions",
+                    "",
+                    vec![crate::api::status::FieldError::forbidden(
+                        "allowWatchBookmarks",
+                        "allowWatchBookmarks required when sendInitialEvents is true",
+                    )],
+                ));
+            }
+            let page = self.store.list_all(&prefix).await?;
+            start = page.revision;
+            for kv in page.kvs {
+                let obj = decode(&kv)?;
+                if selected(&obj, &labels, &fields) {
+                    initial_frames.push(enc.event("ADDED", obj));
+                }
+            }
+            if send_initial == Some("true") {
+                initial_frames.push(enc.bookmark(start, true));
+            }
+        } else {
+            start = rv.parse().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "resourceVersion: Invalid value: {rv:?}: must be a non-negative integer"
+                ))
+            })?;
+        }
+
+        let watch = match self.store.watch(&prefix, start).await {
+            Ok(w) => Some(w),
+            Err(StoreError::Compacted {
+                requested,
+                compacted,
+            }) => {
+                let _ = requested;
+                initial_frames.push(error_event(&expired(start, compacted)));
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let gauge = WatchGauge::new(def.plural);
+        tokio::spawn(async move {
+            let _gauge = gauge;
+            for f in initial_frames {
+                if tx.send(f).await.is_err() {
+                    return;
+                }
+            }
+            let Some(mut watch) = watch else { return };
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
+            let mut last_bookmark = tokio::time::Instant::now();
+            loop {
+                let item = tokio::select! {
+                    _ = &mut deadline => return,
+                    _ = tx.closed() => return,
+                    item = watch.next() => item,
+                };
+                let frame = match item {
+                    None => return,
+                    Some(Err(StoreError::Compacted { compacted, .. })) => {
+                        let _ = tx.send(error_event(&expired(start, compacted))).await;
+                        return;
+                    }
+                    Some(Err(e)) => {
+                        let _ = tx.send(error_event(&ApiError::from(e))).await;
+                        return;
+                    }
+                    Some(Ok(WatchItem::Progress(rev))) => {
+                        if !bookmarks
+                            || rev <= start
+                            || last_bookmark.elapsed() < Duration::from_secs(1)
+                        {
+                            continue;
+                        }
+                        last_bookmark = tokio::time::Instant::now();
+                        start = rev;
+                        enc.bookmark(rev, false)
+                    }
+                    Some(Ok(WatchItem::Event(ev))) => {
+                        start = ev.kv.mod_revision;
+                        let Ok(obj) = decode(&ev.kv) else { continue };
+                        let was = ev
+                            .prev
+                            .as_ref()
+                            .and_then(|p| decode(p).ok())
+                            .is_some_and(|o| selected(&o, &labels, &fields));
+                        let is = selected(&obj, &labels, &fields);
+                        let ty = match (ev.kind, was, is) {
+                            (EventKind::Delete, true, _) => "DELETED",
+                            (EventKind::Delete, false, _) => {
+                                // Without a previous value, judge by the
+                                // deleted object itself.
+                                if ev.prev.is_none() && is {
+                                    "DELETED"
+                                } else {
+                                    continue;
+                                }
+                            }
+                            (EventKind::Put, true, true) => "MODIFIED",
+                            (EventKind::Put, false, true) => "ADDED",
+                            (EventKind::Put, true, false) => "DELETED",
+                            (EventKind::Put, false, false) => continue,
+                        };
+                        enc.event(ty, obj)
+                    }
+                };
+                if tx.send(frame).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let stream = ReceiverStream::new(rx).map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
+        let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        Ok(resp)
+    }
+}

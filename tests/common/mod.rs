@@ -1,0 +1,219 @@
+//! Helpers shared by integration tests (`mod common;`).
+//!
+//! Not every test binary uses every helper.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where Debian's `etcd-server` package installs etcd; `FAIRLEAD_TEST_ETCD`
+/// overrides it.
+const ETCD_BIN: &str = "/usr/bin/etcd";
+
+/// How long a fresh (or restarted) etcd may take to become healthy.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Attempts at finding free ports before giving up (another process can grab
+/// a port between our probe and etcd's bind).
+const PORT_ATTEMPTS: usize = 5;
+
+/// A private single-member etcd for one test, so tests can check exact
+/// revisions, compact, and crash it without disturbing each other. Killed and
+/// reaped on drop; its data directory is removed with it.
+pub struct Etcd {
+    /// The client URL (`http://127.0.0.1:<port>`), for `EtcdStore::connect`.
+    pub endpoint: String,
+    peer: String,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Etcd {
+    /// Start etcd on free loopback ports with a fresh data directory and
+    /// wait until it reports healthy.
+    pub fn start() -> Etcd {
+        let bin = etcd_bin();
+        for attempt in 1..=PORT_ATTEMPTS {
+            let client = free_port();
+            let mut peer = free_port();
+            while peer == client {
+                peer = free_port();
+            }
+            let mut etcd = Etcd {
+                endpoint: format!("http://127.0.0.1:{client}"),
+                peer: format!("http://127.0.0.1:{peer}"),
+                dir: tempfile::Builder::new()
+                    .prefix("fairlead-etcd-")
+                    .tempdir()
+                    .expect("create etcd temp dir"),
+                child: None,
+            };
+            match etcd.spawn(&bin) {
+                Ok(()) => return etcd,
+                // Someone took a port: start over with new ports and a fresh
+                // data directory (the failed one is dropped).
+                Err(why) if attempt < PORT_ATTEMPTS && why.contains("address already in use") => {}
+                Err(why) => panic!("etcd did not start: {why}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// Crash etcd (SIGKILL, no chance to flush) and reap it. Committed writes
+    /// must survive: etcd fsyncs before acknowledging.
+    pub fn kill9(&mut self) {
+        self.stop();
+    }
+
+    /// Start etcd again on the same data directory and ports (after
+    /// [`Etcd::kill9`], or to bounce a running one).
+    pub fn restart(&mut self) {
+        self.stop();
+        let bin = etcd_bin();
+        // The old listening sockets are gone with the process, but give the
+        // kernel a few tries in case a port is briefly unavailable.
+        let mut last = String::new();
+        for _ in 0..PORT_ATTEMPTS {
+            match self.spawn(&bin) {
+                Ok(()) => return,
+                Err(why) if why.contains("address already in use") => {
+                    self.stop();
+                    last = why;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(why) => panic!("etcd did not restart: {why}"),
+            }
+        }
+        panic!("etcd did not restart: {last}");
+    }
+
+    /// The directory holding etcd's data and log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    fn spawn(&mut self, bin: &Path) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("open etcd log");
+        let log_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let child = Command::new(bin)
+            .arg("--name=fairlead-test")
+            .arg(format!("--data-dir={}", self.data_dir().display()))
+            .arg(format!("--listen-client-urls={}", self.endpoint))
+            .arg(format!("--advertise-client-urls={}", self.endpoint))
+            .arg(format!("--listen-peer-urls={}", self.peer))
+            .arg(format!("--initial-advertise-peer-urls={}", self.peer))
+            .arg(format!("--initial-cluster=fairlead-test={}", self.peer))
+            .arg("--initial-cluster-state=new")
+            // Progress notifications every second instead of every 10 min,
+            // so tests of watch bookmarks finish quickly.
+            .arg("--experimental-watch-progress-notify-interval=1s")
+            .arg("--logger=zap")
+            .arg("--log-level=warn")
+            .arg("--log-outputs=stderr")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return Err(format!(
+                    "etcd exited with {status}; log:\n{}",
+                    self.log_since(log_offset)
+                ));
+            }
+            if self.healthy() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                self.stop();
+                return Err(format!(
+                    "etcd not healthy after {START_DEADLINE:?}; log:\n{}",
+                    self.log_since(log_offset)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// etcd's `/health` says the member has a leader and serves requests.
+    fn healthy(&self) -> bool {
+        let addr = self.endpoint.trim_start_matches("http://");
+        let Ok(mut conn) = TcpStream::connect(addr) else {
+            return false;
+        };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+        let request = format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        if conn.write_all(request.as_bytes()).is_err() {
+            return false;
+        }
+        let mut response = String::new();
+        let _ = conn.read_to_string(&mut response);
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200")
+    }
+
+    fn log_since(&self, offset: u64) -> String {
+        let log = std::fs::read(self.log_path()).unwrap_or_default();
+        let start = usize::try_from(offset).unwrap_or(0).min(log.len());
+        String::from_utf8_lossy(&log[start..]).into_owned()
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn etcd_bin() -> PathBuf {
+    let bin = std::env::var_os("FAIRLEAD_TEST_ETCD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(ETCD_BIN));
+    if !bin.is_file() {
+        panic!(
+            "etcd not found at {}: run scripts/test, which installs etcd-server \
+             (or set FAIRLEAD_TEST_ETCD to an etcd binary)",
+            bin.display()
+        );
+    }
+    bin
+}
+
+/// A loopback port that was free a moment ago (the OS picks it; we release
+/// it for etcd, and retry if someone else takes it first).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
