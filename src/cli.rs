@@ -23,11 +23,161 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Everything on one node: embedded store + API server (+ controllers
-    /// and node daemon as they land). Prints the kubeconfig path.
-    Up(ApiServerArgs),
+    /// Everything on one node: embedded store + API server + controllers +
+    /// node daemon. Prints the kubeconfig path and where things listen.
+    Up(UpArgs),
     /// The Kubernetes-compatible API server alone.
     Apiserver(ApiServerArgs),
+    /// The controllers (EndpointSlices, Endpoints) with leader election.
+    Controllers(ControllersArgs),
+    /// The node daemon: Service proxy (+ health and metrics endpoints).
+    Node(NodeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub apiserver: ApiServerArgs,
+    #[command(flatten)]
+    pub node: NodeFlags,
+    /// Most endpoints in one EndpointSlice.
+    #[arg(long, default_value_t = 100)]
+    pub max_endpoints_per_slice: usize,
+}
+
+/// Where to find the API server.
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// kubeconfig of the API server (e.g. <data-dir>/kubeconfig).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ControllersArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Most endpoints in one EndpointSlice.
+    #[arg(long, default_value_t = 100)]
+    pub max_endpoints_per_slice: usize,
+    /// This instance's identity in the leader Lease (default: host_pid).
+    #[arg(long)]
+    pub identity: Option<String>,
+    /// Seconds a leader Lease is valid without renewal.
+    #[arg(long, default_value_t = 15)]
+    pub leader_elect_lease_duration: u64,
+    /// Seconds a leader keeps acting without a successful renewal.
+    #[arg(long, default_value_t = 10)]
+    pub leader_elect_renew_deadline: u64,
+    /// Seconds between lease attempts.
+    #[arg(long, default_value_t = 2)]
+    pub leader_elect_retry_period: u64,
+}
+
+/// Node daemon flags, in kube-proxy's spelling.
+#[derive(Args, Debug, Clone)]
+pub struct NodeFlags {
+    /// userspace (tokio listeners) or nftables.
+    #[arg(long, value_enum)]
+    pub proxy_mode: Option<crate::node::ProxyMode>,
+    /// This node's name (default: the host name).
+    #[arg(long)]
+    pub hostname_override: Option<String>,
+    /// Addresses (or CIDRs) NodePorts listen on; default all.
+    #[arg(long, value_delimiter = ',')]
+    pub nodeport_addresses: Vec<String>,
+    /// Prometheus metrics address (default 127.0.0.1:10249).
+    #[arg(long)]
+    pub metrics_bind_address: Option<String>,
+    /// Health check address (default 0.0.0.0:10256).
+    #[arg(long)]
+    pub healthz_bind_address: Option<String>,
+    /// Least time between two proxy syncs (bursts coalesce), e.g. 100ms, 1s.
+    #[arg(long)]
+    pub min_sync_period: Option<String>,
+    /// A KubeProxyConfiguration-style YAML file; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(flatten)]
+    pub node: NodeFlags,
+}
+
+impl NodeFlags {
+    pub fn config(&self) -> anyhow::Result<crate::node::NodeConfig> {
+        use crate::node::config::*;
+        let mut cfg = NodeConfig::default();
+        if let Some(path) = &self.config {
+            FileConfig::load(path)
+                .and_then(|f| f.apply(&mut cfg))
+                .map_err(anyhow::Error::msg)?;
+        }
+        if let Some(m) = self.proxy_mode {
+            cfg.proxy_mode = m;
+        }
+        if let Some(h) = &self.hostname_override {
+            cfg.hostname_override = Some(h.clone());
+        }
+        if !self.nodeport_addresses.is_empty() {
+            cfg.nodeport_addresses = self
+                .nodeport_addresses
+                .iter()
+                .map(|s| parse_nodeport_address(s))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)?
+                .into_iter()
+                .flatten()
+                .collect();
+        }
+        if let Some(a) = &self.metrics_bind_address {
+            cfg.metrics_bind_address = parse_bind(a, 10249).map_err(anyhow::Error::msg)?;
+        }
+        if let Some(a) = &self.healthz_bind_address {
+            cfg.healthz_bind_address = parse_bind(a, 10256).map_err(anyhow::Error::msg)?;
+        }
+        if let Some(d) = &self.min_sync_period {
+            cfg.min_sync_period = parse_duration(d).map_err(anyhow::Error::msg)?;
+        }
+        Ok(cfg)
+    }
+}
+
+impl ControllersArgs {
+    fn config(&self) -> crate::controllers::Config {
+        let identity = self.identity.clone().unwrap_or_else(|| {
+            format!(
+                "{}_{}",
+                crate::node::NodeConfig::default().node_name(),
+                std::process::id()
+            )
+        });
+        crate::controllers::Config {
+            max_endpoints_per_slice: self.max_endpoints_per_slice,
+            leader: crate::controllers::leader::LeaderConfig {
+                namespace: "kube-system".into(),
+                name: "fairlead-controllers".into(),
+                identity,
+                lease_duration: Duration::from_secs(self.leader_elect_lease_duration),
+                renew_deadline: Duration::from_secs(self.leader_elect_renew_deadline),
+                retry_period: Duration::from_secs(self.leader_elect_retry_period.max(1)),
+            },
+        }
+    }
+}
+
+/// A kube-rs client from a kubeconfig file.
+pub async fn client_from(path: &std::path::Path) -> anyhow::Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(path)
+        .map_err(|e| anyhow::anyhow!("reading kubeconfig {}: {e}", path.display()))?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", path.display()))?;
+    Ok(kube::Client::try_from(cfg)?)
 }
 
 fn default_data_dir() -> PathBuf {
@@ -93,23 +243,64 @@ async fn shutdown_signal() {
 
 /// Run a parsed command line to completion.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    // One TLS provider for the whole process (API server and clients).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::Up(args) => {
-            let running = apiserver::start(args.config()).await?;
+            let node_cfg = args.node.config()?;
+            let running = apiserver::start(args.apiserver.config()).await?;
+            let client = client_from(&running.kubeconfig).await?;
+            let ctrl = ControllersArgs {
+                client: ClientArgs {
+                    kubeconfig: running.kubeconfig.clone(),
+                },
+                max_endpoints_per_slice: args.max_endpoints_per_slice,
+                identity: None,
+                leader_elect_lease_duration: 15,
+                leader_elect_renew_deadline: 10,
+                leader_elect_retry_period: 2,
+            };
+            tokio::spawn(crate::controllers::run(client.clone(), ctrl.config()));
+            let metrics_addr = node_cfg.metrics_bind_address;
+            let healthz_addr = node_cfg.healthz_bind_address;
+            let mode = node_cfg.proxy_mode;
+            let node = tokio::spawn(crate::node::run(client, node_cfg));
             println!("fairlead is up");
             println!("  kubeconfig: {}", running.kubeconfig.display());
             println!("  API server: https://{}", running.addr);
-            println!(
-                "  metrics:    https://{}/metrics (API server)",
-                running.addr
-            );
+            println!("  proxy:      {mode:?} mode");
+            println!("  metrics:    http://{metrics_addr}/metrics (node), https://{}/metrics (API server)", running.addr);
+            println!("  healthz:    http://{healthz_addr}/healthz");
             println!(
                 "  try:        kubectl --kubeconfig {} get svc -A",
                 running.kubeconfig.display()
             );
-            shutdown_signal().await;
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                r = node => match r {
+                    Ok(Err(e)) => return Err(e),
+                    Ok(Ok(())) => {}
+                    Err(e) => anyhow::bail!("node daemon crashed: {e}"),
+                },
+            }
             running.shutdown();
             Ok(())
+        }
+        Command::Controllers(args) => {
+            let client = client_from(&args.client.kubeconfig).await?;
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = crate::controllers::run(client, args.config()) => {}
+            }
+            Ok(())
+        }
+        Command::Node(args) => {
+            let cfg = args.node.config()?;
+            let client = client_from(&args.client.kubeconfig).await?;
+            tokio::select! {
+                _ = shutdown_signal() => Ok(()),
+                r = crate::node::run(client, cfg) => r,
+            }
         }
         Command::Apiserver(args) => {
             let running = apiserver::start(args.config()).await?;

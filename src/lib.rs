@@ -21,5 +21,9 @@
 pub mod api;
 pub mod apiserver;
 pub mod cli;
+pub mod controllers;
+pub mod echo;
 pub mod metrics;
+pub mod node;
+pub mod proxy;
 pub mod store;

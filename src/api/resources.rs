@@ -156,8 +156,14 @@ const CONTAINER_LISTS: &[(&str, ListStrategy)] = &[
         ListStrategy::MergeByKey("mountPath"),
     ),
     ("spec.initContainers.env", ListStrategy::MergeByKey("name")),
-    ("spec.initContainers.ports", ListStrategy::MergeByKey("containerPort")),
-    ("spec.initContainers.volumeMounts", ListStrategy::MergeByKey("mountPath")),
+    (
+        "spec.initContainers.ports",
+        ListStrategy::MergeByKey("containerPort"),
+    ),
+    (
+        "spec.initContainers.volumeMounts",
+        ListStrategy::MergeByKey("mountPath"),
+    ),
     ("spec.volumes", ListStrategy::MergeByKey("name")),
     ("spec.imagePullSecrets", ListStrategy::MergeByKey("name")),
     ("spec.tolerations", ListStrategy::Replace),

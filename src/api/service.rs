@@ -508,7 +508,9 @@ mod tests {
     #[test]
     fn validation_messages() {
         assert_eq!(
-            messages(json!({"metadata":{"name":"a"},"spec":{"ports":[{"port":70000,"targetPort":80}]}})),
+            messages(
+                json!({"metadata":{"name":"a"},"spec":{"ports":[{"port":70000,"targetPort":80}]}})
+            ),
             vec![
                 "spec.ports[0].port: Invalid value: 70000: must be between 1 and 65535, inclusive"
             ]

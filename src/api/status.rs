@@ -154,7 +154,7 @@ impl ApiError {
         Self::new(
             415,
             "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/vnd.kubernetes.protobuf; got {ct:?}"),
+            format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml; got {ct:?} (protobuf request bodies are not supported; kubectl apply/create -f send JSON)"),
         )
     }
     /// 422 with one cause per field error, as kube-apiserver's
@@ -174,7 +174,13 @@ impl ApiError {
         };
         let causes: Vec<Value> = errors
             .iter()
-            .map(|e| json!({"reason": e.reason, "message": e.message, "field": e.field}))
+            .map(|e| {
+                // kubectl prints "* <field>: <message>", so the cause's
+                // message leaves the field out.
+                let prefix = format!("{}: ", e.field);
+                let msg = e.message.strip_prefix(&prefix).unwrap_or(&e.message);
+                json!({"reason": e.reason, "message": msg, "field": e.field})
+            })
             .collect();
         let mut e = Self::new(
             422,

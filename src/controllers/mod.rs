@@ -1,0 +1,267 @@
+//! Controllers: turn Services + Pods into EndpointSlices and legacy
+//! Endpoints, through the API server, with kube-rs's runtime.
+//!
+//! ```text
+//!  watcher(Service) ─┐
+//!  watcher(Pod) ──► map pod → services that select it ─► Controller ─► reconcile(service)
+//!  reflector(Pod) ─► pod store ──────────────────────────────────────┘   │ endpointslice::plan (pure)
+//!                                                                        ▼
+//!                                        create / replace / delete EndpointSlices, Endpoints
+//! ```
+//!
+//! Only the leader (a Lease in kube-system, see [`leader`]) runs them, so
+//! several `fairlead controllers` can run for availability.
+
+pub mod endpointslice;
+pub mod leader;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, Controller, WatchStreamExt};
+
+use endpointslice::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
+
+/// Controller settings (flags of `fairlead controllers`).
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub max_endpoints_per_slice: usize,
+    pub leader: leader::LeaderConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("API request failed: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+struct Ctx {
+    client: kube::Client,
+    pods: Store<Pod>,
+    max: usize,
+}
+
+fn managed_selector(service: &str) -> String {
+    format!("{SERVICE_NAME_LABEL}={service},{MANAGED_BY_LABEL}={MANAGED_BY}")
+}
+
+async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let ns = svc.metadata.namespace.clone().unwrap_or_default();
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
+    // Read our slices from the API (not a cache): a cache may not show
+    // slices we created a moment ago, and we must never create twice.
+    let existing = slices
+        .list(&ListParams::default().labels(&managed_selector(&name)))
+        .await?
+        .items;
+    if !endpointslice::has_selector(&svc) {
+        // Selector-less Services are managed by their users.
+        for s in existing {
+            delete_ignoring_missing(&slices, s.metadata.name.as_deref().unwrap_or("")).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    let pods: Vec<Arc<Pod>> = ctx
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()))
+        .collect();
+    let pod_refs: Vec<&Pod> = pods.iter().map(|p| p.as_ref()).collect();
+    let plan = endpointslice::plan(&svc, &pod_refs, &existing, ctx.max);
+    if !plan.is_empty() {
+        tracing::debug!(service = %format!("{ns}/{name}"), create = plan.create.len(),
+            update = plan.update.len(), delete = plan.delete.len(), "syncing endpoint slices");
+    }
+    for s in &plan.create {
+        slices.create(&PostParams::default(), s).await?;
+        metrics::counter!("endpoint_slice_controller_changes", "operation" => "create")
+            .increment(1);
+    }
+    for s in &plan.update {
+        slices
+            .replace(
+                s.metadata.name.as_deref().unwrap_or(""),
+                &PostParams::default(),
+                s,
+            )
+            .await?;
+        metrics::counter!("endpoint_slice_controller_changes", "operation" => "update")
+            .increment(1);
+    }
+    for n in &plan.delete {
+        delete_ignoring_missing(&slices, n).await?;
+        metrics::counter!("endpoint_slice_controller_changes", "operation" => "delete")
+            .increment(1);
+    }
+    // The legacy Endpoints mirror.
+    let eps: Api<Endpoints> = Api::namespaced(ctx.client.clone(), &ns);
+    let want = endpointslice::endpoints(&svc, &pod_refs);
+    match eps.get_opt(&name).await? {
+        None => {
+            eps.create(&PostParams::default(), &want).await?;
+        }
+        Some(cur) if cur.subsets != want.subsets || cur.metadata.labels != want.metadata.labels => {
+            let mut next = want;
+            next.metadata.resource_version = cur.metadata.resource_version;
+            eps.replace(&name, &PostParams::default(), &next).await?;
+        }
+        Some(_) => {}
+    }
+    Ok(Action::await_change())
+}
+
+async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn error_policy(_svc: Arc<Service>, err: &Error, _ctx: Arc<Ctx>) -> Action {
+    tracing::warn!(error = %err, "endpoint slice sync failed; retrying");
+    Action::requeue(Duration::from_millis(500))
+}
+
+/// Removes what deleted Services leave behind (there is no garbage
+/// collector): slices and mirrored Endpoints, on delete events and, after
+/// each (re)list, for Services deleted while we were not watching.
+async fn cleanup_deleted(client: kube::Client) {
+    let services: Api<Service> = Api::all(client.clone());
+    let mut events = watcher(services.clone(), watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(ev) = events.next().await {
+        match ev {
+            Ok(watcher::Event::Delete(svc)) => {
+                let ns = svc.metadata.namespace.clone().unwrap_or_default();
+                let name = svc.metadata.name.clone().unwrap_or_default();
+                if let Err(e) = delete_leftovers(&client, &ns, &name).await {
+                    tracing::warn!(error = %e, service = %format!("{ns}/{name}"), "cleanup failed");
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                if let Err(e) = sweep(&client, &services).await {
+                    tracing::warn!(error = %e, "orphan sweep failed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "service watch error"),
+        }
+    }
+}
+
+async fn delete_leftovers(client: &kube::Client, ns: &str, name: &str) -> Result<(), kube::Error> {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+    for s in slices
+        .list(&ListParams::default().labels(&managed_selector(name)))
+        .await?
+    {
+        delete_ignoring_missing(&slices, s.metadata.name.as_deref().unwrap_or("")).await?;
+    }
+    let eps: Api<Endpoints> = Api::namespaced(client.clone(), ns);
+    if let Some(e) = eps.get_opt(name).await? {
+        let ours = e
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.get("endpointslice.kubernetes.io/skip-mirror").is_some());
+        if ours {
+            delete_ignoring_missing(&eps, name).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn sweep(client: &kube::Client, services: &Api<Service>) -> Result<(), kube::Error> {
+    let live: std::collections::HashSet<(String, String)> = services
+        .list(&ListParams::default())
+        .await?
+        .into_iter()
+        .map(|s| {
+            (
+                s.metadata.namespace.unwrap_or_default(),
+                s.metadata.name.unwrap_or_default(),
+            )
+        })
+        .collect();
+    let slices: Api<EndpointSlice> = Api::all(client.clone());
+    for s in slices
+        .list(&ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")))
+        .await?
+    {
+        let ns = s.metadata.namespace.clone().unwrap_or_default();
+        let svc = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .cloned()
+            .unwrap_or_default();
+        if !live.contains(&(ns.clone(), svc.clone())) {
+            delete_leftovers(client, &ns, &svc).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Run the controllers (without leader election) until the task is dropped.
+pub async fn run_controllers(client: kube::Client, max_endpoints_per_slice: usize) {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let (pod_store, writer) = reflector::store();
+    let pod_reflector =
+        reflector::reflector(writer, watcher(pods.clone(), watcher::Config::default()))
+            .default_backoff()
+            .touched_objects()
+            .for_each(|_| futures::future::ready(()));
+    tokio::spawn(pod_reflector);
+    tokio::spawn(cleanup_deleted(client.clone()));
+    // Do not reconcile against an empty pod cache: that would briefly
+    // empty every slice.
+    if pod_store.wait_until_ready().await.is_err() {
+        return;
+    }
+    let services: Api<Service> = Api::all(client.clone());
+    let slices: Api<EndpointSlice> = Api::all(client.clone());
+    let controller = Controller::new(services, watcher::Config::default());
+    let svc_store = controller.store();
+    let ctx = Arc::new(Ctx {
+        client,
+        pods: pod_store,
+        max: max_endpoints_per_slice,
+    });
+    controller
+        .owns(
+            slices,
+            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
+        )
+        .watches(pods, watcher::Config::default(), move |pod: Pod| {
+            svc_store
+                .state()
+                .into_iter()
+                .filter(|s| endpointslice::selects(s, &pod))
+                .map(|s| ObjectRef::from_obj(s.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+/// Run the controllers under leader election. Never returns.
+pub async fn run(client: kube::Client, cfg: Config) {
+    let max = cfg.max_endpoints_per_slice;
+    let c = client.clone();
+    leader::run(client, cfg.leader, move || run_controllers(c.clone(), max)).await
+}

@@ -1,0 +1,300 @@
+//! `fairlead echo`: a tiny demo/benchmark backend in the spirit of agnhost
+//! `netexec`, so a Service can be tried (and load-tested) without pulling an
+//! image. Each server reports its `--name`, which shows which endpoint a
+//! proxied request reached.
+//!
+//! * HTTP/1.1 (keep-alive): `GET /` and `GET /hostname` → the name;
+//!   `GET /echo?msg=M` → `M`; `GET /bytes?n=N` → `N` bytes (with a
+//!   Content-Length, streamed in 64 KiB chunks, for throughput tests).
+//! * TCP: echoes everything back on the same connection; when the client
+//!   half-closes, the echo finishes and closes its side too.
+//! * UDP: the datagram `hostname` is answered with the name alone (like
+//!   agnhost); any other datagram `P` with `<name>: P`.
+//!
+//! Every port is optional; port 0 picks a free one (see [`EchoServer`]).
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// Flags of `fairlead echo`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EchoArgs {
+    /// Name reported by every server (default: the host name).
+    #[arg(long, env = "FAIRLEAD_ECHO_NAME")]
+    pub name: Option<String>,
+    /// HTTP port (0 = any free port).
+    #[arg(long)]
+    pub http_port: Option<u16>,
+    /// TCP echo port (0 = any free port).
+    #[arg(long)]
+    pub tcp_port: Option<u16>,
+    /// UDP echo port (0 = any free port).
+    #[arg(long)]
+    pub udp_port: Option<u16>,
+    /// Address every server binds.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind: IpAddr,
+}
+
+/// Run the servers until Ctrl-C.
+pub async fn run(args: EchoArgs) -> anyhow::Result<()> {
+    let server = EchoServer::start(&args).await?;
+    tracing::info!(
+        name = %server.name,
+        http = ?server.http_addr,
+        tcp = ?server.tcp_addr,
+        udp = ?server.udp_addr,
+        "echo servers running"
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    server.stop().await;
+    Ok(())
+}
+
+/// Running echo servers (for the CLI and for tests, which start them
+/// in-process on port 0). Dropping it stops them too.
+pub struct EchoServer {
+    pub name: String,
+    pub http_addr: Option<SocketAddr>,
+    pub tcp_addr: Option<SocketAddr>,
+    pub udp_addr: Option<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// Bind every requested port and start serving.
+    pub async fn start(args: &EchoArgs) -> anyhow::Result<EchoServer> {
+        if args.http_port.is_none() && args.tcp_port.is_none() && args.udp_port.is_none() {
+            anyhow::bail!("nothing to serve: give --http-port, --tcp-port and/or --udp-port");
+        }
+        let name = match &args.name {
+            Some(n) => n.clone(),
+            None => hostname(),
+        };
+        let mut s = EchoServer {
+            name: name.clone(),
+            http_addr: None,
+            tcp_addr: None,
+            udp_addr: None,
+            tasks: Vec::new(),
+        };
+        let name: Arc<str> = name.into();
+        if let Some(p) = args.http_port {
+            let l = TcpListener::bind((args.bind, p))
+                .await
+                .with_context(|| format!("binding HTTP {}:{p}", args.bind))?;
+            s.http_addr = Some(l.local_addr()?);
+            s.tasks.push(tokio::spawn(serve_http(l, name.clone())));
+        }
+        if let Some(p) = args.tcp_port {
+            let l = TcpListener::bind((args.bind, p))
+                .await
+                .with_context(|| format!("binding TCP {}:{p}", args.bind))?;
+            s.tcp_addr = Some(l.local_addr()?);
+            s.tasks.push(tokio::spawn(serve_tcp(l)));
+        }
+        if let Some(p) = args.udp_port {
+            let u = UdpSocket::bind((args.bind, p))
+                .await
+                .with_context(|| format!("binding UDP {}:{p}", args.bind))?;
+            s.udp_addr = Some(u.local_addr()?);
+            s.tasks.push(tokio::spawn(serve_udp(u, name.clone())));
+        }
+        Ok(s)
+    }
+
+    /// Stop serving: when this returns the ports are closed (new
+    /// connections are refused) and open connections are being torn down.
+    pub async fn stop(mut self) {
+        for t in std::mem::take(&mut self.tasks) {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is writable for its length; gethostname NUL-terminates
+    // when the name fits.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    if rc != 0 {
+        return "echo".to_string();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Accept connections into a task set that dies with the server task.
+async fn accept_each<F, Fut>(l: TcpListener, mut handle: F)
+where
+    F: FnMut(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            r = l.accept() => match r {
+                Ok((s, _)) => {
+                    let _ = s.set_nodelay(true);
+                    conns.spawn(handle(s));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "echo: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn serve_tcp(l: TcpListener) {
+    accept_each(l, |mut s| async move {
+        let (mut r, mut w) = s.split();
+        if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+            let _ = w.shutdown().await;
+        }
+    })
+    .await
+}
+
+async fn serve_udp(u: UdpSocket, name: Arc<str>) {
+    let mut buf = vec![0u8; 65536];
+    let mut out = Vec::with_capacity(65536 + name.len() + 2);
+    loop {
+        let (n, peer) = match u.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "echo: udp receive");
+                continue;
+            }
+        };
+        let payload = &buf[..n];
+        out.clear();
+        out.extend_from_slice(name.as_bytes());
+        if payload.trim_ascii() != b"hostname" {
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(payload);
+        }
+        if let Err(e) = u.send_to(&out, peer).await {
+            tracing::debug!(error = %e, "echo: udp send");
+        }
+    }
+}
+
+async fn serve_http(l: TcpListener, name: Arc<str>) {
+    accept_each(l, move |s| {
+        let name = name.clone();
+        async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let name = name.clone();
+                async move { Ok::<_, Infallible>(respond(&req, &name)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        }
+    })
+    .await
+}
+
+type EchoBody = Either<Full<Bytes>, Repeat>;
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<EchoBody> {
+    let mut r = Response::new(Either::Left(Full::new(body.into())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn query_param(req: &Request<hyper::body::Incoming>, key: &str) -> Option<String> {
+    let q = req.uri().query()?;
+    url::form_urlencoded::parse(q.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn respond(req: &Request<hyper::body::Incoming>, name: &str) -> Response<EchoBody> {
+    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    match req.uri().path() {
+        "/" | "/hostname" => text(StatusCode::OK, name.to_string()),
+        "/echo" => text(StatusCode::OK, query_param(req, "msg").unwrap_or_default()),
+        "/bytes" => match query_param(req, "n").map(|n| n.parse::<u64>()) {
+            Some(Ok(n)) => {
+                let mut r = Response::new(Either::Right(Repeat { left: n }));
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/octet-stream"),
+                );
+                r
+            }
+            _ => text(StatusCode::BAD_REQUEST, "want /bytes?n=<count>\n"),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Chunk of the `/bytes` body.
+const CHUNK: usize = 64 * 1024;
+static FILL: [u8; CHUNK] = [b'x'; CHUNK];
+
+/// `n` bytes of `x`, without allocating: every frame is a slice of a static
+/// buffer. Exact size hint, so hyper sends a Content-Length.
+pub struct Repeat {
+    left: u64,
+}
+
+impl Body for Repeat {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        let k = self.left.min(CHUNK as u64) as usize;
+        self.left -= k as u64;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&FILL[..k])))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+}

@@ -1,0 +1,178 @@
+//! Node daemon settings: kube-proxy-style flags, optionally from a YAML file
+//! (`--config`, keys in KubeProxyConfiguration's spelling: `mode`,
+//! `hostnameOverride`, `nodePortAddresses`, `metricsBindAddress`,
+//! `healthzBindAddress`, `minSyncPeriod`). Flags given on the command line
+//! win over the file.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// How Services are proxied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyMode {
+    Userspace,
+    Nftables,
+}
+
+/// Everything the node daemon needs.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub proxy_mode: ProxyMode,
+    pub hostname_override: Option<String>,
+    /// Addresses NodePorts listen on (empty = all).
+    pub nodeport_addresses: Vec<IpAddr>,
+    pub metrics_bind_address: SocketAddr,
+    pub healthz_bind_address: SocketAddr,
+    pub min_sync_period: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            proxy_mode: ProxyMode::Userspace,
+            hostname_override: None,
+            nodeport_addresses: Vec::new(),
+            metrics_bind_address: "127.0.0.1:10249".parse().unwrap(),
+            healthz_bind_address: "0.0.0.0:10256".parse().unwrap(),
+            min_sync_period: Duration::from_millis(100),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// This node's name: the override, else the host name.
+    pub fn node_name(&self) -> String {
+        if let Some(n) = &self.hostname_override {
+            return n.to_lowercase();
+        }
+        let mut buf = [0u8; 256];
+        // SAFETY: gethostname writes at most buf.len() bytes into buf.
+        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+        if rc == 0 {
+            let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+            String::from_utf8_lossy(&buf[..end]).to_lowercase()
+        } else {
+            "localhost".into()
+        }
+    }
+}
+
+/// The subset of KubeProxyConfiguration we read from `--config`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FileConfig {
+    pub mode: Option<ProxyMode>,
+    pub hostname_override: Option<String>,
+    pub node_port_addresses: Option<Vec<String>>,
+    pub metrics_bind_address: Option<String>,
+    pub healthz_bind_address: Option<String>,
+    pub min_sync_period: Option<String>,
+}
+
+/// Parse a Go-style duration ("1s", "500ms", "2m").
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration {s:?}: unknown unit {unit:?}")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parse an address with or without a port (kube-proxy accepts both).
+pub fn parse_bind(s: &str, default_port: u16) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, default_port))
+        .map_err(|_| format!("invalid bind address {s:?}"))
+}
+
+/// Parse `nodePortAddresses` entries: IPs or CIDRs (the CIDR's address is
+/// used; "0.0.0.0/0" means all).
+pub fn parse_nodeport_address(s: &str) -> Result<Option<IpAddr>, String> {
+    let ip = s.split('/').next().unwrap_or(s);
+    let ip: IpAddr = ip
+        .parse()
+        .map_err(|_| format!("invalid node port address {s:?}"))?;
+    Ok((!ip.is_unspecified()).then_some(ip))
+}
+
+impl FileConfig {
+    /// Read and parse a config file; errors name the file.
+    pub fn load(path: &Path) -> Result<FileConfig, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        serde_yaml::from_str(&text).map_err(|e| format!("parsing {}: {e}", path.display()))
+    }
+
+    /// Apply the file's settings onto `cfg`.
+    pub fn apply(&self, cfg: &mut NodeConfig) -> Result<(), String> {
+        if let Some(m) = self.mode {
+            cfg.proxy_mode = m;
+        }
+        if let Some(h) = &self.hostname_override {
+            cfg.hostname_override = Some(h.clone());
+        }
+        if let Some(a) = &self.node_port_addresses {
+            cfg.nodeport_addresses = a
+                .iter()
+                .map(|s| parse_nodeport_address(s))
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .flatten()
+                .collect();
+        }
+        if let Some(a) = &self.metrics_bind_address {
+            cfg.metrics_bind_address = parse_bind(a, 10249)?;
+        }
+        if let Some(a) = &self.healthz_bind_address {
+            cfg.healthz_bind_address = parse_bind(a, 10256)?;
+        }
+        if let Some(d) = &self.min_sync_period {
+            cfg.min_sync_period = parse_duration(d)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_addresses() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("3x").is_err());
+        assert_eq!(parse_bind("0.0.0.0", 10256).unwrap().port(), 10256);
+        assert_eq!(parse_bind("127.0.0.1:9", 1).unwrap().port(), 9);
+        assert_eq!(parse_nodeport_address("0.0.0.0/0").unwrap(), None);
+    }
+
+    #[test]
+    fn file_config_applies() {
+        let f: FileConfig = serde_yaml::from_str(
+            "mode: userspace\nhostnameOverride: n1\nminSyncPeriod: 1s\nmetricsBindAddress: 127.0.0.1:9999\n",
+        )
+        .unwrap();
+        let mut c = NodeConfig::default();
+        f.apply(&mut c).unwrap();
+        assert_eq!(c.node_name(), "n1");
+        assert_eq!(c.min_sync_period, Duration::from_secs(1));
+        assert_eq!(c.metrics_bind_address.port(), 9999);
+    }
+}

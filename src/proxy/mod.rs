@@ -1,0 +1,130 @@
+//! Service proxying: from Services + EndpointSlices to balanced traffic.
+//!
+//! ```text
+//!  node cache (Services, EndpointSlices)
+//!        │  snapshot
+//!        ▼
+//!  tracker::build  (pure)  ──►  ProxyState: per service port, its frontends
+//!        │                      (ClusterIPs, NodePort, external IPs) and
+//!        │                      endpoints with their conditions
+//!        ▼
+//!  backend: userspace (tokio listeners)  |  nftables (one table, atomic)
+//! ```
+//!
+//! The types here are the contract between the pure tracker and the
+//! backends, so each side is testable alone.
+
+pub mod tracker;
+pub mod userspace;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Transport protocol of a service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn parse(s: &str) -> Option<Protocol> {
+        match s {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+}
+
+/// Identity of one port of one Service (kube-proxy's ServicePortName).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    /// The port's name ("" for a single unnamed port).
+    pub port: String,
+    pub protocol: Protocol,
+}
+
+impl std::fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        Ok(())
+    }
+}
+
+/// One backend of a service port, with the conditions from its slice.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// The node the endpoint runs on (for `trafficPolicy: Local`).
+    pub node_name: Option<String>,
+}
+
+/// Everything a backend needs to serve one service port.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServicePortInfo {
+    pub cluster_ips: Vec<IpAddr>,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    /// `spec.externalIPs` and LoadBalancer ingress IPs.
+    pub external_ips: Vec<IpAddr>,
+    /// `sessionAffinity: ClientIP` with its timeout.
+    pub affinity_timeout: Option<Duration>,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local`.
+    pub external_local: bool,
+    /// Sorted, deduplicated.
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl ServicePortInfo {
+    /// The endpoints traffic may go to, as kube-proxy chooses them: ready
+    /// ones; if none, serving-and-terminating ones (so a rolling restart
+    /// does not black-hole traffic). With `local_node`, only endpoints on
+    /// that node.
+    pub fn usable_endpoints(&self, local_node: Option<&str>) -> Vec<SocketAddr> {
+        let on_node = |e: &&Endpoint| match local_node {
+            Some(n) => e.node_name.as_deref() == Some(n),
+            None => true,
+        };
+        let ready: Vec<SocketAddr> = self
+            .endpoints
+            .iter()
+            .filter(on_node)
+            .filter(|e| e.ready)
+            .map(|e| e.addr)
+            .collect();
+        if !ready.is_empty() {
+            return ready;
+        }
+        self.endpoints
+            .iter()
+            .filter(on_node)
+            .filter(|e| e.serving && e.terminating)
+            .map(|e| e.addr)
+            .collect()
+    }
+}
+
+/// The desired proxy state of the node: every service port.
+pub type ProxyState = BTreeMap<ServicePortName, Arc<ServicePortInfo>>;

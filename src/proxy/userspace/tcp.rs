@@ -1,0 +1,169 @@
+//! TCP: accept on a service frontend, pick an endpoint (with failover), and
+//! relay bytes both ways with correct half-close.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use metrics::{Counter, Gauge};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::oneshot;
+
+use super::routes::{drain_deadline, EndpointLife, Role, ServiceRuntime};
+
+/// Relay buffer per direction. Lives inside the connection's task.
+const BUF: usize = 16 * 1024;
+
+/// Accept until told to stop (or the stop sender is dropped). Accepted
+/// connections run in their own tasks and outlive the listener.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    rt: Arc<ServiceRuntime>,
+    role: Role,
+    mut stop: oneshot::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stop => return,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    tokio::spawn(serve(stream, peer, rt.clone(), role));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(service = %rt.name, error = %e, "accept failed");
+                    tokio::select! {
+                        _ = &mut stop => return,
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Decrements the active-connections gauge however the connection ends.
+struct Active<'a>(&'a Gauge);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// Abort a connection with RST rather than FIN, so the peer sees a refusal
+/// or reset at once.
+fn reset(s: &TcpStream) {
+    let _ = s.set_zero_linger();
+}
+
+async fn connect(addr: SocketAddr, rt: &ServiceRuntime) -> io::Result<TcpStream> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    let stream = tokio::time::timeout(rt.settings.connect_timeout, sock.connect(addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Connect to an endpoint: the chosen one, then the next ones on failure
+/// (at most one try per endpoint). Failed endpoints back off.
+async fn connect_upstream(
+    rt: &ServiceRuntime,
+    role: Role,
+    peer: SocketAddr,
+) -> Option<(TcpStream, Arc<EndpointLife>)> {
+    let routes = rt.routes();
+    let tries = routes.set(role).len();
+    for _ in 0..tries {
+        let ep = rt.choose(&routes, role, peer.ip(), Instant::now())?;
+        match connect(ep.addr, rt).await {
+            Ok(s) => {
+                ep.mark_ok();
+                return Some((s, ep));
+            }
+            Err(e) => {
+                tracing::debug!(service = %rt.name, endpoint = %ep.addr, error = %e, "endpoint connect failed");
+                rt.metrics.connect_errors.increment(1);
+                ep.mark_failed(Instant::now(), rt.settings.endpoint_backoff);
+            }
+        }
+    }
+    None
+}
+
+async fn serve(client: TcpStream, peer: SocketAddr, rt: Arc<ServiceRuntime>, role: Role) {
+    let _ = client.set_nodelay(true);
+    let Some((upstream, ep)) = connect_upstream(&rt, role, peer).await else {
+        // No endpoint, or none reachable: refuse.
+        reset(&client);
+        return;
+    };
+    rt.metrics.connections.increment(1);
+    rt.metrics.active.increment(1.0);
+    let _active = Active(&rt.metrics.active);
+    let mut client = client;
+    let mut upstream = upstream;
+    let result = match rt.settings.drain_grace {
+        None => relay(&mut client, &mut upstream, &rt).await,
+        Some(_) => {
+            let mut removal = ep.watch();
+            tokio::select! {
+                r = relay(&mut client, &mut upstream, &rt) => r,
+                _ = drain_deadline(&mut removal) => {
+                    tracing::debug!(service = %rt.name, endpoint = %ep.addr, "drain grace over; closing");
+                    Err(io::Error::new(io::ErrorKind::TimedOut, "drain grace over"))
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::trace!(service = %rt.name, endpoint = %ep.addr, error = %e, "connection aborted");
+        reset(&client);
+        reset(&upstream);
+    }
+}
+
+/// Both directions until both have seen EOF; an error in either ends both.
+async fn relay(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    rt: &ServiceRuntime,
+) -> io::Result<()> {
+    let (mut cr, mut cw) = client.split();
+    let (mut ur, mut uw) = upstream.split();
+    tokio::try_join!(
+        one_way(&mut cr, &mut uw, &rt.metrics.bytes_up),
+        one_way(&mut ur, &mut cw, &rt.metrics.bytes_down),
+    )?;
+    Ok(())
+}
+
+/// Copy until EOF, then half-close the writer (FIN) so the other side sees
+/// the end of this direction while the other one keeps flowing.
+async fn one_way<R, W>(r: &mut R, w: &mut W, bytes: &Counter) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = [0u8; BUF];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return match w.shutdown().await {
+                // The peer may already be fully gone; nothing left to tell it.
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+                r => r,
+            };
+        }
+        w.write_all(&buf[..n]).await?;
+        bytes.increment(n as u64);
+    }
+}
