@@ -32,6 +32,8 @@ pub enum Command {
     Controllers(ControllersArgs),
     /// The node daemon: Service proxy (+ health and metrics endpoints).
     Node(NodeArgs),
+    /// A demo backend answering with its name (HTTP, TCP and UDP echo).
+    Echo(crate::echo::EchoArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -294,6 +296,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Echo(args) => crate::echo::run(args).await,
         Command::Node(args) => {
             let cfg = args.node.config()?;
             let client = client_from(&args.client.kubeconfig).await?;

@@ -154,7 +154,11 @@ impl ApiError {
         Self::new(
             415,
             "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml; got {ct:?} (protobuf request bodies are not supported; kubectl apply/create -f send JSON)"),
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, {} (for {} only); got {ct:?}",
+                super::protobuf::CONTENT_TYPE,
+                super::protobuf::supported_kinds()
+            ),
         )
     }
     /// 422 with one cause per field error, as kube-apiserver's

@@ -13,6 +13,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 
 use crate::api::patch::{self, PatchError};
+use crate::api::protobuf;
 use crate::api::resources::{self, ResourceDef};
 use crate::api::selector::{FieldSelector, LabelSelector};
 use crate::api::status::{success_status, ApiError};
@@ -903,11 +904,18 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
     }
 }
 
-/// Read a JSON or YAML object body.
+/// Read a JSON, YAML or (for the kinds kubectl's imperative commands send
+/// that way) Kubernetes protobuf object body.
 async fn read_object(req: Request<Incoming>) -> Result<Value, ApiError> {
     let ct = content_type(&req);
     let body = read_body(req).await?;
     let v: Value = match ct.as_str() {
+        protobuf::CONTENT_TYPE => protobuf::decode_object(&body).map_err(|e| match e {
+            protobuf::DecodeError::Malformed(m) => {
+                ApiError::bad_request(format!("the object provided is unrecognized: {m}"))
+            }
+            protobuf::DecodeError::Unsupported(m) => ApiError::new(415, "UnsupportedMediaType", m),
+        })?,
         "application/json" | "" => serde_json::from_slice(&body).map_err(|e| {
             ApiError::bad_request(format!(
                 "the object provided is unrecognized: json parse error: {e}"
