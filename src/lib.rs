@@ -22,6 +22,7 @@ pub mod api;
 pub mod apiserver;
 pub mod cli;
 pub mod controllers;
+pub mod dns;
 pub mod echo;
 pub mod metrics;
 pub mod node;

@@ -26,6 +26,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 pub const MANAGED_BY: &str = "endpointslice-controller.k8s.io";
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// When the change a slice write carries was observed (RFC 3339), as
+/// Kubernetes' controller annotates it; nodes measure network programming
+/// latency from it.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// What the controller must write for one Service.
 #[derive(Debug, Default, PartialEq)]
@@ -53,6 +57,22 @@ pub fn selects(svc: &Service, pod: &Pod) -> bool {
     let labels = pod.metadata.labels.as_ref();
     sel.iter()
         .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+}
+
+/// The Service's selector as a label selector string (`k=v,k2=v2`), for
+/// listing its pods. Empty when it has none (which would list every pod;
+/// callers check [`has_selector`] first).
+pub fn selector_string(svc: &Service) -> String {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .map(|sel| {
+            sel.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
 }
 
 /// Whether the Service gets managed endpoints (it has a non-empty selector).
@@ -511,6 +531,7 @@ mod tests {
     #[test]
     fn selector_matching() {
         let s = svc();
+        assert_eq!(selector_string(&s), "app=web");
         assert!(selects(&s, &pod("a", "1.1.1.1", true)));
         let mut other = pod("x", "1.1.1.2", true);
         other.metadata.namespace = Some("e".into());

@@ -81,6 +81,16 @@ async fn try_acquire(api: &Api<Lease>, cfg: &LeaderConfig) -> Result<Attempt, ku
     }
 }
 
+/// One attempt, bounded: a request that hangs (an API server that stopped
+/// answering without closing the connection) must not keep a leader acting
+/// past its renew deadline.
+async fn attempt(api: &Api<Lease>, cfg: &LeaderConfig, limit: Duration) -> Result<Attempt, String> {
+    match tokio::time::timeout(limit, try_acquire(api, cfg)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {limit:?}")),
+    }
+}
+
 /// Run `work` whenever this process holds the Lease; stop it when the Lease
 /// is lost. Never returns.
 pub async fn run<F, Fut>(client: kube::Client, cfg: LeaderConfig, work: F)
@@ -92,7 +102,7 @@ where
     loop {
         // Candidate.
         loop {
-            match try_acquire(&api, &cfg).await {
+            match attempt(&api, &cfg, cfg.renew_deadline.max(cfg.retry_period)).await {
                 Ok(Attempt::Held) => break,
                 Ok(Attempt::NotHeld) => {}
                 Err(e) => tracing::debug!(error = %e, "leader election attempt failed"),
@@ -105,12 +115,13 @@ where
         let mut last_renew = Instant::now();
         loop {
             tokio::time::sleep(cfg.retry_period).await;
-            match try_acquire(&api, &cfg).await {
+            let left = cfg.renew_deadline.saturating_sub(last_renew.elapsed());
+            match attempt(&api, &cfg, left.max(Duration::from_millis(100))).await {
                 Ok(Attempt::Held) => last_renew = Instant::now(),
                 Ok(Attempt::NotHeld) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "renewing the lease failed");
-                    if last_renew.elapsed() > cfg.renew_deadline {
+                    if last_renew.elapsed() >= cfg.renew_deadline {
                         break;
                     }
                 }

@@ -4,17 +4,25 @@
 //! ```text
 //!  watcher(Service) ─┐
 //!  watcher(Pod) ──► map pod → services that select it ─► Controller ─► reconcile(service)
-//!  reflector(Pod) ─► pod store ──────────────────────────────────────┘   │ endpointslice::plan (pure)
+//!                                                                        │ list its pods + slices
+//!                                                                        │ endpointslice::plan (pure)
 //!                                                                        ▼
 //!                                        create / replace / delete EndpointSlices, Endpoints
 //! ```
 //!
+//! A reconcile reads the Service's pods and slices from the API server, not
+//! from a cache: a cache fed by another watch than the one that triggered
+//! the reconcile may not show the change yet, and that change would then be
+//! lost until the next event.
+//!
 //! Only the leader (a Lease in kube-system, see [`leader`]) runs them, so
-//! several `fairlead controllers` can run for availability.
+//! several `fairlead controllers` can run for availability. Everything they
+//! start stops when leadership is lost (see [`run_controllers`]).
 
 pub mod endpointslice;
 pub mod leader;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +31,7 @@ use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{watcher, Controller, WatchStreamExt};
 
 use endpointslice::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
@@ -43,7 +51,6 @@ pub enum Error {
 
 struct Ctx {
     client: kube::Client,
-    pods: Store<Pod>,
     max: usize,
 }
 
@@ -66,31 +73,44 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         for s in existing {
             delete_ignoring_missing(&slices, s.metadata.name.as_deref().unwrap_or("")).await?;
         }
-        return Ok(Action::await_change());
+        return Ok(Action::requeue(RESYNC));
     }
-    let pods: Vec<Arc<Pod>> = ctx
-        .pods
-        .state()
-        .into_iter()
-        .filter(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()))
-        .collect();
-    let pod_refs: Vec<&Pod> = pods.iter().map(|p| p.as_ref()).collect();
+    // The pods as the API server has them now (see the module docs).
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default().labels(&endpointslice::selector_string(&svc)))
+        .await?
+        .items;
+    let pod_refs: Vec<&Pod> = pods.iter().collect();
     let plan = endpointslice::plan(&svc, &pod_refs, &existing, ctx.max);
     if !plan.is_empty() {
         tracing::debug!(service = %format!("{ns}/{name}"), create = plan.create.len(),
             update = plan.update.len(), delete = plan.delete.len(), "syncing endpoint slices");
     }
-    for s in &plan.create {
-        slices.create(&PostParams::default(), s).await?;
+    // When the change was seen, for the nodes' network programming latency
+    // (kube-proxy's kubeproxy_network_programming_duration_seconds).
+    let trigger = jiff::Timestamp::now().to_string();
+    let stamp = |s: &EndpointSlice| {
+        let mut s = s.clone();
+        s.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(
+                endpointslice::TRIGGER_TIME_ANNOTATION.into(),
+                trigger.clone(),
+            );
+        s
+    };
+    for s in plan.create.iter().map(stamp) {
+        slices.create(&PostParams::default(), &s).await?;
         metrics::counter!("endpoint_slice_controller_changes", "operation" => "create")
             .increment(1);
     }
-    for s in &plan.update {
+    for s in plan.update.iter().map(stamp) {
         slices
             .replace(
                 s.metadata.name.as_deref().unwrap_or(""),
                 &PostParams::default(),
-                s,
+                &s,
             )
             .await?;
         metrics::counter!("endpoint_slice_controller_changes", "operation" => "update")
@@ -115,7 +135,7 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         }
         Some(_) => {}
     }
-    Ok(Action::await_change())
+    Ok(Action::requeue(RESYNC))
 }
 
 async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
@@ -216,29 +236,38 @@ async fn sweep(client: &kube::Client, services: &Api<Service>) -> Result<(), kub
     Ok(())
 }
 
-/// Run the controllers (without leader election) until the task is dropped.
-pub async fn run_controllers(client: kube::Client, max_endpoints_per_slice: usize) {
-    let pods: Api<Pod> = Api::all(client.clone());
-    let (pod_store, writer) = reflector::store();
-    let pod_reflector =
-        reflector::reflector(writer, watcher(pods.clone(), watcher::Config::default()))
-            .default_backoff()
-            .touched_objects()
-            .for_each(|_| futures::future::ready(()));
-    tokio::spawn(pod_reflector);
-    tokio::spawn(cleanup_deleted(client.clone()));
-    // Do not reconcile against an empty pod cache: that would briefly
-    // empty every slice.
-    if pod_store.wait_until_ready().await.is_err() {
-        return;
+/// Pods remembered with the Services that selected them (see
+/// [`run_controllers`]).
+const SELECTED_BY_BOUND: usize = 100_000;
+
+/// Every Service is reconciled at least this often, even without events
+/// (a safety net, like the resync of Kubernetes' controllers).
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// Aborts a spawned task when dropped, so helpers die with the controller
+/// future that started them (leadership lost → nothing keeps acting).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
+}
+
+/// Run the controllers (without leader election) until the future is
+/// dropped; every task it spawns stops with it.
+pub async fn run_controllers(client: kube::Client, max_endpoints_per_slice: usize) {
+    let _cleanup = AbortOnDrop(tokio::spawn(cleanup_deleted(client.clone())));
+    let pods: Api<Pod> = Api::all(client.clone());
     let services: Api<Service> = Api::all(client.clone());
     let slices: Api<EndpointSlice> = Api::all(client.clone());
     let controller = Controller::new(services, watcher::Config::default());
     let svc_store = controller.store();
+    // Pod uid → the Services that selected it at its last event.
+    let selected_by: std::sync::Mutex<HashMap<String, Vec<ObjectRef<Service>>>> =
+        Default::default();
     let ctx = Arc::new(Ctx {
         client,
-        pods: pod_store,
         max: max_endpoints_per_slice,
     });
     controller
@@ -247,12 +276,33 @@ pub async fn run_controllers(client: kube::Client, max_endpoints_per_slice: usiz
             watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
         )
         .watches(pods, watcher::Config::default(), move |pod: Pod| {
-            svc_store
+            let now: Vec<ObjectRef<Service>> = svc_store
                 .state()
                 .into_iter()
                 .filter(|s| endpointslice::selects(s, &pod))
                 .map(|s| ObjectRef::from_obj(s.as_ref()))
-                .collect::<Vec<_>>()
+                .collect();
+            // Services that selected the pod before (its labels changed, or
+            // a Service's selector did) must drop it: reconcile them too.
+            // Deleted pods cannot be told apart here, so their entries stay
+            // until the map is reset at a size bound; the periodic resync
+            // covers what a reset forgets.
+            let key = pod.metadata.uid.clone().unwrap_or_default();
+            let mut last = selected_by.lock().unwrap_or_else(|e| e.into_inner());
+            if last.len() >= SELECTED_BY_BOUND {
+                last.clear();
+            }
+            let mut out = if now.is_empty() {
+                last.remove(&key).unwrap_or_default()
+            } else {
+                last.insert(key, now.clone()).unwrap_or_default()
+            };
+            for r in now {
+                if !out.contains(&r) {
+                    out.push(r);
+                }
+            }
+            out
         })
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))

@@ -15,6 +15,7 @@
 pub mod config;
 pub mod http;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use tokio::sync::Notify;
 
+use crate::controllers::endpointslice::TRIGGER_TIME_ANNOTATION;
 use crate::proxy::userspace::{UserspaceConfig, UserspaceProxy};
 use crate::proxy::{tracker, ProxyState};
 
@@ -132,6 +134,50 @@ impl Health {
     }
 }
 
+/// How soon a sync that failed (or left frontends unbound / service IPs
+/// unassigned) is retried when no new change arrives first.
+pub const SYNC_RETRY: Duration = Duration::from_secs(1);
+
+/// kube-proxy's network programming latency: for every EndpointSlice that
+/// changed since the last successful sync and carries the controller's
+/// `endpoints.kubernetes.io/last-change-trigger-time`, the time from that
+/// change to now (the change is programmed). Changes from before the daemon
+/// started are not counted (they would measure the daemon's downtime).
+#[derive(Default)]
+struct ProgrammingLatency {
+    /// Slice (namespace, name) → resourceVersion at the last sync.
+    seen: HashMap<(String, String), String>,
+}
+
+impl ProgrammingLatency {
+    fn observe(&mut self, slices: &[Arc<EndpointSlice>], since: jiff::Timestamp) {
+        let now = jiff::Timestamp::now();
+        let mut seen = HashMap::with_capacity(slices.len());
+        for s in slices {
+            let key = (
+                s.metadata.namespace.clone().unwrap_or_default(),
+                s.metadata.name.clone().unwrap_or_default(),
+            );
+            let rv = s.metadata.resource_version.clone().unwrap_or_default();
+            if self.seen.get(&key) != Some(&rv) {
+                let trigger = s
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+                    .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+                if let Some(t) = trigger.filter(|t| *t >= since) {
+                    let secs = now.duration_since(t).as_secs_f64().max(0.0);
+                    metrics::histogram!("kubeproxy_network_programming_duration_seconds")
+                        .record(secs);
+                }
+            }
+            seen.insert(key, rv);
+        }
+        self.seen = seen;
+    }
+}
+
 /// Run the node daemon until the process ends.
 pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
     crate::metrics::init();
@@ -147,8 +193,10 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
         }),
         ProxyMode::Nftables => anyhow::bail!("--proxy-mode=nftables is not implemented yet"),
     };
+    let started_at = jiff::Timestamp::now();
     let cache = Cache::start(client).await;
     tracing::info!(node = %node_name, mode = ?cfg.proxy_mode, "node daemon running");
+    let mut latency = ProgrammingLatency::default();
     let mut last_sync: Option<Instant> = None;
     loop {
         // Coalesce bursts: at most one sync per min_sync_period.
@@ -159,28 +207,43 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
             }
         }
         let started = Instant::now();
+        let slices = cache.slices.state();
         let state = cache.proxy_state();
-        match proxy.sync(&state).await {
-            Ok(_) => {
+        // Whether part of the state could not be applied (retried below).
+        let incomplete = match proxy.sync(&state).await {
+            Ok(stats) => {
                 let mut h = health.lock().unwrap();
                 h.last_synced = Some((Instant::now(), jiff::Timestamp::now()));
                 h.pending_since = None;
                 metrics::gauge!("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
                     .set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
+                latency.observe(&slices, started_at);
+                stats.bind_errors > 0 || stats.address_errors > 0
             }
             Err(e) => {
-                tracing::warn!(error = %e, "proxy sync failed; will retry on the next change")
+                tracing::warn!(error = %e, retry = ?SYNC_RETRY, "proxy sync failed");
+                true
             }
-        }
+        };
         metrics::histogram!("kubeproxy_sync_proxy_rules_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         metrics::gauge!("fairlead_proxy_service_ports").set(state.len() as f64);
         last_sync = Some(Instant::now());
-        cache.changed.notified().await;
-        health
-            .lock()
-            .unwrap()
-            .pending_since
-            .get_or_insert_with(Instant::now);
+        let changed = if incomplete {
+            // Retry on the next change or after SYNC_RETRY, whichever first.
+            tokio::time::timeout(SYNC_RETRY, cache.changed.notified())
+                .await
+                .is_ok()
+        } else {
+            cache.changed.notified().await;
+            true
+        };
+        if changed {
+            health
+                .lock()
+                .unwrap()
+                .pending_since
+                .get_or_insert_with(Instant::now);
+        }
     }
 }

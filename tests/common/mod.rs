@@ -3,6 +3,7 @@
 //! Not every test binary uses every helper.
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod server;
 
 use std::io::{Read, Write};

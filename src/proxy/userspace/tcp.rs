@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use super::routes::{drain_deadline, EndpointLife, Role, ServiceRuntime};
 
 /// Relay buffer per direction. Lives inside the connection's task.
-const BUF: usize = 16 * 1024;
+const BUF: usize = 64 * 1024;
 
 /// Accept until told to stop (or the stop sender is dropped). Accepted
 /// connections run in their own tasks and outlive the listener.

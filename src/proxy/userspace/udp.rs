@@ -185,9 +185,10 @@ async fn datagram(
                 continue;
             }
         };
-        match upstream.try_send(data) {
+        // Not try_send: a fresh socket has no readiness recorded yet (tokio
+        // would report WouldBlock); its empty buffer makes this immediate.
+        match upstream.send(data).await {
             Ok(n) => rt.metrics.bytes_up.increment(n as u64),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => {
                 tracing::debug!(service = %rt.name, endpoint = %ep.addr, error = %e, "udp send");
                 rt.metrics.connect_errors.increment(1);

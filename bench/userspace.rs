@@ -1,0 +1,933 @@
+//! Userspace proxy data path, measured against HAProxy.
+//!
+//! ```sh
+//! cargo bench --bench userspace
+//! ```
+//!
+//! Installs Debian's `wrk` and `haproxy` with `apt-get install -y` if they
+//! are missing (printing apt's output). Everything runs on 127.0.0.0/8:
+//!
+//! * **Backends**: three `fairlead echo --http-port P --bind 127.0.0.1`
+//!   *processes* (the binary Cargo builds with the bench profile;
+//!   `FAIRLEAD_BIN` overrides it), each with its own 2-worker tokio runtime,
+//!   so the backends do not share a runtime with the proxy under test.
+//! * **fairlead**: the userspace proxy runs *in this process* on its own
+//!   multi-thread runtime with 2 workers (what the `fairlead` binary gets on
+//!   a 2-core machine) and the process-wide Prometheus recorder installed
+//!   (so the per-connection counters cost what they cost in `fairlead
+//!   node`). One service port, ClusterIP 127.0.0.55:80 → the 3 backends,
+//!   strict round robin, `manage_addresses: false` (127.0.0.55 is already
+//!   local on `lo`). The bench driver itself is blocking std code on the main
+//!   thread, idle while `wrk` runs; the bulk client is one blocking thread.
+//! * **HAProxy**: `mode tcp`, `balance roundrobin`, `nbthread 2`, same
+//!   backends, listening on 127.0.0.56:80; config in a temp dir, run in the
+//!   foreground (`-db`). Default 16 KiB buffers and no splicing, like
+//!   fairlead's 16 KiB relay buffers.
+//!
+//! Scenarios (each against one backend directly, through fairlead, through
+//! HAProxy, run back to back):
+//!
+//! 1. `wrk -t2 -c50 -d10s --latency` keep-alive `GET /` → requests/s, p99.
+//! 2. The same with `-H 'Connection: close'`: one TCP connection per request
+//!    (for the proxies: accept + upstream connect + teardown per request).
+//!    wrk's latency starts after its connect, so p99 excludes the client's
+//!    connect but includes the proxy's upstream connect.
+//! 3. Bulk: one connection downloads `/bytes?n=N` (1 GiB), best of 2 → MB/s
+//!    (10^6 bytes/s), counted from the request until the last body byte.
+//!
+//! Besides the table, the CPU time the proxy under test used in each run
+//! (fairlead: the threads of its runtime; HAProxy: its process) and how busy
+//! the whole machine was are printed: wrk, the backends and the proxy share
+//! the cores, so when the machine is ~100% busy the proxy with less CPU per
+//! request gets more requests/s.
+//!
+//! Sizes come from the environment: `FAIRLEAD_BENCH_DURATION` (seconds per
+//! wrk run, 10), `FAIRLEAD_BENCH_CONNS` (50), `FAIRLEAD_BENCH_BULK_MB`
+//! (MiB per download, 1024), `FAIRLEAD_BENCH_BULK_REPS` (2). A run takes
+//! 6 × duration plus a few seconds. Child processes (backends, HAProxy,
+//! wrk) are killed when this process ends, panics included (drop guards,
+//! plus `PR_SET_PDEATHSIG` for the case it is killed).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use fairlead::proxy::userspace::{UserspaceConfig, UserspaceProxy};
+use fairlead::proxy::{Endpoint, Protocol, ProxyState, ServicePortInfo, ServicePortName};
+
+/// fairlead's "ClusterIP" (local on `lo` like all of 127.0.0.0/8).
+const FAIRLEAD_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 55);
+/// HAProxy's frontend address.
+const HAPROXY_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 56);
+const SERVICE_PORT: u16 = 80;
+const BACKENDS: usize = 3;
+/// How long a backend or HAProxy may take to answer its first request.
+const START_LIMIT: Duration = Duration::from_secs(15);
+/// Thread name of the proxy's runtime (≤ 15 bytes: the kernel's `comm`).
+const PROXY_THREAD: &str = "fl-proxy";
+/// Read buffer of the bulk client.
+const CLIENT_BUF: usize = 256 * 1024;
+
+fn main() -> Result<()> {
+    let s = Settings::from_env()?;
+    let tools = Tools::ensure()?;
+    let fairlead = fairlead_bin()?;
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "fairlead userspace proxy benchmark: {cores} cores, wrk -t{} -c{} -d{}s, \
+         bulk {} MiB x {} per target",
+        s.wrk_threads, s.conns, s.duration, s.bulk_mib, s.bulk_reps
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("fairlead-bench-userspace")
+        .tempdir()?;
+
+    // Backends.
+    let mut backends = Vec::new();
+    for i in 1..=BACKENDS {
+        let port = free_port()?;
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        let mut cmd = Command::new(&fairlead);
+        cmd.arg("echo")
+            .args(["--name", &format!("b{i}")])
+            .args(["--http-port", &port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .env("RUST_LOG", "warn");
+        let proc = Proc::spawn(
+            format!("backend b{i}"),
+            cmd,
+            dir.path().join(format!("b{i}.log")),
+        )?;
+        backends.push((addr, proc));
+    }
+    for (addr, proc) in &mut backends {
+        wait_ready(*addr, proc)?;
+    }
+    let backend_addrs: Vec<SocketAddr> = backends.iter().map(|(a, _)| *a).collect();
+    println!(
+        "backends: {}",
+        backend_addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    // fairlead, in process.
+    let proxy = InProcessProxy::start(&backend_addrs)?;
+    let fairlead_addr = SocketAddr::new(IpAddr::V4(FAIRLEAD_IP), SERVICE_PORT);
+
+    // HAProxy.
+    let haproxy_addr = SocketAddr::new(IpAddr::V4(HAPROXY_IP), SERVICE_PORT);
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(&cfg, haproxy_config(haproxy_addr, &backend_addrs))?;
+    let mut cmd = Command::new(&tools.haproxy);
+    cmd.arg("-db").arg("-f").arg(&cfg);
+    let mut haproxy = Proc::spawn("haproxy".to_string(), cmd, dir.path().join("haproxy.log"))?;
+    wait_ready(haproxy_addr, &mut haproxy)?;
+
+    // Both proxies must really round-robin over the 3 backends.
+    for (label, addr) in [("fairlead", fairlead_addr), ("haproxy", haproxy_addr)] {
+        let names = (0..2 * BACKENDS)
+            .map(|_| http_get(addr, "/"))
+            .collect::<Result<Vec<_>>>()?;
+        println!("round robin via {label:<8}: {}", names.join(" "));
+        for i in 1..=BACKENDS {
+            let hits = names.iter().filter(|n| **n == format!("b{i}")).count();
+            if hits != 2 {
+                bail!("{label} sent {hits} of {} requests to b{i}", names.len());
+            }
+        }
+    }
+
+    let targets = [
+        Target {
+            label: "direct",
+            addr: backend_addrs[0],
+            cpu: Cpu::None,
+        },
+        Target {
+            label: "fairlead",
+            addr: fairlead_addr,
+            cpu: Cpu::ProxyThreads,
+        },
+        Target {
+            label: "haproxy",
+            addr: haproxy_addr,
+            cpu: Cpu::Pid(haproxy.pid()),
+        },
+    ];
+
+    let mut runs: BTreeMap<(&str, &str), Run> = BTreeMap::new();
+    for (scenario, close) in [("keep-alive", false), ("close", true)] {
+        for t in &targets {
+            let before = Sample::take(t.cpu);
+            let w = tools.wrk(&s, t.addr, close)?;
+            let after = Sample::take(t.cpu);
+            check_running(&mut backends, &mut haproxy)?;
+            let run = Run {
+                wrk: Some(w),
+                mbps: None,
+                usage: after.since(&before),
+            };
+            println!("{scenario:<10} {:<8} {}", t.label, run.describe());
+            runs.insert((scenario, t.label), run);
+        }
+    }
+    let bulk_bytes = s.bulk_mib << 20;
+    for t in &targets {
+        let before = Sample::take(t.cpu);
+        let mut best: f64 = 0.0;
+        let mut all = Vec::new();
+        for _ in 0..s.bulk_reps {
+            let mbps = bulk(t.addr, bulk_bytes)?;
+            all.push(format!("{mbps:.0}"));
+            best = best.max(mbps);
+        }
+        let after = Sample::take(t.cpu);
+        check_running(&mut backends, &mut haproxy)?;
+        let run = Run {
+            wrk: None,
+            mbps: Some(best),
+            usage: after.since(&before),
+        };
+        println!(
+            "{:<10} {:<8} {} MB/s (runs: {}), {}",
+            "bulk",
+            t.label,
+            format_args!("{best:.0}"),
+            all.join(", "),
+            run.usage.describe(bulk_bytes * s.bulk_reps, "GB", 1e9)
+        );
+        runs.insert(("bulk", t.label), run);
+    }
+
+    print_table(&runs);
+    print_cpu_table(&runs, bulk_bytes * s.bulk_reps);
+    print_metrics();
+
+    drop(proxy);
+    drop(haproxy);
+    drop(backends);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Settings and tools
+
+struct Settings {
+    duration: u64,
+    wrk_threads: u32,
+    conns: u32,
+    bulk_mib: u64,
+    bulk_reps: u64,
+}
+
+impl Settings {
+    fn from_env() -> Result<Settings> {
+        fn var(name: &str, default: u64) -> Result<u64> {
+            match std::env::var(name) {
+                Ok(v) => v
+                    .parse()
+                    .with_context(|| format!("{name}={v:?}: not a number")),
+                Err(_) => Ok(default),
+            }
+        }
+        Ok(Settings {
+            duration: var("FAIRLEAD_BENCH_DURATION", 10)?.max(1),
+            wrk_threads: 2,
+            conns: var("FAIRLEAD_BENCH_CONNS", 50)?.max(2) as u32,
+            bulk_mib: var("FAIRLEAD_BENCH_BULK_MB", 1024)?.max(1),
+            bulk_reps: var("FAIRLEAD_BENCH_BULK_REPS", 2)?.max(1),
+        })
+    }
+}
+
+struct Tools {
+    wrk: PathBuf,
+    haproxy: PathBuf,
+}
+
+impl Tools {
+    /// Find `wrk` and `haproxy`; `apt-get install` them if missing.
+    fn ensure() -> Result<Tools> {
+        let find = || (which("wrk"), which("haproxy"));
+        let (wrk, haproxy) = match find() {
+            (Some(w), Some(h)) => (w, h),
+            _ => {
+                apt_install(&["wrk", "haproxy"])?;
+                match find() {
+                    (Some(w), Some(h)) => (w, h),
+                    _ => bail!("wrk and haproxy still missing after apt-get install"),
+                }
+            }
+        };
+        let version = Command::new(&haproxy).arg("-v").output()?;
+        let version = String::from_utf8_lossy(&version.stdout);
+        println!(
+            "wrk: {}, haproxy: {} ({})",
+            wrk.display(),
+            haproxy.display(),
+            version.lines().next().unwrap_or("?")
+        );
+        Ok(Tools { wrk, haproxy })
+    }
+
+    fn wrk(&self, s: &Settings, addr: SocketAddr, close: bool) -> Result<WrkResult> {
+        let mut cmd = Command::new(&self.wrk);
+        cmd.arg(format!("-t{}", s.wrk_threads))
+            .arg(format!("-c{}", s.conns))
+            .arg(format!("-d{}s", s.duration))
+            .args(["--latency", "--timeout", "5s"]);
+        if close {
+            cmd.args(["-H", "Connection: close"]);
+        }
+        cmd.arg(format!("http://{addr}/"));
+        die_with_parent(&mut cmd);
+        let out = cmd.output().context("running wrk")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "wrk {addr} failed ({}): {text}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        WrkResult::parse(&text).with_context(|| format!("parsing wrk output:\n{text}"))
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// `apt-get install -y` with its output shown; `apt-get update` and one
+/// retry if the package lists are stale or missing.
+fn apt_install(pkgs: &[&str]) -> Result<()> {
+    let run = |args: &[&str]| -> Result<bool> {
+        println!("$ apt-get {}", args.join(" "));
+        let st = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .status()
+            .context("running apt-get (install wrk and haproxy by hand)")?;
+        Ok(st.success())
+    };
+    let mut install = vec!["install", "-y"];
+    install.extend_from_slice(pkgs);
+    if run(&install)? {
+        return Ok(());
+    }
+    if run(&["update"])? && run(&install)? {
+        return Ok(());
+    }
+    bail!("apt-get install {} failed", pkgs.join(" "))
+}
+
+fn fairlead_bin() -> Result<PathBuf> {
+    let bin = std::env::var_os("FAIRLEAD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_fairlead")));
+    if !bin.is_file() {
+        bail!(
+            "fairlead binary not found at {}: run `cargo build --release` (or set FAIRLEAD_BIN)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+fn haproxy_config(listen: SocketAddr, backends: &[SocketAddr]) -> String {
+    let mut c = format!(
+        "global\n\
+         \x20   nbthread 2\n\
+         \x20   maxconn 20000\n\
+         defaults\n\
+         \x20   mode tcp\n\
+         \x20   timeout connect 1s\n\
+         \x20   timeout client 60s\n\
+         \x20   timeout server 60s\n\
+         frontend fe\n\
+         \x20   bind {listen}\n\
+         \x20   default_backend be\n\
+         backend be\n\
+         \x20   balance roundrobin\n"
+    );
+    for (i, b) in backends.iter().enumerate() {
+        c.push_str(&format!("    server b{} {b}\n", i + 1));
+    }
+    c
+}
+
+// ---------------------------------------------------------------------------
+// The proxy under test
+
+/// The userspace proxy on its own 2-worker runtime; shut down on drop.
+struct InProcessProxy {
+    rt: tokio::runtime::Runtime,
+    proxy: UserspaceProxy,
+}
+
+impl InProcessProxy {
+    fn start(backends: &[SocketAddr]) -> Result<InProcessProxy> {
+        fairlead::metrics::init();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(PROXY_THREAD)
+            .enable_all()
+            .build()?;
+        let proxy = UserspaceProxy::new(UserspaceConfig {
+            node_name: "bench-node".into(),
+            manage_addresses: false,
+            ..UserspaceConfig::default()
+        });
+        let name = ServicePortName {
+            namespace: "default".into(),
+            name: "echo".into(),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        };
+        let mut endpoints: Vec<Endpoint> = backends
+            .iter()
+            .map(|a| Endpoint {
+                addr: *a,
+                ready: true,
+                serving: true,
+                terminating: false,
+                node_name: Some("bench-node".into()),
+            })
+            .collect();
+        endpoints.sort();
+        let info = ServicePortInfo {
+            cluster_ips: vec![IpAddr::V4(FAIRLEAD_IP)],
+            port: SERVICE_PORT,
+            node_port: None,
+            external_ips: vec![],
+            affinity_timeout: None,
+            internal_local: false,
+            external_local: false,
+            endpoints,
+        };
+        let state: ProxyState = [(name, Arc::new(info))].into_iter().collect();
+        let stats = rt.block_on(proxy.sync(&state))?;
+        if stats.listeners_opened != 1 || stats.bind_errors != 0 {
+            bail!("fairlead proxy did not bind {FAIRLEAD_IP}:{SERVICE_PORT}: {stats:?}");
+        }
+        Ok(InProcessProxy { rt, proxy })
+    }
+}
+
+impl Drop for InProcessProxy {
+    fn drop(&mut self) {
+        self.rt.block_on(self.proxy.shutdown());
+    }
+}
+
+/// `fairlead_proxy_*` counters of this process, as a sanity check.
+fn print_metrics() {
+    let text = fairlead::metrics::render();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("fairlead_proxy_connections_total")
+                || l.starts_with("fairlead_proxy_bytes_total")
+                || l.starts_with("fairlead_proxy_backend_connect_errors_total")
+        })
+        .collect();
+    println!("\nfairlead proxy metrics:");
+    for l in lines {
+        println!("  {l}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+/// A child process, killed and reaped on drop, and killed by the kernel if
+/// this process dies first.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+impl Proc {
+    fn spawn(name: String, mut cmd: Command, log: PathBuf) -> Result<Proc> {
+        let file = File::create(&log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        die_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("{name}: running {:?}", cmd.get_program()))?;
+        Ok(Proc { name, child, log })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails if the process has exited, quoting the end of its log.
+    fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{} exited with {status}; end of its log:\n{}",
+                self.name,
+                tail(&self.log)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+fn check_running(backends: &mut [(SocketAddr, Proc)], haproxy: &mut Proc) -> Result<()> {
+    for (_, p) in backends {
+        p.check_running()?;
+    }
+    haproxy.check_running()
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Until `GET /` on `addr` answers (or `proc` dies, or START_LIMIT).
+fn wait_ready(addr: SocketAddr, proc: &mut Proc) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        proc.check_running()?;
+        match http_get(addr, "/") {
+            Ok(_) => return Ok(()),
+            Err(e) if start.elapsed() > START_LIMIT => {
+                bail!(
+                    "{} not answering on {addr} after {START_LIMIT:?}: {e:#}\n{}",
+                    proc.name,
+                    tail(&proc.log)
+                )
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+
+/// One `GET path` with `Connection: close`; the body of a 200.
+fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        bail!("bad reply from {addr}: {text:?}");
+    };
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("{addr}: {head}");
+    }
+    Ok(body.to_string())
+}
+
+/// Download `n` bytes from `/bytes?n=` on one connection; MB/s (10^6).
+fn bulk(addr: SocketAddr, n: u64) -> Result<f64> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_nodelay(true)?;
+    let start = Instant::now();
+    write!(s, "GET /bytes?n={n} HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+    let mut buf = vec![0u8; CLIENT_BUF];
+    let mut head = Vec::new();
+    let body_start = loop {
+        let k = s.read(&mut buf)?;
+        if k == 0 {
+            bail!("{addr}: EOF before the response head");
+        }
+        head.extend_from_slice(&buf[..k]);
+        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if head.len() > 64 * 1024 {
+            bail!("{addr}: response head too long");
+        }
+    };
+    let head_text = String::from_utf8_lossy(&head[..body_start]).to_ascii_lowercase();
+    if !head_text.starts_with("http/1.1 200")
+        || !head_text.contains(&format!("content-length: {n}\r\n"))
+    {
+        bail!("{addr}: unexpected response head {head_text:?}");
+    }
+    let mut got = (head.len() - body_start) as u64;
+    while got < n {
+        let k = s.read(&mut buf)?;
+        if k == 0 {
+            bail!("{addr}: EOF after {got} of {n} body bytes");
+        }
+        got += k as u64;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    if got != n {
+        bail!("{addr}: {got} body bytes, expected {n}");
+    }
+    Ok(n as f64 / secs / 1e6)
+}
+
+// ---------------------------------------------------------------------------
+// wrk output
+
+#[derive(Debug)]
+struct WrkResult {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    requests: u64,
+    /// Socket errors (connect, read, write, timeout) plus non-2xx/3xx.
+    errors: u64,
+}
+
+impl WrkResult {
+    fn parse(text: &str) -> Result<WrkResult> {
+        let mut rps = None;
+        let mut p50 = None;
+        let mut p99 = None;
+        let mut requests = None;
+        let mut errors = 0;
+        for line in text.lines().map(str::trim) {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["Requests/sec:", v] => rps = Some(v.parse::<f64>()?),
+                ["50%", v] => p50 = Some(duration_ms(v)?),
+                ["99%", v] => p99 = Some(duration_ms(v)?),
+                [n, "requests", "in", ..] => requests = Some(n.parse::<u64>()?),
+                ["Socket", "errors:", rest @ ..] => {
+                    // connect 0, read 0, write 0, timeout 0
+                    for pair in rest.chunks(2) {
+                        if let [_, v] = pair {
+                            errors += v.trim_end_matches(',').parse::<u64>()?;
+                        }
+                    }
+                }
+                ["Non-2xx", "or", "3xx", "responses:", v] => errors += v.parse::<u64>()?,
+                _ => {}
+            }
+        }
+        Ok(WrkResult {
+            rps: rps.context("no Requests/sec")?,
+            p50_ms: p50.context("no 50% latency")?,
+            p99_ms: p99.context("no 99% latency")?,
+            requests: requests.context("no request count")?,
+            errors,
+        })
+    }
+}
+
+/// wrk's `123.45us` / `1.23ms` / `1.02s` / `1.5m` as milliseconds.
+fn duration_ms(v: &str) -> Result<f64> {
+    let split = v
+        .find(|c: char| c.is_ascii_alphabetic())
+        .with_context(|| format!("no unit in {v:?}"))?;
+    let (num, unit) = v.split_at(split);
+    let num: f64 = num.parse()?;
+    let scale = match unit {
+        "us" => 1e-3,
+        "ms" => 1.0,
+        "s" => 1e3,
+        "m" => 60e3,
+        "h" => 3600e3,
+        _ => bail!("unknown unit in {v:?}"),
+    };
+    Ok(num * scale)
+}
+
+// ---------------------------------------------------------------------------
+// CPU accounting
+
+struct Target {
+    label: &'static str,
+    addr: SocketAddr,
+    cpu: Cpu,
+}
+
+/// Whose CPU time a run charges to the proxy.
+#[derive(Clone, Copy)]
+enum Cpu {
+    None,
+    /// The threads of the in-process proxy runtime.
+    ProxyThreads,
+    Pid(u32),
+}
+
+struct Sample {
+    proxy_secs: f64,
+    busy_ticks: u64,
+    total_ticks: u64,
+}
+
+/// What happened between two samples.
+struct Usage {
+    /// CPU seconds used by the proxy under test.
+    proxy_secs: f64,
+    /// Fraction of all cores busy.
+    machine_busy: f64,
+}
+
+impl Sample {
+    fn take(cpu: Cpu) -> Sample {
+        let proxy_secs = match cpu {
+            Cpu::None => 0.0,
+            Cpu::ProxyThreads => proxy_threads_cpu(),
+            Cpu::Pid(pid) => stat_cpu(&format!("/proc/{pid}/stat")).unwrap_or(0.0),
+        };
+        let (busy_ticks, total_ticks) = machine_ticks();
+        Sample {
+            proxy_secs,
+            busy_ticks,
+            total_ticks,
+        }
+    }
+
+    fn since(&self, before: &Sample) -> Usage {
+        let total = self.total_ticks.saturating_sub(before.total_ticks).max(1);
+        Usage {
+            proxy_secs: self.proxy_secs - before.proxy_secs,
+            machine_busy: self.busy_ticks.saturating_sub(before.busy_ticks) as f64 / total as f64,
+        }
+    }
+}
+
+impl Usage {
+    fn describe(&self, units: u64, unit: &str, per: f64) -> String {
+        if self.proxy_secs > 0.0 {
+            format!(
+                "proxy CPU {:.2}s ({:.2} s/{unit}), machine {:.0}% busy",
+                self.proxy_secs,
+                self.proxy_secs / (units as f64 / per),
+                self.machine_busy * 100.0
+            )
+        } else {
+            format!("machine {:.0}% busy", self.machine_busy * 100.0)
+        }
+    }
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime + stime of a `/proc/.../stat` file, in seconds.
+fn stat_cpu(path: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / clock_ticks())
+}
+
+fn proxy_threads_cpu() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|c| c.trim_end().starts_with(PROXY_THREAD))
+        })
+        .filter_map(|e| stat_cpu(&e.path().join("stat").to_string_lossy()))
+        .sum()
+}
+
+/// (busy, total) jiffies of all cores from `/proc/stat`.
+fn machine_ticks() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = text.lines().next() else {
+        return (0, 0);
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+// ---------------------------------------------------------------------------
+// Report
+
+struct Run {
+    wrk: Option<WrkResult>,
+    mbps: Option<f64>,
+    usage: Usage,
+}
+
+impl Run {
+    fn describe(&self) -> String {
+        let Some(w) = &self.wrk else {
+            return String::new();
+        };
+        format!(
+            "{:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  {} requests, {} errors; {}",
+            w.rps,
+            w.p50_ms,
+            w.p99_ms,
+            w.requests,
+            w.errors,
+            self.usage.describe(w.requests, "Mreq", 1e6)
+        )
+    }
+}
+
+fn print_rows(rows: &[[String; 5]]) {
+    let width = |c: usize| rows.iter().map(|r| r[c].len()).max().unwrap_or(0);
+    let w = [width(0), width(1), width(2), width(3), width(4)];
+    for r in rows {
+        println!(
+            "{:<w0$}  {:>w1$}  {:>w2$}  {:>w3$}  {:>w4$}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            w0 = w[0],
+            w1 = w[1],
+            w2 = w[2],
+            w3 = w[3],
+            w4 = w[4],
+        );
+    }
+}
+
+fn print_table(runs: &BTreeMap<(&str, &str), Run>) {
+    type Pick = fn(&Run) -> Option<f64>;
+    let rps: Pick = |r| r.wrk.as_ref().map(|w| w.rps);
+    let p99: Pick = |r| r.wrk.as_ref().map(|w| w.p99_ms);
+    let mbps: Pick = |r| r.mbps;
+    let metrics: [(&str, &str, Pick, usize); 5] = [
+        ("keep-alive", "req/s", rps, 0),
+        ("keep-alive", "p99 ms", p99, 2),
+        ("close", "req/s", rps, 0),
+        ("close", "p99 ms", p99, 2),
+        ("bulk", "MB/s", mbps, 0),
+    ];
+    let mut rows = vec![[
+        "scenario",
+        "direct",
+        "fairlead",
+        "haproxy",
+        "fairlead/haproxy",
+    ]
+    .map(String::from)];
+    for (scenario, unit, pick, prec) in metrics {
+        let get = |t: &str| runs.get(&(scenario, t)).and_then(pick);
+        let cell = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.prec$}"));
+        let ratio = match (get("fairlead"), get("haproxy")) {
+            (Some(f), Some(h)) if h > 0.0 => format!("{:.2}", f / h),
+            _ => "-".into(),
+        };
+        rows.push([
+            format!("{scenario} {unit}"),
+            cell(get("direct")),
+            cell(get("fairlead")),
+            cell(get("haproxy")),
+            ratio,
+        ]);
+    }
+    println!();
+    print_rows(&rows);
+}
+
+fn print_cpu_table(runs: &BTreeMap<(&str, &str), Run>, bulk_bytes: u64) {
+    let mut rows = vec![[
+        "proxy CPU",
+        "fairlead",
+        "haproxy",
+        "fairlead/haproxy",
+        "machine busy f/h",
+    ]
+    .map(String::from)];
+    for scenario in ["keep-alive", "close", "bulk"] {
+        let per = |t: &str| -> Option<(f64, f64)> {
+            let r = runs.get(&(scenario, t))?;
+            let v = match &r.wrk {
+                // µs of proxy CPU per request
+                Some(w) => r.usage.proxy_secs * 1e6 / w.requests.max(1) as f64,
+                // ms of proxy CPU per GB
+                None => r.usage.proxy_secs * 1e3 / (bulk_bytes as f64 / 1e9),
+            };
+            Some((v, r.usage.machine_busy))
+        };
+        let unit = if scenario == "bulk" {
+            "ms/GB"
+        } else {
+            "us/req"
+        };
+        let (Some((f, fb)), Some((h, hb))) = (per("fairlead"), per("haproxy")) else {
+            continue;
+        };
+        rows.push([
+            format!("{scenario} {unit}"),
+            format!("{f:.1}"),
+            format!("{h:.1}"),
+            if h > 0.0 {
+                format!("{:.2}", f / h)
+            } else {
+                "-".into()
+            },
+            format!("{:.0}% / {:.0}%", fb * 100.0, hb * 100.0),
+        ]);
+    }
+    println!();
+    print_rows(&rows);
+}
