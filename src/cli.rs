@@ -100,6 +100,27 @@ pub struct NodeFlags {
     /// A KubeProxyConfiguration-style YAML file; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Do not serve cluster DNS on this node.
+    #[arg(long)]
+    pub disable_dns: bool,
+    /// The cluster DNS zone.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// The kube-dns Service IP, served on port 53 on this node.
+    #[arg(long, default_value = "10.96.0.10")]
+    pub cluster_dns: std::net::IpAddr,
+    /// More addresses (ip:port) to serve DNS on, e.g. 127.0.0.1:5353.
+    #[arg(long, value_delimiter = ',')]
+    pub dns_bind_address: Vec<std::net::SocketAddr>,
+    /// Resolvers for names outside the cluster (ip or ip:port); default: /etc/resolv.conf.
+    #[arg(long, value_delimiter = ',')]
+    pub dns_upstream: Vec<String>,
+    /// TTL of cluster records, e.g. 5s.
+    #[arg(long, default_value = "5s")]
+    pub dns_ttl: String,
+    /// Serve a-b-c-d.<ns>.pod.<zone> records (true/false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub dns_pod_records: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -145,6 +166,29 @@ impl NodeFlags {
         if let Some(d) = &self.min_sync_period {
             cfg.min_sync_period = parse_duration(d).map_err(anyhow::Error::msg)?;
         }
+        cfg.dns = if self.disable_dns {
+            None
+        } else {
+            let upstreams = self
+                .dns_upstream
+                .iter()
+                .map(|u| {
+                    u.parse::<std::net::SocketAddr>()
+                        .or_else(|_| u.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+                        .map_err(|_| {
+                            anyhow::anyhow!("invalid --dns-upstream {u:?}: expected ip or ip:port")
+                        })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Some(crate::node::config::DnsSettings {
+                cluster_domain: self.cluster_domain.clone(),
+                cluster_dns: Some(self.cluster_dns),
+                bind: self.dns_bind_address.clone(),
+                upstreams,
+                ttl: parse_duration(&self.dns_ttl).map_err(anyhow::Error::msg)?,
+                pod_records: self.dns_pod_records,
+            })
+        };
         Ok(cfg)
     }
 }
@@ -266,11 +310,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let metrics_addr = node_cfg.metrics_bind_address;
             let healthz_addr = node_cfg.healthz_bind_address;
             let mode = node_cfg.proxy_mode;
+            let dns_line = match &node_cfg.dns {
+                Some(d) => format!(
+                    "{}:53 (zone {}), e.g. dig @{} kubernetes.default.svc.{}",
+                    d.cluster_dns.map(|i| i.to_string()).unwrap_or_default(),
+                    d.cluster_domain,
+                    d.cluster_dns.map(|i| i.to_string()).unwrap_or_default(),
+                    d.cluster_domain
+                ),
+                None => "disabled".into(),
+            };
             let node = tokio::spawn(crate::node::run(client, node_cfg));
             println!("fairlead is up");
             println!("  kubeconfig: {}", running.kubeconfig.display());
             println!("  API server: https://{}", running.addr);
             println!("  proxy:      {mode:?} mode");
+            println!("  DNS:        {dns_line}");
             println!("  metrics:    http://{metrics_addr}/metrics (node), https://{}/metrics (API server)", running.addr);
             println!("  healthz:    http://{healthz_addr}/healthz");
             println!(

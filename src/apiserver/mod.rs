@@ -335,6 +335,24 @@ impl Server {
                 Err(e) => anyhow::bail!("bootstrapping {}: {}", def.plural, e.message),
             }
         }
+        // The cluster DNS Service: every node daemon serves its IP itself,
+        // so proxies must leave it alone (service-proxy-name label).
+        let dns_ip = std::net::Ipv4Addr::from(self.config.service_cidr.base + 10).to_string();
+        let kube_dns = json!({"metadata": {"name": "kube-dns", "labels": {
+                "k8s-app": "kube-dns", "kubernetes.io/name": "fairlead-dns",
+                "service.kubernetes.io/service-proxy-name": "fairlead-dns"}},
+            "spec": {"clusterIP": dns_ip, "ports": [
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}});
+        let svc = resources::by_kind(Kind::Service);
+        match self
+            .create_object(svc, Some("kube-system"), kube_dns, &opts)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.code == 409 || e.code == 422 => {}
+            Err(e) => anyhow::bail!("bootstrapping kube-dns: {}", e.message),
+        }
         // Resume finalization of namespaces that were terminating at exit.
         for kv in self.store.list_all(&ns.prefix(None)).await?.kvs {
             if let Ok(obj) = objects::decode(&kv) {

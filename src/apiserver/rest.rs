@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, Limited};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -883,26 +883,37 @@ fn content_type(req: &Request<Incoming>) -> String {
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
-    if req
-        .headers()
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .is_some_and(|n| n > MAX_BODY)
-    {
+    let mut body = req.into_body();
+    let mut buf = bytes::BytesMut::new();
+    let mut too_large = false;
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| ApiError::bad_request(format!("reading request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            seen += data.len();
+            if seen > MAX_BODY {
+                too_large = true;
+                // Keep reading (and discarding) so the client, still
+                // writing, gets to read our 413 instead of a broken pipe;
+                // beyond DRAIN_LIMIT it is not worth it.
+                if seen > DRAIN_LIMIT {
+                    break;
+                }
+                buf.clear();
+            } else {
+                buf.extend_from_slice(&data);
+            }
+        }
+    }
+    if too_large {
         return Err(ApiError::too_large());
     }
-    match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(ApiError::too_large())
-        }
-        Err(e) => Err(ApiError::bad_request(format!("reading request body: {e}"))),
-    }
+    Ok(buf.freeze())
 }
+
+/// Oversized bodies up to this size are drained before the 413 is sent.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
 
 /// Read a JSON, YAML or (for the kinds kubectl's imperative commands send
 /// that way) Kubernetes protobuf object body.

@@ -28,6 +28,38 @@ pub struct NodeConfig {
     pub metrics_bind_address: SocketAddr,
     pub healthz_bind_address: SocketAddr,
     pub min_sync_period: Duration,
+    /// Cluster DNS settings (`None`: no DNS server on this node).
+    pub dns: Option<DnsSettings>,
+}
+
+/// Cluster DNS settings of the node daemon.
+#[derive(Clone, Debug)]
+pub struct DnsSettings {
+    /// `--cluster-domain`.
+    pub cluster_domain: String,
+    /// `--cluster-dns`: the kube-dns Service IP, served on port 53 and made
+    /// a local address (on `lo`) by the daemon.
+    pub cluster_dns: Option<IpAddr>,
+    /// `--dns-bind-address`: more addresses to serve on.
+    pub bind: Vec<SocketAddr>,
+    /// `--dns-upstream`; empty = the node's /etc/resolv.conf.
+    pub upstreams: Vec<SocketAddr>,
+    pub ttl: Duration,
+    /// `a-b-c-d.<ns>.pod.<zone>` records (CoreDNS `pods insecure`).
+    pub pod_records: bool,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            cluster_domain: "cluster.local".into(),
+            cluster_dns: Some(crate::dns::DEFAULT_SERVICE_IP),
+            bind: Vec::new(),
+            upstreams: Vec::new(),
+            ttl: Duration::from_secs(5),
+            pod_records: true,
+        }
+    }
 }
 
 impl Default for NodeConfig {
@@ -39,6 +71,7 @@ impl Default for NodeConfig {
             metrics_bind_address: "127.0.0.1:10249".parse().unwrap(),
             healthz_bind_address: "0.0.0.0:10256".parse().unwrap(),
             min_sync_period: Duration::from_millis(100),
+            dns: Some(DnsSettings::default()),
         }
     }
 }

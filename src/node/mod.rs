@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
@@ -38,63 +38,76 @@ pub use config::{NodeConfig, ProxyMode};
 pub struct Cache {
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
+    /// Namespace names (DNS answers NODATA, not NXDOMAIN, for
+    /// `<ns>.svc.<zone>` of an existing namespace).
+    pub namespaces: Store<Namespace>,
     /// Woken on every change.
     pub changed: Arc<Notify>,
 }
 
+/// Keep `writer` in sync with a watch of `api`; wake `changed` on every
+/// event and count it under `metric`. Errors are retried with backoff while
+/// the store keeps its last contents.
+fn reflect<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    changed: Arc<Notify>,
+    metric: &'static str,
+) where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    tokio::spawn(
+        reflector::reflector(writer, watcher(api, watcher::Config::default()))
+            .default_backoff()
+            .for_each(move |ev| {
+                match &ev {
+                    Err(e) => tracing::debug!(error = %e, kind = metric, "watch error (retrying)"),
+                    Ok(_) => metrics::counter!(metric).increment(1),
+                }
+                changed.notify_one();
+                futures::future::ready(())
+            }),
+    );
+}
+
 impl Cache {
-    /// Start the watches. Returns once both caches have their first list.
+    /// Start the watches. Returns once every cache has its first list.
     pub async fn start(client: kube::Client) -> Cache {
         let changed = Arc::new(Notify::new());
         let (services, sw) = reflector::store();
         let (slices, lw) = reflector::store();
-        let n = changed.clone();
-        tokio::spawn(
-            reflector::reflector(
-                sw,
-                watcher(
-                    Api::<Service>::all(client.clone()),
-                    watcher::Config::default(),
-                ),
-            )
-            .default_backoff()
-            .for_each(move |ev| {
-                if let Err(e) = &ev {
-                    tracing::debug!(error = %e, "service watch error (retrying)");
-                } else {
-                    metrics::counter!("kubeproxy_sync_proxy_rules_service_changes_total")
-                        .increment(1);
-                }
-                n.notify_one();
-                futures::future::ready(())
-            }),
+        let (namespaces, nw) = reflector::store();
+        reflect(
+            Api::<Service>::all(client.clone()),
+            sw,
+            changed.clone(),
+            "kubeproxy_sync_proxy_rules_service_changes_total",
         );
-        let n = changed.clone();
-        tokio::spawn(
-            reflector::reflector(
-                lw,
-                watcher(
-                    Api::<EndpointSlice>::all(client),
-                    watcher::Config::default(),
-                ),
-            )
-            .default_backoff()
-            .for_each(move |ev| {
-                if let Err(e) = &ev {
-                    tracing::debug!(error = %e, "endpointslice watch error (retrying)");
-                } else {
-                    metrics::counter!("kubeproxy_sync_proxy_rules_endpoint_changes_total")
-                        .increment(1);
-                }
-                n.notify_one();
-                futures::future::ready(())
-            }),
+        reflect(
+            Api::<EndpointSlice>::all(client.clone()),
+            lw,
+            changed.clone(),
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        );
+        reflect(
+            Api::<Namespace>::all(client),
+            nw,
+            changed.clone(),
+            "fairlead_node_namespace_changes_total",
         );
         let _ = services.wait_until_ready().await;
         let _ = slices.wait_until_ready().await;
+        let _ = namespaces.wait_until_ready().await;
         Cache {
             services,
             slices,
+            namespaces,
             changed,
         }
     }
@@ -107,6 +120,17 @@ impl Cache {
             services.iter().map(|s| s.as_ref()),
             slices.iter().map(|s| s.as_ref()),
         )
+    }
+
+    /// Feed the DNS server the current contents.
+    pub fn update_dns(&self, dns: &crate::dns::DnsServer) {
+        let namespaces: Vec<String> = self
+            .namespaces
+            .state()
+            .iter()
+            .filter_map(|n| n.metadata.name.clone())
+            .collect();
+        dns.update(&self.services.state(), &self.slices.state(), &namespaces);
     }
 }
 
@@ -193,6 +217,10 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
         }),
         ProxyMode::Nftables => anyhow::bail!("--proxy-mode=nftables is not implemented yet"),
     };
+    let dns = match &cfg.dns {
+        Some(d) => Some(start_dns(d).await?),
+        None => None,
+    };
     let started_at = jiff::Timestamp::now();
     let cache = Cache::start(client).await;
     tracing::info!(node = %node_name, mode = ?cfg.proxy_mode, "node daemon running");
@@ -207,6 +235,9 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
             }
         }
         let started = Instant::now();
+        if let Some(dns) = &dns {
+            cache.update_dns(dns);
+        }
         let slices = cache.slices.state();
         let state = cache.proxy_state();
         // Whether part of the state could not be applied (retried below).
@@ -246,4 +277,45 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
                 .get_or_insert_with(Instant::now);
         }
     }
+}
+
+/// `lo` label of the cluster DNS address (distinct from the proxy's own
+/// `lo:fairlead`, which the proxy cleans up as its leftovers).
+const DNS_LO_LABEL: &str = "lo:fairleaddns";
+
+/// Start cluster DNS: make the kube-dns Service IP local (every node serves
+/// it itself; the kube-dns Service carries the service-proxy-name label so
+/// proxies leave it alone) and listen there and on `--dns-bind-address`.
+async fn start_dns(d: &config::DnsSettings) -> anyhow::Result<crate::dns::DnsServer> {
+    let mut listen = d.bind.clone();
+    if let Some(ip) = d.cluster_dns {
+        if !ip.is_loopback() {
+            let mut cmd = tokio::process::Command::new("ip");
+            cmd.args(["addr", "replace", &format!("{ip}/32"), "dev", "lo"]);
+            if ip.is_ipv4() {
+                cmd.args(["label", DNS_LO_LABEL]);
+            }
+            let out = cmd
+                .output()
+                .await
+                .map_err(|e| anyhow::anyhow!("running ip (iproute2): {e}"))?;
+            anyhow::ensure!(
+                out.status.success(),
+                "adding the cluster DNS address {ip}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        listen.push(std::net::SocketAddr::new(ip, 53));
+    }
+    let mut cfg = crate::dns::DnsConfig {
+        zone: d.cluster_domain.clone(),
+        ttl: d.ttl,
+        listen,
+        pod_records: d.pod_records,
+        ..Default::default()
+    };
+    if !d.upstreams.is_empty() {
+        cfg.upstreams = d.upstreams.clone();
+    }
+    Ok(crate::dns::DnsServer::start(cfg).await?)
 }
