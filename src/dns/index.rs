@@ -610,9 +610,19 @@ impl Index {
         let Some(targets) = self.ptr.get(&ip) else {
             return Step::NotOurs;
         };
+        // Only the canonical reverse name of the address is ours:
+        // `parse_arpa_name` also accepts spellings such as
+        // `020.0.96.10.in-addr.arpa.` or `+20.0.96.10.in-addr.arpa.`, which
+        // are other names (CoreDNS does not answer them either).
+        let mut canonical = Name::from(ip);
+        canonical.set_fqdn(true);
+        let mut asked = name.clone();
+        asked.set_fqdn(true);
+        if canonical != asked {
+            return Step::NotOurs;
+        }
         if qtype == RecordType::PTR || qtype == RecordType::ANY {
-            let mut owner = name.clone();
-            owner.set_fqdn(true);
+            let owner = asked;
             Step::Records(
                 targets
                     .iter()
@@ -797,7 +807,24 @@ mod tests {
         let nodata = zone(ix.resolve(&n("20.0.96.10.in-addr.arpa."), RecordType::A));
         assert!(nodata.answers.is_empty());
         assert_eq!(nodata.authorities[0].name, n("in-addr.arpa."));
-        // Unknown reverse names are forwarded.
+        // Unknown reverse names are forwarded, and so are non-canonical
+        // spellings of known addresses.
+        for other in [
+            "020.0.96.10.in-addr.arpa.",
+            "+20.0.96.10.in-addr.arpa.",
+            "20.00.96.10.in-addr.arpa.",
+        ] {
+            let raw = Name::from_labels(other.trim_end_matches('.').split('.').map(str::as_bytes))
+                .unwrap();
+            assert_eq!(
+                ix.resolve(&raw, RecordType::PTR),
+                Resolution::Forward,
+                "{other}"
+            );
+        }
+        // Case does not matter.
+        let upper = zone(ix.resolve(&n("20.0.96.10.IN-ADDR.ARPA."), RecordType::PTR));
+        assert_eq!(data(&upper), vec!["web.default.svc.cluster.local."]);
         assert_eq!(
             ix.resolve(&n("1.1.168.192.in-addr.arpa."), RecordType::PTR),
             Resolution::Forward
