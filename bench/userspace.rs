@@ -353,7 +353,7 @@ fn haproxy_config(listen: SocketAddr, backends: &[SocketAddr]) -> String {
     let mut c = format!(
         "global\n\
          \x20   nbthread 2\n\
-         \x20   maxconn 20000\n\
+         \x20   maxconn 4096\n\
          defaults\n\
          \x20   mode tcp\n\
          \x20   timeout connect 1s\n\
