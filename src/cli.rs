@@ -52,7 +52,7 @@ pub struct UpArgs {
 pub struct ClientArgs {
     /// kubeconfig of the API server (e.g. <data-dir>/kubeconfig).
     #[arg(long, env = "KUBECONFIG")]
-    pub kubeconfig: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -125,6 +125,10 @@ pub struct NodeFlags {
 
 #[derive(Args, Debug, Clone)]
 pub struct NodeArgs {
+    /// Remove the kernel state the proxy modes create (the nftables table)
+    /// and exit.
+    #[arg(long)]
+    pub cleanup: bool,
     #[command(flatten)]
     pub client: ClientArgs,
     #[command(flatten)]
@@ -216,6 +220,14 @@ impl ControllersArgs {
     }
 }
 
+impl ClientArgs {
+    fn path(&self) -> anyhow::Result<&std::path::Path> {
+        self.kubeconfig
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--kubeconfig (or $KUBECONFIG) is required"))
+    }
+}
+
 /// A kube-rs client from a kubeconfig file.
 pub async fn client_from(path: &std::path::Path) -> anyhow::Result<kube::Client> {
     let kc = kube::config::Kubeconfig::read_from(path)
@@ -298,7 +310,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = client_from(&running.kubeconfig).await?;
             let ctrl = ControllersArgs {
                 client: ClientArgs {
-                    kubeconfig: running.kubeconfig.clone(),
+                    kubeconfig: Some(running.kubeconfig.clone()),
                 },
                 max_endpoints_per_slice: args.max_endpoints_per_slice,
                 identity: None,
@@ -344,7 +356,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Controllers(args) => {
-            let client = client_from(&args.client.kubeconfig).await?;
+            let client = client_from(args.client.path()?).await?;
             tokio::select! {
                 _ = shutdown_signal() => {}
                 _ = crate::controllers::run(client, args.config()) => {}
@@ -352,9 +364,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Echo(args) => crate::echo::run(args).await,
+        Command::Node(args) if args.cleanup => crate::node::cleanup().await,
         Command::Node(args) => {
             let cfg = args.node.config()?;
-            let client = client_from(&args.client.kubeconfig).await?;
+            let client = client_from(args.client.path()?).await?;
             tokio::select! {
                 _ = shutdown_signal() => Ok(()),
                 r = crate::node::run(client, cfg) => r,

@@ -25,6 +25,17 @@ pub fn init() -> &'static PrometheusHandle {
         // Another recorder may already be installed (e.g. by an embedding
         // program); then our handle just renders nothing.
         let _ = metrics::set_global_recorder(recorder);
+        // Histograms keep raw samples until upkeep folds them into buckets;
+        // without it memory grows with every observation when /metrics is
+        // not scraped (PrometheusBuilder::install would do this for us, but
+        // it also starts its own HTTP listener).
+        let upkeep = handle.clone();
+        let _ = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                upkeep.run_upkeep();
+            });
         handle
     })
 }

@@ -250,12 +250,18 @@ impl Server {
                     Some(Ok(WatchItem::Event(ev))) => {
                         start = ev.kv.mod_revision;
                         let Ok(obj) = decode(&ev.kv) else { continue };
-                        let was = ev
-                            .prev
-                            .as_ref()
-                            .and_then(|p| decode(p).ok())
-                            .is_some_and(|o| selected(&o, &labels, &fields));
                         let is = selected(&obj, &labels, &fields);
+                        let was = match ev.prev.as_ref().and_then(|p| decode(p).ok()) {
+                            Some(o) => selected(&o, &labels, &fields),
+                            // The previous value can be gone (compacted in
+                            // etcd): an update of an existing key is then
+                            // judged by its current value.
+                            None => {
+                                ev.kind == EventKind::Put
+                                    && ev.kv.create_revision != ev.kv.mod_revision
+                                    && is
+                            }
+                        };
                         let ty = match (ev.kind, was, is) {
                             (EventKind::Delete, true, _) => "DELETED",
                             (EventKind::Delete, false, _) => {

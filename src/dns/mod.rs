@@ -266,8 +266,8 @@ impl DnsServer {
 
     /// Rebuild the zone from the caches' current contents and swap it in.
     /// `namespaces`: namespaces known to exist besides those of Services
-    /// (may be empty). Takes time proportional to the cluster (about 1 µs
-    /// per record); call it from the sync loop, not per query.
+    /// (may be empty). Takes time proportional to the cluster (about 6 µs
+    /// per record on the CI machine); call it from the sync loop, not per query.
     pub fn update(
         &self,
         services: &[Arc<Service>],

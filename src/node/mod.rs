@@ -28,6 +28,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use tokio::sync::Notify;
 
 use crate::controllers::endpointslice::TRIGGER_TIME_ANNOTATION;
+use crate::proxy::nftables::{NftablesConfig, NftablesProxy};
 use crate::proxy::userspace::{UserspaceConfig, UserspaceProxy};
 use crate::proxy::{tracker, ProxyState};
 
@@ -210,12 +211,16 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
     http::spawn_metrics(cfg.metrics_bind_address).await?;
     http::spawn_healthz(cfg.healthz_bind_address, health.clone()).await?;
     let proxy = match cfg.proxy_mode {
-        ProxyMode::Userspace => UserspaceProxy::new(UserspaceConfig {
+        ProxyMode::Userspace => Backend::Userspace(UserspaceProxy::new(UserspaceConfig {
             node_name: node_name.clone(),
             nodeport_addresses: cfg.nodeport_addresses.clone(),
             ..UserspaceConfig::default()
-        }),
-        ProxyMode::Nftables => anyhow::bail!("--proxy-mode=nftables is not implemented yet"),
+        })),
+        ProxyMode::Nftables => Backend::Nftables(NftablesProxy::new(NftablesConfig {
+            node_name: node_name.clone(),
+            nodeport_addresses: cfg.nodeport_addresses.clone(),
+            ..NftablesConfig::default()
+        })),
     };
     let dns = match &cfg.dns {
         Some(d) => Some(start_dns(d).await?),
@@ -236,20 +241,28 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
         }
         let started = Instant::now();
         if let Some(dns) = &dns {
-            cache.update_dns(dns);
+            // Building the index is CPU work proportional to the cluster;
+            // keep the runtime's other tasks (DNS queries, proxying) going.
+            if tokio::runtime::Handle::current().runtime_flavor()
+                == tokio::runtime::RuntimeFlavor::MultiThread
+            {
+                tokio::task::block_in_place(|| cache.update_dns(dns));
+            } else {
+                cache.update_dns(dns);
+            }
         }
         let slices = cache.slices.state();
         let state = cache.proxy_state();
         // Whether part of the state could not be applied (retried below).
         let incomplete = match proxy.sync(&state).await {
-            Ok(stats) => {
+            Ok(incomplete) => {
                 let mut h = health.lock().unwrap();
                 h.last_synced = Some((Instant::now(), jiff::Timestamp::now()));
                 h.pending_since = None;
                 metrics::gauge!("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
                     .set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
                 latency.observe(&slices, started_at);
-                stats.bind_errors > 0 || stats.address_errors > 0
+                incomplete
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry = ?SYNC_RETRY, "proxy sync failed");
@@ -318,4 +331,39 @@ async fn start_dns(d: &config::DnsSettings) -> anyhow::Result<crate::dns::DnsSer
         cfg.upstreams = d.upstreams.clone();
     }
     Ok(crate::dns::DnsServer::start(cfg).await?)
+}
+
+/// The proxy backend chosen by `--proxy-mode`; both take the same desired
+/// state.
+enum Backend {
+    Userspace(UserspaceProxy),
+    Nftables(NftablesProxy),
+}
+
+impl Backend {
+    /// Apply `state`. Ok(true) when part of it could not be applied yet
+    /// (retried after a while even without new changes).
+    async fn sync(&self, state: &ProxyState) -> Result<bool, String> {
+        match self {
+            Backend::Userspace(p) => p
+                .sync(state)
+                .await
+                .map(|s| s.bind_errors > 0 || s.address_errors > 0)
+                .map_err(|e| e.to_string()),
+            Backend::Nftables(p) => p
+                .sync(state)
+                .await
+                .map(|_| false)
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// `fairlead node --cleanup`: remove what the proxy modes leave in the
+/// kernel (the nftables table) and exit.
+pub async fn cleanup() -> anyhow::Result<()> {
+    let cfg = NftablesConfig::default();
+    crate::proxy::nftables::cleanup(&cfg.nft_command, &cfg.table)
+        .await
+        .map_err(|e| anyhow::anyhow!("removing the nftables table {}: {e}", cfg.table))
 }

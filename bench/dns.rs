@@ -1,0 +1,1788 @@
+//! Cluster DNS, measured against dnsmasq (what kube-dns ran), and
+//! fairlead's memory with 10,000 Services against CoreDNS's published
+//! sizing formula.
+//!
+//! ```sh
+//! cargo bench --bench dns
+//! ```
+//!
+//! Installs Debian's `dnsperf` and `dnsmasq-base` (the `dnsmasq` binary
+//! without the package that starts a system-wide daemon on port 53) with
+//! `apt-get install -y` if they are missing, printing apt's output. When
+//! dnsperf cannot be had (or `FAIRLEAD_BENCH_DNS_LOADGEN=builtin`), a small
+//! built-in UDP load generator with the same knobs is used instead, and the
+//! output says so. Everything runs on 127.0.0.0/8.
+//!
+//! **The zone.** 1,000 ClusterIP Services (`svc-NNNNN.ns-K`, a named port,
+//! 3 endpoints each) and 100 headless Services (`hl-NNNNN.ns-K`, 5 ready
+//! endpoints each) in 10 namespaces, built from JSON like the API server's
+//! objects and served by:
+//!
+//! * **fairlead**: [`DnsServer`] *in this process* on its own multi-thread
+//!   tokio runtime with 2 workers (what the `fairlead` binary gets on a
+//!   2-core machine), 2 UDP receive loops, the process-wide Prometheus
+//!   recorder installed (so the per-request CoreDNS metrics cost what they
+//!   cost in `fairlead node`), on 127.0.0.53:PORT, TTL 5 s, no upstreams.
+//! * **dnsmasq**: `--no-daemon --conf-file=/dev/null --no-resolv --no-hosts
+//!   --addn-hosts=<file> --local=/cluster.local/ --listen-address=127.0.0.54
+//!   --bind-interfaces --port=PORT --cache-size=10000 --local-ttl=5`: the
+//!   same names from a hosts file (every ClusterIP; every ready endpoint of
+//!   a headless Service under the Service's name), NXDOMAIN for any other
+//!   name under `cluster.local` (like an authoritative server), single
+//!   threaded as always.
+//!
+//! dnsmasq cannot serve SRV (or anything but A/AAAA/PTR) from a hosts file,
+//! so the comparable query mix is A queries only, in the spirit of
+//! Kubernetes perf-tests' DNS tests: 35% ClusterIP Service names (1
+//! answer), 15% headless Service names (5 answers), 50% search-path
+//! expansions that end NXDOMAIN (what a pod with `ndots:5` sends first, e.g.
+//! `svc-00001.ns-1.svc.cluster.local.ns-3.svc.cluster.local` or
+//! `www.example.com.ns-3.svc.cluster.local`). The query file is shuffled
+//! deterministically. Before any load, every distinct query is asked of both
+//! servers once and the rcodes and A record sets must be identical.
+//! (fairlead's negative answers carry the zone's SOA, dnsmasq's do not, so
+//! its NXDOMAIN replies are ~60 bytes larger.)
+//!
+//! **Runs** (fairlead and dnsmasq alternate, so a neighbour's load hurts
+//! both alike):
+//!
+//! 1. Throughput: `dnsperf -c 20 -T 2 -q 200 -t 1 -l 10` with no rate limit,
+//!    `ROUNDS` times each → best queries/s, its average latency, and the CPU
+//!    the server used per query (fairlead: the threads of its runtime;
+//!    dnsmasq: its process). dnsperf and the server share the 2 cores, so
+//!    the max rate is as much about CPU per query as about the server.
+//! 2. Latency: the same at a fixed `-Q 5000` with `-v` (one line per query
+//!    with its latency) → p50/p99 and average (dnsperf 2.10 prints no
+//!    percentiles itself).
+//! 3. Memory: a child process (this binary again) starts a fresh
+//!    [`DnsServer`], builds 10,000 Services (9,000 ClusterIP + 1,000
+//!    headless) and an EndpointSlice of 3 ready endpoints each (30,000
+//!    "pods"), calls [`DnsServer::update`] 4 times (the node daemon rebuilds
+//!    the index after every cache change; old and new index coexist while it
+//!    does) and reports VmRSS from `/proc/self/status` at each step, VmHWM,
+//!    and VmRSS after `malloc_trim(0)` (what is in use rather than kept by
+//!    the allocator). Compared with CoreDNS's published sizing,
+//!    (Pods + Services) / 1000 + 54 MB (read as 10^6 bytes), which like the
+//!    headline figure includes the process's own cache of the API objects;
+//!    a second row leaves those out (fairlead's node daemon shares them with
+//!    the proxy).
+//!
+//! The load average and how much CPU other processes took during each run
+//! are printed; a note says when the machine was busy. This process's
+//! VmRSS after each run and before/after all the load is printed too (with
+//! dnsperf, the growth is the in-process server's).
+//!
+//! Sizes come from the environment: `FAIRLEAD_BENCH_DURATION` (seconds per
+//! run, 10), `FAIRLEAD_BENCH_ROUNDS` (throughput rounds per server, 2),
+//! `FAIRLEAD_BENCH_DNS_RATE` (queries/s of the latency run, 5000),
+//! `FAIRLEAD_BENCH_DNS_CLIENTS` (20), `FAIRLEAD_BENCH_DNS_THREADS` (2),
+//! `FAIRLEAD_BENCH_DNS_OUTSTANDING` (200), `FAIRLEAD_BENCH_DNS_SERVICES`
+//! (memory phase, 10000). A run takes 2 × ROUNDS × duration + 2 × duration
+//! plus ~10 s (~70 s with the defaults). dnsmasq, dnsperf and the memory
+//! child are killed when this process ends, panics included (drop guards,
+//! plus `PR_SET_PDEATHSIG` for the case it is killed).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use fairlead::dns::{DnsConfig, DnsServer};
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+/// fairlead's listen address (any port).
+const FAIRLEAD_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 53);
+/// dnsmasq's listen address.
+const DNSMASQ_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 54);
+const ZONE: &str = "cluster.local";
+/// Record TTL of both servers (CoreDNS's default).
+const TTL_SECS: u64 = 5;
+/// Thread name of the in-process server's runtime (≤ 15 bytes).
+const DNS_THREAD: &str = "fl-dns";
+/// How long a server may take to answer its first query.
+const START_LIMIT: Duration = Duration::from_secs(15);
+/// The memory child is killed after this long.
+const CHILD_LIMIT: Duration = Duration::from_secs(60);
+/// Environment variable that turns this binary into the memory child.
+const CHILD_ENV: &str = "FAIRLEAD_BENCH_DNS_CHILD";
+/// Lines of the query file (dnsperf loops over it).
+const QUERY_LINES: usize = 20_000;
+/// The load-phase zone.
+const LOAD_ZONE: Spec = Spec {
+    cluster_ip: 1_000,
+    headless: 100,
+    cluster_ip_endpoints: 3,
+    headless_endpoints: 5,
+    namespaces: 10,
+};
+/// Endpoints per Service in the memory phase.
+const MEMORY_ENDPOINTS: usize = 3;
+/// One Service in this many is headless in the memory phase.
+const MEMORY_HEADLESS_EVERY: usize = 10;
+/// [`DnsServer::update`] calls in the memory phase (the first builds, the
+/// others rebuild).
+const MEMORY_UPDATES: usize = 4;
+
+fn main() -> Result<()> {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return memory_child();
+    }
+    let s = Settings::from_env()?;
+    let started = Instant::now();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load_at_start = loadavg();
+    println!(
+        "fairlead cluster DNS benchmark: {cores} cores, load average at start {load_at_start}, \
+         {}s per run, {} throughput rounds per server, latency run at {} q/s",
+        s.duration, s.rounds, s.rate
+    );
+    let tools = Tools::ensure(s.force_builtin)?;
+    let dir = tempfile::Builder::new()
+        .prefix("fairlead-bench-dns")
+        .tempdir()?;
+
+    // The zone, the hosts file and the query mix.
+    let zone = Zone::generate(&LOAD_ZONE)?;
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, zone.hosts_file())?;
+    let mix = query_mix(&zone, QUERY_LINES);
+    let queries_path = dir.path().join("queries.txt");
+    {
+        let mut f = std::io::BufWriter::new(File::create(&queries_path)?);
+        for q in &mix {
+            writeln!(f, "{} A", q.name)?;
+        }
+    }
+    let distinct: BTreeSet<&str> = mix.iter().map(|q| q.name.as_str()).collect();
+    let count = |k: Kind| mix.iter().filter(|q| q.kind == k).count();
+    println!(
+        "zone: {} ClusterIP Services ({} endpoints each), {} headless ({} ready endpoints each) \
+         in {} namespaces; query file {} lines ({} distinct names): {} ClusterIP names, \
+         {} headless names, {} search-path expansions (NXDOMAIN)",
+        LOAD_ZONE.cluster_ip,
+        LOAD_ZONE.cluster_ip_endpoints,
+        LOAD_ZONE.headless,
+        LOAD_ZONE.headless_endpoints,
+        LOAD_ZONE.namespaces,
+        mix.len(),
+        distinct.len(),
+        count(Kind::ClusterIp),
+        count(Kind::Headless),
+        count(Kind::SearchPath),
+    );
+
+    // fairlead, in process.
+    fairlead::metrics::init();
+    let fl = InProcessDns::start(SocketAddr::new(IpAddr::V4(FAIRLEAD_IP), 0))?;
+    let took = fl.update(&zone.objects);
+    let stats = fl.server().index().stats();
+    println!(
+        "fairlead: serving on {} (udp+tcp), index of {} Services: {} names, {} records, \
+         built in {took:.1?}",
+        fl.addr, stats.services, stats.names, stats.records
+    );
+
+    // dnsmasq, on the same port when it is free on its address.
+    let port = same_port_or_free(DNSMASQ_IP, fl.addr.port())?;
+    let dm_addr = SocketAddr::new(IpAddr::V4(DNSMASQ_IP), port);
+    let mut cmd = Command::new(&tools.dnsmasq);
+    cmd.args([
+        "--no-daemon",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+    ])
+    .arg(format!("--addn-hosts={}", hosts.display()))
+    .arg(format!("--local=/{ZONE}/"))
+    .arg(format!("--listen-address={DNSMASQ_IP}"))
+    .arg("--bind-interfaces")
+    .arg(format!("--port={port}"))
+    .arg("--cache-size=10000")
+    .arg(format!("--local-ttl={TTL_SECS}"));
+    println!("$ {}", describe(&cmd));
+    let mut dnsmasq = Proc::spawn("dnsmasq".into(), cmd, dir.path().join("dnsmasq.log"))?;
+    wait_ready(dm_addr, &zone.probe_name(), Some(&mut dnsmasq))?;
+    wait_ready(fl.addr, &zone.probe_name(), None)?;
+    println!("dnsmasq: serving on {dm_addr}");
+
+    // Both must give the same answers.
+    cross_check(&distinct, &zone, fl.addr, dm_addr)?;
+
+    let targets = [
+        Target {
+            label: "fairlead",
+            addr: fl.addr,
+            cpu: Cpu::Threads(DNS_THREAD),
+        },
+        Target {
+            label: "dnsmasq",
+            addr: dm_addr,
+            cpu: Cpu::Pid(dnsmasq.pid()),
+        },
+    ];
+    let load = LoadSpec {
+        queries: &queries_path,
+        names: &mix,
+        duration: s.duration,
+        clients: s.clients,
+        threads: s.threads,
+        outstanding: s.outstanding,
+    };
+    println!("load generator: {}", tools.loadgen.describe(&load));
+
+    // 1. Throughput, alternating.
+    let rss_before = vm_kib("VmRSS");
+    let mut runs: BTreeMap<(&str, &str), Vec<Run>> = BTreeMap::new();
+    for round in 1..=s.rounds {
+        for t in &targets {
+            let run = measure(&tools.loadgen, t, &load, None, false)?;
+            dnsmasq.check_running()?;
+            println!("max-rate round {round} {:<8} {}", t.label, run.describe());
+            runs.entry(("max", t.label)).or_default().push(run);
+        }
+    }
+    // 2. Latency at a fixed rate.
+    for t in &targets {
+        let run = measure(&tools.loadgen, t, &load, Some(s.rate), true)?;
+        dnsmasq.check_running()?;
+        println!("fixed-rate    {:<8} {}", t.label, run.describe());
+        runs.entry(("fixed", t.label)).or_default().push(run);
+    }
+    let rss_after = vm_kib("VmRSS");
+    let served = fl.requests_served();
+
+    // 3. Memory, in a fresh process.
+    let memory = run_memory_child(s.memory_services)?;
+
+    // Report.
+    println!();
+    print_table(&runs, s.rate);
+    println!();
+    memory.print();
+    println!();
+    println!(
+        "reference (other hardware, not this run): CoreDNS about 33,700 q/s for cluster names on \
+         2 vCPUs with the load generator on another machine; here dnsperf shares the 2 cores"
+    );
+    let grown = rss_after.saturating_sub(rss_before);
+    println!(
+        "in-process fairlead: VmRSS {:.1} MiB before the load, {:.1} MiB after {} requests \
+         (+{:.1} MiB, {}; bench process, Prometheus recorder installed, /metrics never scraped \
+         until then{})",
+        mib(rss_before),
+        mib(rss_after),
+        served.map_or("?".to_string(), |n| n.to_string()),
+        mib(grown),
+        served
+            .filter(|n| *n > 0)
+            .map_or("?".to_string(), |n| format!(
+                "{:.1} bytes per request",
+                grown as f64 * 1024.0 / n as f64
+            )),
+        match tools.loadgen {
+            LoadGen::Builtin => "; includes the built-in load generator's buffers",
+            LoadGen::Dnsperf(_) => "",
+        },
+    );
+    let load_at_end = loadavg();
+    let busy = runs
+        .values()
+        .flatten()
+        .map(|r| r.usage.others)
+        .fold(0.0, f64::max);
+    println!(
+        "load average at start {load_at_start}, at end {load_at_end}; other processes took up to \
+         {:.0}% of the machine during a run",
+        busy * 100.0
+    );
+    let first_load: f64 = load_at_start
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    if busy > 0.10 || first_load > 0.5 {
+        println!(
+            "NOTE: the machine was busy with other work (load average {load_at_start} at start, \
+             up to {:.0}% of its CPU used by other processes during a run): absolute numbers are \
+             low, the ratios are fairer (runs alternate)",
+            busy * 100.0
+        );
+    }
+    println!("total {:.1?}", started.elapsed());
+
+    drop(dnsmasq);
+    drop(fl);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Settings and tools
+
+struct Settings {
+    duration: u64,
+    rounds: usize,
+    rate: u64,
+    clients: usize,
+    threads: usize,
+    outstanding: usize,
+    memory_services: usize,
+    force_builtin: bool,
+}
+
+impl Settings {
+    fn from_env() -> Result<Settings> {
+        fn var(name: &str, default: u64) -> Result<u64> {
+            match std::env::var(name) {
+                Ok(v) => v
+                    .parse()
+                    .with_context(|| format!("{name}={v:?}: not a number")),
+                Err(_) => Ok(default),
+            }
+        }
+        Ok(Settings {
+            duration: var("FAIRLEAD_BENCH_DURATION", 10)?.max(1),
+            rounds: var("FAIRLEAD_BENCH_ROUNDS", 2)?.max(1) as usize,
+            rate: var("FAIRLEAD_BENCH_DNS_RATE", 5000)?.max(1),
+            clients: var("FAIRLEAD_BENCH_DNS_CLIENTS", 20)?.max(1) as usize,
+            threads: var("FAIRLEAD_BENCH_DNS_THREADS", 2)?.max(1) as usize,
+            outstanding: var("FAIRLEAD_BENCH_DNS_OUTSTANDING", 200)?.max(1) as usize,
+            memory_services: var("FAIRLEAD_BENCH_DNS_SERVICES", 10_000)?.clamp(10, 60_000) as usize,
+            force_builtin: std::env::var("FAIRLEAD_BENCH_DNS_LOADGEN")
+                .is_ok_and(|v| v == "builtin"),
+        })
+    }
+}
+
+struct Tools {
+    dnsmasq: PathBuf,
+    loadgen: LoadGen,
+}
+
+impl Tools {
+    /// Find dnsmasq and dnsperf; `apt-get install` what is missing.
+    fn ensure(force_builtin: bool) -> Result<Tools> {
+        let mut missing = Vec::new();
+        if which("dnsmasq").is_none() {
+            missing.push("dnsmasq-base");
+        }
+        if !force_builtin && which("dnsperf").is_none() {
+            missing.push("dnsperf");
+        }
+        if !missing.is_empty() {
+            println!("missing: {} (installing with apt-get)", missing.join(", "));
+            if let Err(e) = apt_install(&missing) {
+                println!("{e:#}");
+                // dnsperf alone may fail (not packaged); dnsmasq is a must.
+                if which("dnsmasq").is_none() && missing.contains(&"dnsperf") {
+                    let _ = apt_install(&["dnsmasq-base"]);
+                }
+            }
+        }
+        let dnsmasq = which("dnsmasq").context("dnsmasq missing after apt-get install")?;
+        let loadgen = match which("dnsperf") {
+            Some(p) if !force_builtin => LoadGen::Dnsperf(p),
+            _ => {
+                println!(
+                    "NOTE: {}; using the built-in UDP load generator",
+                    if force_builtin {
+                        "FAIRLEAD_BENCH_DNS_LOADGEN=builtin"
+                    } else {
+                        "dnsperf is not available"
+                    }
+                );
+                LoadGen::Builtin
+            }
+        };
+        // The first line that names the version (dnsperf prints it after
+        // its usage, dnsmasq first).
+        let version = |bin: &Path, arg: &str| -> String {
+            Command::new(bin)
+                .arg(arg)
+                .output()
+                .ok()
+                .and_then(|o| {
+                    let text = String::from_utf8_lossy(&o.stdout).into_owned()
+                        + &String::from_utf8_lossy(&o.stderr);
+                    text.lines()
+                        .find(|l| l.to_ascii_lowercase().contains("version "))
+                        .map(|l| l.trim().to_string())
+                })
+                .unwrap_or_else(|| "?".into())
+        };
+        let dnsperf = match &loadgen {
+            LoadGen::Dnsperf(p) => format!("{} ({})", p.display(), version(p, "-h")),
+            LoadGen::Builtin => "built-in".into(),
+        };
+        println!(
+            "dnsperf: {dnsperf}, dnsmasq: {} ({})",
+            dnsmasq.display(),
+            version(&dnsmasq, "--version")
+        );
+        Ok(Tools { dnsmasq, loadgen })
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// `apt-get install -y` with its output shown; `apt-get update` and one
+/// retry if the package lists are stale or missing.
+fn apt_install(pkgs: &[&str]) -> Result<()> {
+    let run = |args: &[&str]| -> Result<bool> {
+        println!("$ apt-get {}", args.join(" "));
+        let st = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .status()
+            .context("running apt-get (install dnsperf and dnsmasq-base by hand)")?;
+        Ok(st.success())
+    };
+    let mut install = vec!["install", "-y"];
+    install.extend_from_slice(pkgs);
+    if run(&install)? {
+        return Ok(());
+    }
+    if run(&["update"])? && run(&install)? {
+        return Ok(());
+    }
+    bail!("apt-get install {} failed", pkgs.join(" "))
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+// ---------------------------------------------------------------------------
+// The zone
+
+/// Shape of a generated cluster.
+struct Spec {
+    cluster_ip: usize,
+    headless: usize,
+    cluster_ip_endpoints: usize,
+    headless_endpoints: usize,
+    namespaces: usize,
+}
+
+/// The API objects, as the node's watch cache holds them.
+struct Objects {
+    services: Vec<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    namespaces: Vec<String>,
+}
+
+/// One generated Service: its DNS name and what an A query returns.
+struct Entry {
+    /// `<svc>.<ns>.svc.cluster.local` (no final dot).
+    fqdn: String,
+    headless: bool,
+    /// The ClusterIP, or the ready endpoints of a headless Service.
+    addresses: Vec<Ipv4Addr>,
+}
+
+struct Zone {
+    objects: Objects,
+    entries: Vec<Entry>,
+    namespaces: Vec<String>,
+}
+
+impl Zone {
+    /// Services (ClusterIPs from 10.96.0.16 up) and one EndpointSlice each
+    /// (endpoint addresses from 10.128.0.1 up), parsed from JSON text like
+    /// the watch cache's.
+    fn generate(spec: &Spec) -> Result<Zone> {
+        let namespaces: Vec<String> = (0..spec.namespaces).map(|k| format!("ns-{k}")).collect();
+        let mut objects = Objects {
+            services: Vec::new(),
+            slices: Vec::new(),
+            namespaces: namespaces.clone(),
+        };
+        let mut entries = Vec::new();
+        let mut next_endpoint = u32::from(Ipv4Addr::new(10, 128, 0, 1));
+        let total = spec.cluster_ip + spec.headless;
+        for i in 0..total {
+            let headless = i >= spec.cluster_ip;
+            let (name, endpoints) = if headless {
+                (
+                    format!("hl-{:05}", i - spec.cluster_ip),
+                    spec.headless_endpoints,
+                )
+            } else {
+                (format!("svc-{i:05}"), spec.cluster_ip_endpoints)
+            };
+            let ns = &namespaces[i % namespaces.len()];
+            let cluster_ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 16)) + i as u32);
+            let ips: Vec<Ipv4Addr> = (0..endpoints)
+                .map(|_| {
+                    let ip = Ipv4Addr::from(next_endpoint);
+                    next_endpoint += 1;
+                    ip
+                })
+                .collect();
+            let (entry, svc, slice) = service_objects(&name, ns, headless, cluster_ip, &ips);
+            objects.services.push(Arc::new(
+                serde_json::from_str(&svc).with_context(|| format!("Service {svc}"))?,
+            ));
+            objects.slices.push(Arc::new(
+                serde_json::from_str(&slice).with_context(|| format!("EndpointSlice {slice}"))?,
+            ));
+            entries.push(entry);
+        }
+        Ok(Zone {
+            objects,
+            entries,
+            namespaces,
+        })
+    }
+
+    /// `/etc/hosts` lines for dnsmasq: every A record the zone has at a
+    /// Service name.
+    fn hosts_file(&self) -> String {
+        let mut out = String::new();
+        for e in &self.entries {
+            for ip in &e.addresses {
+                out.push_str(&format!("{ip} {}\n", e.fqdn));
+            }
+        }
+        out
+    }
+
+    fn probe_name(&self) -> String {
+        self.entries[0].fqdn.clone()
+    }
+
+    /// What an A query for `name` must return: (NOERROR, addresses) or
+    /// (NXDOMAIN, nothing).
+    fn expected(&self, name: &str) -> (ResponseCode, BTreeSet<Ipv4Addr>) {
+        match self.entries.iter().find(|e| e.fqdn == name) {
+            Some(e) => (ResponseCode::NoError, e.addresses.iter().copied().collect()),
+            None => (ResponseCode::NXDomain, BTreeSet::new()),
+        }
+    }
+}
+
+/// (entry, Service JSON, EndpointSlice JSON) of one Service.
+fn service_objects(
+    name: &str,
+    ns: &str,
+    headless: bool,
+    cluster_ip: Ipv4Addr,
+    endpoints: &[Ipv4Addr],
+) -> (Entry, String, String) {
+    let ip = if headless {
+        "None".to_string()
+    } else {
+        cluster_ip.to_string()
+    };
+    let svc = format!(
+        r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}","namespace":"{ns}",
+        "uid":"00000000-0000-0000-0000-{:012}","resourceVersion":"1","labels":{{"app":"{name}"}}}},
+        "spec":{{"type":"ClusterIP","clusterIP":"{ip}","clusterIPs":["{ip}"],
+        "selector":{{"app":"{name}"}},"ipFamilies":["IPv4"],"ipFamilyPolicy":"SingleStack",
+        "sessionAffinity":"None","internalTrafficPolicy":"Cluster",
+        "ports":[{{"name":"http","port":80,"protocol":"TCP","targetPort":8080}}]}}}}"#,
+        u32::from(cluster_ip)
+    );
+    let eps: Vec<String> = endpoints
+        .iter()
+        .enumerate()
+        .map(|(k, ip)| {
+            format!(
+                r#"{{"addresses":["{ip}"],"conditions":{{"ready":true,"serving":true,
+                "terminating":false}},"nodeName":"node-{}","targetRef":{{"kind":"Pod",
+                "namespace":"{ns}","name":"{name}-{k}"}}}}"#,
+                k % 3
+            )
+        })
+        .collect();
+    let slice = format!(
+        r#"{{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{{
+        "name":"{name}-x7k2p","namespace":"{ns}","resourceVersion":"1",
+        "labels":{{"kubernetes.io/service-name":"{name}",
+        "endpointslice.kubernetes.io/managed-by":"endpointslice-controller.k8s.io"}}}},
+        "addressType":"IPv4","ports":[{{"name":"http","port":8080,"protocol":"TCP"}}],
+        "endpoints":[{}]}}"#,
+        eps.join(",")
+    );
+    let entry = Entry {
+        fqdn: format!("{name}.{ns}.svc.{ZONE}"),
+        headless,
+        addresses: if headless {
+            endpoints.to_vec()
+        } else {
+            vec![cluster_ip]
+        },
+    };
+    (entry, svc, slice)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    ClusterIp,
+    Headless,
+    SearchPath,
+}
+
+struct QueryLine {
+    name: String,
+    kind: Kind,
+}
+
+/// A deterministic pseudo-random generator (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// `lines` A queries: 35% ClusterIP names, 15% headless names, 50% search
+/// path expansions (NXDOMAIN) as a pod in a random namespace with
+/// `ndots:5` and the search list `<ns>.svc.<zone> svc.<zone> <zone>` sends
+/// them before (or instead of) the real name.
+fn query_mix(zone: &Zone, lines: usize) -> Vec<QueryLine> {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let cluster_ip: Vec<&Entry> = zone.entries.iter().filter(|e| !e.headless).collect();
+    let headless: Vec<&Entry> = zone.entries.iter().filter(|e| e.headless).collect();
+    const EXTERNAL: [&str; 4] = [
+        "www.example.com",
+        "api.github.com",
+        "storage.googleapis.com",
+        "registry-1.docker.io",
+    ];
+    (0..lines)
+        .map(|_| {
+            let roll = rng.below(100);
+            if roll < 35 {
+                let e = cluster_ip[rng.below(cluster_ip.len())];
+                QueryLine {
+                    name: e.fqdn.clone(),
+                    kind: Kind::ClusterIp,
+                }
+            } else if roll < 50 {
+                let e = headless[rng.below(headless.len())];
+                QueryLine {
+                    name: e.fqdn.clone(),
+                    kind: Kind::Headless,
+                }
+            } else {
+                let client_ns = &zone.namespaces[rng.below(zone.namespaces.len())];
+                let e = cluster_ip[rng.below(cluster_ip.len())];
+                let short = e
+                    .fqdn
+                    .strip_suffix(&format!(".svc.{ZONE}"))
+                    .unwrap_or(&e.fqdn);
+                let name = match rng.below(5) {
+                    // "svc.ns" looked up from client_ns: first expansion.
+                    0 => format!("{short}.{client_ns}.svc.{ZONE}"),
+                    // The full name without the final dot: all three
+                    // expansions come first.
+                    1 => format!("{}.{client_ns}.svc.{ZONE}", e.fqdn),
+                    2 => format!("{}.svc.{ZONE}", e.fqdn),
+                    3 => format!("{}.{ZONE}", e.fqdn),
+                    // An external name.
+                    _ => format!(
+                        "{}.{client_ns}.svc.{ZONE}",
+                        EXTERNAL[rng.below(EXTERNAL.len())]
+                    ),
+                };
+                QueryLine {
+                    name,
+                    kind: Kind::SearchPath,
+                }
+            }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The servers
+
+/// [`DnsServer`] on its own 2-worker runtime; stopped on drop.
+struct InProcessDns {
+    rt: tokio::runtime::Runtime,
+    server: Option<DnsServer>,
+    addr: SocketAddr,
+}
+
+impl InProcessDns {
+    fn start(listen: SocketAddr) -> Result<InProcessDns> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(DNS_THREAD)
+            .enable_all()
+            .build()?;
+        let cfg = DnsConfig {
+            listen: vec![listen],
+            upstreams: Vec::new(),
+            ttl: Duration::from_secs(TTL_SECS),
+            udp_workers: 2,
+            ..DnsConfig::default()
+        };
+        let server = rt
+            .block_on(DnsServer::start(cfg))
+            .context("starting fairlead's DNS server")?;
+        let addr = server.local_addrs()[0];
+        Ok(InProcessDns {
+            rt,
+            server: Some(server),
+            addr,
+        })
+    }
+
+    fn server(&self) -> &DnsServer {
+        self.server.as_ref().expect("running")
+    }
+
+    fn update(&self, o: &Objects) -> Duration {
+        let _guard = self.rt.enter();
+        let t = Instant::now();
+        self.server().update(&o.services, &o.slices, &o.namespaces);
+        t.elapsed()
+    }
+
+    /// `coredns_dns_requests_total` summed over its labels.
+    fn requests_served(&self) -> Option<u64> {
+        let text = fairlead::metrics::render();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("coredns_dns_requests_total"))
+            .collect();
+        if lines.is_empty() {
+            return None;
+        }
+        lines
+            .iter()
+            .map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<Option<f64>>()
+            .map(|v| v as u64)
+    }
+}
+
+impl Drop for InProcessDns {
+    fn drop(&mut self) {
+        let _guard = self.rt.enter();
+        self.server.take();
+    }
+}
+
+/// `port` on `ip` if neither UDP nor TCP has it there, else a free one.
+fn same_port_or_free(ip: Ipv4Addr, port: u16) -> Result<u16> {
+    let free = |p: u16| -> Result<u16> {
+        let u = UdpSocket::bind((ip, p))?;
+        let got = u.local_addr()?.port();
+        let _t = std::net::TcpListener::bind((ip, got))?;
+        Ok(got)
+    };
+    if let Ok(p) = free(port) {
+        return Ok(p);
+    }
+    for _ in 0..20 {
+        if let Ok(p) = free(0) {
+            return Ok(p);
+        }
+    }
+    bail!("no free UDP+TCP port on {ip}")
+}
+
+/// Until `name` is answered NOERROR by `addr` (or `proc` dies, or
+/// START_LIMIT).
+fn wait_ready(addr: SocketAddr, name: &str, mut proc: Option<&mut Proc>) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if let Some(p) = proc.as_deref_mut() {
+            p.check_running()?;
+        }
+        match ask(addr, name, Duration::from_millis(200)) {
+            Ok((ResponseCode::NoError, ips)) if !ips.is_empty() => return Ok(()),
+            other if start.elapsed() > START_LIMIT => {
+                bail!("{addr} does not answer {name} after {START_LIMIT:?}: {other:?}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// One A query over UDP: rcode and the A records of the answer.
+fn ask(
+    addr: SocketAddr,
+    name: &str,
+    timeout: Duration,
+) -> Result<(ResponseCode, BTreeSet<Ipv4Addr>)> {
+    let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    sock.connect(addr)?;
+    sock.set_read_timeout(Some(timeout))?;
+    let packet = encode_query(name, 0x4242)?;
+    sock.send(&packet)?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = sock.recv(&mut buf)?;
+        let m = Message::from_vec(&buf[..n]).context("undecodable reply")?;
+        if m.metadata.id != 0x4242 {
+            continue;
+        }
+        let ips = m
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect();
+        return Ok((m.metadata.response_code, ips));
+    }
+}
+
+fn encode_query(name: &str, id: u16) -> Result<Vec<u8>> {
+    let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    let mut n = Name::from_ascii(name)?;
+    n.set_fqdn(true);
+    m.add_query(Query::query(n, RecordType::A));
+    Ok(m.to_vec()?)
+}
+
+/// Every distinct query of the mix, asked of both servers: same rcode, same
+/// A records, and what the zone says they should be.
+fn cross_check(
+    names: &BTreeSet<&str>,
+    zone: &Zone,
+    fairlead: SocketAddr,
+    dnsmasq: SocketAddr,
+) -> Result<()> {
+    let t = Instant::now();
+    let mut rcodes: BTreeMap<String, usize> = BTreeMap::new();
+    for name in names {
+        let want = zone.expected(name);
+        let f = ask(fairlead, name, Duration::from_secs(2))
+            .with_context(|| format!("fairlead, {name}"))?;
+        let d = ask(dnsmasq, name, Duration::from_secs(2))
+            .with_context(|| format!("dnsmasq, {name}"))?;
+        if f != want || d != want {
+            bail!("{name}: expected {want:?}; fairlead said {f:?}, dnsmasq said {d:?}");
+        }
+        *rcodes.entry(want.0.to_string()).or_default() += 1;
+    }
+    println!(
+        "cross-check: {} distinct queries answered identically by both ({}) in {:.1?}",
+        names.len(),
+        rcodes
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        t.elapsed()
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Load
+
+struct LoadSpec<'a> {
+    queries: &'a Path,
+    names: &'a [QueryLine],
+    duration: u64,
+    clients: usize,
+    threads: usize,
+    outstanding: usize,
+}
+
+enum LoadGen {
+    Dnsperf(PathBuf),
+    Builtin,
+}
+
+/// What one load run measured.
+#[derive(Debug, Default)]
+struct LoadResult {
+    sent: u64,
+    completed: u64,
+    lost: u64,
+    qps: f64,
+    avg_ms: f64,
+    /// Per-query latencies in ms (verbose dnsperf runs and the built-in
+    /// generator), sorted.
+    latencies_ms: Vec<f64>,
+    rcodes: String,
+    /// dnsperf's "Average packet size" line.
+    sizes: Option<String>,
+    /// CPU seconds the load generator used.
+    client_cpu: f64,
+}
+
+impl LoadGen {
+    fn describe(&self, l: &LoadSpec) -> String {
+        match self {
+            LoadGen::Dnsperf(p) => describe(&self.dnsperf_cmd(
+                p,
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+                l,
+                None,
+                false,
+            ))
+            .replace("0.0.0.0", "<ip>")
+            .replace("-p 0", "-p <port>"),
+            LoadGen::Builtin => format!(
+                "built-in: {} threads, {} queries outstanding in all, {}s, 1 s timeout",
+                l.threads, l.outstanding, l.duration
+            ),
+        }
+    }
+
+    fn dnsperf_cmd(
+        &self,
+        bin: &Path,
+        addr: SocketAddr,
+        l: &LoadSpec,
+        rate: Option<u64>,
+        verbose: bool,
+    ) -> Command {
+        let mut cmd = Command::new(bin);
+        cmd.args(["-s", &addr.ip().to_string()])
+            .args(["-p", &addr.port().to_string()])
+            .arg("-d")
+            .arg(l.queries)
+            .args(["-l", &l.duration.to_string()])
+            .args(["-c", &l.clients.to_string()])
+            .args(["-T", &l.threads.to_string()])
+            .args(["-q", &l.outstanding.to_string()])
+            .args(["-t", "1"]);
+        if let Some(r) = rate {
+            cmd.args(["-Q", &r.to_string()]);
+        }
+        if verbose {
+            cmd.arg("-v");
+        }
+        cmd
+    }
+
+    fn run(
+        &self,
+        addr: SocketAddr,
+        l: &LoadSpec,
+        rate: Option<u64>,
+        verbose: bool,
+    ) -> Result<LoadResult> {
+        match self {
+            LoadGen::Dnsperf(bin) => {
+                let mut cmd = self.dnsperf_cmd(bin, addr, l, rate, verbose);
+                die_with_parent(&mut cmd);
+                let before = children_cpu();
+                let out = cmd.output().context("running dnsperf")?;
+                let client_cpu = children_cpu() - before;
+                let text = String::from_utf8_lossy(&out.stdout);
+                if !out.status.success() {
+                    bail!(
+                        "dnsperf against {addr} failed ({}): {}{}",
+                        out.status,
+                        tail_str(&text, 30),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                let mut r = parse_dnsperf(&text)
+                    .with_context(|| format!("parsing dnsperf output:\n{}", tail_str(&text, 30)))?;
+                r.client_cpu = client_cpu;
+                Ok(r)
+            }
+            LoadGen::Builtin => builtin_load(addr, l, rate),
+        }
+    }
+}
+
+fn tail_str(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// dnsperf 2.x's statistics (and `-v` per-query lines).
+fn parse_dnsperf(text: &str) -> Result<LoadResult> {
+    let mut r = LoadResult::default();
+    let (mut qps, mut avg, mut sent) = (None, None, None);
+    let first = |v: &str| -> Result<f64> {
+        Ok(v.split_whitespace()
+            .next()
+            .context("empty value")?
+            .parse::<f64>()?)
+    };
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("> ") {
+            // > NOERROR name A 0.000123
+            if let Some(Ok(secs)) = rest.rsplit(' ').next().map(str::parse::<f64>) {
+                r.latencies_ms.push(secs * 1e3);
+            }
+            continue;
+        }
+        let Some((key, value)) = line.trim().split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        match key {
+            "Queries sent" => sent = Some(first(value)? as u64),
+            "Queries completed" => r.completed = first(value)? as u64,
+            "Queries lost" => r.lost = first(value)? as u64,
+            "Response codes" => r.rcodes = value.to_string(),
+            "Average packet size" => r.sizes = Some(value.to_string()),
+            "Queries per second" => qps = Some(first(value)?),
+            "Average Latency (s)" => avg = Some(first(value)? * 1e3),
+            _ => {}
+        }
+    }
+    r.sent = sent.context("no 'Queries sent'")?;
+    r.qps = qps.context("no 'Queries per second'")?;
+    r.avg_ms = avg.context("no 'Average Latency'")?;
+    r.latencies_ms.sort_by(f64::total_cmp);
+    Ok(r)
+}
+
+/// The fallback load generator: `threads` threads, each with one connected
+/// UDP socket and its share of `outstanding` queries in flight, for
+/// `duration` seconds, optionally paced to `rate` queries/s in all.
+/// Replies are matched by ID; a query unanswered after 1 s is lost.
+fn builtin_load(addr: SocketAddr, l: &LoadSpec, rate: Option<u64>) -> Result<LoadResult> {
+    let packets: Arc<Vec<Vec<u8>>> = Arc::new(
+        l.names
+            .iter()
+            .map(|q| encode_query(&q.name, 0))
+            .collect::<Result<_>>()?,
+    );
+    let duration = Duration::from_secs(l.duration);
+    let threads = l.threads.max(1);
+    let window = (l.outstanding / threads).max(1);
+    let per_thread_rate = rate.map(|r| (r as f64 / threads as f64).max(1.0));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let packets = packets.clone();
+            std::thread::spawn(move || -> Result<ThreadLoad> {
+                load_thread(addr, &packets, t, duration, window, per_thread_rate)
+            })
+        })
+        .collect();
+    let mut r = LoadResult::default();
+    let mut rcodes: BTreeMap<String, u64> = BTreeMap::new();
+    for h in handles {
+        let t = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+        r.sent += t.sent;
+        r.completed += t.latencies_ms.len() as u64;
+        r.lost += t.lost;
+        r.latencies_ms.extend(t.latencies_ms);
+        r.client_cpu += t.cpu;
+        for (k, v) in t.rcodes {
+            *rcodes.entry(k).or_default() += v;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    r.qps = r.completed as f64 / secs;
+    r.latencies_ms.sort_by(f64::total_cmp);
+    r.avg_ms = r.latencies_ms.iter().sum::<f64>() / r.latencies_ms.len().max(1) as f64;
+    let total: u64 = rcodes.values().sum();
+    r.rcodes = rcodes
+        .iter()
+        .map(|(k, v)| format!("{k} {v} ({:.2}%)", *v as f64 * 100.0 / total.max(1) as f64))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(r)
+}
+
+struct ThreadLoad {
+    sent: u64,
+    lost: u64,
+    latencies_ms: Vec<f64>,
+    rcodes: BTreeMap<String, u64>,
+    cpu: f64,
+}
+
+fn load_thread(
+    addr: SocketAddr,
+    packets: &[Vec<u8>],
+    offset: usize,
+    duration: Duration,
+    window: usize,
+    rate: Option<f64>,
+) -> Result<ThreadLoad> {
+    let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    sock.connect(addr)?;
+    sock.set_read_timeout(Some(Duration::from_millis(1)))?;
+    let mut slots: Vec<Option<Instant>> = vec![None; 1 << 16];
+    let mut next_id: u16 = 0;
+    let mut outstanding = 0usize;
+    let mut out = ThreadLoad {
+        sent: 0,
+        lost: 0,
+        latencies_ms: Vec::new(),
+        rcodes: BTreeMap::new(),
+        cpu: 0.0,
+    };
+    let mut qi = offset;
+    let mut buf = [0u8; 4096];
+    let start = Instant::now();
+    let mut last_expiry = start;
+    let timeout = Duration::from_secs(1);
+    loop {
+        let now = Instant::now();
+        let running = now < start + duration;
+        if !running && (outstanding == 0 || now > start + duration + Duration::from_millis(200)) {
+            break;
+        }
+        while running && outstanding < window {
+            if let Some(r) = rate {
+                if out.sent as f64 >= start.elapsed().as_secs_f64() * r {
+                    break;
+                }
+            }
+            let id = next_id;
+            next_id = next_id.wrapping_add(1);
+            if slots[id as usize].take().is_some() {
+                out.lost += 1;
+                outstanding -= 1;
+            }
+            let mut p = packets[qi % packets.len()].clone();
+            qi += 1;
+            p[0..2].copy_from_slice(&id.to_be_bytes());
+            sock.send(&p)?;
+            slots[id as usize] = Some(Instant::now());
+            outstanding += 1;
+            out.sent += 1;
+        }
+        match sock.recv(&mut buf) {
+            Ok(n) if n >= 12 => {
+                let id = u16::from_be_bytes([buf[0], buf[1]]);
+                if let Some(sent) = slots[id as usize].take() {
+                    outstanding -= 1;
+                    out.latencies_ms.push(sent.elapsed().as_secs_f64() * 1e3);
+                    let rcode = ResponseCode::from(0, buf[3] & 0x0f);
+                    *out.rcodes.entry(rcode.to_string()).or_default() += 1;
+                }
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Err(e) => return Err(e.into()),
+        }
+        if last_expiry.elapsed() > Duration::from_millis(100) {
+            last_expiry = Instant::now();
+            for s in slots.iter_mut() {
+                if s.is_some_and(|t| t.elapsed() > timeout) {
+                    *s = None;
+                    outstanding -= 1;
+                    out.lost += 1;
+                }
+            }
+        }
+    }
+    out.lost += outstanding as u64;
+    out.cpu = thread_cpu();
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------
+// Runs and CPU accounting
+
+struct Target {
+    label: &'static str,
+    addr: SocketAddr,
+    cpu: Cpu,
+}
+
+/// Whose CPU time a run charges to the server.
+#[derive(Clone, Copy)]
+enum Cpu {
+    /// Threads of this process whose name starts with this.
+    Threads(&'static str),
+    Pid(u32),
+}
+
+struct Run {
+    load: LoadResult,
+    usage: Usage,
+    /// VmRSS of this process after the run, KiB.
+    rss_after: u64,
+}
+
+struct Usage {
+    /// CPU seconds of the server under test.
+    server_secs: f64,
+    /// Fraction of all cores used by processes other than the server and
+    /// the load generator.
+    others: f64,
+    /// Fraction of all cores busy.
+    busy: f64,
+}
+
+fn measure(
+    gen: &LoadGen,
+    t: &Target,
+    l: &LoadSpec,
+    rate: Option<u64>,
+    verbose: bool,
+) -> Result<Run> {
+    let server_cpu = || match t.cpu {
+        Cpu::Threads(prefix) => threads_cpu(prefix),
+        Cpu::Pid(pid) => stat_cpu(&format!("/proc/{pid}/stat")).unwrap_or(0.0),
+    };
+    let (cpu0, ticks0, t0) = (server_cpu(), machine_ticks(), Instant::now());
+    let load = gen.run(t.addr, l, rate, verbose)?;
+    let (cpu1, ticks1, elapsed) = (server_cpu(), machine_ticks(), t0.elapsed());
+    let server_secs = cpu1 - cpu0;
+    let capacity =
+        elapsed.as_secs_f64() * std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let busy_secs = ticks1.0.saturating_sub(ticks0.0) as f64 / clock_ticks();
+    let total_secs = ticks1.1.saturating_sub(ticks0.1) as f64 / clock_ticks();
+    let busy = if total_secs > 0.0 {
+        busy_secs / total_secs
+    } else {
+        0.0
+    };
+    let others = ((busy_secs - server_secs - load.client_cpu) / capacity).max(0.0);
+    Ok(Run {
+        load,
+        usage: Usage {
+            server_secs,
+            others,
+            busy,
+        },
+        rss_after: vm_kib("VmRSS"),
+    })
+}
+
+impl Run {
+    fn us_per_query(&self) -> f64 {
+        self.usage.server_secs * 1e6 / self.load.completed.max(1) as f64
+    }
+
+    fn percentile(&self, p: f64) -> Option<f64> {
+        let v = &self.load.latencies_ms;
+        if v.is_empty() {
+            return None;
+        }
+        let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
+        Some(v[i])
+    }
+
+    fn describe(&self) -> String {
+        let l = &self.load;
+        let mut s = format!("{:>8.0} q/s  avg {:.3} ms", l.qps, l.avg_ms);
+        if let (Some(p50), Some(p99)) = (self.percentile(0.5), self.percentile(0.99)) {
+            s.push_str(&format!("  p50 {p50:.3} ms  p99 {p99:.3} ms"));
+        }
+        s.push_str(&format!(
+            "  {} sent, {} lost; server CPU {:.2}s ({:.1} us/query), client CPU {:.2}s, \
+             machine {:.0}% busy, others {:.0}%; {}",
+            l.sent,
+            l.lost,
+            self.usage.server_secs,
+            self.us_per_query(),
+            l.client_cpu,
+            self.usage.busy * 100.0,
+            self.usage.others * 100.0,
+            l.rcodes
+        ));
+        if let Some(sz) = &l.sizes {
+            s.push_str(&format!("; packet size {sz}"));
+        }
+        s.push_str(&format!("; bench VmRSS {:.1} MiB", mib(self.rss_after)));
+        s
+    }
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime + stime of a `/proc/.../stat` file, in seconds.
+fn stat_cpu(path: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / clock_ticks())
+}
+
+fn threads_cpu(prefix: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|c| c.trim_end().starts_with(prefix))
+        })
+        .filter_map(|e| stat_cpu(&e.path().join("stat").to_string_lossy()))
+        .sum()
+}
+
+fn rusage_secs(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage writes into the struct we pass and nothing else.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// CPU seconds of waited-for children (dnsperf runs).
+fn children_cpu() -> f64 {
+    rusage_secs(libc::RUSAGE_CHILDREN)
+}
+
+fn thread_cpu() -> f64 {
+    rusage_secs(libc::RUSAGE_THREAD)
+}
+
+/// (busy, total) jiffies of all cores from `/proc/stat`.
+fn machine_ticks() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = text.lines().next() else {
+        return (0, 0);
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// The first three fields of /proc/loadavg.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A field of /proc/self/status in KiB (VmRSS, VmHWM).
+fn vm_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+// ---------------------------------------------------------------------------
+// Memory
+
+/// What the memory child measured (KiB unless said otherwise).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Memory {
+    services: usize,
+    endpoints: usize,
+    /// Fresh process with the runtime and an empty server.
+    rss_server: u64,
+    /// Plus the Services and EndpointSlices.
+    rss_objects: u64,
+    /// After each update: the first builds the index, the others rebuild
+    /// it as the node daemon does after every cache change.
+    rss_updates: Vec<u64>,
+    update_ms: Vec<f64>,
+    /// After the last update and `malloc_trim(0)` (freed heap given back):
+    /// what is really in use, as opposed to kept by the allocator.
+    rss_trimmed: u64,
+    /// Peak (VmHWM), before the trim.
+    hwm: u64,
+    names: usize,
+    records: usize,
+}
+
+impl Memory {
+    fn print(&self) {
+        // The formula's MB read as 10^6 bytes (the stricter reading).
+        let coredns = (self.endpoints + self.services) as f64 / 1000.0 + 54.0;
+        let mb = |kib: u64| kib as f64 * 1024.0 / 1e6;
+        let first = self.rss_updates.first().copied().unwrap_or(0);
+        let last = self.rss_updates.last().copied().unwrap_or(0);
+        let objects = self.rss_objects.saturating_sub(self.rss_server);
+        println!(
+            "memory: {} Services ({} headless) with {} ready endpoints in all, fresh process \
+             (VmRSS):",
+            self.services,
+            self.services / MEMORY_HEADLESS_EVERY,
+            self.endpoints
+        );
+        println!(
+            "  runtime + empty DNS server    {:>6.1} MiB",
+            mib(self.rss_server)
+        );
+        println!(
+            "  + Services and slices         {:>6.1} MiB  (+{:.1})",
+            mib(self.rss_objects),
+            mib(objects)
+        );
+        println!(
+            "  + DNS index (first update)    {:>6.1} MiB  (+{:.1}; {} names, {} records)",
+            mib(first),
+            mib(first.saturating_sub(self.rss_objects)),
+            self.names,
+            self.records,
+        );
+        println!(
+            "  after {} rebuilds              {:>6.1} MiB  (after each update: {} MiB; peak \
+             VmHWM {:.1} MiB)",
+            self.rss_updates.len().saturating_sub(1),
+            mib(last),
+            self.rss_updates
+                .iter()
+                .map(|k| format!("{:.1}", mib(*k)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            mib(self.hwm)
+        );
+        println!(
+            "  after malloc_trim(0)          {:>6.1} MiB",
+            mib(self.rss_trimmed)
+        );
+        println!(
+            "  update (index build) times: {} ms for {} records",
+            self.update_ms
+                .iter()
+                .map(|t| format!("{t:.0}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.records
+        );
+        let row = |what: String, kib: u64| {
+            [
+                what,
+                format!("{:.1} MB", mb(kib)),
+                format!("{coredns:.1} MB"),
+                format!("{:.2}x", mb(kib) / coredns),
+            ]
+        };
+        let rows = vec![
+            ["metric", "fairlead", "CoreDNS formula", "fairlead/CoreDNS"].map(String::from),
+            row(
+                format!(
+                    "RSS, {} Services + {} pods, after rebuilds",
+                    self.services, self.endpoints
+                ),
+                last,
+            ),
+            row("  peak (VmHWM)".into(), self.hwm),
+            row(
+                "  without the API objects (shared with the proxy)".into(),
+                last.saturating_sub(objects),
+            ),
+        ];
+        println!();
+        print_rows(&rows);
+        println!(
+            "  (CoreDNS: (Pods + Services) / 1000 + 54 MB, from CoreDNS's deployment sizing \
+             guide, which includes CoreDNS's own cache of the API objects; MB = 10^6 bytes here)"
+        );
+    }
+}
+
+fn run_memory_child(services: usize) -> Result<Memory> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.env(CHILD_ENV, services.to_string())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    die_with_parent(&mut cmd);
+    let mut child = KillOnDrop(cmd.spawn().context("starting the memory child")?);
+    let start = Instant::now();
+    loop {
+        if child.0.try_wait()?.is_some() {
+            break;
+        }
+        if start.elapsed() > CHILD_LIMIT {
+            bail!("memory child still running after {CHILD_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut out = String::new();
+    let mut err = String::new();
+    use std::io::Read;
+    if let Some(mut s) = child.0.stdout.take() {
+        s.read_to_string(&mut out)?;
+    }
+    if let Some(mut s) = child.0.stderr.take() {
+        s.read_to_string(&mut err)?;
+    }
+    let status = child.0.wait()?;
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("MEMORY "))
+        .with_context(|| format!("memory child ({status}) printed no result:\n{out}{err}"))?;
+    Ok(serde_json::from_str(line)?)
+}
+
+/// The memory phase, in its own process: nothing else has touched the
+/// heap.
+fn memory_child() -> Result<()> {
+    let services: usize = std::env::var(CHILD_ENV)?.parse()?;
+    fairlead::metrics::init();
+    let fl = InProcessDns::start(SocketAddr::new(IpAddr::V4(FAIRLEAD_IP), 0))?;
+    let rss_server = vm_kib("VmRSS");
+    let headless = services / MEMORY_HEADLESS_EVERY;
+    let spec = Spec {
+        cluster_ip: services - headless,
+        headless,
+        cluster_ip_endpoints: MEMORY_ENDPOINTS,
+        headless_endpoints: MEMORY_ENDPOINTS,
+        namespaces: 10,
+    };
+    let zone = Zone::generate(&spec)?;
+    let probe = zone.entries.last().map(|e| e.fqdn.clone());
+    let Zone { objects, .. } = zone;
+    let rss_objects = vm_kib("VmRSS");
+    let mut rss_updates = Vec::new();
+    let mut update_ms = Vec::new();
+    for _ in 0..MEMORY_UPDATES {
+        update_ms.push(fl.update(&objects).as_secs_f64() * 1e3);
+        rss_updates.push(vm_kib("VmRSS"));
+    }
+    if let Some(name) = probe {
+        let (rcode, ips) = ask(fl.addr, &name, Duration::from_secs(2))?;
+        if rcode != ResponseCode::NoError || ips.len() != MEMORY_ENDPOINTS {
+            bail!("{name}: {rcode} {ips:?}");
+        }
+    }
+    let hwm = vm_kib("VmHWM");
+    // SAFETY: malloc_trim only returns free heap memory to the kernel.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    let stats = fl.server().index().stats();
+    let m = Memory {
+        services,
+        endpoints: services * MEMORY_ENDPOINTS,
+        rss_server,
+        rss_objects,
+        rss_updates,
+        update_ms,
+        rss_trimmed: vm_kib("VmRSS"),
+        hwm,
+        names: stats.names,
+        records: stats.records,
+    };
+    println!("MEMORY {}", serde_json::to_string(&m)?);
+    drop(objects);
+    drop(fl);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Report
+
+fn print_rows(rows: &[[String; 4]]) {
+    let width = |c: usize| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0);
+    let w = [width(0), width(1), width(2), width(3)];
+    for r in rows {
+        println!(
+            "{:<w0$}  {:>w1$}  {:>w2$}  {:>w3$}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            w0 = w[0],
+            w1 = w[1],
+            w2 = w[2],
+            w3 = w[3],
+        );
+    }
+}
+
+fn print_table(runs: &BTreeMap<(&str, &str), Vec<Run>>, rate: u64) {
+    // The best max-rate round of each server (and that round's latency and
+    // CPU), and the single fixed-rate run.
+    let best = |label: &'static str| -> Option<&Run> {
+        runs.get(&("max", label))?
+            .iter()
+            .max_by(|a, b| a.load.qps.total_cmp(&b.load.qps))
+    };
+    let fixed = |label: &'static str| -> Option<&Run> { runs.get(&("fixed", label))?.first() };
+    type Pick = fn(&Run) -> Option<f64>;
+    let rows_spec: [(String, bool, Pick, usize); 8] = [
+        (
+            "max q/s (best round)".into(),
+            false,
+            |r| Some(r.load.qps),
+            0,
+        ),
+        (
+            "  avg latency at max q/s, ms".into(),
+            false,
+            |r| Some(r.load.avg_ms),
+            3,
+        ),
+        (
+            "  server CPU per query, us".into(),
+            false,
+            |r| Some(r.us_per_query()),
+            2,
+        ),
+        (format!("q/s at -Q {rate}"), true, |r| Some(r.load.qps), 0),
+        (
+            format!("  p50 latency at {rate} q/s, ms"),
+            true,
+            |r| r.percentile(0.5),
+            3,
+        ),
+        (
+            format!("  p99 latency at {rate} q/s, ms"),
+            true,
+            |r| r.percentile(0.99),
+            3,
+        ),
+        (
+            format!("  avg latency at {rate} q/s, ms"),
+            true,
+            |r| Some(r.load.avg_ms),
+            3,
+        ),
+        (
+            format!("  server CPU per query at {rate} q/s, us"),
+            true,
+            |r| Some(r.us_per_query()),
+            2,
+        ),
+    ];
+    let mut rows = vec![["metric", "fairlead", "dnsmasq", "fairlead/dnsmasq"].map(String::from)];
+    for (name, is_fixed, pick, prec) in rows_spec {
+        let get =
+            |label: &'static str| if is_fixed { fixed(label) } else { best(label) }.and_then(pick);
+        let cell = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.prec$}"));
+        let (f, d) = (get("fairlead"), get("dnsmasq"));
+        let ratio = match (f, d) {
+            (Some(f), Some(d)) if d > 0.0 => format!("{:.2}x", f / d),
+            _ => "-".into(),
+        };
+        rows.push([name, cell(f), cell(d), ratio]);
+    }
+    let lost: u64 = runs.values().flatten().map(|r| r.load.lost).sum();
+    print_rows(&rows);
+    println!(
+        "  (ratios: > 1 is better for q/s, < 1 is better for latency and CPU; {lost} queries \
+         lost over all runs)"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+/// A child process, killed and reaped on drop, and killed by the kernel if
+/// this process dies first.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+impl Proc {
+    fn spawn(name: String, mut cmd: Command, log: PathBuf) -> Result<Proc> {
+        let file = File::create(&log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        die_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("{name}: running {:?}", cmd.get_program()))?;
+        Ok(Proc { name, child, log })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails if the process has exited, quoting the end of its log.
+    fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            bail!(
+                "{} exited with {status}; end of its log:\n{}",
+                self.name,
+                tail_str(&text, 20)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A bare child killed and reaped on drop.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
