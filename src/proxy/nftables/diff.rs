@@ -375,7 +375,7 @@ pub(crate) mod tests {
                     self.maps.insert(name);
                 }
                 ("add", "element") | ("delete", "element") => {
-                    if !self.maps.contains(&name) {
+                    if !self.maps.contains(&name) && !self.sets.contains_key(&name) {
                         return Err("no such map".into());
                     }
                     let inner = body
@@ -383,7 +383,7 @@ pub(crate) mod tests {
                         .and_then(|b| b.strip_suffix(" }"))
                         .ok_or("bad element")?;
                     if verb == "add" {
-                        let (k, v) = inner.split_once(" : ").ok_or("bad element")?;
+                        let (k, v) = inner.split_once(" : ").unwrap_or((inner, ""));
                         for r in referenced(v) {
                             if !self.chains.contains_key(&r) {
                                 return Err(format!("unknown chain {r}"));
@@ -432,14 +432,16 @@ pub(crate) mod tests {
         let new = Ruleset::build(cfg(), &st2);
         let script = diff(&old, &new);
         golden("web-endpoints.diff.nft", &script.text);
-        // Every statement names web's service chain or one of its
-        // endpoint chains (old or new), nothing else.
-        let ours: BTreeSet<String> = old.services()[&web]
+        // Every statement names web's chains or the hairpin elements of
+        // its old or new endpoints, nothing else.
+        let mut ours: BTreeSet<String> = old.services()[&web]
             .chains
             .iter()
             .chain(new.services()[&web].chains.iter())
             .map(|c| c.name.clone())
             .collect();
+        ours.insert("{ 10.244.0.11 . 10.244.0.11 }".into());
+        ours.insert("{ 10.244.2.13 . 10.244.2.13 }".into());
         for line in script.text.lines() {
             assert!(
                 ours.iter().any(|n| line.contains(n.as_str())),
@@ -449,10 +451,10 @@ pub(crate) mod tests {
         assert_eq!(
             script.stats,
             ScriptStats {
-                chains_added: 1,
                 chains_flushed: 1,
-                chains_deleted: 1,
-                rules_added: 4,
+                rules_added: 2,
+                elements_added: 1,
+                elements_deleted: 1,
                 ..ScriptStats::default()
             }
         );

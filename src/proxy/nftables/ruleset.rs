@@ -24,8 +24,10 @@
 //!   map no-endpoint-services  { ipv4_addr . inet_proto . inet_service : verdict }
 //!   map no-endpoint-nodeports { inet_proto . inet_service : verdict }
 //!       # frontends without usable endpoints: goto reject-chain (no endpoints
-//!       # at all: ICMP port unreachable, so clients fail fast), or drop (a
-//!       # traffic policy Local and no endpoint on this node)
+//!       # at all: TCP reset / ICMP port unreachable, so clients fail fast),
+//!       # or drop (a traffic policy Local and no endpoint on this node)
+//!   set hairpin-endpoints     { ipv4_addr . ipv4_addr }
+//!       # <endpoint ip> . <endpoint ip>, for every endpoint in use
 //!
 //!   # Filter (priority -110, before DNAT): reject/drop new connections to
 //!   # frontends without endpoints.
@@ -48,25 +50,32 @@
 //!   }
 //!   # <nodeport addresses>: `fib daddr type local ip daddr != 127.0.0.0/8`,
 //!   # or `ip daddr { <--nodeport-addresses> }` when they are given.
-//!   chain masquerading { meta mark & M == 0 return; meta mark set meta mark ^ M;
-//!                        masquerade fully-random }
+//!   chain masquerading {
+//!     # hairpin: an endpoint reached itself through a Service
+//!     ct status dnat ip saddr . ip daddr @hairpin-endpoints jump mark-for-masquerade
+//!     meta mark & M == 0 return
+//!     meta mark set meta mark ^ M
+//!     masquerade fully-random
+//!   }
 //!   chain mark-for-masquerade { meta mark set meta mark | M }   # M = 1 << mark bit
 //!   chain reject-chain { meta l4proto tcp reject with tcp reset; reject }
 //!
 //!   # Per service port (h = hash of namespace/name:port/protocol):
 //!   chain svc-<h> {            # all usable endpoints, round robin
-//!     ip saddr @aff-<e1> goto sep-<e1>        # sessionAffinity ClientIP only,
-//!     ...                                      # one per endpoint
-//!     numgen inc mod N == 0 goto sep-<e1>      # one connection in N
-//!     numgen inc mod N-1 == 0 goto sep-<e2>    # one in N-1 of the rest
+//!     numgen inc mod N == 0 <to e1>        # one new connection in N
+//!     numgen inc mod N-1 == 0 <to e2>      # one in N-1 of the rest
 //!     ...
-//!     goto sep-<eN>                            # the one left
+//!     <to eN>                              # the one left
 //!   }
+//!   # <to e>: `meta l4proto <proto> dnat to <ip>:<port>`, or with
+//!   # sessionAffinity ClientIP `goto sep-<e>`, after one rule per endpoint
+//!   # `ip saddr @aff-<a> goto sep-<e>` at the top of the chain.
 //!   # (Each `numgen inc` has its own counter, so every endpoint gets
 //!   # exactly one of every N new connections. Not `numgen inc mod N vmap
 //!   # { ... }`: each such rule creates an anonymous set, and the kernel
 //!   # names and looks up anonymous sets in time linear in the table, so a
-//!   # full sync of 10,000 Services took minutes.)
+//!   # full sync of 10,000 Services took minutes. Not a chain per endpoint
+//!   # either, unless affinity needs one: 3x the statements per sync.)
 //!   chain svl-<h> { ... }      # the same over this node's endpoints (only
 //!                              # with a traffic policy Local)
 //!   chain ext-<h> {            # NodePort / external IP traffic
@@ -77,13 +86,13 @@
 //!     fib saddr type local goto svc-<h>
 //!     goto svl-<h>
 //!   }
-//!   # Per endpoint of a service port (e = hash of the port and ip:port):
+//!   # Per endpoint of a service port with ClientIP affinity (e = hash of
+//!   # the service port and ip:port; a = the same and the timeout):
 //!   chain sep-<e> {
-//!     ip saddr <ip> jump mark-for-masquerade   # hairpin: the endpoint calls itself
-//!     update @aff-<e> { ip saddr }              # ClientIP affinity only
+//!     update @aff-<a> { ip saddr }
 //!     meta l4proto <proto> dnat to <ip>:<port>
 //!   }
-//!   set aff-<e> { type ipv4_addr; flags dynamic,timeout; timeout <affinity timeout> }
+//!   set aff-<a> { type ipv4_addr; flags dynamic,timeout; timeout <affinity timeout> }
 //! }
 //! ```
 //!
@@ -160,15 +169,24 @@ pub enum MapName {
     ServiceNodeports,
     NoEndpointServices,
     NoEndpointNodeports,
+    /// A set (no verdicts): `endpoint ip . endpoint ip`, for hairpin
+    /// masquerading.
+    HairpinEndpoints,
 }
 
 impl MapName {
-    pub const ALL: [MapName; 4] = [
+    pub const ALL: [MapName; 5] = [
         MapName::ServiceIps,
         MapName::ServiceNodeports,
         MapName::NoEndpointServices,
         MapName::NoEndpointNodeports,
+        MapName::HairpinEndpoints,
     ];
+
+    /// A set rather than a verdict map.
+    pub fn is_set(&self) -> bool {
+        *self == MapName::HairpinEndpoints
+    }
 
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -176,6 +194,7 @@ impl MapName {
             MapName::ServiceNodeports => "service-nodeports",
             MapName::NoEndpointServices => "no-endpoint-services",
             MapName::NoEndpointNodeports => "no-endpoint-nodeports",
+            MapName::HairpinEndpoints => "hairpin-endpoints",
         }
     }
 
@@ -185,6 +204,7 @@ impl MapName {
                 "ipv4_addr . inet_proto . inet_service"
             }
             MapName::ServiceNodeports | MapName::NoEndpointNodeports => "inet_proto . inet_service",
+            MapName::HairpinEndpoints => "ipv4_addr . ipv4_addr",
         }
     }
 }
@@ -379,23 +399,35 @@ pub fn service_rules(
         .flatten()
         .copied()
         .collect();
+    let mut elements: BTreeMap<(MapName, String), String> = BTreeMap::new();
     for &ep in &all {
-        let mut rules = vec![format!("ip saddr {} jump mark-for-masquerade", ep.ip())];
+        let ip = ep.ip();
+        elements.insert(
+            (MapName::HairpinEndpoints, format!("{ip} . {ip}")),
+            String::new(),
+        );
         if let Some(t) = affinity {
             let set = affinity_set_name(spn, ep, t);
-            rules.push(format!("update @{set} {{ ip saddr }}"));
+            out.chains.push(Chain {
+                name: sep(ep),
+                comment: comment(&format!("{spn} {proto} -> {ep}")),
+                rules: vec![
+                    format!("update @{set} {{ ip saddr }}"),
+                    format!("meta l4proto {proto} dnat to {ep}"),
+                ],
+            });
             out.sets.push(AffinitySet {
                 name: set,
                 timeout_secs: t,
             });
         }
-        rules.push(format!("meta l4proto {proto} dnat to {ep}"));
-        out.chains.push(Chain {
-            name: sep(ep),
-            comment: comment(&format!("{spn} {proto} -> {ep}")),
-            rules,
-        });
     }
+    // Where a chosen endpoint's connections go: its chain with affinity,
+    // else straight to the DNAT.
+    let target = |ep: SocketAddrV4| match affinity {
+        Some(_) => format!("goto {}", sep(ep)),
+        None => format!("meta l4proto {proto} dnat to {ep}"),
+    };
 
     // Round robin (after affinity) over a list of endpoints.
     let balance = |eps: &[SocketAddrV4]| -> Vec<String> {
@@ -414,9 +446,9 @@ pub fn service_rules(
         let n = eps.len();
         for (i, &ep) in eps.iter().enumerate() {
             if i + 1 == n {
-                rules.push(format!("goto {}", sep(ep)));
+                rules.push(target(ep));
             } else {
-                rules.push(format!("numgen inc mod {} == 0 goto {}", n - i, sep(ep)));
+                rules.push(format!("numgen inc mod {} == 0 {}", n - i, target(ep)));
             }
         }
         rules
@@ -468,7 +500,6 @@ pub fn service_rules(
     } else {
         "drop"
     };
-    let mut elements: BTreeMap<(MapName, String), String> = BTreeMap::new();
     let mut put = |map: MapName, key: String, verdict: String| {
         elements.entry((map, key)).or_insert(verdict);
     };
@@ -510,12 +541,21 @@ pub fn render_base(cfg: &RulesetConfig, out: &mut String) {
     let t = &cfg.table;
     let mark = cfg.mark();
     for m in MapName::ALL {
-        let _ = writeln!(
-            out,
-            "add map ip {t} {} {{ type {} : verdict ; }}",
-            m.as_str(),
-            m.key_type()
-        );
+        if m.is_set() {
+            let _ = writeln!(
+                out,
+                "add set ip {t} {} {{ type {} ; }}",
+                m.as_str(),
+                m.key_type()
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "add map ip {t} {} {{ type {} : verdict ; }}",
+                m.as_str(),
+                m.key_type()
+            );
+        }
     }
     for (name, kind, hook, prio) in [
         ("filter-input", "filter", "input", -110),
@@ -571,6 +611,10 @@ pub fn render_base(cfg: &RulesetConfig, out: &mut String) {
     }
     rule(
         "masquerading",
+        "ct status dnat ip saddr . ip daddr @hairpin-endpoints jump mark-for-masquerade",
+    );
+    rule(
+        "masquerading",
         &format!("meta mark & {mark:#x} == 0 return"),
     );
     rule(
@@ -613,11 +657,15 @@ pub(crate) fn add_set(out: &mut String, table: &str, s: &AffinitySet) {
 }
 
 pub(crate) fn add_element(out: &mut String, table: &str, map: MapName, key: &str, verdict: &str) {
-    let _ = writeln!(
-        out,
-        "add element ip {table} {} {{ {key} : {verdict} }}",
-        map.as_str()
-    );
+    if map.is_set() {
+        let _ = writeln!(out, "add element ip {table} {} {{ {key} }}", map.as_str());
+    } else {
+        let _ = writeln!(
+            out,
+            "add element ip {table} {} {{ {key} : {verdict} }}",
+            map.as_str()
+        );
+    }
 }
 
 pub(crate) fn delete_element(out: &mut String, table: &str, map: MapName, key: &str) {
@@ -1013,7 +1061,11 @@ pub(crate) mod tests {
             Arc::new(info("10.96.0.1", 80, vec![ep("10.0.0.1:80", "n")])),
         );
         let r = Ruleset::build(c, &st);
-        let els = r.elements();
+        let els: Vec<Element> = r
+            .elements()
+            .into_iter()
+            .filter(|e| e.map == MapName::ServiceIps)
+            .collect();
         assert_eq!(els.len(), 1);
         assert_eq!(els[0].verdict, format!("goto svc-{}", service_hash(&a)));
     }
