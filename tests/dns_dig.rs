@@ -1678,20 +1678,7 @@ impl Node {
     }
 
     fn apply(&self, yaml: &str) {
-        let mut child = self
-            .kubectl_cmd(&["apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run kubectl");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(yaml.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = common::server::run_with_stdin(self.kubectl_cmd(&["apply", "-f", "-"]), yaml);
         assert!(
             out.status.success(),
             "kubectl apply: {}\n{yaml}",

@@ -748,28 +748,16 @@ fn namespace_delete() {
 
 /// kubectl with a bearer token and no kubeconfig, `input` on stdin.
 fn kubectl_token(f: &Fairlead, token: &str, args: &[&str], input: &str) -> Output {
-    use std::io::Write;
-    let mut child = Command::new("kubectl")
-        .args(["--kubeconfig", "/dev/null", "--server", &f.url])
+    let mut cmd = Command::new("kubectl");
+    cmd.args(["--kubeconfig", "/dev/null", "--server", &f.url])
         .arg("--insecure-skip-tls-verify")
         .arg(format!("--token={token}"))
         .args(args)
         .env(
             "KUBECACHEDIR",
             f.data_dir.join(format!("kubectl-cache-{token}")),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run kubectl");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+        );
+    common::server::run_with_stdin(cmd, input)
 }
 
 /// Static tokens: members of system:masters write, others only read, unknown

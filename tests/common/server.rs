@@ -119,20 +119,7 @@ impl Fairlead {
 
     /// Run kubectl with `input` on stdin.
     pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> Output {
-        use std::io::Write;
-        let mut child = kubectl_cmd(&self.kubeconfig, args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run kubectl");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+        run_with_stdin(kubectl_cmd(&self.kubeconfig, args), input)
     }
 
     /// Run kubectl and return stdout, panicking with stderr on failure.
@@ -173,6 +160,24 @@ pub fn kubectl_cmd(kubeconfig: &Path, args: &[&str]) -> Command {
         kubeconfig.parent().unwrap().join("kubectl-cache"),
     );
     cmd
+}
+
+/// Run `cmd` with `input` on its stdin; stdout and stderr captured.
+pub fn run_with_stdin(mut cmd: Command, input: &str) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {:?}: {e}", cmd.get_program()));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
 }
 
 /// Poll `f` until it returns Some, or panic after `deadline` with `what`.
