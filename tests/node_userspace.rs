@@ -18,7 +18,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -475,54 +475,12 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-/// A Python that can import `prometheus_client`: `$FAIRLEAD_PYTHON`, else
-/// `target/pyvenv` (created / completed with pip if needed).
-fn python() -> PathBuf {
-    let can_import = |py: &Path| {
-        Command::new(py)
-            .args(["-c", "import prometheus_client"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if let Some(p) = std::env::var_os("FAIRLEAD_PYTHON") {
-        let p = PathBuf::from(p);
-        if can_import(&p) {
-            return p;
-        }
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyvenv");
-    let py = venv.join("bin/python");
-    if !can_import(&py) {
-        if !py.exists() {
-            let st = Command::new("python3")
-                .args(["-m", "venv"])
-                .arg(&venv)
-                .status()
-                .expect("run python3 -m venv (install python3-venv)");
-            assert!(st.success(), "python3 -m venv {} failed", venv.display());
-        }
-        let st = Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "prometheus_client"])
-            .status()
-            .expect("run pip");
-        assert!(st.success(), "pip install prometheus_client failed");
-        assert!(
-            can_import(&py),
-            "{} cannot import prometheus_client",
-            py.display()
-        );
-    }
-    py
-}
+/// One sample: (name, labels, value).
+type Sample = (String, BTreeMap<String, String>, f64);
 
 /// Parse Prometheus text with the reference Python parser: metric family
 /// name → (type, samples as (name, labels, value)). Panics with the
 /// parser's error on malformed input.
-/// One sample: (name, labels, value).
-type Sample = (String, BTreeMap<String, String>, f64);
-
 fn parse_prometheus(text: &str) -> BTreeMap<String, (String, Vec<Sample>)> {
     use std::io::Write;
     const SCRIPT: &str = r#"
@@ -534,13 +492,16 @@ for f in text_string_to_metric_families(sys.stdin.read()):
         [s.name, s.labels, s.value if math.isfinite(s.value) else None] for s in f.samples]}
 print(json.dumps(out))
 "#;
-    let mut child = Command::new(python())
-        .args(["-c", SCRIPT])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run python");
+    let mut child = Command::new(common::python::python_with(
+        "prometheus_client",
+        "prometheus_client",
+    ))
+    .args(["-c", SCRIPT])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("run python");
     child
         .stdin
         .take()

@@ -24,34 +24,7 @@ const SCRIPT_DEADLINE: Duration = Duration::from_secs(120);
 
 /// A Python interpreter that can `import kubernetes`.
 fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("FAIRLEAD_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyvenv");
-    let py = venv.join("bin/python");
-    let has_client = |py: &Path| {
-        Command::new(py)
-            .args(["-c", "import kubernetes"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has_client(&py) {
-        let st = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("run python3 -m venv (install python3-venv)");
-        assert!(st.success(), "python3 -m venv {} failed", venv.display());
-        let st = Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "kubernetes"])
-            .status()
-            .expect("run pip");
-        assert!(st.success(), "pip install kubernetes failed");
-        assert!(has_client(&py), "{} cannot import kubernetes", py.display());
-    }
-    py
+    common::python::python_with("kubernetes", "kubernetes")
 }
 
 /// Run `script kubeconfig` with a deadline; (exit code, stdout, stderr).

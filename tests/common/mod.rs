@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod python;
 pub mod server;
 
 use std::io::{Read, Write};
