@@ -15,8 +15,22 @@
 //! * [`apiserver`] — the HTTPS server real kubectl talks to: TLS and
 //!   credentials, routing, the generic REST verbs over the resource table,
 //!   watch streams, discovery, OpenAPI, Service IP/NodePort allocation.
+//! * [`controllers`] — EndpointSlices and legacy Endpoints from Services and
+//!   Pods (kube-rs runtime; a pure planner in `controllers::endpointslice`),
+//!   under Lease leader election.
+//! * [`node`] — the node daemon: one watch cache of Services,
+//!   EndpointSlices and Namespaces feeding the proxy and cluster DNS, plus
+//!   `/healthz` and `/metrics`.
+//! * [`proxy`] — Service proxying: the pure change tracker
+//!   (`proxy::tracker`) and two backends, [`proxy::userspace`] (tokio
+//!   listeners) and [`proxy::nftables`] (one kernel table, atomic
+//!   incremental transactions).
+//! * [`dns`] — cluster DNS per the Kubernetes DNS spec: a pure record index,
+//!   a UDP/TCP server, a forwarding cache.
+//! * [`echo`] — `fairlead echo`, a demo backend that answers with its name.
 //! * [`metrics`] — the process-wide Prometheus recorder.
-//! * [`cli`] — the `fairlead` command line (`up`, `apiserver`, ...).
+//! * [`cli`] — the `fairlead` command line (`up`, `apiserver`,
+//!   `controllers`, `node`, `echo`).
 
 pub mod api;
 pub mod apiserver;
