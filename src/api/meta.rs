@@ -59,13 +59,6 @@ pub fn now() -> String {
         .to_string()
 }
 
-/// Same with microseconds (Lease `renewTime`, Event `eventTime`).
-pub fn now_micro() -> String {
-    jiff::Timestamp::now()
-        .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
-        .to_string()
-}
-
 /// A human age like kubectl prints ("5s", "3m", "2d"), from an RFC 3339
 /// timestamp.
 pub fn age(timestamp: Option<&str>) -> String {

@@ -84,11 +84,6 @@ impl ResourceDef {
         format!("{}{}", self.prefix(namespace), name)
     }
 
-    /// `group/version` or `version` for the core group.
-    pub fn group_version(&self) -> &'static str {
-        self.api_version
-    }
-
     /// Whether `field` may be used in a field selector on this resource.
     pub fn allows_field(&self, field: &str) -> bool {
         field == "metadata.name"

@@ -248,14 +248,3 @@ impl From<crate::store::StoreError> for ApiError {
         }
     }
 }
-
-/// A success `Status` (returned by some deletes).
-pub fn success_status(details: Value) -> Value {
-    json!({
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Success",
-        "details": details,
-    })
-}

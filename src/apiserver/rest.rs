@@ -16,7 +16,7 @@ use crate::api::patch::{self, PatchError};
 use crate::api::protobuf;
 use crate::api::resources::{self, ResourceDef};
 use crate::api::selector::{FieldSelector, LabelSelector};
-use crate::api::status::{success_status, ApiError};
+use crate::api::status::ApiError;
 use crate::store::{ListOptions, Revision};
 
 use super::objects::{self, resource_ref, WriteOpts, Written};
@@ -204,7 +204,9 @@ fn output(req: &Request<Incoming>) -> Output {
     Output::Object
 }
 
-fn parse_selectors(
+/// Parse `labelSelector` and `fieldSelector`; a field the kind does not
+/// support is a 400.
+pub(super) fn parse_selectors(
     def: &ResourceDef,
     q: &Query,
 ) -> Result<(LabelSelector, FieldSelector), ApiError> {
@@ -532,7 +534,6 @@ impl Server {
                         Err(e) => return Err(e),
                     }
                 }
-                let _ = success_status(json!({}));
                 let list = ListResult {
                     items: deleted,
                     revision: self.store.current_revision().await?,
@@ -713,7 +714,6 @@ impl Server {
             limit.clamp(1, 1000)
         };
         let mut items = Vec::new();
-        let mut revision: Option<Revision>;
         let mut last_key = None;
         let mut more = false;
         loop {
@@ -727,7 +727,6 @@ impl Server {
                     ),
                     other => other.into(),
                 })?;
-            revision = Some(page.revision);
             at = Some(page.revision);
             let page_more = page.more;
             for kv in page.kvs {
@@ -751,7 +750,8 @@ impl Server {
                 break;
             }
         }
-        let revision = revision.unwrap_or(0);
+        // Every page after the first is read at the first one's revision.
+        let revision = at.unwrap_or(0);
         // Only hand out a continue token if something may follow.
         let continue_token = if more {
             let lk = last_key.clone().unwrap_or_default();

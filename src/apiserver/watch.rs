@@ -28,12 +28,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::api::resources::ResourceDef;
-use crate::api::selector::{FieldSelector, LabelSelector};
 use crate::api::status::ApiError;
 use crate::store::{EventKind, Revision, StoreError, WatchItem};
 
 use super::objects::decode;
-use super::rest::{render, selected, Body, Output, Query, ResourceRoute};
+use super::rest::{parse_selectors, render, selected, Body, Output, Query, ResourceRoute};
 use super::{table, Server};
 
 /// Watches end after this long unless `timeoutSeconds` says otherwise
@@ -129,17 +128,9 @@ impl Server {
             };
             q.insert("fieldSelector".into(), fs);
         }
-        let labels = LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str))
-            .map_err(|e| ApiError::bad_request(format!("unable to parse requirement: {e}")))?;
-        let fields = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str))
-            .map_err(|e| ApiError::bad_request(format!("invalid field selector: {e}")))?;
-        for f in fields.fields() {
-            if !def.allows_field(f) {
-                return Err(ApiError::bad_request(format!(
-                    "field label not supported: {f}"
-                )));
-            }
-        }
+        let (labels, fields) = parse_selectors(def, &q)?;
+        // Unfiltered watches need not decode previous values.
+        let filtered = !labels.is_empty() || !fields.is_empty();
         let bookmarks = matches!(
             q.get("allowWatchBookmarks").map(String::as_str),
             Some("true" | "1")
@@ -198,11 +189,7 @@ impl Server {
 
         let watch = match self.store.watch(&prefix, start).await {
             Ok(w) => Some(w),
-            Err(StoreError::Compacted {
-                requested,
-                compacted,
-            }) => {
-                let _ = requested;
+            Err(StoreError::Compacted { compacted, .. }) => {
                 initial_frames.push(error_event(&expired(start, compacted)));
                 None
             }
@@ -250,33 +237,27 @@ impl Server {
                     Some(Ok(WatchItem::Event(ev))) => {
                         start = ev.kv.mod_revision;
                         let Ok(obj) = decode(&ev.kv) else { continue };
-                        let is = selected(&obj, &labels, &fields);
-                        let was = match ev.prev.as_ref().and_then(|p| decode(p).ok()) {
-                            Some(o) => selected(&o, &labels, &fields),
-                            // The previous value can be gone (compacted in
-                            // etcd): an update of an existing key is then
-                            // judged by its current value.
-                            None => {
-                                ev.kind == EventKind::Put
-                                    && ev.kv.create_revision != ev.kv.mod_revision
-                                    && is
-                            }
+                        let is = !filtered || selected(&obj, &labels, &fields);
+                        // Whether the watcher saw the object before this
+                        // event. A delete carries the last value itself.
+                        // An update without its previous value (compacted
+                        // in etcd), or on an unfiltered watch, is judged
+                        // by whether the key existed before.
+                        let existed = ev.kv.create_revision != ev.kv.mod_revision;
+                        let was = match ev.kind {
+                            EventKind::Delete => is,
+                            EventKind::Put if !filtered => existed,
+                            EventKind::Put => match ev.prev.as_ref().and_then(|p| decode(p).ok()) {
+                                Some(o) => selected(&o, &labels, &fields),
+                                None => existed && is,
+                            },
                         };
                         let ty = match (ev.kind, was, is) {
                             (EventKind::Delete, true, _) => "DELETED",
-                            (EventKind::Delete, false, _) => {
-                                // Without a previous value, judge by the
-                                // deleted object itself.
-                                if ev.prev.is_none() && is {
-                                    "DELETED"
-                                } else {
-                                    continue;
-                                }
-                            }
                             (EventKind::Put, true, true) => "MODIFIED",
                             (EventKind::Put, false, true) => "ADDED",
                             (EventKind::Put, true, false) => "DELETED",
-                            (EventKind::Put, false, false) => continue,
+                            _ => continue,
                         };
                         enc.event(ty, obj)
                     }

@@ -34,7 +34,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::Arc;
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
@@ -687,9 +686,6 @@ fn soa_record(zone: &Name, ttl: u32, serial: u32) -> Record {
     r.dns_class = DNSClass::IN;
     r
 }
-
-/// A shareable index (what the server swaps).
-pub type SharedIndex = Arc<Index>;
 
 #[cfg(test)]
 mod tests {

@@ -211,7 +211,7 @@ impl DnsServer {
             tcp_idle_timeout: cfg.tcp_idle_timeout,
             forwards: Arc::new(Semaphore::new(cfg.max_concurrent_forwards.max(1))),
             tcp_connections: Arc::new(Semaphore::new(cfg.max_tcp_connections.max(1))),
-            zone_label: zone.to_ascii(),
+            zone_label: Arc::from(zone.to_ascii()),
         });
         let mut tasks = Vec::new();
         for (addr, udp, tcp) in sockets {

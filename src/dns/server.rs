@@ -62,7 +62,7 @@ pub struct Shared {
     /// Bounds open TCP connections.
     pub tcp_connections: Arc<Semaphore>,
     /// `zone` metric label of in-zone requests (`cluster.local.`).
-    pub zone_label: String,
+    pub zone_label: Arc<str>,
 }
 
 impl Shared {
@@ -151,17 +151,21 @@ fn family(peer: &SocketAddr) -> &'static str {
 }
 
 /// Record the CoreDNS request metrics for one reply.
+/// The `zone` label of answers from outside the cluster zone.
+static ROOT_LABEL: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("."));
+
 fn observe(
     server: &Arc<str>,
-    zone: &str,
+    zone: &Arc<str>,
     proto: Proto,
     fam: &'static str,
     qtype: &'static str,
     rcode: ResponseCode,
     started: Instant,
 ) {
-    let server = server.to_string();
-    let zone = zone.to_string();
+    // Labels share the Arc'd strings: no allocation per query.
+    let server = metrics::SharedString::from(server.clone());
+    let zone = metrics::SharedString::from(zone.clone());
     metrics::counter!("coredns_dns_requests_total",
         "server" => server.clone(), "zone" => zone.clone(), "proto" => proto.label(),
         "family" => fam, "type" => qtype)
@@ -207,7 +211,7 @@ pub fn prepare(
     let opcode = (packet[2] >> 3) & 0x0f;
     let qdcount = u16::from_be_bytes([packet[4], packet[5]]);
     let early = |rcode| {
-        observe(server, ".", proto, fam, "other", rcode, started);
+        observe(server, &ROOT_LABEL, proto, fam, "other", rcode, started);
         Prepared::Reply(raw_error(packet, rcode))
     };
     if opcode != 0 {
@@ -241,7 +245,11 @@ pub fn prepare(
     let qtype = req.query.query_type();
     let index = shared.index();
     let in_zone = index.in_zone(req.query.name());
-    let zone_label = if in_zone { &shared.zone_label } else { "." };
+    let zone_label = if in_zone {
+        &shared.zone_label
+    } else {
+        &*ROOT_LABEL
+    };
     let simple = |rcode| {
         let bytes = encode(shared, &req, rcode, &ZoneAnswer::default(), false, false);
         observe(
@@ -328,7 +336,7 @@ pub async fn complete(shared: &Shared, p: Pending) -> Vec<u8> {
                 }
             }
             let bytes = encode(shared, &req, chain.rcode, &chain, true, false);
-            (shared.zone_label.as_str(), chain.rcode, bytes)
+            (&shared.zone_label, chain.rcode, bytes)
         }
         None => match result {
             Some(Ok(up)) => {
@@ -339,13 +347,13 @@ pub async fn complete(shared: &Shared, p: Pending) -> Vec<u8> {
                     additionals: up.additionals,
                 };
                 let bytes = encode(shared, &req, up.rcode, &answer, false, up.authentic_data);
-                (".", up.rcode, bytes)
+                (&*ROOT_LABEL, up.rcode, bytes)
             }
             Some(Err(e)) => {
                 tracing::debug!(name = %req.query.name(), error = %e, "forwarding failed");
                 let rcode = ResponseCode::ServFail;
                 (
-                    ".",
+                    &*ROOT_LABEL,
                     rcode,
                     encode(shared, &req, rcode, &ZoneAnswer::default(), false, false),
                 )
@@ -353,7 +361,7 @@ pub async fn complete(shared: &Shared, p: Pending) -> Vec<u8> {
             None => {
                 let rcode = ResponseCode::Refused;
                 (
-                    ".",
+                    &*ROOT_LABEL,
                     rcode,
                     encode(shared, &req, rcode, &ZoneAnswer::default(), false, false),
                 )

@@ -165,17 +165,6 @@ pub fn build<'a>(
     state
 }
 
-/// What changed between two states (for logs and metrics).
-pub fn diff_counts(old: &ProxyState, new: &ProxyState) -> (usize, usize, usize) {
-    let added = new.keys().filter(|k| !old.contains_key(k)).count();
-    let removed = old.keys().filter(|k| !new.contains_key(k)).count();
-    let changed = new
-        .iter()
-        .filter(|(k, v)| old.get(k).is_some_and(|o| o != *v))
-        .count();
-    (added, removed, changed)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
