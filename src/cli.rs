@@ -97,6 +97,10 @@ pub struct NodeFlags {
     /// Least time between two proxy syncs (bursts coalesce), e.g. 100ms, 1s.
     #[arg(long)]
     pub min_sync_period: Option<String>,
+    /// How often, without changes, the kernel's rules are checked (and
+    /// repaired if someone else changed them), e.g. 30s.
+    #[arg(long)]
+    pub sync_period: Option<String>,
     /// A KubeProxyConfiguration-style YAML file; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -169,6 +173,9 @@ impl NodeFlags {
         }
         if let Some(d) = &self.min_sync_period {
             cfg.min_sync_period = parse_duration(d).map_err(anyhow::Error::msg)?;
+        }
+        if let Some(d) = &self.sync_period {
+            cfg.sync_period = parse_duration(d).map_err(anyhow::Error::msg)?;
         }
         cfg.dns = if self.disable_dns {
             None

@@ -24,7 +24,8 @@
 //! * [`proxy`] — Service proxying: the pure change tracker
 //!   (`proxy::tracker`) and two backends, [`proxy::userspace`] (tokio
 //!   listeners) and [`proxy::nftables`] (one kernel table, atomic
-//!   incremental transactions).
+//!   incremental transactions), plus [`proxy::conntrack`] (deleting stale
+//!   UDP conntrack entries when endpoints go away).
 //! * [`dns`] — cluster DNS per the Kubernetes DNS spec: a pure record index,
 //!   a UDP/TCP server, a forwarding cache.
 //! * [`echo`] — `fairlead echo`, a demo backend that answers with its name.

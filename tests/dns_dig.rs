@@ -8,9 +8,9 @@
 //! ([`Upstream`]). Malformed packets are sent from raw sockets.
 //!
 //! One end-to-end test (`node_serves_cluster_dns_and_follows_changes`) runs
-//! `fairlead up` in a network namespace of its own, changes Services and Pods
-//! with kubectl and measures how long until `dig @10.96.0.10` sees each
-//! change; it needs root, `ip` and `kubectl`. The measured times are printed
+//! `fairlead up` in a network namespace of its own
+//! (`tests/common/cluster.rs`), changes Services and Pods with kubectl and
+//! measures how long until `dig @10.96.0.10` sees each change; it needs root, `ip` and `kubectl`. The measured times are printed
 //! (`cargo test --test dns_dig -- --nocapture`).
 
 mod common;
@@ -18,8 +18,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -33,7 +32,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{json, Value};
 
-use common::netns::{Netns, Proc};
+use common::cluster::{ms, Cluster, SETTLE};
 
 /// TTL the in-process servers are configured with (not the default 5 s, so
 /// the test sees that the setting is applied).
@@ -1583,159 +1582,78 @@ fn large_headless_answer_is_truncated_then_retried_over_tcp() {
 
 // ---- acceptance 2: end to end, through the API server ------------------------------------
 
-const FAIRLEAD: &str = env!("CARGO_BIN_EXE_fairlead");
-
 /// The bound on "visible in DNS within a bounded time".
 const CONVERGE: Duration = Duration::from_secs(5);
 
-/// How long startup may take.
-const SETTLE: Duration = Duration::from_secs(30);
-
-/// `fairlead up` in a namespace of its own, with kubectl and dig run there.
-/// Field order is drop order: the process, then the namespace, then files.
-struct Node {
-    up: Proc,
-    ns: Netns,
-    dir: tempfile::TempDir,
-    kubeconfig: PathBuf,
+/// Not a test: the network client the end-to-end test's cluster starts
+/// inside its namespace (`common::netns::Agent`). Returns at once in a
+/// normal run.
+#[test]
+fn agent() {
+    common::netns::agent_main();
 }
 
-impl Node {
-    fn start() -> Node {
-        let ns = Netns::new();
-        let dir = tempfile::Builder::new()
-            .prefix("fairlead-dns-")
-            .tempdir()
-            .unwrap();
-        let data = dir.path().display().to_string();
-        let mut cmd = ns.command(FAIRLEAD);
-        cmd.args([
-            "up",
-            "--data-dir",
-            &data,
-            "--secure-port",
-            "6443",
-            "--proxy-mode",
-            "userspace",
-            "--dns-upstream",
-            "127.0.0.1:9",
-        ])
-        .env("RUST_LOG", "info,fairlead=debug");
-        let up = ns.spawn(cmd, &dir.path().join("up.log"));
-        let kubeconfig = dir.path().join("kubeconfig");
-        let mut node = Node {
-            up,
-            ns,
-            dir,
-            kubeconfig,
-        };
-        let end = Instant::now() + SETTLE;
-        loop {
-            if node.kubeconfig.exists()
-                && node.kubectl(&["get", "--raw", "/readyz"]).status.success()
-            {
-                break;
-            }
-            assert!(node.up.alive(), "fairlead up exited:\n{}", node.log());
-            assert!(Instant::now() < end, "API not ready:\n{}", node.log());
-            std::thread::sleep(Duration::from_millis(50));
+/// `fairlead up` in a namespace of its own (outside names go to a resolver
+/// that is down), with kubectl and dig run there.
+fn start_node() -> Cluster {
+    Cluster::up(
+        "dns",
+        &["--proxy-mode", "userspace", "--dns-upstream", "127.0.0.1:9"],
+    )
+}
+
+/// `dig @10.96.0.10` (port 53) inside the namespace.
+fn dig_in(node: &Cluster, args: &[&str]) -> Reply {
+    let mut cmd = node.ns.command("dig");
+    cmd.arg("@10.96.0.10").args(DIG_COMMON).args(args);
+    run_dig(cmd)
+}
+
+/// Poll dig until `done` holds; how long that took.
+fn until(node: &Cluster, what: &str, args: &[&str], done: impl Fn(&Reply) -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        let r = dig_in(node, args);
+        if done(&r) {
+            return started.elapsed();
         }
-        node
-    }
-
-    fn log(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
-    }
-
-    fn kubectl_cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = self.ns.command("kubectl");
-        cmd.arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--request-timeout=10s")
-            .args(args)
-            .env("KUBECACHEDIR", self.dir.path().join("kubectl-cache"));
-        cmd
-    }
-
-    fn kubectl(&self, args: &[&str]) -> Output {
-        self.kubectl_cmd(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run kubectl")
-    }
-
-    fn kubectl_ok(&self, args: &[&str]) -> String {
-        let out = self.kubectl(args);
         assert!(
-            out.status.success(),
-            "kubectl {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
+            started.elapsed() < SETTLE,
+            "{what}: still {} after {SETTLE:?}:\n{}\n---- log ----\n{}",
+            r.status(),
+            r.raw,
+            node.log_tail("up")
         );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn apply(&self, yaml: &str) {
-        let out = common::server::run_with_stdin(self.kubectl_cmd(&["apply", "-f", "-"]), yaml);
-        assert!(
-            out.status.success(),
-            "kubectl apply: {}\n{yaml}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// `dig @10.96.0.10` (port 53) inside the namespace.
-    fn dig(&self, args: &[&str]) -> Reply {
-        let mut cmd = self.ns.command("dig");
-        cmd.arg("@10.96.0.10").args(DIG_COMMON).args(args);
-        run_dig(cmd)
-    }
-
-    /// Poll dig until `done` holds; how long that took.
-    fn until(&self, what: &str, args: &[&str], done: impl Fn(&Reply) -> bool) -> Duration {
-        let started = Instant::now();
-        loop {
-            let r = self.dig(args);
-            if done(&r) {
-                return started.elapsed();
-            }
-            assert!(
-                started.elapsed() < SETTLE,
-                "{what}: still {} after {SETTLE:?}:\n{}\n---- log ----\n{}",
-                r.status(),
-                r.raw,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 #[test]
 fn node_serves_cluster_dns_and_follows_changes() {
-    let node = Node::start();
+    let node = start_node();
     // The kube-dns Service fairlead creates, served on its own ClusterIP.
-    node.until(
+    until(
+        &node,
         "kube-dns answered",
         &["kube-dns.kube-system.svc.cluster.local"],
         |r| r.answers("A") == ["10.96.0.10"],
     );
-    let srv = node.dig(&["_dns._udp.kube-dns.kube-system.svc.cluster.local", "SRV"]);
+    let srv = dig_in(
+        &node,
+        &["_dns._udp.kube-dns.kube-system.svc.cluster.local", "SRV"],
+    );
     assert_eq!(
         srv.answers("SRV"),
         vec!["0 100 53 kube-dns.kube-system.svc.cluster.local."],
         "{}",
         srv.raw
     );
-    let tcp = node.dig(&["+tcp", "kubernetes.default.svc.cluster.local"]);
+    let tcp = dig_in(&node, &["+tcp", "kubernetes.default.svc.cluster.local"]);
     assert_eq!(tcp.status(), "NOERROR", "{}", tcp.raw);
     assert_eq!(tcp.answers("A").len(), 1, "{}", tcp.raw);
-    node.dig(&["web.default.svc.cluster.local"])
-        .assert_negative("NXDOMAIN", "cluster.local.");
+    dig_in(&node, &["web.default.svc.cluster.local"]).assert_negative("NXDOMAIN", "cluster.local.");
     // Outside names go to --dns-upstream, which is down here: SERVFAIL.
-    let sf = node.dig(&["outside.example"]);
+    let sf = dig_in(&node, &["outside.example"]);
     assert_eq!(sf.status(), "SERVFAIL", "{}", sf.raw);
     assert!(sf.elapsed < PROMPTLY, "took {:?}", sf.elapsed);
 
@@ -1744,16 +1662,19 @@ fn node_serves_cluster_dns_and_follows_changes() {
         "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  \
          ports:\n  - {name: http, port: 80}\n",
     );
-    let created = node.until("Service created", &["web.default.svc.cluster.local"], |r| {
-        r.answers("A").len() == 1
-    });
+    let created = until(
+        &node,
+        "Service created",
+        &["web.default.svc.cluster.local"],
+        |r| r.answers("A").len() == 1,
+    );
     let ip = node
         .kubectl_ok(&["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"])
         .trim()
         .to_string();
-    let a = node.dig(&["web.default.svc.cluster.local"]);
+    let a = dig_in(&node, &["web.default.svc.cluster.local"]);
     assert_eq!(a.answers("A"), vec![ip.clone()], "{}", a.raw);
-    let ptr = node.dig(&["-x", &ip]);
+    let ptr = dig_in(&node, &["-x", &ip]);
     assert_eq!(
         ptr.answers("PTR"),
         vec!["web.default.svc.cluster.local."],
@@ -1769,38 +1690,36 @@ fn node_serves_cluster_dns_and_follows_changes() {
          apiVersion: v1\nkind: Pod\nmetadata: {name: db-0, labels: {app: db}}\nspec:\n  \
          hostname: db-0\n  subdomain: db\n  containers:\n  - {name: pg, image: postgres}\n",
     );
-    node.dig(&["db.default.svc.cluster.local"])
-        .assert_negative("NXDOMAIN", "cluster.local.");
-    node.kubectl_ok(&[
-        "patch",
-        "pod",
-        "db-0",
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        r#"{"status":{"phase":"Running","podIP":"10.244.0.5","podIPs":[{"ip":"10.244.0.5"}],"conditions":[{"type":"Ready","status":"True"}]}}"#,
-    ]);
-    let endpoint = node.until("endpoint added", &["db.default.svc.cluster.local"], |r| {
-        r.answers("A") == ["10.244.0.5"]
-    });
-    let h = node.dig(&["db-0.db.default.svc.cluster.local"]);
+    dig_in(&node, &["db.default.svc.cluster.local"]).assert_negative("NXDOMAIN", "cluster.local.");
+    node.set_pod("db-0", "10.244.0.5", true);
+    let endpoint = until(
+        &node,
+        "endpoint added",
+        &["db.default.svc.cluster.local"],
+        |r| r.answers("A") == ["10.244.0.5"],
+    );
+    let h = dig_in(&node, &["db-0.db.default.svc.cluster.local"]);
     assert_eq!(h.answers("A"), vec!["10.244.0.5"], "{}", h.raw);
 
     // A namespace without Services: NODATA, not NXDOMAIN.
-    node.dig(&["quiet.svc.cluster.local"])
-        .assert_negative("NXDOMAIN", "cluster.local.");
+    dig_in(&node, &["quiet.svc.cluster.local"]).assert_negative("NXDOMAIN", "cluster.local.");
     node.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: quiet}\n");
-    let namespace = node.until("namespace created", &["quiet.svc.cluster.local"], |r| {
-        r.status() == "NOERROR"
-    });
-    node.dig(&["quiet.svc.cluster.local"])
-        .assert_negative("NOERROR", "cluster.local.");
+    let namespace = until(
+        &node,
+        "namespace created",
+        &["quiet.svc.cluster.local"],
+        |r| r.status() == "NOERROR",
+    );
+    dig_in(&node, &["quiet.svc.cluster.local"]).assert_negative("NOERROR", "cluster.local.");
 
     // The Service deleted.
     node.kubectl_ok(&["delete", "service", "web", "--wait=false"]);
-    let deleted = node.until("Service deleted", &["web.default.svc.cluster.local"], |r| {
-        r.status() == "NXDOMAIN"
-    });
+    let deleted = until(
+        &node,
+        "Service deleted",
+        &["web.default.svc.cluster.local"],
+        |r| r.status() == "NXDOMAIN",
+    );
 
     println!(
         "DNS convergence after kubectl returned: Service created {}, endpoint added {}, \
@@ -1818,8 +1737,4 @@ fn node_serves_cluster_dns_and_follows_changes() {
     ] {
         assert!(t < CONVERGE, "{what} took {} (bound {CONVERGE:?})", ms(t));
     }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }

@@ -1,10 +1,15 @@
 //! Integration tests of the nftables proxy backend (issue 4) against the
 //! real kernel: every test creates its own network namespace
-//! (`tests/common/netns.rs`) and runs `nft` inside it
-//! (`NftablesConfig::nft_command` = `ip netns exec <ns> nft`), so nothing
-//! outside the namespace is touched.
+//! (`tests/common/netns.rs`); the proxy programs it over netlink
+//! (`NftablesConfig::netns`) and the tests read it back with `nft` run
+//! inside it, so nothing outside the namespace is touched.
 //!
+//! * the netlink encoding: a table programmed by fairlead lists exactly like
+//!   the same model loaded with `nft -f` from its text rendering;
 //! * the applied table matches the model, and unchanged states cost nothing;
+//! * a restarted proxy adopts a matching table without touching it (same
+//!   rule handles), and rebuilds one that does not match;
+//! * the periodic check repairs a table someone else changed;
 //! * random steps: the table after partial syncs equals the table a fresh
 //!   full sync of the same state produces (normalized `nft -j list table`);
 //! * a partial transaction the kernel rejects falls back to a full one;
@@ -66,13 +71,7 @@ fn config(ns: &Netns, table: &str) -> NftablesConfig {
     NftablesConfig {
         table: table.to_string(),
         node_name: "node-a".to_string(),
-        nft_command: vec![
-            "ip".into(),
-            "netns".into(),
-            "exec".into(),
-            ns.name.clone(),
-            "nft".into(),
-        ],
+        netns: Some(ns.name.clone()),
         ..NftablesConfig::default()
     }
 }
@@ -257,6 +256,172 @@ fn applies_state_and_skips_unchanged() {
     );
 }
 
+/// Every rule shape, set and map: a ClusterIP with two endpoints; a
+/// NodePort with ClientIP affinity and an external IP; a UDP port without
+/// endpoints; externalTrafficPolicy Local; internalTrafficPolicy Local
+/// without a local endpoint.
+fn every_shape() -> ProxyState {
+    let mut st = ProxyState::new();
+    st.insert(
+        spn("default", "web", "http", Protocol::Tcp),
+        Arc::new(info(
+            "10.96.1.1",
+            80,
+            vec![
+                ep("10.244.0.11:8080", "node-a"),
+                ep("10.244.1.12:8080", "node-b"),
+            ],
+        )),
+    );
+    let mut np = info("10.96.1.2", 443, vec![ep("10.244.0.21:8443", "node-a")]);
+    np.node_port = Some(30443);
+    np.external_ips = vec!["192.0.2.10".parse().unwrap()];
+    np.affinity_timeout = Some(Duration::from_secs(60));
+    st.insert(spn("default", "sticky", "", Protocol::Tcp), Arc::new(np));
+    st.insert(
+        spn("kube-system", "dns", "dns", Protocol::Udp),
+        Arc::new(info("10.96.0.10", 53, vec![])),
+    );
+    let mut local = info(
+        "10.96.1.3",
+        80,
+        vec![
+            ep("10.244.0.31:80", "node-a"),
+            ep("10.244.1.32:80", "node-b"),
+        ],
+    );
+    local.node_port = Some(30080);
+    local.external_local = true;
+    st.insert(spn("default", "local", "", Protocol::Tcp), Arc::new(local));
+    let mut itp = info("10.96.1.4", 80, vec![ep("10.244.1.41:80", "node-b")]);
+    itp.internal_local = true;
+    st.insert(spn("default", "itp", "", Protocol::Tcp), Arc::new(itp));
+    st
+}
+
+/// Load `script` with `nft -f -` in the namespace.
+fn nft_f(ns: &Netns, script: &str) {
+    let mut cmd = ns.command("nft");
+    cmd.args(["-f", "-"]);
+    let out = common::server::run_with_stdin(cmd, script);
+    assert!(
+        out.status.success(),
+        "nft -f: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn netlink_encoding_lists_like_nft_f() {
+    if !have_nft("netlink_encoding_lists_like_nft_f") {
+        return;
+    }
+    let ns = Netns::new();
+    let rt = rt();
+    let st = every_shape();
+    for nodeport_addresses in [
+        vec![],
+        vec!["192.0.2.1".parse().unwrap(), "10.0.0.1".parse().unwrap()],
+    ] {
+        let mut cfg = config(&ns, "fairlead");
+        cfg.nodeport_addresses = nodeport_addresses.clone();
+        cfg.masquerade_bit = 3;
+        let proxy = NftablesProxy::new(cfg);
+        assert!(rt.block_on(proxy.sync(&st)).unwrap().full);
+        // The same model, as text, through nft's own parser and encoder.
+        let rcfg = fairlead::proxy::nftables::ruleset::RulesetConfig {
+            table: "reference".into(),
+            node_name: "node-a".into(),
+            nodeport_addresses,
+            masquerade_bit: 3,
+        };
+        nft_f(
+            &ns,
+            &fairlead::proxy::nftables::ruleset::Ruleset::build(rcfg, &st).render_full(),
+        );
+        assert_eq!(normalized(&ns, "fairlead"), normalized(&ns, "reference"));
+        // And as text (comments, set flags, timeouts, verdicts...).
+        let ours = nft(&ns, &["list", "table", "ip", "fairlead"]);
+        let theirs = nft(&ns, &["list", "table", "ip", "reference"]);
+        assert_eq!(
+            ours,
+            theirs.replace("table ip reference", "table ip fairlead")
+        );
+        nft(&ns, &["delete", "table", "ip", "reference"]);
+    }
+}
+
+/// `nft -a list table`: the listing with every rule's kernel handle.
+fn handles(ns: &Netns) -> String {
+    nft(ns, &["-a", "list", "table", "ip", "fairlead"])
+}
+
+#[test]
+fn restart_adopts_a_matching_table_and_rebuilds_another() {
+    if !have_nft("restart_adopts_a_matching_table_and_rebuilds_another") {
+        return;
+    }
+    let ns = Netns::new();
+    let rt = rt();
+    let st = every_shape();
+    let first = NftablesProxy::new(config(&ns, "fairlead"));
+    assert!(rt.block_on(first.sync(&st)).unwrap().full);
+    let before = handles(&ns);
+    drop(first);
+
+    // A new daemon with the same state: nothing is sent, handles unchanged.
+    let second = NftablesProxy::new(config(&ns, "fairlead"));
+    let stats = rt.block_on(second.sync(&st)).unwrap();
+    assert!(
+        stats.adopted && !stats.full && stats.batch_bytes == 0,
+        "{stats:?}"
+    );
+    assert_eq!(handles(&ns), before);
+    // It goes on with partial syncs from the adopted model.
+    let mut st2 = st.clone();
+    st2.remove(&spn("default", "itp", "", Protocol::Tcp));
+    let stats = rt.block_on(second.sync(&st2)).unwrap();
+    assert!(!stats.full && stats.services_removed == 1, "{stats:?}");
+    let fresh = NftablesProxy::new(config(&ns, "reference"));
+    rt.block_on(fresh.sync(&st2)).unwrap();
+    assert_eq!(normalized(&ns, "fairlead"), normalized(&ns, "reference"));
+    drop(second);
+
+    // A daemon whose state differs rebuilds the table.
+    let third = NftablesProxy::new(config(&ns, "fairlead"));
+    let stats = rt.block_on(third.sync(&st)).unwrap();
+    assert!(stats.full && !stats.adopted, "{stats:?}");
+    assert_ne!(handles(&ns), before);
+}
+
+#[test]
+fn verify_repairs_a_table_changed_behind_our_back() {
+    if !have_nft("verify_repairs_a_table_changed_behind_our_back") {
+        return;
+    }
+    use fairlead::proxy::nftables::Verified;
+    let ns = Netns::new();
+    let rt = rt();
+    let st = every_shape();
+    let proxy = NftablesProxy::new(config(&ns, "fairlead"));
+    rt.block_on(proxy.sync(&st)).unwrap();
+    assert_eq!(rt.block_on(proxy.verify()).unwrap(), Verified::Unchanged);
+    // Someone flushes one of our chains: the ruleset generation moves.
+    let h = service_hash(&spn("default", "web", "http", Protocol::Tcp));
+    nft(
+        &ns,
+        &["flush", "chain", "ip", "fairlead", &format!("svc-{h}")],
+    );
+    assert_eq!(rt.block_on(proxy.verify()).unwrap(), Verified::Repaired);
+    let fresh = NftablesProxy::new(config(&ns, "reference"));
+    rt.block_on(fresh.sync(&st)).unwrap();
+    assert_eq!(normalized(&ns, "fairlead"), normalized(&ns, "reference"));
+    // Our repair was the last commit... except the reference table's: the
+    // next check repairs once more, then finds nothing.
+    let _ = rt.block_on(proxy.verify()).unwrap();
+    assert_eq!(rt.block_on(proxy.verify()).unwrap(), Verified::Unchanged);
+}
+
 /// Random services with few distinct frontends and endpoints, so changes
 /// overlap (shared keys, endpoints moving between services).
 fn random_info(rng: &mut impl Rng, i: usize) -> ServicePortInfo {
@@ -347,9 +512,15 @@ fn random_partial_syncs_equal_a_fresh_full_sync() {
             !stats.full && stats.fallbacks == 0,
             "step {step} (seed {seed}): partial sync was rejected: {stats:?}"
         );
-        if stats.script_bytes > 0 {
+        if stats.batch_bytes > 0 {
             partial += 1;
         }
+        // A fresh proxy on a fresh table (not adopting the last one).
+        rt.block_on(fairlead::proxy::nftables::cleanup(
+            Some(&ns.name),
+            "reference",
+        ))
+        .unwrap();
         let fresh = NftablesProxy::new(config(&ns, "reference"));
         assert!(rt.block_on(fresh.sync(&state)).unwrap().full);
         let (got, want) = (normalized(&ns, "fairlead"), normalized(&ns, "reference"));
@@ -433,7 +604,7 @@ fn cleanup_leaves_no_table() {
     assert!(rt.block_on(proxy.sync(&st)).unwrap().full);
     assert!(tables(&ns).contains("table ip fairlead"));
     rt.block_on(fairlead::proxy::nftables::cleanup(
-        &config(&ns, "fairlead").nft_command,
+        Some(&ns.name),
         "fairlead",
     ))
     .unwrap();
@@ -607,7 +778,7 @@ fn scale_full_and_partial_sync_times() {
         return;
     }
     let rt = rt();
-    for services in [1_000, 10_000] {
+    for services in [1_000, 10_000, 30_000] {
         let ns = Netns::new();
         let proxy = NftablesProxy::new(config(&ns, "fairlead"));
         let mut st = scale_state(services, 10);
@@ -633,7 +804,7 @@ fn scale_full_and_partial_sync_times() {
         eprintln!(
             "{services} services x 10 endpoints: full sync {full:?} ({} KiB script); \
              one endpoint change {one:?}; one new service {new:?}",
-            stats.script_bytes / 1024
+            stats.batch_bytes / 1024
         );
     }
 }

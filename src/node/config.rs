@@ -1,7 +1,7 @@
 //! Node daemon settings: kube-proxy-style flags, optionally from a YAML file
 //! (`--config`, keys in KubeProxyConfiguration's spelling: `mode`,
 //! `hostnameOverride`, `nodePortAddresses`, `metricsBindAddress`,
-//! `healthzBindAddress`, `minSyncPeriod`). Flags given on the command line
+//! `healthzBindAddress`, `minSyncPeriod`, `syncPeriod`). Flags given on the command line
 //! win over the file.
 
 use std::net::{IpAddr, SocketAddr};
@@ -28,6 +28,10 @@ pub struct NodeConfig {
     pub metrics_bind_address: SocketAddr,
     pub healthz_bind_address: SocketAddr,
     pub min_sync_period: Duration,
+    /// How often, without changes, the proxy checks that the kernel still
+    /// has its rules (nftables: the ruleset generation; repaired if anyone
+    /// else committed).
+    pub sync_period: Duration,
     /// Cluster DNS settings (`None`: no DNS server on this node).
     pub dns: Option<DnsSettings>,
 }
@@ -71,6 +75,7 @@ impl Default for NodeConfig {
             metrics_bind_address: "127.0.0.1:10249".parse().unwrap(),
             healthz_bind_address: "0.0.0.0:10256".parse().unwrap(),
             min_sync_period: Duration::from_millis(100),
+            sync_period: Duration::from_secs(30),
             dns: Some(DnsSettings::default()),
         }
     }
@@ -104,6 +109,7 @@ pub struct FileConfig {
     pub metrics_bind_address: Option<String>,
     pub healthz_bind_address: Option<String>,
     pub min_sync_period: Option<String>,
+    pub sync_period: Option<String>,
 }
 
 /// Parse a Go-style duration ("1s", "500ms", "2m").
@@ -177,6 +183,9 @@ impl FileConfig {
         }
         if let Some(d) = &self.min_sync_period {
             cfg.min_sync_period = parse_duration(d)?;
+        }
+        if let Some(d) = &self.sync_period {
+            cfg.sync_period = parse_duration(d)?;
         }
         Ok(())
     }

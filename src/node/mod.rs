@@ -279,8 +279,18 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
                 .await
                 .is_ok()
         } else {
-            cache.changed.notified().await;
-            true
+            // Without changes, check the kernel every sync_period.
+            loop {
+                match tokio::time::timeout(cfg.sync_period, cache.changed.notified()).await {
+                    Ok(()) => break true,
+                    Err(_) => {
+                        if let Err(e) = proxy.verify().await {
+                            tracing::warn!(error = %e, "checking the proxy's kernel state");
+                            break false;
+                        }
+                    }
+                }
+            }
         };
         if changed {
             health
@@ -341,6 +351,15 @@ enum Backend {
 }
 
 impl Backend {
+    /// The periodic check that the kernel still has what the backend
+    /// programmed (nftables; the userspace proxy owns its sockets).
+    async fn verify(&self) -> Result<(), String> {
+        match self {
+            Backend::Userspace(_) => Ok(()),
+            Backend::Nftables(p) => p.verify().await.map(|_| ()).map_err(|e| e.to_string()),
+        }
+    }
+
     /// Apply `state`. Ok(true) when part of it could not be applied yet
     /// (retried after a while even without new changes).
     async fn sync(&self, state: &ProxyState) -> Result<bool, String> {
@@ -359,11 +378,25 @@ impl Backend {
     }
 }
 
-/// `fairlead node --cleanup`: remove what the proxy modes leave in the
-/// kernel (the nftables table) and exit.
+/// `fairlead node --cleanup`: remove what the node daemon leaves in the
+/// kernel (the nftables table, the addresses it put on `lo` for Service IPs
+/// and cluster DNS) and exit.
 pub async fn cleanup() -> anyhow::Result<()> {
     let cfg = NftablesConfig::default();
-    crate::proxy::nftables::cleanup(&cfg.nft_command, &cfg.table)
+    crate::proxy::nftables::cleanup(None, &cfg.table)
         .await
-        .map_err(|e| anyhow::anyhow!("removing the nftables table {}: {e}", cfg.table))
+        .map_err(|e| anyhow::anyhow!("removing the nftables table {}: {e}", cfg.table))?;
+    for label in [DNS_LO_LABEL, crate::proxy::userspace::LO_LABEL] {
+        let out = tokio::process::Command::new("ip")
+            .args(["-4", "addr", "flush", "dev", "lo", "label", label])
+            .output()
+            .await
+            .map_err(|e| anyhow::anyhow!("running ip (iproute2): {e}"))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "removing the {label} addresses: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }

@@ -14,6 +14,7 @@
 //! The types here are the contract between the pure tracker and the
 //! backends, so each side is testable alone.
 
+pub mod conntrack;
 pub mod nftables;
 pub mod tracker;
 pub mod userspace;

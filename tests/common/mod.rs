@@ -3,8 +3,10 @@
 //! Not every test binary uses every helper.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod netns;
 pub mod python;
+pub mod scenarios;
 pub mod server;
 
 use std::io::{Read, Write};

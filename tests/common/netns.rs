@@ -62,16 +62,7 @@ impl Netns {
             String::from_utf8_lossy(&out.stderr)
         );
         let ns = Netns { name };
-        let out = Command::new("ip")
-            .args(["-n", &ns.name, "link", "set", "lo", "up"])
-            .output()
-            .expect("run ip");
-        assert!(
-            out.status.success(),
-            "ip link set lo up in {}: {}",
-            ns.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ns.run_ok("ip", &["link", "set", "lo", "up"]);
         ns
     }
 
@@ -107,6 +98,18 @@ impl Netns {
             .output()
             .expect("run ip");
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Run `program args...` inside the namespace to completion: its
+    /// stdout; panics with its stderr when it fails.
+    pub fn run_ok(&self, program: &str, args: &[&str]) -> String {
+        let out = self
+            .command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"));
+        super::server::stdout_ok(format_args!("{program} {args:?} in {}", self.name), out)
     }
 
     fn pids(&self) -> Vec<i32> {
@@ -146,6 +149,18 @@ impl Drop for Netns {
     }
 }
 
+/// Whether `nft` can run; prints why `test` is skipped otherwise.
+pub fn have_nft(test: &str) -> bool {
+    let ok = Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIPPED {test}: `nft` is not installed (Debian: apt-get install nftables)");
+    }
+    ok
+}
+
 /// A process started in a namespace; SIGKILLed and reaped on drop.
 pub struct Proc {
     child: Option<Child>,
@@ -162,6 +177,28 @@ impl Proc {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Send `signal` and wait until the process has exited, at most
+    /// `within` (then SIGKILL). Whether it exited by itself in time.
+    pub fn stop(&mut self, signal: i32, within: Duration) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        // SAFETY: plain kill(2) on our own child, not yet reaped.
+        unsafe {
+            libc::kill(c.id() as i32, signal);
+        }
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if matches!(c.try_wait(), Ok(Some(_))) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
     }
 
     /// Whether it is still running (false once it exited or was killed).
@@ -277,6 +314,15 @@ impl Agent {
             .collect()
     }
 
+    /// [`Agent::names`], panicking on any failed request.
+    pub fn names_ok(&mut self, addr: SocketAddr, n: usize, src: Option<IpAddr>) -> Vec<String> {
+        self.names(addr, n, src)
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.unwrap_or_else(|e| panic!("request {i} to {addr} failed: {e}")))
+            .collect()
+    }
+
     /// One datagram per fresh socket (a new flow each): replies and the
     /// address each came from.
     pub fn udp(
@@ -302,8 +348,9 @@ impl Agent {
 
     /// Try a service port once (TCP: connect, send a request, read; UDP:
     /// send, receive): the outcome (`refused`, `reset`, `eof`, `answered`,
-    /// `timeout` or `error: ...`) and how long it took to know, measured
-    /// inside the namespace.
+    /// `timeout`, `denied` (EPERM: netfilter dropped or rejected it in this
+    /// namespace's output path) or `error: ...`) and how long it took to
+    /// know, measured inside the namespace.
     pub fn probe(&mut self, addr: SocketAddr, udp: bool) -> (String, Duration) {
         let r = self.call(json!({"op": "probe", "addr": addr.to_string(), "udp": udp}));
         (
@@ -328,6 +375,13 @@ impl Agent {
             Some(e) => Err(e.to_string()),
             None => Ok(r["reply"].as_str().unwrap_or("").to_string()),
         }
+    }
+
+    /// [`Agent::echo`] of `msg`, which must come back; `why` the failure
+    /// would mean.
+    pub fn echo_ok(&mut self, id: &str, msg: &str, why: &str) {
+        let r = self.echo(id, msg);
+        assert_eq!(r.as_deref(), Ok(msg), "{why} (connection {id})");
     }
 
     /// Close connection `id`.
@@ -525,6 +579,8 @@ fn classify(e: &std::io::Error) -> String {
         ErrorKind::ConnectionRefused => "refused".into(),
         ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => "reset".into(),
         ErrorKind::WouldBlock | ErrorKind::TimedOut => "timeout".into(),
+        // EPERM on a send: netfilter dropped (or rejected) it on its way out.
+        ErrorKind::PermissionDenied => "denied".into(),
         _ => format!("error: {e}"),
     }
 }

@@ -124,14 +124,7 @@ impl Fairlead {
 
     /// Run kubectl and return stdout, panicking with stderr on failure.
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
-        let out = self.kubectl(args);
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        stdout_ok(format_args!("kubectl {args:?}"), self.kubectl(args))
     }
 
     /// A kube-rs client authenticated with the admin kubeconfig.
@@ -160,6 +153,19 @@ pub fn kubectl_cmd(kubeconfig: &Path, args: &[&str]) -> Command {
         kubeconfig.parent().unwrap().join("kubectl-cache"),
     );
     cmd
+}
+
+/// The stdout of `what`, which ran to `out`; panics with its stderr (and
+/// stdout) when it failed.
+pub fn stdout_ok(what: impl std::fmt::Display, out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Run `cmd` with `input` on its stdin; stdout and stderr captured.

@@ -1,30 +1,35 @@
-//! From one table model to another: the `nft -f` script that changes only
-//! what differs, applied by the kernel as one atomic transaction.
+//! From one table model to another: the operations that change only what
+//! differs, applied by the kernel as one atomic transaction (encoded as
+//! netlink messages by [`super::netlink`]; [`Script::text`] renders the
+//! same operations as an `nft -f` script, for golden files and tests).
 //!
 //! A sync is a list of [`Change`]s (service ports whose rules were added,
 //! replaced or removed). Chain and set names are unique to a service port,
 //! so chains are diffed per service port by name; map keys may in theory be
 //! claimed by several service ports, so elements are resolved through the
 //! applied model's claims (the first claimant in name order wins, as in a
-//! full build). Statement order keeps every reference valid inside the
+//! full build). Operation order keeps every reference valid inside the
 //! transaction:
 //!
 //! ```text
 //!  1. add set                        (new affinity sets)
 //!  2. add chain / flush chain        (new chains / chains whose rules changed)
 //!  3. add rule                       (their rules; may jump to 1.–2.)
-//!  4. delete element                 (removed, or changing verdict)
-//!  5. add element                    (new, or changed verdict)
+//!  4. delete element                 (removed, or changing verdict; and the
+//!                                     old fingerprint)
+//!  5. add element                    (new, or changed verdict; and the new
+//!                                     fingerprint)
 //!  6. flush chain + delete chain     (chains gone; nothing points at them now)
 //!  7. delete set                     (sets gone; their users were flushed)
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use super::ruleset::{
-    add_chain, add_element, add_rules, add_set, delete_element, Chain, ElementKey, Ruleset,
-    ServiceRules,
+    AffinitySet, BaseChain, Chain, ElementKey, Key, MapName, Rule, Ruleset, ServiceRules, Verdict,
+    BASE_CHAINS, HELPER_CHAINS,
 };
 use crate::proxy::ServicePortName;
 
@@ -49,18 +54,127 @@ pub struct ScriptStats {
     pub elements_deleted: usize,
 }
 
-/// An `nft -f` script and what it does.
+/// One operation on fairlead's table. Borrowed from the models it was
+/// computed from, so a full sync of 30,000 services copies no rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op<'a> {
+    /// Create the table if missing (with a comment: a new table).
+    AddTable {
+        comment: Option<&'static str>,
+    },
+    DeleteTable,
+    /// Create one of the fixed maps or sets.
+    AddMap(MapName),
+    AddBaseChain(&'static BaseChain),
+    AddChain {
+        name: &'a str,
+        comment: Option<&'a str>,
+    },
+    /// Delete every rule of a chain.
+    FlushChain(&'a str),
+    DeleteChain(&'a str),
+    AddRule {
+        chain: &'a str,
+        rule: &'a Rule,
+    },
+    AddSet(&'a AffinitySet),
+    DeleteSet(&'a str),
+    AddElement {
+        map: MapName,
+        key: Key,
+        verdict: Option<&'a Verdict>,
+    },
+    DeleteElement {
+        map: MapName,
+        key: Key,
+    },
+}
+
+impl Op<'_> {
+    /// The operation as an `nft -f` statement (one line, no newline).
+    pub fn render(&self, t: &str, out: &mut String) {
+        let _ = match self {
+            Op::AddTable { comment: None } => write!(out, "add table ip {t}"),
+            Op::AddTable { comment: Some(c) } => {
+                write!(out, "add table ip {t} {{ comment \"{c}\" ; }}")
+            }
+            Op::DeleteTable => write!(out, "delete table ip {t}"),
+            Op::AddMap(m) if m.is_set() => write!(
+                out,
+                "add set ip {t} {} {{ type {} ; }}",
+                m.as_str(),
+                m.key_type()
+            ),
+            Op::AddMap(m) => write!(
+                out,
+                "add map ip {t} {} {{ type {} : verdict ; }}",
+                m.as_str(),
+                m.key_type()
+            ),
+            Op::AddBaseChain(b) => write!(
+                out,
+                "add chain ip {t} {} {{ type {} hook {} priority {} ; policy accept ; }}",
+                b.name,
+                b.kind,
+                b.hook.as_str(),
+                b.priority
+            ),
+            Op::AddChain {
+                name,
+                comment: None,
+            } => write!(out, "add chain ip {t} {name}"),
+            Op::AddChain {
+                name,
+                comment: Some(c),
+            } => write!(out, "add chain ip {t} {name} {{ comment \"{c}\" ; }}"),
+            Op::FlushChain(c) => write!(out, "flush chain ip {t} {c}"),
+            Op::DeleteChain(c) => write!(out, "delete chain ip {t} {c}"),
+            Op::AddRule { chain, rule } => write!(out, "add rule ip {t} {chain} {rule}"),
+            Op::AddSet(s) => write!(
+                out,
+                "add set ip {t} {} {{ type ipv4_addr ; flags dynamic,timeout ; timeout {}s ; }}",
+                s.name, s.timeout_secs
+            ),
+            Op::DeleteSet(s) => write!(out, "delete set ip {t} {s}"),
+            Op::AddElement {
+                map,
+                key,
+                verdict: Some(v),
+            } => write!(out, "add element ip {t} {} {{ {key} : {v} }}", map.as_str()),
+            Op::AddElement {
+                map,
+                key,
+                verdict: None,
+            } => write!(out, "add element ip {t} {} {{ {key} }}", map.as_str()),
+            Op::DeleteElement { map, key } => {
+                write!(out, "delete element ip {t} {} {{ {key} }}", map.as_str())
+            }
+        };
+    }
+}
+
+/// The operations of one transaction and what they do.
 #[derive(Clone, Debug, Default)]
-pub struct Script {
-    pub text: String,
+pub struct Script<'a> {
+    pub ops: Vec<Op<'a>>,
     /// Recreates the whole table.
     pub full: bool,
     pub stats: ScriptStats,
 }
 
-impl Script {
+impl Script<'_> {
     pub fn is_empty(&self) -> bool {
-        self.text.is_empty()
+        self.ops.is_empty()
+    }
+
+    /// The script as `nft -f` text.
+    pub fn text(&self, table: &str) -> String {
+        let mut out = String::with_capacity(96 * self.ops.len());
+        for op in &self.ops {
+            op.render(table, &mut out);
+            out.push('\n');
+        }
+        out
     }
 }
 
@@ -90,36 +204,93 @@ pub fn changes(old: &Ruleset, new: &Ruleset) -> Vec<Change> {
     out
 }
 
-/// The script taking the kernel from `old` to `new`: a full recreate when
-/// the fixed part differs, otherwise only the changes.
-pub fn diff(old: &Ruleset, new: &Ruleset) -> Script {
+/// The operations taking the kernel from `old` to `new`: a full recreate
+/// when the fixed part differs, otherwise only `changes` (which must be
+/// [`changes`]`(old, new)`; the caller keeps them, as the script borrows
+/// from them).
+pub fn diff<'a>(old: &'a Ruleset, new: &'a Ruleset, changes: &'a [Change]) -> Script<'a> {
     if old.cfg != new.cfg {
         return full(new);
     }
-    partial(old, &changes(old, new))
+    partial(old, changes)
 }
 
-/// The script that (re)creates the whole table as `new`, atomically.
-pub fn full(new: &Ruleset) -> Script {
+/// The operations (re)creating the whole table as `new`, atomically
+/// (`add table` first, so the `delete` cannot fail on a missing table).
+pub fn full(new: &Ruleset) -> Script<'_> {
     let mut stats = ScriptStats {
         elements_added: new.element_count(),
         ..ScriptStats::default()
     };
+    let mut ops = Vec::with_capacity(new.rule_count() + new.element_count() + 64);
+    ops.push(Op::AddTable { comment: None });
+    ops.push(Op::DeleteTable);
+    ops.push(Op::AddTable {
+        comment: Some("fairlead"),
+    });
+    ops.extend(MapName::ALL.into_iter().map(Op::AddMap));
+    ops.extend(BASE_CHAINS.iter().map(Op::AddBaseChain));
+    ops.extend(HELPER_CHAINS.iter().map(|name| Op::AddChain {
+        name,
+        comment: None,
+    }));
+    ops.extend(
+        new.base()
+            .iter()
+            .map(|(chain, rule)| Op::AddRule { chain, rule }),
+    );
     for r in new.services().values() {
+        ops.extend(r.sets.iter().map(Op::AddSet));
+        ops.extend(r.chains.iter().map(|c| Op::AddChain {
+            name: &c.name,
+            comment: Some(&c.comment),
+        }));
         stats.chains_added += r.chains.len();
         stats.rules_added += r.rule_count();
         stats.sets_added += r.sets.len();
     }
+    for r in new.services().values() {
+        for c in &r.chains {
+            add_rules(&mut ops, c);
+        }
+    }
+    // Elements in key order within each map (the order `nft` lists them
+    // does not depend on it, but golden files do).
+    let mut elements: Vec<(&ElementKey, Option<&Verdict>)> = new
+        .claims()
+        .filter_map(|(k, c)| c.values().next().map(|v| (k, v.as_ref())))
+        .collect();
+    elements.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    ops.extend(
+        elements
+            .into_iter()
+            .map(|((map, key), verdict)| Op::AddElement {
+                map: *map,
+                key: *key,
+                verdict,
+            }),
+    );
+    ops.push(Op::AddElement {
+        map: MapName::Fingerprint,
+        key: Key::Fingerprint(new.fingerprint()),
+        verdict: None,
+    });
     Script {
-        text: new.render_full(),
+        ops,
         full: true,
         stats,
     }
 }
 
-/// The script applying `changes` to the table `applied` describes.
-pub fn partial(applied: &Ruleset, changes: &[Change]) -> Script {
-    let t = applied.cfg.table.as_str();
+fn add_rules<'a>(ops: &mut Vec<Op<'a>>, c: &'a Chain) {
+    ops.extend(c.rules.iter().map(|rule| Op::AddRule {
+        chain: &c.name,
+        rule,
+    }));
+}
+
+/// The operations applying `changes` to the table `applied` describes.
+pub fn partial<'a>(applied: &'a Ruleset, changes: &'a [Change]) -> Script<'a> {
     let mut stats = ScriptStats::default();
     let mut add_sets = Vec::new();
     let mut del_sets = Vec::new();
@@ -127,12 +298,14 @@ pub fn partial(applied: &Ruleset, changes: &[Change]) -> Script {
     let mut flushed: Vec<&Chain> = Vec::new();
     let mut gone: Vec<&Chain> = Vec::new();
     // Per touched map key: (service port, wanted verdict or None).
-    let mut claims: BTreeMap<ElementKey, Vec<(&ServicePortName, Option<&str>)>> = BTreeMap::new();
+    type Claim<'c> = (&'c ServicePortName, Option<Option<&'c Verdict>>);
+    let mut claims: BTreeMap<ElementKey, Vec<Claim<'a>>> = BTreeMap::new();
 
-    let empty = ServiceRules::default();
+    static EMPTY: std::sync::LazyLock<ServiceRules> =
+        std::sync::LazyLock::new(ServiceRules::default);
     for ch in changes {
-        let old = ch.old.as_deref().unwrap_or(&empty);
-        let new = ch.new.as_deref().unwrap_or(&empty);
+        let old = ch.old.as_deref().unwrap_or(&EMPTY);
+        let new = ch.new.as_deref().unwrap_or(&EMPTY);
         let old_chains: HashMap<&str, &Chain> =
             old.chains.iter().map(|c| (c.name.as_str(), c)).collect();
         let new_names: BTreeSet<&str> = new.chains.iter().map(|c| c.name.as_str()).collect();
@@ -152,75 +325,90 @@ pub fn partial(applied: &Ruleset, changes: &[Change]) -> Script {
         del_sets.extend(old.sets.iter().filter(|s| !new.sets.contains(s)));
         for e in &old.elements {
             claims
-                .entry((e.map, e.key.clone()))
+                .entry((e.map, e.key))
                 .or_default()
                 .push((&ch.spn, None));
         }
         for e in &new.elements {
             claims
-                .entry((e.map, e.key.clone()))
+                .entry((e.map, e.key))
                 .or_default()
-                .push((&ch.spn, Some(e.verdict.as_str())));
+                .push((&ch.spn, Some(e.verdict.as_ref())));
         }
     }
 
     // Elements: compare the first claimant's verdict before and after.
-    let mut del_elements: Vec<&ElementKey> = Vec::new();
-    let mut add_elements: Vec<(&ElementKey, String)> = Vec::new();
+    let mut del_elements: Vec<ElementKey> = Vec::new();
+    let mut add_elements: Vec<(ElementKey, Option<&Verdict>)> = Vec::new();
     for (key, touched) in &claims {
         let before = applied.claimants(key);
-        let old_verdict = before.and_then(|c| c.values().next()).map(String::as_str);
-        let mut after: BTreeMap<&ServicePortName, &str> = before
-            .map(|c| c.iter().map(|(s, v)| (s, v.as_str())).collect())
+        let old_verdict: Option<Option<&Verdict>> =
+            before.and_then(|c| c.values().next()).map(Option::as_ref);
+        let mut after: BTreeMap<&ServicePortName, Option<&Verdict>> = before
+            .map(|c| c.iter().map(|(s, v)| (s, v.as_ref())).collect())
             .unwrap_or_default();
         for (spn, _) in touched {
             after.remove(*spn);
         }
         for (spn, v) in touched {
             if let Some(v) = v {
-                after.insert(*spn, v);
+                after.insert(*spn, *v);
             }
         }
         let new_verdict = after.values().next().copied();
         if old_verdict != new_verdict {
             if old_verdict.is_some() {
-                del_elements.push(key);
+                del_elements.push(*key);
             }
             if let Some(v) = new_verdict {
-                add_elements.push((key, v.to_string()));
+                add_elements.push((*key, v));
             }
         }
     }
 
-    let mut out = String::new();
-    for s in &add_sets {
-        add_set(&mut out, t, s);
-    }
-    for c in &new_chains {
-        add_chain(&mut out, t, c);
-    }
-    for c in &flushed {
-        out.push_str(&format!("flush chain ip {t} {}\n", c.name));
-    }
+    let mut ops = Vec::new();
+    ops.extend(add_sets.iter().map(|s| Op::AddSet(s)));
+    ops.extend(new_chains.iter().map(|c| Op::AddChain {
+        name: &c.name,
+        comment: Some(&c.comment),
+    }));
+    ops.extend(flushed.iter().map(|c| Op::FlushChain(&c.name)));
     for c in new_chains.iter().chain(flushed.iter()) {
-        add_rules(&mut out, t, c);
+        add_rules(&mut ops, c);
         stats.rules_added += c.rules.len();
     }
-    for (map, key) in &del_elements {
-        delete_element(&mut out, t, *map, key);
+    ops.extend(del_elements.iter().map(|(map, key)| Op::DeleteElement {
+        map: *map,
+        key: *key,
+    }));
+    ops.extend(
+        add_elements
+            .iter()
+            .map(|((map, key), verdict)| Op::AddElement {
+                map: *map,
+                key: *key,
+                verdict: *verdict,
+            }),
+    );
+    // The fingerprint moves with every change of the model.
+    let fingerprint = changes.iter().fold(applied.fingerprint(), |f, ch| {
+        f ^ ch.old.as_ref().map_or(0, |r| r.fingerprint)
+            ^ ch.new.as_ref().map_or(0, |r| r.fingerprint)
+    });
+    if fingerprint != applied.fingerprint() {
+        ops.push(Op::DeleteElement {
+            map: MapName::Fingerprint,
+            key: Key::Fingerprint(applied.fingerprint()),
+        });
+        ops.push(Op::AddElement {
+            map: MapName::Fingerprint,
+            key: Key::Fingerprint(fingerprint),
+            verdict: None,
+        });
     }
-    for ((map, key), v) in &add_elements {
-        add_element(&mut out, t, *map, key, v);
-    }
-    for c in &gone {
-        out.push_str(&format!("flush chain ip {t} {}\n", c.name));
-    }
-    for c in &gone {
-        out.push_str(&format!("delete chain ip {t} {}\n", c.name));
-    }
-    for s in &del_sets {
-        out.push_str(&format!("delete set ip {t} {}\n", s.name));
-    }
+    ops.extend(gone.iter().map(|c| Op::FlushChain(&c.name)));
+    ops.extend(gone.iter().map(|c| Op::DeleteChain(&c.name)));
+    ops.extend(del_sets.iter().map(|s| Op::DeleteSet(&s.name)));
     stats.chains_added = new_chains.len();
     stats.chains_flushed = flushed.len();
     stats.chains_deleted = gone.len();
@@ -229,7 +417,7 @@ pub fn partial(applied: &Ruleset, changes: &[Change]) -> Script {
     stats.elements_added = add_elements.len();
     stats.elements_deleted = del_elements.len();
     Script {
-        text: out,
+        ops,
         full: false,
         stats,
     }
@@ -404,9 +592,17 @@ pub(crate) mod tests {
         }
     }
 
+    /// The script from `old` to `new`, as text, and its stats.
+    fn diff_text(old: &Ruleset, new: &Ruleset) -> (String, ScriptStats) {
+        let ch = changes(old, new);
+        let s = diff(old, new, &ch);
+        (s.text("fairlead"), s.stats.clone())
+    }
+
     fn sim_of(r: &Ruleset) -> Sim {
         let mut s = Sim::default();
-        s.apply(&full(r).text).expect("full script applies");
+        s.apply(&full(r).text("fairlead"))
+            .expect("full script applies");
         s
     }
 
@@ -415,7 +611,7 @@ pub(crate) mod tests {
         let st = golden_state();
         let a = Ruleset::build(cfg(), &st);
         let b = Ruleset::build(cfg(), &st);
-        assert!(diff(&a, &b).is_empty());
+        assert!(diff(&a, &b, &changes(&a, &b)).is_empty());
     }
 
     #[test]
@@ -430,8 +626,8 @@ pub(crate) mod tests {
             .retain(|e| e.addr.port() != 8080 || !e.addr.ip().to_string().ends_with(".11"));
         st2.insert(web.clone(), Arc::new(w));
         let new = Ruleset::build(cfg(), &st2);
-        let script = diff(&old, &new);
-        golden("web-endpoints.diff.nft", &script.text);
+        let (text, stats) = diff_text(&old, &new);
+        golden("web-endpoints.diff.nft", &text);
         // Every statement names web's chains or the hairpin elements of
         // its old or new endpoints, nothing else.
         let mut ours: BTreeSet<String> = old.services()[&web]
@@ -442,14 +638,15 @@ pub(crate) mod tests {
             .collect();
         ours.insert("{ 10.244.0.11 . 10.244.0.11 }".into());
         ours.insert("{ 10.244.2.13 . 10.244.2.13 }".into());
-        for line in script.text.lines() {
+        ours.insert("fairlead fingerprint {".into());
+        for line in text.lines() {
             assert!(
                 ours.iter().any(|n| line.contains(n.as_str())),
                 "unrelated statement: {line}"
             );
         }
         assert_eq!(
-            script.stats,
+            stats,
             ScriptStats {
                 chains_flushed: 1,
                 rules_added: 2,
@@ -459,9 +656,9 @@ pub(crate) mod tests {
             }
         );
         let mut s = sim_of(&old);
-        s.apply(&script.text).unwrap();
+        s.apply(&text).unwrap();
         assert_eq!(s, sim_of(&new));
-        assert!(script.text.contains(&format!(
+        assert!(text.contains(&format!(
             "flush chain ip fairlead svc-{}",
             service_hash(&web)
         )));
@@ -477,10 +674,10 @@ pub(crate) mod tests {
         s.endpoints.clear();
         st2.insert(sticky, Arc::new(s));
         let new = Ruleset::build(cfg(), &st2);
-        let script = diff(&old, &new);
-        golden("sticky-no-endpoints.diff.nft", &script.text);
+        let (text, _) = diff_text(&old, &new);
+        golden("sticky-no-endpoints.diff.nft", &text);
         let mut sim = sim_of(&old);
-        sim.apply(&script.text).unwrap();
+        sim.apply(&text).unwrap();
         assert_eq!(sim, sim_of(&new));
     }
 
@@ -560,9 +757,9 @@ pub(crate) mod tests {
                 random_step(&mut rng, &mut state);
             }
             let new = Ruleset::build(cfg(), &state);
-            let script = diff(&applied, &new);
-            sim.apply(&script.text)
-                .unwrap_or_else(|e| panic!("step {step}: {e}\n{}", script.text));
+            let (text, _) = diff_text(&applied, &new);
+            sim.apply(&text)
+                .unwrap_or_else(|e| panic!("step {step}: {e}\n{text}"));
             assert_eq!(sim, sim_of(&new), "step {step}");
             applied = new;
         }

@@ -1,7 +1,9 @@
 //! The desired nftables ruleset, computed by pure functions from the
-//! [`ProxyState`] and the node's settings. Nothing here runs `nft`: the model
-//! is rendered as `nft -f` script text ([`Ruleset::render_full`]), and
-//! [`super::diff`] turns two models into the script of their difference.
+//! [`ProxyState`] and the node's settings. Nothing here talks to the
+//! kernel: rules are typed values ([`Rule`]) that render as `nft` syntax
+//! (their `Display`, used by golden files and error messages) and encode as
+//! netlink expressions ([`super::netlink`]); [`super::diff`] turns two models
+//! into the operations of their difference.
 //!
 //! The model is split the way changes arrive: a fixed part that depends only
 //! on the configuration ([`render_base`]), and one [`ServiceRules`] per
@@ -28,6 +30,10 @@
 //!       # or drop (a traffic policy Local and no endpoint on this node)
 //!   set hairpin-endpoints     { ipv4_addr . ipv4_addr }
 //!       # <endpoint ip> . <endpoint ip>, for every endpoint in use
+//!   set fingerprint           { ipv6_addr }
+//!       # one element: a 128-bit hash of the model the table was built
+//!       # from, updated in every transaction. A restarted daemon whose
+//!       # desired model has the same hash adopts the table as it is.
 //!
 //!   # Filter (priority -110, before DNAT): reject/drop new connections to
 //!   # frontends without endpoints.
@@ -49,7 +55,8 @@
 //!     <nodeport addresses> meta l4proto . th dport vmap @service-nodeports
 //!   }
 //!   # <nodeport addresses>: `fib daddr type local ip daddr != 127.0.0.0/8`,
-//!   # or `ip daddr { <--nodeport-addresses> }` when they are given.
+//!   # or, when --nodeport-addresses are given, one rule per address
+//!   # (`ip daddr <address>`).
 //!   chain masquerading {
 //!     # hairpin: an endpoint reached itself through a Service
 //!     ct status dnat ip saddr . ip daddr @hairpin-endpoints jump mark-for-masquerade
@@ -104,8 +111,8 @@
 //! and endpoints are skipped.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::fmt::{self, Write as _};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::sync::Arc;
 
 use crate::proxy::{Protocol, ProxyState, ServicePortInfo, ServicePortName};
@@ -140,11 +147,11 @@ impl RulesetConfig {
         1u32 << (self.masquerade_bit.min(31))
     }
 
-    /// The match selecting NodePort traffic, or `None` when no configured
-    /// NodePort address is IPv4.
-    fn nodeport_match(&self) -> Option<String> {
+    /// The matches selecting NodePort traffic (one dispatch rule each);
+    /// none when no configured NodePort address is IPv4.
+    fn nodeport_matches(&self) -> Vec<NodeportMatch> {
         if self.nodeport_addresses.is_empty() {
-            return Some("fib daddr type local ip daddr != 127.0.0.0/8".to_string());
+            return vec![NodeportMatch::LocalNonLoopback];
         }
         let v4: BTreeSet<Ipv4Addr> = self
             .nodeport_addresses
@@ -154,15 +161,11 @@ impl RulesetConfig {
                 IpAddr::V6(_) => None,
             })
             .collect();
-        if v4.is_empty() {
-            return None;
-        }
-        let list: Vec<String> = v4.iter().map(|ip| ip.to_string()).collect();
-        Some(format!("ip daddr {{ {} }}", list.join(", ")))
+        v4.into_iter().map(NodeportMatch::Address).collect()
     }
 }
 
-/// The four dispatch maps.
+/// The fixed sets and maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MapName {
     ServiceIps,
@@ -172,20 +175,24 @@ pub enum MapName {
     /// A set (no verdicts): `endpoint ip . endpoint ip`, for hairpin
     /// masquerading.
     HairpinEndpoints,
+    /// A set holding the model's fingerprint (one `ipv6_addr`-typed
+    /// element: 128 bits).
+    Fingerprint,
 }
 
 impl MapName {
-    pub const ALL: [MapName; 5] = [
+    pub const ALL: [MapName; 6] = [
         MapName::ServiceIps,
         MapName::ServiceNodeports,
         MapName::NoEndpointServices,
         MapName::NoEndpointNodeports,
         MapName::HairpinEndpoints,
+        MapName::Fingerprint,
     ];
 
     /// A set rather than a verdict map.
     pub fn is_set(&self) -> bool {
-        *self == MapName::HairpinEndpoints
+        matches!(self, MapName::HairpinEndpoints | MapName::Fingerprint)
     }
 
     pub fn as_str(&self) -> &'static str {
@@ -195,16 +202,155 @@ impl MapName {
             MapName::NoEndpointServices => "no-endpoint-services",
             MapName::NoEndpointNodeports => "no-endpoint-nodeports",
             MapName::HairpinEndpoints => "hairpin-endpoints",
+            MapName::Fingerprint => "fingerprint",
         }
     }
 
-    fn key_type(&self) -> &'static str {
+    pub fn key_type(&self) -> &'static str {
         match self {
             MapName::ServiceIps | MapName::NoEndpointServices => {
                 "ipv4_addr . inet_proto . inet_service"
             }
             MapName::ServiceNodeports | MapName::NoEndpointNodeports => "inet_proto . inet_service",
             MapName::HairpinEndpoints => "ipv4_addr . ipv4_addr",
+            MapName::Fingerprint => "ipv6_addr",
+        }
+    }
+}
+
+/// Where a rule (or map element) sends a packet.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Verdict {
+    Jump(String),
+    Goto(String),
+    Return,
+    Drop,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Jump(c) => write!(f, "jump {c}"),
+            Verdict::Goto(c) => write!(f, "goto {c}"),
+            Verdict::Return => f.write_str("return"),
+            Verdict::Drop => f.write_str("drop"),
+        }
+    }
+}
+
+/// Which destinations count as NodePort addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NodeportMatch {
+    /// Every local address except 127.0.0.0/8.
+    LocalNonLoopback,
+    /// One `--nodeport-addresses` address.
+    Address(Ipv4Addr),
+}
+
+impl fmt::Display for NodeportMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NodeportMatch::LocalNonLoopback => {
+                f.write_str("fib daddr type local ip daddr != 127.0.0.0/8")
+            }
+            NodeportMatch::Address(a) => write!(f, "ip daddr {a}"),
+        }
+    }
+}
+
+/// What a balancing rule does with the connection it picked.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// `meta l4proto <proto> dnat to <ip>:<port>`
+    Dnat { proto: Protocol, to: SocketAddrV4 },
+    /// `goto <endpoint chain>` (with ClientIP affinity)
+    Goto(String),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Dnat { proto, to } => {
+                write!(f, "meta l4proto {} dnat to {to}", proto_name(*proto))
+            }
+            Target::Goto(c) => write!(f, "goto {c}"),
+        }
+    }
+}
+
+/// One rule. The shapes are few and fixed; each renders as the `nft`
+/// statement it stands for and encodes as its netlink expressions
+/// ([`super::netlink::encode_rule`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Rule {
+    /// `ct state new <verdict>`
+    CtStateNew(Verdict),
+    /// `ip daddr . meta l4proto . th dport vmap @<map>`
+    DispatchFrontends(MapName),
+    /// `<nodeport match> meta l4proto . th dport vmap @<map>`
+    DispatchNodeports(NodeportMatch, MapName),
+    /// `ct status dnat ip saddr . ip daddr @hairpin-endpoints <verdict>`
+    Hairpin(Verdict),
+    /// `meta mark & <m> == 0 return`
+    ReturnUnlessMarked(u32),
+    /// `meta mark set meta mark ^ <m>`
+    MarkXor(u32),
+    /// `meta mark set meta mark | <m>`
+    MarkOr(u32),
+    /// `masquerade fully-random`
+    Masquerade,
+    /// `meta l4proto tcp reject with tcp reset`
+    RejectTcpReset,
+    /// `reject` (ICMP port unreachable)
+    Reject,
+    /// `<verdict>`
+    Verdict(Verdict),
+    /// `fib saddr type local <verdict>`
+    FromLocal(Verdict),
+    /// `ip saddr @<set> <verdict>`
+    AffinityHit { set: String, then: Verdict },
+    /// `update @<set> { ip saddr }`
+    AffinityUpdate(String),
+    /// `[numgen inc mod <n> == 0] <target>`
+    Pick {
+        modulus: Option<u32>,
+        target: Target,
+    },
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rule::CtStateNew(v) => write!(f, "ct state new {v}"),
+            Rule::DispatchFrontends(m) => {
+                write!(f, "ip daddr . meta l4proto . th dport vmap @{}", m.as_str())
+            }
+            Rule::DispatchNodeports(np, m) => {
+                write!(f, "{np} meta l4proto . th dport vmap @{}", m.as_str())
+            }
+            Rule::Hairpin(v) => write!(
+                f,
+                "ct status dnat ip saddr . ip daddr @{} {v}",
+                MapName::HairpinEndpoints.as_str()
+            ),
+            Rule::ReturnUnlessMarked(m) => write!(f, "meta mark & {m:#x} == 0 return"),
+            Rule::MarkXor(m) => write!(f, "meta mark set meta mark ^ {m:#x}"),
+            Rule::MarkOr(m) => write!(f, "meta mark set meta mark | {m:#x}"),
+            Rule::Masquerade => f.write_str("masquerade fully-random"),
+            Rule::RejectTcpReset => f.write_str("meta l4proto tcp reject with tcp reset"),
+            Rule::Reject => f.write_str("reject"),
+            Rule::Verdict(v) => write!(f, "{v}"),
+            Rule::FromLocal(v) => write!(f, "fib saddr type local {v}"),
+            Rule::AffinityHit { set, then } => write!(f, "ip saddr @{set} {then}"),
+            Rule::AffinityUpdate(set) => write!(f, "update @{set} {{ ip saddr }}"),
+            Rule::Pick {
+                modulus: Some(n),
+                target,
+            } => write!(f, "numgen inc mod {n} == 0 {target}"),
+            Rule::Pick {
+                modulus: None,
+                target,
+            } => write!(f, "{target}"),
         }
     }
 }
@@ -215,7 +361,7 @@ impl MapName {
 pub struct Chain {
     pub name: String,
     pub comment: String,
-    pub rules: Vec<String>,
+    pub rules: Vec<Rule>,
 }
 
 /// A ClientIP affinity set of one endpoint (`dynamic,timeout`).
@@ -225,14 +371,36 @@ pub struct AffinitySet {
     pub timeout_secs: u64,
 }
 
-/// One element of a dispatch map.
+/// The key of a map or set element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Key {
+    /// `ip . proto . port` (service-ips, no-endpoint-services)
+    Frontend(Ipv4Addr, Protocol, u16),
+    /// `proto . port` (the NodePort maps)
+    NodePort(Protocol, u16),
+    /// `ip . ip` (hairpin-endpoints)
+    Pair(Ipv4Addr, Ipv4Addr),
+    /// The model's fingerprint (shown as an IPv6 address).
+    Fingerprint(u128),
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Key::Frontend(ip, p, port) => write!(f, "{ip} . {} . {port}", proto_name(*p)),
+            Key::NodePort(p, port) => write!(f, "{} . {port}", proto_name(*p)),
+            Key::Pair(a, b) => write!(f, "{a} . {b}"),
+            Key::Fingerprint(h) => write!(f, "{}", Ipv6Addr::from(*h)),
+        }
+    }
+}
+
+/// One element of a dispatch map (`verdict` None: a set element).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Element {
     pub map: MapName,
-    /// The key in nft syntax (`10.96.0.1 . tcp . 80`).
-    pub key: String,
-    /// The verdict (`goto svc-...`, `drop`).
-    pub verdict: String,
+    pub key: Key,
+    pub verdict: Option<Verdict>,
 }
 
 /// Everything one service port contributes to the table. Chain and set
@@ -243,6 +411,9 @@ pub struct ServiceRules {
     pub sets: Vec<AffinitySet>,
     /// Deduplicated by (map, key).
     pub elements: Vec<Element>,
+    /// Hash of all of the above and the service port's name (see
+    /// [`Ruleset::fingerprint`]).
+    pub fingerprint: u128,
 }
 
 impl ServiceRules {
@@ -253,30 +424,59 @@ impl ServiceRules {
 
 // ---- names ------------------------------------------------------------------
 
-/// FNV-1a, 128 bits: stable across Rust versions and processes (chain
-/// names outlive the daemon in the kernel).
+/// FNV-1a, 128 bits, fed as a `fmt::Write`: stable across Rust versions
+/// and processes (chain names and the fingerprint outlive the daemon in
+/// the kernel).
+pub(crate) struct Fnv128(u128);
+
+impl Fnv128 {
+    pub(crate) fn new() -> Self {
+        Fnv128(0x6c62272e07bb014262b821756295c58d)
+    }
+
+    fn byte(&mut self, b: u8) {
+        const PRIME: u128 = 0x0000000001000000000000000000013B;
+        self.0 ^= b as u128;
+        self.0 = self.0.wrapping_mul(PRIME);
+    }
+
+    /// A part separator (0xff never occurs in UTF-8).
+    pub(crate) fn separator(&mut self) {
+        self.byte(0xff);
+    }
+
+    pub(crate) fn finish(&self) -> u128 {
+        // FNV's top bits barely depend on the last bytes: finish with an
+        // xorshift-multiply avalanche so every input bit reaches the bits
+        // used.
+        let mut h = self.0;
+        h ^= h >> 64;
+        h = h.wrapping_mul(0x9e3779b97f4a7c15f39cc0605cedc835);
+        h ^= h >> 67;
+        h = h.wrapping_mul(0xc2b2ae3d27d4eb4f165667b19e3779f9);
+        h ^= h >> 64;
+        h
+    }
+}
+
+impl fmt::Write for Fnv128 {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            self.byte(b);
+        }
+        Ok(())
+    }
+}
+
 fn fnv128(parts: &[&str]) -> u128 {
-    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
-    const PRIME: u128 = 0x0000000001000000000000000000013B;
-    let mut h = OFFSET;
+    let mut h = Fnv128::new();
     for (i, p) in parts.iter().enumerate() {
         if i > 0 {
-            h ^= 0xff;
-            h = h.wrapping_mul(PRIME);
+            h.separator();
         }
-        for b in p.bytes() {
-            h ^= b as u128;
-            h = h.wrapping_mul(PRIME);
-        }
+        let _ = h.write_str(p);
     }
-    // FNV's top bits barely depend on the last bytes: finish with an
-    // xorshift-multiply avalanche so every input bit reaches the bits used.
-    h ^= h >> 64;
-    h = h.wrapping_mul(0x9e3779b97f4a7c15f39cc0605cedc835);
-    h ^= h >> 67;
-    h = h.wrapping_mul(0xc2b2ae3d27d4eb4f165667b19e3779f9);
-    h ^= h >> 64;
-    h
+    h.finish()
 }
 
 /// 80 bits of a hash in lowercase base32 (16 characters).
@@ -399,21 +599,24 @@ pub fn service_rules(
         .flatten()
         .copied()
         .collect();
-    let mut elements: BTreeMap<(MapName, String), String> = BTreeMap::new();
+    let mut elements: BTreeMap<(MapName, Key), Option<Verdict>> = BTreeMap::new();
     for &ep in &all {
-        let ip = ep.ip();
-        elements.insert(
-            (MapName::HairpinEndpoints, format!("{ip} . {ip}")),
-            String::new(),
-        );
+        let ip = *ep.ip();
+        elements.insert((MapName::HairpinEndpoints, Key::Pair(ip, ip)), None);
         if let Some(t) = affinity {
             let set = affinity_set_name(spn, ep, t);
             out.chains.push(Chain {
                 name: sep(ep),
                 comment: comment(&format!("{spn} {proto} -> {ep}")),
                 rules: vec![
-                    format!("update @{set} {{ ip saddr }}"),
-                    format!("meta l4proto {proto} dnat to {ep}"),
+                    Rule::AffinityUpdate(set.clone()),
+                    Rule::Pick {
+                        modulus: None,
+                        target: Target::Dnat {
+                            proto: spn.protocol,
+                            to: ep,
+                        },
+                    },
                 ],
             });
             out.sets.push(AffinitySet {
@@ -425,31 +628,32 @@ pub fn service_rules(
     // Where a chosen endpoint's connections go: its chain with affinity,
     // else straight to the DNAT.
     let target = |ep: SocketAddrV4| match affinity {
-        Some(_) => format!("goto {}", sep(ep)),
-        None => format!("meta l4proto {proto} dnat to {ep}"),
+        Some(_) => Target::Goto(sep(ep)),
+        None => Target::Dnat {
+            proto: spn.protocol,
+            to: ep,
+        },
     };
 
     // Round robin (after affinity) over a list of endpoints.
-    let balance = |eps: &[SocketAddrV4]| -> Vec<String> {
+    let balance = |eps: &[SocketAddrV4]| -> Vec<Rule> {
         let mut rules = Vec::new();
         if let Some(t) = affinity {
             for &ep in eps {
-                rules.push(format!(
-                    "ip saddr @{} goto {}",
-                    affinity_set_name(spn, ep, t),
-                    sep(ep)
-                ));
+                rules.push(Rule::AffinityHit {
+                    set: affinity_set_name(spn, ep, t),
+                    then: Verdict::Goto(sep(ep)),
+                });
             }
         }
         // Rule i sees the connections rules 0..i left, N - i of every N,
         // and takes one of them: exact round robin, without a set.
         let n = eps.len();
         for (i, &ep) in eps.iter().enumerate() {
-            if i + 1 == n {
-                rules.push(target(ep));
-            } else {
-                rules.push(format!("numgen inc mod {} == 0 {}", n - i, target(ep)));
-            }
+            rules.push(Rule::Pick {
+                modulus: (i + 1 < n).then(|| (n - i) as u32),
+                target: target(ep),
+            });
         }
         rules
     };
@@ -474,16 +678,17 @@ pub fn service_rules(
         (!cluster.is_empty()).then_some(&svc)
     };
     if has_external && external_reachable {
+        let mark = || Verdict::Jump(MARK_FOR_MASQUERADE.to_string());
         let rules = if info.external_local {
             vec![
-                "fib saddr type local jump mark-for-masquerade".to_string(),
-                format!("fib saddr type local goto {svc}"),
-                format!("goto {svl}"),
+                Rule::FromLocal(mark()),
+                Rule::FromLocal(Verdict::Goto(svc.clone())),
+                Rule::Verdict(Verdict::Goto(svl.clone())),
             ]
         } else {
             vec![
-                "jump mark-for-masquerade".to_string(),
-                format!("goto {svc}"),
+                Rule::Verdict(mark()),
+                Rule::Verdict(Verdict::Goto(svc.clone())),
             ]
         };
         out.chains.push(Chain {
@@ -496,190 +701,231 @@ pub fn service_rules(
     // Without endpoints at all: reject. With endpoints, but none for this
     // traffic's policy: drop (kube-proxy's choice).
     let unreachable = if cluster.is_empty() {
-        "goto reject-chain"
+        Verdict::Goto(REJECT_CHAIN.to_string())
     } else {
-        "drop"
+        Verdict::Drop
     };
-    let mut put = |map: MapName, key: String, verdict: String| {
-        elements.entry((map, key)).or_insert(verdict);
+    let mut put = |map: MapName, key: Key, verdict: Verdict| {
+        elements.entry((map, key)).or_insert(Some(verdict));
     };
+    let p = spn.protocol;
     for ip in v4_ips(&info.cluster_ips) {
-        let key = format!("{ip} . {proto} . {}", info.port);
+        let key = Key::Frontend(ip, p, info.port);
         match internal_target {
-            Some(t) => put(MapName::ServiceIps, key, format!("goto {t}")),
-            None => put(MapName::NoEndpointServices, key, unreachable.to_string()),
+            Some(t) => put(MapName::ServiceIps, key, Verdict::Goto(t.clone())),
+            None => put(MapName::NoEndpointServices, key, unreachable.clone()),
         }
     }
     for ip in external_ips {
-        let key = format!("{ip} . {proto} . {}", info.port);
+        let key = Key::Frontend(ip, p, info.port);
         if external_reachable {
-            put(MapName::ServiceIps, key, format!("goto {ext}"));
+            put(MapName::ServiceIps, key, Verdict::Goto(ext.clone()));
         } else {
-            put(MapName::NoEndpointServices, key, unreachable.to_string());
+            put(MapName::NoEndpointServices, key, unreachable.clone());
         }
     }
     if let Some(np) = info.node_port {
-        let key = format!("{proto} . {np}");
+        let key = Key::NodePort(p, np);
         if external_reachable {
-            put(MapName::ServiceNodeports, key, format!("goto {ext}"));
+            put(MapName::ServiceNodeports, key, Verdict::Goto(ext.clone()));
         } else {
-            put(MapName::NoEndpointNodeports, key, unreachable.to_string());
+            put(MapName::NoEndpointNodeports, key, unreachable.clone());
         }
     }
     out.elements = elements
         .into_iter()
         .map(|((map, key), verdict)| Element { map, key, verdict })
         .collect();
+    out.fingerprint = service_fingerprint(spn, &out);
     out
+}
+
+/// The hash of one service port's rules, from their `nft` rendering (so it
+/// does not depend on how Rust hashes types).
+fn service_fingerprint(spn: &ServicePortName, r: &ServiceRules) -> u128 {
+    let mut h = Fnv128::new();
+    let _ = write!(h, "{}", spn_key(spn));
+    for c in &r.chains {
+        h.separator();
+        let _ = write!(h, "chain {} {}", c.name, c.comment);
+        for rule in &c.rules {
+            h.separator();
+            let _ = write!(h, "{rule}");
+        }
+    }
+    for s in &r.sets {
+        h.separator();
+        let _ = write!(h, "set {} {}", s.name, s.timeout_secs);
+    }
+    for e in &r.elements {
+        h.separator();
+        let _ = write!(h, "element {} {}", e.map.as_str(), e.key);
+        if let Some(v) = &e.verdict {
+            let _ = write!(h, " : {v}");
+        }
+    }
+    h.finish()
 }
 
 // ---- the fixed part ---------------------------------------------------------
 
-/// The statements creating the table's fixed part (maps, base chains,
-/// helper chains), one per line, for a table that is being created.
-pub fn render_base(cfg: &RulesetConfig, out: &mut String) {
-    let t = &cfg.table;
-    let mark = cfg.mark();
-    for m in MapName::ALL {
-        if m.is_set() {
-            let _ = writeln!(
-                out,
-                "add set ip {t} {} {{ type {} ; }}",
-                m.as_str(),
-                m.key_type()
-            );
-        } else {
-            let _ = writeln!(
-                out,
-                "add map ip {t} {} {{ type {} : verdict ; }}",
-                m.as_str(),
-                m.key_type()
-            );
+/// The helper chain that marks a connection for masquerading.
+pub const MARK_FOR_MASQUERADE: &str = "mark-for-masquerade";
+/// The helper chain rejecting connections to frontends without endpoints.
+pub const REJECT_CHAIN: &str = "reject-chain";
+
+/// A netfilter hook a base chain is attached to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Prerouting,
+    Input,
+    Forward,
+    Output,
+    Postrouting,
+}
+
+impl Hook {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Hook::Prerouting => "prerouting",
+            Hook::Input => "input",
+            Hook::Forward => "forward",
+            Hook::Output => "output",
+            Hook::Postrouting => "postrouting",
         }
     }
-    for (name, kind, hook, prio) in [
-        ("filter-input", "filter", "input", -110),
-        ("filter-forward", "filter", "forward", -110),
-        ("filter-output", "filter", "output", -110),
-        ("nat-prerouting", "nat", "prerouting", -100),
-        ("nat-output", "nat", "output", -100),
-        ("nat-postrouting", "nat", "postrouting", 100),
-    ] {
-        let _ = writeln!(
-            out,
-            "add chain ip {t} {name} {{ type {kind} hook {hook} priority {prio} ; policy accept ; }}"
-        );
+
+    /// The kernel's number (`NF_INET_*`).
+    pub fn number(&self) -> u32 {
+        match self {
+            Hook::Prerouting => 0,
+            Hook::Input => 1,
+            Hook::Forward => 2,
+            Hook::Output => 3,
+            Hook::Postrouting => 4,
+        }
     }
-    for name in [
-        "service-endpoints-check",
-        "services",
-        "masquerading",
-        "mark-for-masquerade",
-        "reject-chain",
-    ] {
-        let _ = writeln!(out, "add chain ip {t} {name}");
-    }
-    let mut rule = |chain: &str, r: &str| {
-        let _ = writeln!(out, "add rule ip {t} {chain} {r}");
-    };
+}
+
+/// A base chain: where packets enter the table.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BaseChain {
+    pub name: &'static str,
+    /// `filter` or `nat`.
+    pub kind: &'static str,
+    pub hook: Hook,
+    pub priority: i32,
+}
+
+pub const BASE_CHAINS: [BaseChain; 6] = [
+    BaseChain {
+        name: "filter-input",
+        kind: "filter",
+        hook: Hook::Input,
+        priority: -110,
+    },
+    BaseChain {
+        name: "filter-forward",
+        kind: "filter",
+        hook: Hook::Forward,
+        priority: -110,
+    },
+    BaseChain {
+        name: "filter-output",
+        kind: "filter",
+        hook: Hook::Output,
+        priority: -110,
+    },
+    BaseChain {
+        name: "nat-prerouting",
+        kind: "nat",
+        hook: Hook::Prerouting,
+        priority: -100,
+    },
+    BaseChain {
+        name: "nat-output",
+        kind: "nat",
+        hook: Hook::Output,
+        priority: -100,
+    },
+    BaseChain {
+        name: "nat-postrouting",
+        kind: "nat",
+        hook: Hook::Postrouting,
+        priority: 100,
+    },
+];
+
+/// The regular chains of the fixed part.
+pub const HELPER_CHAINS: [&str; 5] = [
+    "service-endpoints-check",
+    "services",
+    "masquerading",
+    MARK_FOR_MASQUERADE,
+    REJECT_CHAIN,
+];
+
+/// The fixed part's rules, in order, with the chain each goes to.
+pub fn base_rules(cfg: &RulesetConfig) -> Vec<(&'static str, Rule)> {
+    let mark = cfg.mark();
+    let jump = |c: &str| Verdict::Jump(c.to_string());
+    let mut v = Vec::new();
     for c in ["filter-input", "filter-forward", "filter-output"] {
-        rule(c, "ct state new jump service-endpoints-check");
+        v.push((c, Rule::CtStateNew(jump("service-endpoints-check"))));
     }
-    let np = cfg.nodeport_match();
-    rule(
+    let nodeports = cfg.nodeport_matches();
+    v.push((
         "service-endpoints-check",
-        "ip daddr . meta l4proto . th dport vmap @no-endpoint-services",
-    );
-    if let Some(np) = &np {
-        rule(
+        Rule::DispatchFrontends(MapName::NoEndpointServices),
+    ));
+    for np in &nodeports {
+        v.push((
             "service-endpoints-check",
-            &format!("{np} meta l4proto . th dport vmap @no-endpoint-nodeports"),
-        );
+            Rule::DispatchNodeports(*np, MapName::NoEndpointNodeports),
+        ));
     }
-    rule("nat-prerouting", "jump services");
-    rule("nat-output", "jump services");
-    rule("nat-postrouting", "jump masquerading");
-    rule(
-        "services",
-        "ip daddr . meta l4proto . th dport vmap @service-ips",
-    );
-    if let Some(np) = &np {
-        rule(
+    v.push(("nat-prerouting", Rule::Verdict(jump("services"))));
+    v.push(("nat-output", Rule::Verdict(jump("services"))));
+    v.push(("nat-postrouting", Rule::Verdict(jump("masquerading"))));
+    v.push(("services", Rule::DispatchFrontends(MapName::ServiceIps)));
+    for np in &nodeports {
+        v.push((
             "services",
-            &format!("{np} meta l4proto . th dport vmap @service-nodeports"),
-        );
+            Rule::DispatchNodeports(*np, MapName::ServiceNodeports),
+        ));
     }
-    rule(
-        "masquerading",
-        "ct status dnat ip saddr . ip daddr @hairpin-endpoints jump mark-for-masquerade",
-    );
-    rule(
-        "masquerading",
-        &format!("meta mark & {mark:#x} == 0 return"),
-    );
-    rule(
-        "masquerading",
-        &format!("meta mark set meta mark ^ {mark:#x}"),
-    );
-    rule("masquerading", "masquerade fully-random");
-    rule(
-        "mark-for-masquerade",
-        &format!("meta mark set meta mark | {mark:#x}"),
-    );
+    v.push(("masquerading", Rule::Hairpin(jump(MARK_FOR_MASQUERADE))));
+    v.push(("masquerading", Rule::ReturnUnlessMarked(mark)));
+    v.push(("masquerading", Rule::MarkXor(mark)));
+    v.push(("masquerading", Rule::Masquerade));
+    v.push((MARK_FOR_MASQUERADE, Rule::MarkOr(mark)));
     // ICMP port unreachable does not fail a local TCP connect (the SYN
     // is just retried): TCP gets a reset.
-    rule("reject-chain", "meta l4proto tcp reject with tcp reset");
-    rule("reject-chain", "reject");
+    v.push((REJECT_CHAIN, Rule::RejectTcpReset));
+    v.push((REJECT_CHAIN, Rule::Reject));
+    v
 }
 
-// ---- statements -------------------------------------------------------------
+/// Bumped when the table's shape changes in a way the per-service
+/// fingerprints would not show, so an upgraded daemon rebuilds the table.
+const FORMAT: &str = "fairlead-nftables-v2";
 
-pub(crate) fn add_chain(out: &mut String, table: &str, c: &Chain) {
-    let _ = writeln!(
-        out,
-        "add chain ip {table} {} {{ comment \"{}\" ; }}",
-        c.name, c.comment
-    );
-}
-
-pub(crate) fn add_rules(out: &mut String, table: &str, c: &Chain) {
-    for r in &c.rules {
-        let _ = writeln!(out, "add rule ip {table} {} {r}", c.name);
+/// The hash of the fixed part (not of the table's name: tables with the
+/// same contents have the same fingerprint).
+fn base_fingerprint(cfg: &RulesetConfig) -> u128 {
+    let mut h = Fnv128::new();
+    let _ = write!(h, "{FORMAT}");
+    for (chain, rule) in base_rules(cfg) {
+        h.separator();
+        let _ = write!(h, "{chain} {rule}");
     }
-}
-
-pub(crate) fn add_set(out: &mut String, table: &str, s: &AffinitySet) {
-    let _ = writeln!(
-        out,
-        "add set ip {table} {} {{ type ipv4_addr ; flags dynamic,timeout ; timeout {}s ; }}",
-        s.name, s.timeout_secs
-    );
-}
-
-pub(crate) fn add_element(out: &mut String, table: &str, map: MapName, key: &str, verdict: &str) {
-    if map.is_set() {
-        let _ = writeln!(out, "add element ip {table} {} {{ {key} }}", map.as_str());
-    } else {
-        let _ = writeln!(
-            out,
-            "add element ip {table} {} {{ {key} : {verdict} }}",
-            map.as_str()
-        );
-    }
-}
-
-pub(crate) fn delete_element(out: &mut String, table: &str, map: MapName, key: &str) {
-    let _ = writeln!(
-        out,
-        "delete element ip {table} {} {{ {key} }}",
-        map.as_str()
-    );
+    h.finish()
 }
 
 // ---- the whole table --------------------------------------------------------
 
-/// The key of a map element: which map, and the key in nft syntax.
-pub type ElementKey = (MapName, String);
+/// The key of a map element: which map, and the key.
+pub type ElementKey = (MapName, Key);
 
 /// The model of the whole table: the configuration (which fixes the base
 /// part) and every service port's rules. Map keys claimed by several
@@ -689,18 +935,24 @@ pub type ElementKey = (MapName, String);
 #[derive(Clone, Debug)]
 pub struct Ruleset {
     pub cfg: RulesetConfig,
+    /// The fixed part's rules (from `cfg`).
+    base: Arc<Vec<(&'static str, Rule)>>,
     services: BTreeMap<ServicePortName, Arc<ServiceRules>>,
     /// Claimants of every map key with the verdict each wants.
-    claims: HashMap<ElementKey, BTreeMap<ServicePortName, String>>,
+    claims: HashMap<ElementKey, BTreeMap<ServicePortName, Option<Verdict>>>,
     chains: usize,
     rules: usize,
     sets: usize,
+    /// The base part's fingerprint XOR every service port's.
+    fingerprint: u128,
 }
 
 impl Ruleset {
     /// A table with only the fixed part.
     pub fn new(cfg: RulesetConfig) -> Ruleset {
         Ruleset {
+            base: Arc::new(base_rules(&cfg)),
+            fingerprint: base_fingerprint(&cfg),
             cfg,
             services: BTreeMap::new(),
             claims: HashMap::new(),
@@ -720,13 +972,36 @@ impl Ruleset {
         r
     }
 
+    /// The fixed part's rules.
+    pub fn base(&self) -> &[(&'static str, Rule)] {
+        &self.base
+    }
+
     pub fn services(&self) -> &BTreeMap<ServicePortName, Arc<ServiceRules>> {
         &self.services
     }
 
     /// Claimants of a map key (first = programmed).
-    pub fn claimants(&self, key: &ElementKey) -> Option<&BTreeMap<ServicePortName, String>> {
+    pub fn claimants(
+        &self,
+        key: &ElementKey,
+    ) -> Option<&BTreeMap<ServicePortName, Option<Verdict>>> {
         self.claims.get(key)
+    }
+
+    /// Every claimed map key with its claimants (first = programmed).
+    pub fn claims(
+        &self,
+    ) -> impl Iterator<Item = (&ElementKey, &BTreeMap<ServicePortName, Option<Verdict>>)> {
+        self.claims.iter()
+    }
+
+    /// A hash of the whole model (XOR of its parts, so a change costs only
+    /// the changed parts). The table stores it in its `fingerprint` set; a
+    /// daemon that finds its own desired fingerprint there adopts the
+    /// table instead of rebuilding it.
+    pub fn fingerprint(&self) -> u128 {
+        self.fingerprint
     }
 
     /// Replace (or with `None` remove) one service port's rules; returns
@@ -744,8 +1019,9 @@ impl Ruleset {
             self.chains -= o.chains.len();
             self.rules -= o.rule_count();
             self.sets -= o.sets.len();
+            self.fingerprint ^= o.fingerprint;
             for e in &o.elements {
-                let k = (e.map, e.key.clone());
+                let k = (e.map, e.key);
                 if let Some(c) = self.claims.get_mut(&k) {
                     c.remove(spn);
                     if c.is_empty() {
@@ -758,9 +1034,10 @@ impl Ruleset {
             self.chains += n.chains.len();
             self.rules += n.rule_count();
             self.sets += n.sets.len();
+            self.fingerprint ^= n.fingerprint;
             for e in &n.elements {
                 self.claims
-                    .entry((e.map, e.key.clone()))
+                    .entry((e.map, e.key))
                     .or_default()
                     .insert(spn.clone(), e.verdict.clone());
             }
@@ -768,7 +1045,7 @@ impl Ruleset {
         old
     }
 
-    /// The programmed map elements, sorted.
+    /// The programmed map elements, sorted (the fingerprint excluded).
     pub fn elements(&self) -> Vec<Element> {
         let mut v: Vec<Element> = self
             .claims
@@ -776,7 +1053,7 @@ impl Ruleset {
             .filter_map(|((map, key), c)| {
                 c.values().next().map(|verdict| Element {
                     map: *map,
-                    key: key.clone(),
+                    key: *key,
                     verdict: verdict.clone(),
                 })
             })
@@ -802,33 +1079,10 @@ impl Ruleset {
         self.claims.len()
     }
 
-    /// The script that replaces whatever table of this name exists with
-    /// this one, in one transaction (`add table` first, so the `delete`
-    /// cannot fail on a missing table).
+    /// The `nft -f` script that replaces whatever table of this name
+    /// exists with this one (what a full sync sends, as text).
     pub fn render_full(&self) -> String {
-        let t = &self.cfg.table;
-        let mut out = String::with_capacity(256 * (self.rules + self.claims.len() + 64));
-        let _ = writeln!(out, "add table ip {t}");
-        let _ = writeln!(out, "delete table ip {t}");
-        let _ = writeln!(out, "add table ip {t} {{ comment \"fairlead\" ; }}");
-        render_base(&self.cfg, &mut out);
-        for r in self.services.values() {
-            for s in &r.sets {
-                add_set(&mut out, t, s);
-            }
-            for c in &r.chains {
-                add_chain(&mut out, t, c);
-            }
-        }
-        for r in self.services.values() {
-            for c in &r.chains {
-                add_rules(&mut out, t, c);
-            }
-        }
-        for e in self.elements() {
-            add_element(&mut out, t, e.map, &e.key, &e.verdict);
-        }
-        out
+        super::diff::full(self).text(&self.cfg.table)
     }
 }
 
@@ -975,9 +1229,10 @@ pub(crate) mod tests {
             table: "fl".into(),
             ..cfg()
         };
-        let mut out = String::new();
-        render_base(&c, &mut out);
-        golden("base-nodeport-addresses.nft", &out);
+        golden(
+            "base-nodeport-addresses.nft",
+            &Ruleset::new(c).render_full(),
+        );
     }
 
     #[test]
@@ -1017,14 +1272,15 @@ pub(crate) mod tests {
         i.node_port = Some(30000);
         let r = service_rules(&c, &spn("a", "b", "", Protocol::Tcp), &i);
         assert!(r.chains.is_empty());
+        let reject = Some(Verdict::Goto(REJECT_CHAIN.into()));
         assert_eq!(
             r.elements
                 .iter()
-                .map(|e| (e.map, e.verdict.as_str()))
+                .map(|e| (e.map, e.verdict.clone()))
                 .collect::<Vec<_>>(),
             vec![
-                (MapName::NoEndpointServices, "goto reject-chain"),
-                (MapName::NoEndpointNodeports, "goto reject-chain")
+                (MapName::NoEndpointServices, reject.clone()),
+                (MapName::NoEndpointNodeports, reject)
             ]
         );
         // externalTrafficPolicy Local without local endpoints: the
@@ -1032,18 +1288,18 @@ pub(crate) mod tests {
         i.endpoints = vec![ep("10.0.0.1:80", "other")];
         i.external_local = true;
         let r = service_rules(&c, &spn("a", "b", "", Protocol::Tcp), &i);
-        let got: Vec<(MapName, &str)> = r
+        let got: Vec<(MapName, Option<Verdict>)> = r
             .elements
             .iter()
-            .map(|e| (e.map, e.verdict.as_str()))
+            .map(|e| (e.map, e.verdict.clone()))
             .collect();
-        assert_eq!(got[1], (MapName::NoEndpointNodeports, "drop"));
+        assert_eq!(got[1], (MapName::NoEndpointNodeports, Some(Verdict::Drop)));
         assert_eq!(got[0].0, MapName::ServiceIps);
         // IPv6 is skipped.
         let mut v6 = info("fd00::1", 80, vec![ep("[fd00::2]:80", "x")]);
         v6.external_ips = vec!["fd00::3".parse().unwrap()];
         let r = service_rules(&c, &spn("a", "v6", "", Protocol::Tcp), &v6);
-        assert_eq!(r, ServiceRules::default());
+        assert!(r.chains.is_empty() && r.sets.is_empty() && r.elements.is_empty());
     }
 
     #[test]
@@ -1067,6 +1323,9 @@ pub(crate) mod tests {
             .filter(|e| e.map == MapName::ServiceIps)
             .collect();
         assert_eq!(els.len(), 1);
-        assert_eq!(els[0].verdict, format!("goto svc-{}", service_hash(&a)));
+        assert_eq!(
+            els[0].verdict,
+            Some(Verdict::Goto(format!("svc-{}", service_hash(&a))))
+        );
     }
 }

@@ -20,7 +20,7 @@ use super::ProxyError;
 
 /// IPv4 label for addresses put on `lo` (at most 15 bytes, must start with
 /// the device name).
-const LO_LABEL: &str = "lo:fairlead";
+pub const LO_LABEL: &str = "lo:fairlead";
 
 /// Which device holds the service IPs.
 #[derive(Debug)]

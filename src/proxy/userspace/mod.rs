@@ -16,6 +16,7 @@
 //! instead of a listener accepting and hanging up.
 
 mod addrs;
+pub use addrs::LO_LABEL;
 mod routes;
 mod sys;
 mod tcp;
