@@ -38,12 +38,12 @@
 //! process ends, panics included (drop guards, plus `PR_SET_PDEATHSIG` for
 //! the case it is killed).
 
+mod common;
+
 use std::fmt::Display;
 use std::future::Future;
-use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -55,6 +55,8 @@ use k8s_openapi::api::core::v1::{Namespace, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio::task::JoinSet;
+
+use common::{fairlead_bin, free_port};
 
 /// A phase that has not finished after this long is cut short.
 const PHASE_LIMIT: Duration = Duration::from_secs(20);
@@ -581,64 +583,28 @@ impl Table {
 // ---------------------------------------------------------------------------
 // Processes
 
-/// A child process, killed and reaped on drop, and killed by the kernel if
-/// this process dies first. Its directory (data and log) goes with it.
+/// A child process ([`common::Proc`]: killed and reaped on drop, killed by
+/// the kernel if this process dies first) and its directory (data and log),
+/// which goes with it.
 struct Proc {
-    child: Child,
-    log: PathBuf,
+    proc: common::Proc,
     _dir: tempfile::TempDir,
 }
 
 impl Proc {
     /// Run `cmd` with output to `log` in `dir`.
-    fn spawn(mut cmd: Command, dir: tempfile::TempDir) -> Result<Proc> {
+    fn spawn(cmd: Command, dir: tempfile::TempDir) -> Result<Proc> {
         let log = dir.path().join("log");
-        let file = std::fs::File::create(&log)?;
-        cmd.stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file);
-        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("running {:?}", cmd.get_program()))?;
+        let name = cmd.get_program().to_string_lossy().into_owned();
         Ok(Proc {
-            child,
-            log,
+            proc: common::Proc::spawn(name, cmd, log)?,
             _dir: dir,
         })
     }
 
     /// Fails if the process has exited, quoting the end of its log.
     fn check_running(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: String = log
-                .lines()
-                .rev()
-                .take(20)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n");
-            bail!("exited with {status}; end of its log:\n{tail}");
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.check_running()
     }
 }
 
@@ -761,19 +727,6 @@ async fn ready_client(kubeconfig: &Path) -> Option<kube::Client> {
     Some(client)
 }
 
-fn fairlead_bin() -> Result<PathBuf> {
-    let bin = std::env::var_os("FAIRLEAD_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_fairlead")));
-    if !bin.is_file() {
-        bail!(
-            "fairlead binary not found at {}: run `cargo build --release` (or set FAIRLEAD_BIN)",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
 fn etcd_bin() -> Result<PathBuf> {
     let bin = std::env::var_os("FAIRLEAD_TEST_ETCD")
         .map(PathBuf::from)
@@ -785,9 +738,4 @@ fn etcd_bin() -> Result<PathBuf> {
         );
     }
     Ok(bin)
-}
-
-/// A loopback port that was free a moment ago.
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

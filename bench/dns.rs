@@ -82,17 +82,22 @@
 //! child are killed when this process ends, panics included (drop guards,
 //! plus `PR_SET_PDEATHSIG` for the case it is killed).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use common::{
+    apt_install, clock_ticks, die_with_parent, env_u64, loadavg, machine_ticks, mib, print_rows,
+    stat_cpu, tail, threads_cpu, vm_kib, which, KillOnDrop, Proc,
+};
 use fairlead::dns::{DnsConfig, DnsServer};
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
@@ -340,14 +345,7 @@ struct Settings {
 
 impl Settings {
     fn from_env() -> Result<Settings> {
-        fn var(name: &str, default: u64) -> Result<u64> {
-            match std::env::var(name) {
-                Ok(v) => v
-                    .parse()
-                    .with_context(|| format!("{name}={v:?}: not a number")),
-                Err(_) => Ok(default),
-            }
-        }
+        let var = env_u64;
         Ok(Settings {
             duration: var("FAIRLEAD_BENCH_DURATION", 10)?.max(1),
             rounds: var("FAIRLEAD_BENCH_ROUNDS", 2)?.max(1) as usize,
@@ -429,38 +427,6 @@ impl Tools {
         );
         Ok(Tools { dnsmasq, loadgen })
     }
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// `apt-get install -y` with its output shown; `apt-get update` and one
-/// retry if the package lists are stale or missing.
-fn apt_install(pkgs: &[&str]) -> Result<()> {
-    let run = |args: &[&str]| -> Result<bool> {
-        println!("$ apt-get {}", args.join(" "));
-        let st = Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .status()
-            .context("running apt-get (install dnsperf and dnsmasq-base by hand)")?;
-        Ok(st.success())
-    };
-    let mut install = vec!["install", "-y"];
-    install.extend_from_slice(pkgs);
-    if run(&install)? {
-        return Ok(());
-    }
-    if run(&["update"])? && run(&install)? {
-        return Ok(());
-    }
-    bail!("apt-get install {} failed", pkgs.join(" "))
 }
 
 fn describe(cmd: &Command) -> String {
@@ -1003,23 +969,18 @@ impl LoadGen {
                     bail!(
                         "dnsperf against {addr} failed ({}): {}{}",
                         out.status,
-                        tail_str(&text, 30),
+                        tail(&text, 30),
                         String::from_utf8_lossy(&out.stderr)
                     );
                 }
                 let mut r = parse_dnsperf(&text)
-                    .with_context(|| format!("parsing dnsperf output:\n{}", tail_str(&text, 30)))?;
+                    .with_context(|| format!("parsing dnsperf output:\n{}", tail(&text, 30)))?;
                 r.client_cpu = client_cpu;
                 Ok(r)
             }
             LoadGen::Builtin => builtin_load(addr, l, rate),
         }
     }
-}
-
-fn tail_str(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// dnsperf 2.x's statistics (and `-v` per-query lines).
@@ -1319,39 +1280,6 @@ impl Run {
     }
 }
 
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
-/// utime + stime of a `/proc/.../stat` file, in seconds.
-fn stat_cpu(path: &str) -> Option<f64> {
-    let text = std::fs::read_to_string(path).ok()?;
-    // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
-    let rest = &text[text.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / clock_ticks())
-}
-
-fn threads_cpu(prefix: &str) -> f64 {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return 0.0;
-    };
-    dir.flatten()
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("comm"))
-                .is_ok_and(|c| c.trim_end().starts_with(prefix))
-        })
-        .filter_map(|e| stat_cpu(&e.path().join("stat").to_string_lossy()))
-        .sum()
-}
-
 fn rusage_secs(who: libc::c_int) -> f64 {
     // SAFETY: getrusage writes into the struct we pass and nothing else.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -1369,49 +1297,6 @@ fn children_cpu() -> f64 {
 
 fn thread_cpu() -> f64 {
     rusage_secs(libc::RUSAGE_THREAD)
-}
-
-/// (busy, total) jiffies of all cores from `/proc/stat`.
-fn machine_ticks() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = text.lines().next() else {
-        return (0, 0);
-    };
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
-
-/// The first three fields of /proc/loadavg.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// A field of /proc/self/status in KiB (VmRSS, VmHWM).
-fn vm_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            let rest = l.strip_prefix(field)?.strip_prefix(':')?;
-            rest.split_whitespace().next()?.parse().ok()
-        })
-        .unwrap_or(0)
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
 }
 
 // ---------------------------------------------------------------------------
@@ -1623,24 +1508,6 @@ fn memory_child() -> Result<()> {
 // ---------------------------------------------------------------------------
 // Report
 
-fn print_rows(rows: &[[String; 4]]) {
-    let width = |c: usize| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0);
-    let w = [width(0), width(1), width(2), width(3)];
-    for r in rows {
-        println!(
-            "{:<w0$}  {:>w1$}  {:>w2$}  {:>w3$}",
-            r[0],
-            r[1],
-            r[2],
-            r[3],
-            w0 = w[0],
-            w1 = w[1],
-            w2 = w[2],
-            w3 = w[3],
-        );
-    }
-}
-
 fn print_table(runs: &BTreeMap<(&str, &str), Vec<Run>>, rate: u64) {
     // The best max-rate round of each server (and that round's latency and
     // CPU), and the single fixed-rate run.
@@ -1714,75 +1581,4 @@ fn print_table(runs: &BTreeMap<(&str, &str), Vec<Run>>, rate: u64) {
         "  (ratios: > 1 is better for q/s, < 1 is better for latency and CPU; {lost} queries \
          lost over all runs)"
     );
-}
-
-// ---------------------------------------------------------------------------
-// Processes
-
-/// A child process, killed and reaped on drop, and killed by the kernel if
-/// this process dies first.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-impl Proc {
-    fn spawn(name: String, mut cmd: Command, log: PathBuf) -> Result<Proc> {
-        let file = File::create(&log)?;
-        cmd.stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file);
-        die_with_parent(&mut cmd);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("{name}: running {:?}", cmd.get_program()))?;
-        Ok(Proc { name, child, log })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Fails if the process has exited, quoting the end of its log.
-    fn check_running(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            bail!(
-                "{} exited with {status}; end of its log:\n{}",
-                self.name,
-                tail_str(&text, 20)
-            );
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A bare child killed and reaped on drop.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

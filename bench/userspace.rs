@@ -48,17 +48,21 @@
 //! wrk) are killed when this process ends, panics included (drop guards,
 //! plus `PR_SET_PDEATHSIG` for the case it is killed).
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use common::{
+    apt_install, env_u64, fairlead_bin, free_port, http_get, machine_ticks, print_rows, stat_cpu,
+    threads_cpu, wait_http_ready, which, Proc, WrkResult, WrkSpec,
+};
 use fairlead::proxy::userspace::{UserspaceConfig, UserspaceProxy};
 use fairlead::proxy::{Endpoint, Protocol, ProxyState, ServicePortInfo, ServicePortName};
 
@@ -83,7 +87,7 @@ fn main() -> Result<()> {
     println!(
         "fairlead userspace proxy benchmark: {cores} cores, wrk -t{} -c{} -d{}s, \
          bulk {} MiB x {} per target",
-        s.wrk_threads, s.conns, s.duration, s.bulk_mib, s.bulk_reps
+        s.wrk.threads, s.wrk.conns, s.wrk.secs, s.bulk_mib, s.bulk_reps
     );
     let dir = tempfile::Builder::new()
         .prefix("fairlead-bench-userspace")
@@ -223,29 +227,21 @@ fn main() -> Result<()> {
 // Settings and tools
 
 struct Settings {
-    duration: u64,
-    wrk_threads: u32,
-    conns: u32,
+    wrk: WrkSpec,
     bulk_mib: u64,
     bulk_reps: u64,
 }
 
 impl Settings {
     fn from_env() -> Result<Settings> {
-        fn var(name: &str, default: u64) -> Result<u64> {
-            match std::env::var(name) {
-                Ok(v) => v
-                    .parse()
-                    .with_context(|| format!("{name}={v:?}: not a number")),
-                Err(_) => Ok(default),
-            }
-        }
         Ok(Settings {
-            duration: var("FAIRLEAD_BENCH_DURATION", 10)?.max(1),
-            wrk_threads: 2,
-            conns: var("FAIRLEAD_BENCH_CONNS", 50)?.max(2) as u32,
-            bulk_mib: var("FAIRLEAD_BENCH_BULK_MB", 1024)?.max(1),
-            bulk_reps: var("FAIRLEAD_BENCH_BULK_REPS", 2)?.max(1),
+            wrk: WrkSpec {
+                threads: 2,
+                conns: env_u64("FAIRLEAD_BENCH_CONNS", 50)?.max(2) as u32,
+                secs: env_u64("FAIRLEAD_BENCH_DURATION", 10)?.max(1),
+            },
+            bulk_mib: env_u64("FAIRLEAD_BENCH_BULK_MB", 1024)?.max(1),
+            bulk_reps: env_u64("FAIRLEAD_BENCH_BULK_REPS", 2)?.max(1),
         })
     }
 }
@@ -281,72 +277,8 @@ impl Tools {
     }
 
     fn wrk(&self, s: &Settings, addr: SocketAddr, close: bool) -> Result<WrkResult> {
-        let mut cmd = Command::new(&self.wrk);
-        cmd.arg(format!("-t{}", s.wrk_threads))
-            .arg(format!("-c{}", s.conns))
-            .arg(format!("-d{}s", s.duration))
-            .args(["--latency", "--timeout", "5s"]);
-        if close {
-            cmd.args(["-H", "Connection: close"]);
-        }
-        cmd.arg(format!("http://{addr}/"));
-        die_with_parent(&mut cmd);
-        let out = cmd.output().context("running wrk")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            bail!(
-                "wrk {addr} failed ({}): {text}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        WrkResult::parse(&text).with_context(|| format!("parsing wrk output:\n{text}"))
+        s.wrk.run(Command::new(&self.wrk), addr, close)
     }
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// `apt-get install -y` with its output shown; `apt-get update` and one
-/// retry if the package lists are stale or missing.
-fn apt_install(pkgs: &[&str]) -> Result<()> {
-    let run = |args: &[&str]| -> Result<bool> {
-        println!("$ apt-get {}", args.join(" "));
-        let st = Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .status()
-            .context("running apt-get (install wrk and haproxy by hand)")?;
-        Ok(st.success())
-    };
-    let mut install = vec!["install", "-y"];
-    install.extend_from_slice(pkgs);
-    if run(&install)? {
-        return Ok(());
-    }
-    if run(&["update"])? && run(&install)? {
-        return Ok(());
-    }
-    bail!("apt-get install {} failed", pkgs.join(" "))
-}
-
-fn fairlead_bin() -> Result<PathBuf> {
-    let bin = std::env::var_os("FAIRLEAD_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_fairlead")));
-    if !bin.is_file() {
-        bail!(
-            "fairlead binary not found at {}: run `cargo build --release` (or set FAIRLEAD_BIN)",
-            bin.display()
-        );
-    }
-    Ok(bin)
 }
 
 fn haproxy_config(listen: SocketAddr, backends: &[SocketAddr]) -> String {
@@ -455,69 +387,6 @@ fn print_metrics() {
 // ---------------------------------------------------------------------------
 // Processes
 
-/// A child process, killed and reaped on drop, and killed by the kernel if
-/// this process dies first.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-impl Proc {
-    fn spawn(name: String, mut cmd: Command, log: PathBuf) -> Result<Proc> {
-        let file = File::create(&log)?;
-        cmd.stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file);
-        die_with_parent(&mut cmd);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("{name}: running {:?}", cmd.get_program()))?;
-        Ok(Proc { name, child, log })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Fails if the process has exited, quoting the end of its log.
-    fn check_running(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "{} exited with {status}; end of its log:\n{}",
-                self.name,
-                tail(&self.log)
-            );
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
 fn check_running(backends: &mut [(SocketAddr, Proc)], haproxy: &mut Proc) -> Result<()> {
     for (_, p) in backends {
         p.check_running()?;
@@ -525,52 +394,13 @@ fn check_running(backends: &mut [(SocketAddr, Proc)], haproxy: &mut Proc) -> Res
     haproxy.check_running()
 }
 
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(l.local_addr()?.port())
-}
-
 /// Until `GET /` on `addr` answers (or `proc` dies, or START_LIMIT).
 fn wait_ready(addr: SocketAddr, proc: &mut Proc) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        proc.check_running()?;
-        match http_get(addr, "/") {
-            Ok(_) => return Ok(()),
-            Err(e) if start.elapsed() > START_LIMIT => {
-                bail!(
-                    "{} not answering on {addr} after {START_LIMIT:?}: {e:#}\n{}",
-                    proc.name,
-                    tail(&proc.log)
-                )
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
+    wait_http_ready(addr, proc, START_LIMIT)
 }
 
 // ---------------------------------------------------------------------------
 // Clients
-
-/// One `GET path` with `Connection: close`; the body of a 200.
-fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf);
-    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        bail!("bad reply from {addr}: {text:?}");
-    };
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("{addr}: {head}");
-    }
-    Ok(body.to_string())
-}
 
 /// Download `n` bytes from `/bytes?n=` on one connection; MB/s (10^6).
 fn bulk(addr: SocketAddr, n: u64) -> Result<f64> {
@@ -616,73 +446,6 @@ fn bulk(addr: SocketAddr, n: u64) -> Result<f64> {
 }
 
 // ---------------------------------------------------------------------------
-// wrk output
-
-#[derive(Debug)]
-struct WrkResult {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    requests: u64,
-    /// Socket errors (connect, read, write, timeout) plus non-2xx/3xx.
-    errors: u64,
-}
-
-impl WrkResult {
-    fn parse(text: &str) -> Result<WrkResult> {
-        let mut rps = None;
-        let mut p50 = None;
-        let mut p99 = None;
-        let mut requests = None;
-        let mut errors = 0;
-        for line in text.lines().map(str::trim) {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            match words.as_slice() {
-                ["Requests/sec:", v] => rps = Some(v.parse::<f64>()?),
-                ["50%", v] => p50 = Some(duration_ms(v)?),
-                ["99%", v] => p99 = Some(duration_ms(v)?),
-                [n, "requests", "in", ..] => requests = Some(n.parse::<u64>()?),
-                ["Socket", "errors:", rest @ ..] => {
-                    // connect 0, read 0, write 0, timeout 0
-                    for pair in rest.chunks(2) {
-                        if let [_, v] = pair {
-                            errors += v.trim_end_matches(',').parse::<u64>()?;
-                        }
-                    }
-                }
-                ["Non-2xx", "or", "3xx", "responses:", v] => errors += v.parse::<u64>()?,
-                _ => {}
-            }
-        }
-        Ok(WrkResult {
-            rps: rps.context("no Requests/sec")?,
-            p50_ms: p50.context("no 50% latency")?,
-            p99_ms: p99.context("no 99% latency")?,
-            requests: requests.context("no request count")?,
-            errors,
-        })
-    }
-}
-
-/// wrk's `123.45us` / `1.23ms` / `1.02s` / `1.5m` as milliseconds.
-fn duration_ms(v: &str) -> Result<f64> {
-    let split = v
-        .find(|c: char| c.is_ascii_alphabetic())
-        .with_context(|| format!("no unit in {v:?}"))?;
-    let (num, unit) = v.split_at(split);
-    let num: f64 = num.parse()?;
-    let scale = match unit {
-        "us" => 1e-3,
-        "ms" => 1.0,
-        "s" => 1e3,
-        "m" => 60e3,
-        "h" => 3600e3,
-        _ => bail!("unknown unit in {v:?}"),
-    };
-    Ok(num * scale)
-}
-
-// ---------------------------------------------------------------------------
 // CPU accounting
 
 struct Target {
@@ -718,7 +481,7 @@ impl Sample {
     fn take(cpu: Cpu) -> Sample {
         let proxy_secs = match cpu {
             Cpu::None => 0.0,
-            Cpu::ProxyThreads => proxy_threads_cpu(),
+            Cpu::ProxyThreads => threads_cpu(PROXY_THREAD),
             Cpu::Pid(pid) => stat_cpu(&format!("/proc/{pid}/stat")).unwrap_or(0.0),
         };
         let (busy_ticks, total_ticks) = machine_ticks();
@@ -753,56 +516,6 @@ impl Usage {
     }
 }
 
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
-/// utime + stime of a `/proc/.../stat` file, in seconds.
-fn stat_cpu(path: &str) -> Option<f64> {
-    let text = std::fs::read_to_string(path).ok()?;
-    // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
-    let rest = &text[text.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / clock_ticks())
-}
-
-fn proxy_threads_cpu() -> f64 {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return 0.0;
-    };
-    dir.flatten()
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("comm"))
-                .is_ok_and(|c| c.trim_end().starts_with(PROXY_THREAD))
-        })
-        .filter_map(|e| stat_cpu(&e.path().join("stat").to_string_lossy()))
-        .sum()
-}
-
-/// (busy, total) jiffies of all cores from `/proc/stat`.
-fn machine_ticks() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = text.lines().next() else {
-        return (0, 0);
-    };
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
-
 // ---------------------------------------------------------------------------
 // Report
 
@@ -826,26 +539,6 @@ impl Run {
             w.errors,
             self.usage.describe(w.requests, "Mreq", 1e6)
         )
-    }
-}
-
-fn print_rows(rows: &[[String; 5]]) {
-    let width = |c: usize| rows.iter().map(|r| r[c].len()).max().unwrap_or(0);
-    let w = [width(0), width(1), width(2), width(3), width(4)];
-    for r in rows {
-        println!(
-            "{:<w0$}  {:>w1$}  {:>w2$}  {:>w3$}  {:>w4$}",
-            r[0],
-            r[1],
-            r[2],
-            r[3],
-            r[4],
-            w0 = w[0],
-            w1 = w[1],
-            w2 = w[2],
-            w3 = w[3],
-            w4 = w[4],
-        );
     }
 }
 

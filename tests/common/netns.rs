@@ -4,6 +4,8 @@
 //! started in it, and an [`Agent`]: this test binary re-executed inside the
 //! namespace, doing the network client work (HTTP, TCP, UDP) there on
 //! request, so no ClusterIP traffic ever leaves the test's namespace.
+//! In-process alternatives for UDP: [`UdpEcho`] servers and [`UdpClient`]
+//! sockets opened inside the namespace ([`Netns::enter`]).
 //!
 //! The agent is driven over its stdin/stdout with one JSON object per line.
 //! A test binary that uses it has a `#[test] fn agent()` that calls
@@ -13,10 +15,12 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -112,6 +116,37 @@ impl Netns {
         super::server::stdout_ok(format_args!("{program} {args:?} in {}", self.name), out)
     }
 
+    /// Load `script` with `nft -f -` inside the namespace; panics with
+    /// nft's complaint when it fails.
+    pub fn nft_f(&self, script: &str) {
+        let mut cmd = self.command("nft");
+        cmd.args(["-f", "-"]);
+        let out = super::server::run_with_stdin(cmd, script);
+        assert!(
+            out.status.success(),
+            "nft -f in {}: {}\n{script}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Run `f` on a thread that entered the namespace (setns(2) applies to
+    /// the calling thread only, so the test's own threads stay where they
+    /// are); sockets it creates stay in the namespace whichever thread uses
+    /// them afterwards.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: setns(2) on a namespace fd we hold open.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("thread in the namespace")
+    }
+
     fn pids(&self) -> Vec<i32> {
         Command::new("ip")
             .args(["netns", "pids", &self.name])
@@ -149,16 +184,123 @@ impl Drop for Netns {
     }
 }
 
-/// Whether `nft` can run; prints why `test` is skipped otherwise.
-pub fn have_nft(test: &str) -> bool {
-    let ok = Command::new("nft")
+/// Whether `program --version` runs; prints why `test` is skipped
+/// otherwise (`package`: the Debian package that has it).
+pub fn have_program(test: &str, program: &str, package: &str) -> bool {
+    let ok = Command::new(program)
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        eprintln!("SKIPPED {test}: `nft` is not installed (Debian: apt-get install nftables)");
+        eprintln!(
+            "SKIPPED {test}: `{program}` is not installed (Debian: apt-get install {package})"
+        );
     }
     ok
+}
+
+/// Whether `nft` can run; prints why `test` is skipped otherwise.
+pub fn have_nft(test: &str) -> bool {
+    have_program(test, "nft", "nftables")
+}
+
+/// Whether `nft` and `conntrack` can run; prints why `test` is skipped
+/// otherwise.
+pub fn have_nft_and_conntrack(test: &str) -> bool {
+    have_nft(test) && have_program(test, "conntrack", "conntrack")
+}
+
+// ---- UDP in a namespace ----------------------------------------------------
+
+/// A UDP server in a namespace answering every datagram with `reply`
+/// (a backend's name or address), until dropped.
+pub struct UdpEcho {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    pub fn start(ns: &Netns, addr: SocketAddr, reply: &str) -> UdpEcho {
+        let sock = ns.enter(move || {
+            UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind UDP echo on {addr}: {e}"))
+        });
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("set read timeout");
+        let reply = reply.as_bytes().to_vec();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !stopped.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&reply, from);
+                }
+            }
+        });
+        UdpEcho {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A UDP socket in a namespace on a fixed local port: one long-lived flow
+/// per destination (the kernel's conntrack entry of its 5-tuple), like a
+/// resolver's.
+pub struct UdpClient {
+    sock: UdpSocket,
+}
+
+impl UdpClient {
+    pub fn bind(ns: &Netns, port: u16) -> UdpClient {
+        let sock = ns.enter(move || {
+            UdpSocket::bind(("0.0.0.0", port))
+                .unwrap_or_else(|e| panic!("bind UDP client on port {port}: {e}"))
+        });
+        UdpClient { sock }
+    }
+
+    /// Send one datagram to `to` and wait at most `within` for a reply:
+    /// the reply, or why there was none (a send netfilter rejected fails
+    /// with EPERM). Late replies to earlier datagrams are discarded first.
+    pub fn ask(&self, to: SocketAddr, within: Duration) -> Result<(String, SocketAddr), String> {
+        let mut buf = [0u8; 512];
+        self.sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+        while self.sock.recv_from(&mut buf).is_ok() {}
+        self.sock
+            .set_nonblocking(false)
+            .map_err(|e| e.to_string())?;
+        self.sock
+            .set_read_timeout(Some(within))
+            .map_err(|e| e.to_string())?;
+        self.sock
+            .send_to(b"who", to)
+            .map_err(|e| format!("send: {e}"))?;
+        let (n, from) = self
+            .sock
+            .recv_from(&mut buf)
+            .map_err(|e| format!("receive: {e}"))?;
+        Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+    }
+
+    /// [`UdpClient::ask`] that must be answered within 3 s, from `to` (the
+    /// reply un-NATed): the reply.
+    pub fn ask_ok(&self, to: SocketAddr) -> String {
+        let (reply, from) = self
+            .ask(to, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("no answer through {to}: {e}"));
+        assert_eq!(from, to, "the reply is un-NATed");
+        reply
+    }
 }
 
 /// A process started in a namespace; SIGKILLed and reaped on drop.
@@ -514,7 +656,6 @@ fn connect(addr: SocketAddr, src: Option<IpAddr>) -> std::io::Result<TcpStream> 
             let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             let local = sin(src, 0);
             let remote = sin(dst, addr.port());
-            use std::os::fd::AsRawFd;
             // SAFETY: valid sockaddr_in pointers and lengths.
             if unsafe {
                 libc::bind(
