@@ -258,7 +258,7 @@ pub fn full(new: &Ruleset) -> Script<'_> {
     // does not depend on it, but golden files do).
     let mut elements: Vec<(&ElementKey, Option<&Verdict>)> = new
         .claims()
-        .filter_map(|(k, c)| c.values().next().map(|v| (k, v.as_ref())))
+        .filter_map(|(k, c)| c.first().map(|v| (k, v.as_ref())))
         .collect();
     elements.sort_unstable_by(|a, b| a.0.cmp(b.0));
     ops.extend(
@@ -343,7 +343,7 @@ pub fn partial<'a>(applied: &'a Ruleset, changes: &'a [Change]) -> Script<'a> {
     for (key, touched) in &claims {
         let before = applied.claimants(key);
         let old_verdict: Option<Option<&Verdict>> =
-            before.and_then(|c| c.values().next()).map(Option::as_ref);
+            before.and_then(|c| c.first()).map(Option::as_ref);
         let mut after: BTreeMap<&ServicePortName, Option<&Verdict>> = before
             .map(|c| c.iter().map(|(s, v)| (s, v.as_ref())).collect())
             .unwrap_or_default();

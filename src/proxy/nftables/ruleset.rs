@@ -927,6 +927,41 @@ fn base_fingerprint(cfg: &RulesetConfig) -> u128 {
 /// The key of a map element: which map, and the key.
 pub type ElementKey = (MapName, Key);
 
+/// The service ports claiming one map key, with the verdict each wants, in
+/// name order (the first one's is programmed). Nearly always exactly one: a
+/// short vector, not a map (a `BTreeMap`'s smallest node has room for 11
+/// entries, and there are 11 keys per Service of 10 endpoints).
+#[derive(Clone, Debug, Default)]
+pub struct Claimants(Vec<(Arc<ServicePortName>, Option<Verdict>)>);
+
+impl Claimants {
+    /// The programmed claim.
+    pub fn first(&self) -> Option<&Option<Verdict>> {
+        self.0.first().map(|(_, v)| v)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&ServicePortName, &Option<Verdict>)> {
+        self.0.iter().map(|(s, v)| (&**s, v))
+    }
+
+    fn insert(&mut self, spn: Arc<ServicePortName>, v: Option<Verdict>) {
+        match self.0.binary_search_by(|(s, _)| (**s).cmp(&spn)) {
+            Ok(i) => self.0[i].1 = v,
+            Err(i) => self.0.insert(i, (spn, v)),
+        }
+    }
+
+    fn remove(&mut self, spn: &ServicePortName) {
+        if let Ok(i) = self.0.binary_search_by(|(s, _)| (**s).cmp(spn)) {
+            self.0.remove(i);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// The model of the whole table: the configuration (which fixes the base
 /// part) and every service port's rules. Map keys claimed by several
 /// service ports (invalid input: two Services with one external IP and
@@ -939,7 +974,7 @@ pub struct Ruleset {
     base: Arc<Vec<(&'static str, Rule)>>,
     services: BTreeMap<ServicePortName, Arc<ServiceRules>>,
     /// Claimants of every map key with the verdict each wants.
-    claims: HashMap<ElementKey, BTreeMap<ServicePortName, Option<Verdict>>>,
+    claims: HashMap<ElementKey, Claimants>,
     chains: usize,
     rules: usize,
     sets: usize,
@@ -982,17 +1017,12 @@ impl Ruleset {
     }
 
     /// Claimants of a map key (first = programmed).
-    pub fn claimants(
-        &self,
-        key: &ElementKey,
-    ) -> Option<&BTreeMap<ServicePortName, Option<Verdict>>> {
+    pub fn claimants(&self, key: &ElementKey) -> Option<&Claimants> {
         self.claims.get(key)
     }
 
     /// Every claimed map key with its claimants (first = programmed).
-    pub fn claims(
-        &self,
-    ) -> impl Iterator<Item = (&ElementKey, &BTreeMap<ServicePortName, Option<Verdict>>)> {
+    pub fn claims(&self) -> impl Iterator<Item = (&ElementKey, &Claimants)> {
         self.claims.iter()
     }
 
@@ -1031,6 +1061,7 @@ impl Ruleset {
             }
         }
         if let Some(n) = &rules {
+            let name = Arc::new(spn.clone());
             self.chains += n.chains.len();
             self.rules += n.rule_count();
             self.sets += n.sets.len();
@@ -1039,7 +1070,7 @@ impl Ruleset {
                 self.claims
                     .entry((e.map, e.key))
                     .or_default()
-                    .insert(spn.clone(), e.verdict.clone());
+                    .insert(name.clone(), e.verdict.clone());
             }
         }
         old
@@ -1051,7 +1082,7 @@ impl Ruleset {
             .claims
             .iter()
             .filter_map(|((map, key), c)| {
-                c.values().next().map(|verdict| Element {
+                c.first().map(|verdict| Element {
                     map: *map,
                     key: *key,
                     verdict: verdict.clone(),
