@@ -45,6 +45,7 @@
 pub mod diff;
 pub mod netlink;
 pub mod ruleset;
+pub mod sample;
 pub mod socket;
 
 use std::net::IpAddr;

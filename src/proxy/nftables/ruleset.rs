@@ -1120,90 +1120,13 @@ impl Ruleset {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::proxy::Endpoint;
-    use std::time::Duration;
-
-    pub fn spn(ns: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortName {
-        ServicePortName {
-            namespace: ns.into(),
-            name: name.into(),
-            port: port.into(),
-            protocol,
-        }
-    }
-
-    pub fn ep(addr: &str, node: &str) -> Endpoint {
-        Endpoint {
-            addr: addr.parse().unwrap(),
-            ready: true,
-            serving: true,
-            terminating: false,
-            node_name: Some(node.into()),
-        }
-    }
-
-    pub fn info(cluster_ip: &str, port: u16, endpoints: Vec<Endpoint>) -> ServicePortInfo {
-        ServicePortInfo {
-            cluster_ips: vec![cluster_ip.parse().unwrap()],
-            port,
-            node_port: None,
-            external_ips: vec![],
-            affinity_timeout: None,
-            internal_local: false,
-            external_local: false,
-            endpoints,
-        }
-    }
+    pub use crate::proxy::nftables::sample::{ep, every_shape as golden_state, info, spn};
 
     pub fn cfg() -> RulesetConfig {
         RulesetConfig {
             node_name: "node-a".into(),
             ..RulesetConfig::default()
         }
-    }
-
-    /// The golden state: a plain ClusterIP with two endpoints; a NodePort
-    /// with ClientIP affinity and an external IP; a UDP port without
-    /// endpoints; an externalTrafficPolicy Local service with one local and
-    /// one remote endpoint; an internalTrafficPolicy Local service with no
-    /// local endpoint.
-    pub fn golden_state() -> ProxyState {
-        let mut st = ProxyState::new();
-        st.insert(
-            spn("default", "web", "http", Protocol::Tcp),
-            Arc::new(info(
-                "10.96.1.1",
-                80,
-                vec![
-                    ep("10.244.0.11:8080", "node-a"),
-                    ep("10.244.1.12:8080", "node-b"),
-                ],
-            )),
-        );
-        let mut np = info("10.96.1.2", 443, vec![ep("10.244.0.21:8443", "node-a")]);
-        np.node_port = Some(30443);
-        np.external_ips = vec!["192.0.2.10".parse().unwrap()];
-        np.affinity_timeout = Some(Duration::from_secs(60));
-        st.insert(spn("default", "sticky", "", Protocol::Tcp), Arc::new(np));
-        st.insert(
-            spn("kube-system", "dns", "dns", Protocol::Udp),
-            Arc::new(info("10.96.0.10", 53, vec![])),
-        );
-        let mut local = info(
-            "10.96.1.3",
-            80,
-            vec![
-                ep("10.244.0.31:80", "node-a"),
-                ep("10.244.1.32:80", "node-b"),
-            ],
-        );
-        local.node_port = Some(30080);
-        local.external_local = true;
-        st.insert(spn("default", "local", "", Protocol::Tcp), Arc::new(local));
-        let mut itp = info("10.96.1.4", 80, vec![ep("10.244.1.41:80", "node-b")]);
-        itp.internal_local = true;
-        st.insert(spn("default", "itp", "", Protocol::Tcp), Arc::new(itp));
-        st
     }
 
     /// Compare with (or, with FAIRLEAD_UPDATE_GOLDEN=1, write) a file
