@@ -191,6 +191,22 @@ fn metric(name: &str, svc: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Sync `proxy` to exactly one service port.
+async fn sync_one(proxy: &UserspaceProxy, entry: (ServicePortName, ServicePortInfo)) {
+    proxy.sync(&state(vec![entry])).await.unwrap();
+}
+
+/// A new connection to `svc` is refused, within 100 ms.
+async fn refused_within_100ms(svc: SocketAddr) {
+    let t = Instant::now();
+    expect_refused(connect_from(svc, None).await);
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
 fn expect_refused(r: io::Result<TcpStream>) {
     match r {
         Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}"),
@@ -284,48 +300,18 @@ async fn no_endpoints_is_refused_at_once() {
     let proxy = UserspaceProxy::new(config());
 
     // Never had endpoints.
-    proxy
-        .sync(&state(vec![(name.clone(), info(vip, port, vec![]))]))
-        .await
-        .unwrap();
-    let t = Instant::now();
-    expect_refused(connect_from(svc, None).await);
-    assert!(
-        t.elapsed() < Duration::from_millis(100),
-        "{:?}",
-        t.elapsed()
-    );
+    sync_one(&proxy, (name.clone(), info(vip, port, vec![]))).await;
+    refused_within_100ms(svc).await;
 
     // Had one, lost it.
     let a = echo("empty-a").await;
-    proxy
-        .sync(&state(vec![(
-            name.clone(),
-            info(vip, port, http_eps(&[&a])),
-        )]))
-        .await
-        .unwrap();
+    sync_one(&proxy, (name.clone(), info(vip, port, http_eps(&[&a])))).await;
     assert_eq!(get(svc, "/").await.unwrap(), "empty-a");
-    proxy
-        .sync(&state(vec![(name.clone(), info(vip, port, vec![]))]))
-        .await
-        .unwrap();
-    let t = Instant::now();
-    expect_refused(connect_from(svc, None).await);
-    assert!(
-        t.elapsed() < Duration::from_millis(100),
-        "{:?}",
-        t.elapsed()
-    );
+    sync_one(&proxy, (name.clone(), info(vip, port, vec![]))).await;
+    refused_within_100ms(svc).await;
 
     // Endpoints listed but all dead: accepted, then reset at once.
-    proxy
-        .sync(&state(vec![(
-            name.clone(),
-            info(vip, port, http_eps(&[&a])),
-        )]))
-        .await
-        .unwrap();
+    sync_one(&proxy, (name.clone(), info(vip, port, http_eps(&[&a])))).await;
     a.stop().await;
     let t = Instant::now();
     // On loopback the RST often lands before connect(2) reports success.
@@ -357,10 +343,7 @@ async fn client_ip_affinity_until_idle_timeout() {
     let mut i = info(vip, port, http_eps(&[&a, &b, &c]));
     i.affinity_timeout = Some(timeout);
     let proxy = UserspaceProxy::new(config());
-    proxy
-        .sync(&state(vec![(spn("affinity", "", Protocol::Tcp), i)]))
-        .await
-        .unwrap();
+    sync_one(&proxy, (spn("affinity", "", Protocol::Tcp), i)).await;
     let svc = SocketAddr::new(vip, port);
     let c1 = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)));
     let c2 = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
@@ -390,13 +373,7 @@ async fn removed_endpoint_drains_and_gets_no_new_connections() {
     let svc = SocketAddr::new(vip, port);
     let name = spn("drain", "", Protocol::Tcp);
     let proxy = UserspaceProxy::new(config());
-    proxy
-        .sync(&state(vec![(
-            name.clone(),
-            info(vip, port, http_eps(&[&a, &b])),
-        )]))
-        .await
-        .unwrap();
+    sync_one(&proxy, (name.clone(), info(vip, port, http_eps(&[&a, &b])))).await;
 
     let mut conn = KeepAlive::open(svc).await;
     let pinned = conn.get("/hostname").await.unwrap();
@@ -438,13 +415,7 @@ async fn drain_grace_ends_connections_to_removed_endpoints() {
         drain_grace: Some(Duration::from_millis(200)),
         ..config()
     });
-    proxy
-        .sync(&state(vec![(
-            name.clone(),
-            info(vip, port, http_eps(&[&a, &b])),
-        )]))
-        .await
-        .unwrap();
+    sync_one(&proxy, (name.clone(), info(vip, port, http_eps(&[&a, &b])))).await;
     let mut to_gone = KeepAlive::open(svc).await;
     let mut to_stays = KeepAlive::open(svc).await;
     let (gone, stays) = match to_gone.get("/").await.unwrap().as_str() {
@@ -453,13 +424,7 @@ async fn drain_grace_ends_connections_to_removed_endpoints() {
     };
     assert_eq!(to_stays.get("/").await.unwrap(), stays.name);
     let removed_at = Instant::now();
-    proxy
-        .sync(&state(vec![(
-            name.clone(),
-            info(vip, port, http_eps(&[stays])),
-        )]))
-        .await
-        .unwrap();
+    sync_one(&proxy, (name.clone(), info(vip, port, http_eps(&[stays])))).await;
     // Served during the grace, cut after it (polled, bounded).
     let deadline = removed_at + IO;
     loop {
@@ -482,13 +447,14 @@ async fn half_close_delivers_the_whole_reply() {
     let vip = ip(7);
     let port = free_port(vip);
     let proxy = UserspaceProxy::new(config());
-    proxy
-        .sync(&state(vec![(
+    sync_one(
+        &proxy,
+        (
             spn("tcpecho", "", Protocol::Tcp),
             info(vip, port, vec![endpoint(a.tcp_addr.unwrap(), NODE)]),
-        )]))
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     let s = connect_from(SocketAddr::new(vip, port), None)
         .await
         .unwrap();
@@ -536,13 +502,11 @@ async fn udp_flows_are_balanced_and_answered_from_the_service_address() {
         .map(|s| endpoint(s.udp_addr.unwrap(), NODE))
         .collect();
     let proxy = UserspaceProxy::new(config());
-    proxy
-        .sync(&state(vec![(
-            spn("udp", "dns", Protocol::Udp),
-            info(vip, port, eps),
-        )]))
-        .await
-        .unwrap();
+    sync_one(
+        &proxy,
+        (spn("udp", "dns", Protocol::Udp), info(vip, port, eps)),
+    )
+    .await;
 
     let mut names = Vec::new();
     let mut clients = Vec::new();
@@ -588,23 +552,11 @@ async fn udp_flow_moves_when_its_endpoint_is_removed_and_expires_when_idle() {
         udp_idle_timeout: Duration::from_millis(200),
         ..config()
     });
-    proxy
-        .sync(&state(vec![(
-            name.clone(),
-            info(vip, port, udp_eps(&[&a, &b])),
-        )]))
-        .await
-        .unwrap();
+    sync_one(&proxy, (name.clone(), info(vip, port, udp_eps(&[&a, &b])))).await;
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let (first, _) = udp_roundtrip(&client, svc, "hostname").await.unwrap();
     let (gone, stays) = if first == "um-a" { (&a, &b) } else { (&b, &a) };
-    proxy
-        .sync(&state(vec![(
-            name.clone(),
-            info(vip, port, udp_eps(&[stays])),
-        )]))
-        .await
-        .unwrap();
+    sync_one(&proxy, (name.clone(), info(vip, port, udp_eps(&[stays])))).await;
     assert_eq!(
         udp_roundtrip(&client, svc, "hostname").await.unwrap().0,
         stays.name
@@ -613,13 +565,7 @@ async fn udp_flow_moves_when_its_endpoint_is_removed_and_expires_when_idle() {
 
     // Idle expiry: with both endpoints back, a new flow for the same client
     // starts after the idle timeout and round robin hands it the next one.
-    proxy
-        .sync(&state(vec![(
-            name.clone(),
-            info(vip, port, udp_eps(&[&a, &b])),
-        )]))
-        .await
-        .unwrap();
+    sync_one(&proxy, (name.clone(), info(vip, port, udp_eps(&[&a, &b])))).await;
     let sticky = udp_roundtrip(&client, svc, "hostname").await.unwrap().0;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut seen = vec![sticky.clone()];
@@ -681,10 +627,7 @@ async fn traffic_policy_local_applies_per_frontend() {
     );
     i.node_port = Some(np);
     i.external_local = true;
-    proxy
-        .sync(&state(vec![(name.clone(), i.clone())]))
-        .await
-        .unwrap();
+    sync_one(&proxy, (name.clone(), i.clone())).await;
     expect_refused(connect_from(nodeport, None).await);
     assert_eq!(get(svc, "/").await.unwrap(), "tp-remote");
 
@@ -707,7 +650,7 @@ async fn traffic_policy_local_applies_per_frontend() {
 
     // internalTrafficPolicy: Local too: the ClusterIP only uses the local one.
     i.internal_local = true;
-    proxy.sync(&state(vec![(name.clone(), i)])).await.unwrap();
+    sync_one(&proxy, (name.clone(), i)).await;
     for _ in 0..6 {
         assert_eq!(get(svc, "/").await.unwrap(), "tp-local");
     }
@@ -936,13 +879,14 @@ async fn throughput_vs_direct() {
     let vip = ip(14);
     let port = free_port(vip);
     let proxy = UserspaceProxy::new(config());
-    proxy
-        .sync(&state(vec![(
+    sync_one(
+        &proxy,
+        (
             spn("bench", "", Protocol::Tcp),
             info(vip, port, http_eps(&[&a])),
-        )]))
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     let mut rates = Vec::new();
     for addr in [a.http_addr.unwrap(), SocketAddr::new(vip, port)] {
         drain_bytes(addr, 64 << 20).await; // warm up
