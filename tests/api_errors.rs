@@ -10,6 +10,18 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
 /// Send a raw request; returns (HTTP status, parsed body).
+/// `call` with a JSON body.
+async fn call_json(client: &kube::Client, method: &str, path: &str, body: &Value) -> (u16, Value) {
+    call(
+        client,
+        method,
+        path,
+        "application/json",
+        serde_json::to_vec(body).unwrap(),
+    )
+    .await
+}
+
 async fn call(
     client: &kube::Client,
     method: &str,
@@ -88,12 +100,11 @@ async fn every_error_class_is_a_status_and_writes_nothing() {
     .await;
     assert_status("bad label selector", &r, 400, "BadRequest");
     let strict = json!({"metadata":{"name":"strict"},"spec":{"ports":[{"port":80}],"bogus":1}});
-    let r = call(
+    let r = call_json(
         &c,
         "POST",
         &format!("{SVC}?fieldValidation=Strict"),
-        "application/json",
-        serde_json::to_vec(&strict).unwrap(),
+        &strict,
     )
     .await;
     assert_status("strict unknown field", &r, 400, "BadRequest");
@@ -141,14 +152,7 @@ async fn every_error_class_is_a_status_and_writes_nothing() {
 
     // 422: an invalid Service, with causes.
     let bad = json!({"metadata":{"name":"bad"},"spec":{"type":"Nope","ports":[{"port":80}]}});
-    let r = call(
-        &c,
-        "POST",
-        SVC,
-        "application/json",
-        serde_json::to_vec(&bad).unwrap(),
-    )
-    .await;
+    let r = call_json(&c, "POST", SVC, &bad).await;
     assert_status("invalid service", &r, 422, "Invalid");
     assert_eq!(r.1["details"]["causes"][0]["field"], "spec.type");
 
@@ -166,34 +170,13 @@ async fn every_error_class_is_a_status_and_writes_nothing() {
 
     // 409: already exists, and a stale update.
     let ok = json!({"metadata":{"name":"dup"},"spec":{"ports":[{"port":80}]}});
-    let (code, created) = call(
-        &c,
-        "POST",
-        SVC,
-        "application/json",
-        serde_json::to_vec(&ok).unwrap(),
-    )
-    .await;
+    let (code, created) = call_json(&c, "POST", SVC, &ok).await;
     assert_eq!(code, 201);
-    let r = call(
-        &c,
-        "POST",
-        SVC,
-        "application/json",
-        serde_json::to_vec(&ok).unwrap(),
-    )
-    .await;
+    let r = call_json(&c, "POST", SVC, &ok).await;
     assert_status("duplicate create", &r, 409, "AlreadyExists");
     let mut stale = created.clone();
     stale["metadata"]["resourceVersion"] = json!("1");
-    let r = call(
-        &c,
-        "PUT",
-        &format!("{SVC}/dup"),
-        "application/json",
-        serde_json::to_vec(&stale).unwrap(),
-    )
-    .await;
+    let r = call_json(&c, "PUT", &format!("{SVC}/dup"), &stale).await;
     assert_status("stale update", &r, 409, "Conflict");
 
     // 410: a continue token from before a compaction is covered by the
