@@ -40,6 +40,7 @@ pub mod controllers;
 pub mod dns;
 pub mod echo;
 pub mod metrics;
+pub mod model;
 pub mod node;
 pub mod proxy;
 pub mod store;

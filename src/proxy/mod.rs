@@ -53,10 +53,10 @@ impl Protocol {
 /// Identity of one port of one Service (kube-proxy's ServicePortName).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServicePortName {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     /// The port's name ("" for a single unnamed port).
-    pub port: String,
+    pub port: Arc<str>,
     pub protocol: Protocol,
 }
 
