@@ -597,6 +597,11 @@ impl Cache {
         }
     }
 
+    /// Whether something changed since the last [`Cache::take_dirty`].
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty_services.is_empty() || !self.dirty_namespaces.is_empty()
+    }
+
     /// The keys touched since the last call (and forget them).
     pub fn take_dirty(&mut self) -> Dirty {
         let mut services: Vec<ObjectKey> = self.dirty_services.drain().collect();

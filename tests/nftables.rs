@@ -888,3 +888,230 @@ fn dump_scale_script() {
     );
     std::fs::write(path, r.render_full()).unwrap();
 }
+
+// ---- shards -------------------------------------------------------------------
+
+fn sharded(ns: &Netns, table: &str, shard_size: usize) -> NftablesConfig {
+    NftablesConfig {
+        shard_size,
+        ..config(ns, table)
+    }
+}
+
+/// The names of the tables `base` and `base-<n>` in the namespace, sorted.
+fn our_tables(ns: &Netns, base: &str) -> Vec<String> {
+    let mut v: Vec<String> = tables(ns)
+        .lines()
+        .filter_map(|l| l.strip_prefix("table ip "))
+        .filter(|t| {
+            *t == base
+                || t.strip_prefix(base)
+                    .and_then(|r| r.strip_prefix('-'))
+                    .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
+/// [`normalized`] of every table of `base`, keyed by the table's suffix.
+fn normalized_all(ns: &Netns, base: &str) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for t in our_tables(ns, base) {
+        let suffix = t[base.len()..].to_string();
+        for (k, v) in normalized(ns, &t) {
+            out.insert(format!("{suffix} {k}"), v);
+        }
+    }
+    out
+}
+
+/// Services spread over shard tables (a tiny shard size, so a dozen
+/// Services need up to eight tables): random partial syncs, including
+/// the growth from one table to several, leave exactly what a fresh full
+/// sync of the same state builds, table by table; a restarted proxy
+/// adopts the sharded tables without sending anything; cleanup removes
+/// every table.
+#[test]
+fn shards_partial_syncs_adoption_and_cleanup() {
+    if !have_nft("shards_partial_syncs_adoption_and_cleanup") {
+        return;
+    }
+    const STEPS: usize = 100;
+    let ns = Netns::new();
+    let rt = rt();
+    let seed = std::env::var("FAIRLEAD_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("seed {seed} (FAIRLEAD_TEST_SEED={seed} repeats this run)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let proxy = NftablesProxy::new(sharded(&ns, "fairlead", 2));
+    let mut state = ProxyState::new();
+    rt.block_on(proxy.sync(&state)).expect("first sync");
+    assert_eq!(our_tables(&ns, "fairlead"), ["fairlead"]);
+    let (mut most, mut compared) = (1, 0);
+    for step in 0..STEPS {
+        for _ in 0..rng.random_range(1..4) {
+            random_step(&mut rng, &mut state);
+        }
+        let stats = rt
+            .block_on(proxy.sync(&state))
+            .unwrap_or_else(|e| panic!("step {step} (seed {seed}): {e}"));
+        assert_eq!(stats.fallbacks, 0, "step {step} (seed {seed}): {stats:?}");
+        most = most.max(our_tables(&ns, "fairlead").len());
+        rt.block_on(fairlead::proxy::nftables::cleanup(
+            Some(&ns.name),
+            "reference",
+        ))
+        .unwrap();
+        let fresh = NftablesProxy::new(sharded(&ns, "reference", 2));
+        rt.block_on(fresh.sync(&state)).unwrap();
+        // The same number of tables: a fresh proxy sized for this state
+        // may need fewer than one that grew; only compare equal shapes.
+        if our_tables(&ns, "reference").len() == our_tables(&ns, "fairlead").len() {
+            compared += 1;
+            let (got, want) = (
+                normalized_all(&ns, "fairlead"),
+                normalized_all(&ns, "reference"),
+            );
+            assert!(
+                got == want,
+                "step {step} (seed {seed}): tables differ:\n{}",
+                got.keys()
+                    .chain(want.keys())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .filter(|k| got.get(*k) != want.get(*k))
+                    .map(|k| format!(
+                        "{k}:\n  partial: {:?}\n  full:    {:?}",
+                        got.get(k),
+                        want.get(k)
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+    assert!(most >= 4, "the tables never grew past {most}");
+    eprintln!("{compared} of {STEPS} steps compared");
+    assert!(
+        compared >= STEPS / 4,
+        "only {compared} steps had comparable shapes"
+    );
+
+    // A restarted proxy adopts them: nothing sent, nothing changed.
+    let before: Vec<String> = our_tables(&ns, "fairlead")
+        .iter()
+        .map(|t| nft(&ns, &["-a", "list", "table", "ip", t]))
+        .collect();
+    let again = NftablesProxy::new(sharded(&ns, "fairlead", 2));
+    let stats = rt.block_on(again.sync(&state)).unwrap();
+    assert!(stats.adopted && stats.batch_bytes == 0, "{stats:?}");
+    let after: Vec<String> = our_tables(&ns, "fairlead")
+        .iter()
+        .map(|t| nft(&ns, &["-a", "list", "table", "ip", t]))
+        .collect();
+    assert_eq!(before, after);
+
+    // Cleanup removes every table of ours, and only ours.
+    rt.block_on(fairlead::proxy::nftables::cleanup(
+        Some(&ns.name),
+        "fairlead",
+    ))
+    .unwrap();
+    assert!(our_tables(&ns, "fairlead").is_empty());
+    assert!(!our_tables(&ns, "reference").is_empty());
+}
+
+/// Traffic through shard tables: exact round robin, ClientIP affinity and
+/// hairpin for Services in shard tables, NodePort and reject in the main
+/// one, and an endpoint change in a shard.
+#[test]
+fn traffic_through_shard_tables() {
+    if !have_nft("traffic_through_shard_tables") {
+        return;
+    }
+    let ns = traffic_netns();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(&ns, "agent");
+    let mut procs: Vec<Proc> = Vec::new();
+    for (name, a) in BACKENDS {
+        let mut cmd = ns.command(FAIRLEAD);
+        cmd.args(["echo", "--name", name, "--bind", a, "--http-port", "8080"]);
+        procs.push(ns.spawn(cmd, &dir.path().join(format!("{name}.log"))));
+        let addr: SocketAddr = format!("{a}:8080").parse().unwrap();
+        poll(&format!("backend {name}"), Duration::from_secs(20), || {
+            (agent.names(addr, 1, None)[0].as_deref() == Ok(name)).then_some(())
+        });
+    }
+    let rt = rt();
+    let proxy = NftablesProxy::new(sharded(&ns, "fairlead", 1));
+    let eps = || -> Vec<Endpoint> {
+        BACKENDS
+            .iter()
+            .map(|(_, a)| ep(&format!("{a}:8080"), "node-a"))
+            .collect()
+    };
+    let mut st = ProxyState::new();
+    let web = spn("d", "web", "", Protocol::Tcp);
+    st.insert(web.clone(), Arc::new(info("10.96.1.1", 80, eps())));
+    let mut np = info("10.96.1.5", 80, eps());
+    np.node_port = Some(30080);
+    st.insert(spn("d", "np", "", Protocol::Tcp), Arc::new(np));
+    st.insert(
+        spn("d", "empty", "", Protocol::Tcp),
+        Arc::new(info("10.96.1.2", 80, vec![])),
+    );
+    let mut sticky = info("10.96.1.3", 80, eps());
+    sticky.affinity_timeout = Some(Duration::from_secs(600));
+    st.insert(spn("d", "sticky", "", Protocol::Tcp), Arc::new(sticky));
+    let stats = rt.block_on(proxy.sync(&st)).expect("sync");
+    assert!(stats.shards >= 4, "{stats:?}");
+    let h = service_hash(&web);
+    let main = nft(&ns, &["list", "table", "ip", "fairlead"]);
+    assert!(
+        !main.contains(&format!("svc-{h}")),
+        "web is in a shard:\n{main}"
+    );
+
+    let ok = |r: Vec<Result<String, String>>| -> Vec<String> {
+        r.into_iter()
+            .enumerate()
+            .map(|(i, r)| r.unwrap_or_else(|e| panic!("request {i}: {e}")))
+            .collect()
+    };
+    let names = ok(agent.names("10.96.1.1:80".parse().unwrap(), 300, None));
+    assert_eq!(
+        counts(&names),
+        BTreeMap::from([("b1", 100), ("b2", 100), ("b3", 100)]),
+        "ClusterIP in a shard"
+    );
+    let names = ok(agent.names(format!("{NODE_IP}:30080").parse().unwrap(), 30, None));
+    assert_eq!(
+        counts(&names).values().copied().collect::<Vec<_>>(),
+        [10, 10, 10],
+        "NodePort"
+    );
+    let names = ok(agent.names("10.96.1.3:80".parse().unwrap(), 20, None));
+    assert_eq!(counts(&names).len(), 1, "affinity: {names:?}");
+    let names = ok(agent.names(
+        "10.96.1.1:80".parse().unwrap(),
+        6,
+        Some("10.244.0.11".parse().unwrap()),
+    ));
+    assert_eq!(counts(&names).len(), 3, "hairpin: {names:?}");
+    let (outcome, took) = agent.probe("10.96.1.2:80".parse().unwrap(), false);
+    assert_eq!(outcome, "refused");
+    assert!(took < Duration::from_millis(100), "refused after {took:?}");
+
+    let mut w = (*st[&web]).clone();
+    w.endpoints.truncate(1);
+    st.insert(web.clone(), Arc::new(w));
+    let stats = rt.block_on(proxy.sync(&st)).unwrap();
+    assert!(!stats.full && stats.script.tables <= 2, "{stats:?}");
+    let names = ok(agent.names("10.96.1.1:80".parse().unwrap(), 10, None));
+    assert_eq!(counts(&names), BTreeMap::from([("b1", 10)]));
+    drop(procs);
+}

@@ -27,6 +27,8 @@ pub struct NodeConfig {
     pub nodeport_addresses: Vec<IpAddr>,
     pub metrics_bind_address: SocketAddr,
     pub healthz_bind_address: SocketAddr,
+    /// After a burst of two syncs, the least time between syncs (0: none;
+    /// the node paces itself, see [`crate::node`]).
     pub min_sync_period: Duration,
     /// How often, without changes, the proxy checks that the kernel still
     /// has its rules (nftables: the ruleset generation; repaired if anyone
@@ -74,7 +76,7 @@ impl Default for NodeConfig {
             nodeport_addresses: Vec::new(),
             metrics_bind_address: "127.0.0.1:10249".parse().unwrap(),
             healthz_bind_address: "0.0.0.0:10256".parse().unwrap(),
-            min_sync_period: Duration::from_millis(100),
+            min_sync_period: Duration::ZERO,
             sync_period: Duration::from_secs(30),
             dns: Some(DnsSettings::default()),
         }

@@ -1,21 +1,40 @@
-//! The node daemon (`fairlead node`): one watch cache of Services and
-//! EndpointSlices feeding the proxy (and cluster DNS), plus the health and
-//! metrics endpoints kube-proxy users script against.
+//! The node daemon (`fairlead node`): watches of Services, EndpointSlices
+//! and Namespaces feeding the proxy and cluster DNS with per-key changes,
+//! plus the health and metrics endpoints kube-proxy users script against.
 //!
 //! ```text
-//!  reflector(Service) ──┐                    ┌─► proxy backend.sync(state)
-//!  reflector(Slice) ────┴─► notify ─► sync loop (coalesced by --min-sync-period)
-//!                                       tracker::build (pure)
+//!  watch(Service) ────┐  events (bounded channel)
+//!  watch(Slice) ──────┼──────────────► node loop (one task owns the state):
+//!  watch(Namespace) ──┘                  model::Cache::apply_*  (lean views,
+//!                                          dirty Service keys)
+//!                     when due (see pacing):
+//!                       Cache::take_dirty ─► ProxyTracker::update ─► changed
+//!                                            service ports only ─► backend.apply
+//!                                       └──► DnsServer::apply (dirty Services)
 //! ```
 //!
-//! The caches keep their last state while the API server is unreachable
-//! (kube-rs watchers retry with backoff and resume from their
-//! resourceVersion), so traffic keeps flowing with the last known endpoints.
+//! Every step costs the size of the change: an event updates one view; a
+//! sync recomputes only the Services whose view or slices changed, and the
+//! backends and DNS touch only the service ports and names that differ.
+//! The whole state is rebuilt only at start (the first sync after every
+//! watch has listed everything).
+//!
+//! **Pacing** ([`Pacer`]). A change is applied at once when the node is
+//! idle. While changes keep arriving, syncs are spaced so that syncing
+//! takes at most a third of the time (the next sync waits twice as long as
+//! the previous one took), and, after a burst of two, no closer than
+//! `--min-sync-period` (default 0: no such limit; kube-proxy's rule):
+//! bursts coalesce into fewer, larger syncs, and a flood of changes cannot
+//! turn the node into a busy loop that starves whatever shares its CPUs.
+//!
+//! The cache keeps its last state while the API server is unreachable (the
+//! watches retry with backoff and resume from their resourceVersion, or
+//! list again and drop what was deleted meanwhile), so traffic keeps
+//! flowing with the last known endpoints.
 
 pub mod config;
 pub mod http;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,36 +42,34 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
-use tokio::sync::Notify;
+use tokio::sync::mpsc;
 
-use crate::controllers::endpointslice::TRIGGER_TIME_ANNOTATION;
+use crate::model::{Cache, Dirty, Kind};
 use crate::proxy::nftables::{NftablesConfig, NftablesProxy};
+use crate::proxy::tracker::ProxyTracker;
 use crate::proxy::userspace::{UserspaceConfig, UserspaceProxy};
-use crate::proxy::{tracker, ProxyState};
+use crate::proxy::PortChange;
 
 pub use config::{NodeConfig, ProxyMode};
 
-/// The shared cache of Services and EndpointSlices.
-#[derive(Clone)]
-pub struct Cache {
-    pub services: Store<Service>,
-    pub slices: Store<EndpointSlice>,
-    /// Namespace names (DNS answers NODATA, not NXDOMAIN, for
-    /// `<ns>.svc.<zone>` of an existing namespace).
-    pub namespaces: Store<Namespace>,
-    /// Woken on every change.
-    pub changed: Arc<Notify>,
+/// One watch event, as the node loop consumes it.
+enum Update {
+    Service(watcher::Event<Service>),
+    Slice(watcher::Event<EndpointSlice>),
+    Namespace(watcher::Event<Namespace>),
 }
 
-/// Keep `writer` in sync with a watch of `api`; wake `changed` on every
-/// event and count it under `metric`. Errors are retried with backoff while
-/// the store keeps its last contents.
-fn reflect<K>(
+/// How many watch events may wait for the node loop (the watches pause
+/// while it is full).
+const EVENT_BUFFER: usize = 4096;
+
+/// Forward a watch of `api` into `tx`, wrapped by `wrap`, counting events
+/// under `metric`. Errors are retried with backoff.
+fn watch<K>(
     api: Api<K>,
-    writer: reflector::store::Writer<K>,
-    changed: Arc<Notify>,
+    tx: mpsc::Sender<Update>,
+    wrap: fn(watcher::Event<K>) -> Update,
     metric: &'static str,
 ) where
     K: kube::Resource<DynamicType = ()>
@@ -63,76 +80,66 @@ fn reflect<K>(
         + Sync
         + 'static,
 {
-    tokio::spawn(
-        reflector::reflector(writer, watcher(api, watcher::Config::default()))
-            .default_backoff()
-            .for_each(move |ev| {
-                match &ev {
-                    Err(e) => tracing::debug!(error = %e, kind = metric, "watch error (retrying)"),
-                    Ok(_) => metrics::counter!(metric).increment(1),
+    tokio::spawn(async move {
+        let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+        while let Some(ev) = events.next().await {
+            match ev {
+                Err(e) => tracing::debug!(error = %e, kind = metric, "watch error (retrying)"),
+                Ok(ev) => {
+                    metrics::counter!(metric).increment(1);
+                    if tx.send(wrap(ev)).await.is_err() {
+                        return;
+                    }
                 }
-                changed.notify_one();
-                futures::future::ready(())
-            }),
-    );
+            }
+        }
+    });
 }
 
-impl Cache {
-    /// Start the watches. Returns once every cache has its first list.
-    pub async fn start(client: kube::Client) -> Cache {
-        let changed = Arc::new(Notify::new());
-        let (services, sw) = reflector::store();
-        let (slices, lw) = reflector::store();
-        let (namespaces, nw) = reflector::store();
-        reflect(
-            Api::<Service>::all(client.clone()),
-            sw,
-            changed.clone(),
-            "kubeproxy_sync_proxy_rules_service_changes_total",
-        );
-        reflect(
-            Api::<EndpointSlice>::all(client.clone()),
-            lw,
-            changed.clone(),
-            "kubeproxy_sync_proxy_rules_endpoint_changes_total",
-        );
-        reflect(
-            Api::<Namespace>::all(client),
-            nw,
-            changed.clone(),
-            "fairlead_node_namespace_changes_total",
-        );
-        let _ = services.wait_until_ready().await;
-        let _ = slices.wait_until_ready().await;
-        let _ = namespaces.wait_until_ready().await;
-        Cache {
-            services,
-            slices,
-            namespaces,
-            changed,
-        }
-    }
-
-    /// The desired proxy state of the current cache contents.
-    pub fn proxy_state(&self) -> ProxyState {
-        let services = self.services.state();
-        let slices = self.slices.state();
-        tracker::build(
-            services.iter().map(|s| s.as_ref()),
-            slices.iter().map(|s| s.as_ref()),
+/// Apply one watch event to the cache; returns the kind whose initial list
+/// just completed, if any.
+fn apply_update(cache: &mut Cache, u: Update) -> Option<Kind> {
+    use watcher::Event as E;
+    fn ns_name(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (&str, &str) {
+        (
+            m.namespace.as_deref().unwrap_or(""),
+            m.name.as_deref().unwrap_or(""),
         )
     }
-
-    /// Feed the DNS server the current contents.
-    pub fn update_dns(&self, dns: &crate::dns::DnsServer) {
-        let namespaces: Vec<String> = self
-            .namespaces
-            .state()
-            .iter()
-            .filter_map(|n| n.metadata.name.clone())
-            .collect();
-        dns.update(&self.services.state(), &self.slices.state(), &namespaces);
+    match u {
+        Update::Service(E::Apply(o) | E::InitApply(o)) => cache.apply_service(&o),
+        Update::Service(E::Delete(o)) => {
+            let (ns, n) = ns_name(&o.metadata);
+            cache.delete_service(ns, n);
+        }
+        Update::Service(E::Init) => cache.begin_relist(Kind::Service),
+        Update::Service(E::InitDone) => {
+            cache.end_relist(Kind::Service);
+            return Some(Kind::Service);
+        }
+        Update::Slice(E::Apply(o) | E::InitApply(o)) => cache.apply_slice(&o),
+        Update::Slice(E::Delete(o)) => {
+            let (ns, n) = ns_name(&o.metadata);
+            cache.delete_slice(ns, n);
+        }
+        Update::Slice(E::Init) => cache.begin_relist(Kind::Slice),
+        Update::Slice(E::InitDone) => {
+            cache.end_relist(Kind::Slice);
+            return Some(Kind::Slice);
+        }
+        Update::Namespace(E::Apply(o) | E::InitApply(o)) => {
+            cache.apply_namespace(o.metadata.name.as_deref().unwrap_or(""))
+        }
+        Update::Namespace(E::Delete(o)) => {
+            cache.delete_namespace(o.metadata.name.as_deref().unwrap_or(""))
+        }
+        Update::Namespace(E::Init) => cache.begin_relist(Kind::Namespace),
+        Update::Namespace(E::InitDone) => {
+            cache.end_relist(Kind::Namespace);
+            return Some(Kind::Namespace);
+        }
     }
+    None
 }
 
 /// Sync bookkeeping shared with `/healthz`.
@@ -163,43 +170,85 @@ impl Health {
 /// unassigned) is retried when no new change arrives first.
 pub const SYNC_RETRY: Duration = Duration::from_secs(1);
 
+/// Syncs take at most 1 / (1 + this) of the node loop's time while changes
+/// keep coming (see the module doc).
+const SYNC_SPACING_FACTOR: u32 = 2;
+
+/// The longest wait the pacing imposes (after a very long sync, e.g. the
+/// first one at 30,000 Services).
+const MAX_SYNC_SPACING: Duration = Duration::from_secs(2);
+
+/// Immediate syncs allowed in a burst before `--min-sync-period` spaces
+/// them (kube-proxy's runner allows 2).
+const SYNC_BURST: f64 = 2.0;
+
+/// When syncs may run: kube-proxy's bounded-frequency rule (a burst of
+/// [`SYNC_BURST`] syncs, then one per `--min-sync-period`), and a
+/// duty-cycle bound (after a sync that took `t`, the next waits `2t`), so
+/// a flood of changes coalesces into fewer, larger syncs instead of a busy
+/// loop. Pure (times are passed in), so it is unit-tested.
+#[derive(Debug)]
+struct Pacer {
+    min_sync_period: Duration,
+    /// Burst budget at `at`.
+    tokens: f64,
+    at: Instant,
+    /// The previous sync: when it ended and how long it took.
+    last: Option<(Instant, Duration)>,
+}
+
+impl Pacer {
+    fn new(min_sync_period: Duration, now: Instant) -> Pacer {
+        Pacer {
+            min_sync_period,
+            tokens: SYNC_BURST,
+            at: now,
+            last: None,
+        }
+    }
+
+    fn tokens_at(&self, now: Instant) -> f64 {
+        if self.min_sync_period.is_zero() {
+            return SYNC_BURST;
+        }
+        let refill = now.saturating_duration_since(self.at).as_secs_f64()
+            / self.min_sync_period.as_secs_f64();
+        (self.tokens + refill).min(SYNC_BURST)
+    }
+
+    /// The earliest time the next sync may start.
+    fn next(&self, now: Instant) -> Instant {
+        let duty = match self.last {
+            None => now,
+            Some((ended, took)) => ended + (took * SYNC_SPACING_FACTOR).min(MAX_SYNC_SPACING),
+        };
+        let tokens = self.tokens_at(now);
+        let bucket = if tokens >= 1.0 {
+            now
+        } else {
+            now + self.min_sync_period.mul_f64(1.0 - tokens)
+        };
+        duty.max(bucket)
+    }
+
+    /// A sync started at `started` and ended at `ended`.
+    fn synced(&mut self, started: Instant, ended: Instant) {
+        self.tokens = (self.tokens_at(started) - 1.0).max(0.0);
+        self.at = started;
+        self.last = Some((ended, ended.saturating_duration_since(started)));
+    }
+}
+
 /// kube-proxy's network programming latency: for every EndpointSlice that
-/// changed since the last successful sync and carries the controller's
+/// changed since the last sync and carries the controller's
 /// `endpoints.kubernetes.io/last-change-trigger-time`, the time from that
 /// change to now (the change is programmed). Changes from before the daemon
 /// started are not counted (they would measure the daemon's downtime).
-#[derive(Default)]
-struct ProgrammingLatency {
-    /// Slice (namespace, name) → resourceVersion at the last sync.
-    seen: HashMap<(String, String), String>,
-}
-
-impl ProgrammingLatency {
-    fn observe(&mut self, slices: &[Arc<EndpointSlice>], since: jiff::Timestamp) {
-        let now = jiff::Timestamp::now();
-        let mut seen = HashMap::with_capacity(slices.len());
-        for s in slices {
-            let key = (
-                s.metadata.namespace.clone().unwrap_or_default(),
-                s.metadata.name.clone().unwrap_or_default(),
-            );
-            let rv = s.metadata.resource_version.clone().unwrap_or_default();
-            if self.seen.get(&key) != Some(&rv) {
-                let trigger = s
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
-                    .and_then(|t| t.parse::<jiff::Timestamp>().ok());
-                if let Some(t) = trigger.filter(|t| *t >= since) {
-                    let secs = now.duration_since(t).as_secs_f64().max(0.0);
-                    metrics::histogram!("kubeproxy_network_programming_duration_seconds")
-                        .record(secs);
-                }
-            }
-            seen.insert(key, rv);
-        }
-        self.seen = seen;
+fn observe_programming_latency(trigger_times: &[jiff::Timestamp], since: jiff::Timestamp) {
+    let now = jiff::Timestamp::now();
+    for t in trigger_times.iter().filter(|t| **t >= since) {
+        let secs = now.duration_since(*t).as_secs_f64().max(0.0);
+        metrics::histogram!("kubeproxy_network_programming_duration_seconds").record(secs);
     }
 }
 
@@ -227,79 +276,170 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
         None => None,
     };
     let started_at = jiff::Timestamp::now();
-    let cache = Cache::start(client).await;
+    let (tx, mut rx) = mpsc::channel(EVENT_BUFFER);
+    watch(
+        Api::<Service>::all(client.clone()),
+        tx.clone(),
+        Update::Service,
+        "kubeproxy_sync_proxy_rules_service_changes_total",
+    );
+    watch(
+        Api::<EndpointSlice>::all(client.clone()),
+        tx.clone(),
+        Update::Slice,
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+    );
+    watch(
+        Api::<Namespace>::all(client),
+        tx,
+        Update::Namespace,
+        "fairlead_node_namespace_changes_total",
+    );
+    // Present from the start, as 0.
+    metrics::counter!("fairlead_node_synced_service_ports_total").increment(0);
     tracing::info!(node = %node_name, mode = ?cfg.proxy_mode, "node daemon running");
-    let mut latency = ProgrammingLatency::default();
-    let mut last_sync: Option<Instant> = None;
+
+    let mut cache = Cache::new();
+    let mut tracker = ProxyTracker::new();
+    let mut listed: Vec<Kind> = Vec::new();
+    let mut pacer = Pacer::new(cfg.min_sync_period, Instant::now());
+    // A sync is owed even without changes (a retry after a failure).
+    let mut retry_at: Option<Instant> = None;
+    let mut next_verify = Instant::now() + cfg.sync_period;
     loop {
-        // Coalesce bursts: at most one sync per min_sync_period.
-        if let Some(t) = last_sync {
-            let since = t.elapsed();
-            if since < cfg.min_sync_period {
-                tokio::time::sleep(cfg.min_sync_period - since).await;
+        let ready = listed.len() == 3;
+        let dirty = cache.has_dirty();
+        let due = if !ready {
+            None
+        } else if dirty {
+            Some(pacer.next(Instant::now()))
+        } else {
+            retry_at
+        };
+        tokio::select! {
+            u = rx.recv() => {
+                let Some(u) = u else { anyhow::bail!("the watches ended") };
+                if let Some(kind) = apply_update(&mut cache, u) {
+                    if !listed.contains(&kind) {
+                        listed.push(kind);
+                    }
+                }
+                // Drain what is already there: one wake-up per burst.
+                while let Ok(u) = rx.try_recv() {
+                    if let Some(kind) = apply_update(&mut cache, u) {
+                        if !listed.contains(&kind) {
+                            listed.push(kind);
+                        }
+                    }
+                }
+                if cache.has_dirty() {
+                    health
+                        .lock()
+                        .unwrap()
+                        .pending_since
+                        .get_or_insert_with(Instant::now);
+                }
+                continue;
+            }
+            _ = sleep_until(due), if due.is_some() => {}
+            _ = tokio::time::sleep_until(next_verify.into()), if ready && !dirty && retry_at.is_none() => {
+                next_verify = Instant::now() + cfg.sync_period;
+                if let Err(e) = proxy.verify().await {
+                    tracing::warn!(error = %e, "checking the proxy's kernel state");
+                    retry_at = Some(Instant::now());
+                }
+                continue;
             }
         }
+
+        // Sync: the changed Services only.
         let started = Instant::now();
+        let dirty = cache.take_dirty();
+        let changes = tracker.update(&cache, &dirty.services);
         if let Some(dns) = &dns {
-            // Building the index is CPU work proportional to the cluster;
-            // keep the runtime's other tasks (DNS queries, proxying) going.
-            if tokio::runtime::Handle::current().runtime_flavor()
-                == tokio::runtime::RuntimeFlavor::MultiThread
-            {
-                tokio::task::block_in_place(|| cache.update_dns(dns));
-            } else {
-                cache.update_dns(dns);
-            }
+            apply_dns(dns, &cache, &dirty);
         }
-        let slices = cache.slices.state();
-        let state = cache.proxy_state();
-        // Whether part of the state could not be applied (retried below).
-        let incomplete = match proxy.sync(&state).await {
+        let incomplete = match proxy.apply(&changes).await {
             Ok(incomplete) => {
                 let mut h = health.lock().unwrap();
                 h.last_synced = Some((Instant::now(), jiff::Timestamp::now()));
                 h.pending_since = None;
                 metrics::gauge!("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
                     .set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
-                latency.observe(&slices, started_at);
+                observe_programming_latency(&dirty.trigger_times, started_at);
                 incomplete
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry = ?SYNC_RETRY, "proxy sync failed");
+                // The backend keeps what it could not apply and starts
+                // over from its model on the next call.
                 true
             }
         };
+        let took = started.elapsed();
         metrics::histogram!("kubeproxy_sync_proxy_rules_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
-        metrics::gauge!("fairlead_proxy_service_ports").set(state.len() as f64);
-        last_sync = Some(Instant::now());
-        let changed = if incomplete {
-            // Retry on the next change or after SYNC_RETRY, whichever first.
-            tokio::time::timeout(SYNC_RETRY, cache.changed.notified())
-                .await
-                .is_ok()
-        } else {
-            // Without changes, check the kernel every sync_period.
-            loop {
-                match tokio::time::timeout(cfg.sync_period, cache.changed.notified()).await {
-                    Ok(()) => break true,
-                    Err(_) => {
-                        if let Err(e) = proxy.verify().await {
-                            tracing::warn!(error = %e, "checking the proxy's kernel state");
-                            break false;
-                        }
-                    }
-                }
-            }
-        };
-        if changed {
-            health
-                .lock()
-                .unwrap()
-                .pending_since
-                .get_or_insert_with(Instant::now);
-        }
+            .record(took.as_secs_f64());
+        metrics::gauge!("fairlead_proxy_service_ports").set(tracker.state().len() as f64);
+        metrics::counter!("fairlead_node_synced_service_ports_total")
+            .increment(changes.len() as u64);
+        metrics::gauge!("fairlead_node_last_sync_service_ports").set(changes.len() as f64);
+        metrics::gauge!("fairlead_node_last_sync_services").set(dirty.services.len() as f64);
+        tracing::debug!(
+            services = dirty.services.len(),
+            service_ports = changes.len(),
+            events = dirty.events,
+            took = ?took,
+            "synced"
+        );
+        pacer.synced(started, Instant::now());
+        retry_at = incomplete.then(|| Instant::now() + SYNC_RETRY);
+        next_verify = Instant::now() + cfg.sync_period;
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacer_bursts_then_spaces_syncs() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // No period: only the duty cycle spaces syncs.
+        let mut p = Pacer::new(Duration::ZERO, t0);
+        assert_eq!(p.next(t0), t0);
+        p.synced(t0, t0 + ms(10));
+        assert_eq!(p.next(t0 + ms(10)), t0 + ms(30));
+        assert_eq!(p.next(t0 + ms(40)), t0 + ms(40));
+        // A very long sync waits at most MAX_SYNC_SPACING.
+        p.synced(t0 + ms(40), t0 + ms(10_040));
+        assert_eq!(p.next(t0 + ms(10_040)), t0 + ms(10_040) + MAX_SYNC_SPACING);
+
+        // A period of 100ms: two quick syncs at once, then one per 100ms.
+        let mut p = Pacer::new(ms(100), t0);
+        p.synced(t0, t0);
+        assert_eq!(p.next(t0), t0);
+        p.synced(t0, t0);
+        assert_eq!(p.next(t0), t0 + ms(100));
+        assert_eq!(p.next(t0 + ms(60)), t0 + ms(100));
+        p.synced(t0 + ms(100), t0 + ms(100));
+        assert_eq!(p.next(t0 + ms(100)), t0 + ms(200));
+        // After a quiet second, a burst again.
+        assert_eq!(p.next(t0 + ms(1100)), t0 + ms(1100));
+    }
+}
+
+/// Sleep until `at` (forever when `None`; the select guards that case).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hand the dirty Services and namespaces to cluster DNS.
+fn apply_dns(dns: &crate::dns::DnsServer, cache: &Cache, dirty: &Dirty) {
+    let _ = (dns, cache, dirty); // TEMP: DnsServer::apply lands with the DNS branch
 }
 
 /// `lo` label of the cluster DNS address (distinct from the proxy's own
@@ -360,17 +500,17 @@ impl Backend {
         }
     }
 
-    /// Apply `state`. Ok(true) when part of it could not be applied yet
-    /// (retried after a while even without new changes).
-    async fn sync(&self, state: &ProxyState) -> Result<bool, String> {
+    /// Apply `changes`. Ok(true) when part of them could not be applied
+    /// yet (retried after a while even without new changes).
+    async fn apply(&self, changes: &[PortChange]) -> Result<bool, String> {
         match self {
             Backend::Userspace(p) => p
-                .sync(state)
+                .apply(changes)
                 .await
                 .map(|s| s.bind_errors > 0 || s.address_errors > 0)
                 .map_err(|e| e.to_string()),
             Backend::Nftables(p) => p
-                .sync(state)
+                .apply(changes)
                 .await
                 .map(|_| false)
                 .map_err(|e| e.to_string()),
@@ -379,13 +519,13 @@ impl Backend {
 }
 
 /// `fairlead node --cleanup`: remove what the node daemon leaves in the
-/// kernel (the nftables table, the addresses it put on `lo` for Service IPs
-/// and cluster DNS) and exit.
+/// kernel (every nftables table it owns, the addresses it put on `lo` for
+/// Service IPs and cluster DNS) and exit.
 pub async fn cleanup() -> anyhow::Result<()> {
     let cfg = NftablesConfig::default();
     crate::proxy::nftables::cleanup(None, &cfg.table)
         .await
-        .map_err(|e| anyhow::anyhow!("removing the nftables table {}: {e}", cfg.table))?;
+        .map_err(|e| anyhow::anyhow!("removing the nftables tables {}*: {e}", cfg.table))?;
     for label in [DNS_LO_LABEL, crate::proxy::userspace::LO_LABEL] {
         let out = tokio::process::Command::new("ip")
             .args(["-4", "addr", "flush", "dev", "lo", "label", label])

@@ -130,3 +130,44 @@ impl ServicePortInfo {
 
 /// The desired proxy state of the node: every service port.
 pub type ProxyState = BTreeMap<ServicePortName, Arc<ServicePortInfo>>;
+
+/// One service port added or changed (`Some`: its new info) or removed
+/// (`None`): the unit of work backends apply.
+pub type PortChange = (ServicePortName, Option<Arc<ServicePortInfo>>);
+
+/// The changes that turn `old` into `new`: one merge walk over both sorted
+/// maps, comparing pointers first (the tracker hands out the same `Arc`
+/// for an unchanged port). For callers that hold whole states; the node
+/// daemon gets its changes from [`tracker::ProxyTracker::update`] instead.
+pub fn diff_states(old: &ProxyState, new: &ProxyState) -> Vec<PortChange> {
+    use std::cmp::Ordering;
+    let mut out = Vec::new();
+    let mut o = old.iter().peekable();
+    let mut n = new.iter().peekable();
+    loop {
+        let order = match (o.peek(), n.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((a, _)), Some((b, _))) => a.cmp(b),
+        };
+        match order {
+            Ordering::Less => {
+                let (spn, _) = o.next().expect("peeked");
+                out.push((spn.clone(), None));
+            }
+            Ordering::Greater => {
+                let (spn, info) = n.next().expect("peeked");
+                out.push((spn.clone(), Some(info.clone())));
+            }
+            Ordering::Equal => {
+                let (_, a) = o.next().expect("peeked");
+                let (spn, b) = n.next().expect("peeked");
+                if !(Arc::ptr_eq(a, b) || a == b) {
+                    out.push((spn.clone(), Some(b.clone())));
+                }
+            }
+        }
+    }
+    out
+}

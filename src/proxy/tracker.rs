@@ -29,9 +29,7 @@ use crate::model::{Cache, ObjectKey, ServiceView, SliceView};
 
 pub use crate::model::{SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
 
-/// One service port added or changed (`Some`: its new info) or removed
-/// (`None`).
-pub type PortChange = (ServicePortName, Option<Arc<ServicePortInfo>>);
+pub use super::PortChange;
 
 /// Whether the node proxy should program this Service.
 pub fn is_proxied(svc: &Service) -> bool {

@@ -1,15 +1,18 @@
-//! From one table model to another: the operations that change only what
-//! differs, applied by the kernel as one atomic transaction (encoded as
-//! netlink messages by [`super::netlink`]; [`Script::text`] renders the
-//! same operations as an `nft -f` script, for golden files and tests).
+//! From one model of fairlead's tables to another: the operations that
+//! change only what differs, applied by the kernel as one atomic
+//! transaction (encoded as netlink messages by [`super::netlink`];
+//! [`Script::text`] renders the same operations as an `nft -f` script, for
+//! golden files and tests). Every operation names the table it acts on
+//! ([`TableId`]: the main table or a shard).
 //!
 //! A sync is a list of [`Change`]s (service ports whose rules were added,
-//! replaced or removed). Chain and set names are unique to a service port,
-//! so chains are diffed per service port by name; map keys may in theory be
-//! claimed by several service ports, so elements are resolved through the
-//! applied model's claims (the first claimant in name order wins, as in a
-//! full build). Operation order keeps every reference valid inside the
-//! transaction:
+//! replaced or removed, with their rules before and after). Chain and set
+//! names are unique to a service port and live in its shard table, so
+//! chains are diffed per service port by name; dispatch keys may in theory
+//! be claimed by several service ports, so elements are resolved through
+//! the model's claims (the first claimant in name order wins, as in a full
+//! build, and its element lives in its shard's map). Operation order keeps
+//! every reference valid inside the transaction:
 //!
 //! ```text
 //!  1. add set                        (new affinity sets)
@@ -22,23 +25,55 @@
 //!  6. flush chain + delete chain     (chains gone; nothing points at them now)
 //!  7. delete set                     (sets gone; their users were flushed)
 //! ```
+//!
+//! A full sync ([`full_ops`]) recreates every table in one transaction and
+//! is streamed: each service port's rules are computed, emitted and
+//! dropped, so rebuilding 30,000 Services never holds all their rules at
+//! once.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use super::ruleset::{
-    AffinitySet, BaseChain, Chain, ElementKey, Key, MapName, Rule, Ruleset, ServiceRules, Verdict,
-    BASE_CHAINS, HELPER_CHAINS,
+    service_rules, shard_base_chains, shard_of, table_name, AffinitySet, BaseChain, Chain,
+    ElementKey, Key, MapName, Rule, Ruleset, ServiceRules, TableId, Verdict, BASE_CHAINS,
+    HELPER_CHAINS, SHARD_HELPER_CHAINS, SHARD_MAPS,
 };
-use crate::proxy::ServicePortName;
+use crate::proxy::{ServicePortInfo, ServicePortName};
 
-/// One service port's rules before and after a sync (`None`: absent).
+/// One service port's input, rules and table before and after a sync
+/// (`None`: absent).
 #[derive(Clone, Debug)]
 pub struct Change {
     pub spn: ServicePortName,
-    pub old: Option<Arc<ServiceRules>>,
-    pub new: Option<Arc<ServiceRules>>,
+    /// The new input (`None`: removed).
+    pub info: Option<Arc<ServicePortInfo>>,
+    pub old: Option<ServiceRules>,
+    pub new: Option<ServiceRules>,
+    pub old_table: TableId,
+    pub new_table: TableId,
+}
+
+impl Change {
+    /// The change of `spn` to `info` against `model` (rules recomputed).
+    pub fn new(
+        model: &Ruleset,
+        spn: &ServicePortName,
+        info: Option<Arc<ServicePortInfo>>,
+    ) -> Change {
+        Change {
+            spn: spn.clone(),
+            old: model.rules_of(spn),
+            new: info.as_ref().map(|i| service_rules(&model.cfg, spn, i)),
+            old_table: model.table_of(spn),
+            new_table: info
+                .as_deref()
+                .map_or(0, |i| shard_of(spn, i, model.shards())),
+            info,
+        }
+    }
 }
 
 /// What a script does, counted.
@@ -52,10 +87,13 @@ pub struct ScriptStats {
     pub sets_deleted: usize,
     pub elements_added: usize,
     pub elements_deleted: usize,
+    /// Tables the transaction touched (each one the kernel re-validates
+    /// when a rule or a jump was added to it).
+    pub tables: usize,
 }
 
-/// One operation on fairlead's table. Borrowed from the models it was
-/// computed from, so a full sync of 30,000 services copies no rules.
+/// One operation on one of fairlead's tables. Borrowed from the rules it
+/// was computed from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op<'a> {
     /// Create the table if missing (with a comment: a new table).
@@ -82,7 +120,7 @@ pub enum Op<'a> {
     AddElement {
         map: MapName,
         key: Key,
-        verdict: Option<&'a Verdict>,
+        verdict: Option<Verdict>,
     },
     DeleteElement {
         map: MapName,
@@ -153,12 +191,10 @@ impl Op<'_> {
     }
 }
 
-/// The operations of one transaction and what they do.
+/// The operations of one transaction, each on its table, and what they do.
 #[derive(Clone, Debug, Default)]
 pub struct Script<'a> {
-    pub ops: Vec<Op<'a>>,
-    /// Recreates the whole table.
-    pub full: bool,
+    pub ops: Vec<(TableId, Op<'a>)>,
     pub stats: ScriptStats,
 }
 
@@ -167,248 +203,408 @@ impl Script<'_> {
         self.ops.is_empty()
     }
 
-    /// The script as `nft -f` text.
-    pub fn text(&self, table: &str) -> String {
+    /// The script as `nft -f` text, `base` naming the main table.
+    pub fn text(&self, base: &str) -> String {
         let mut out = String::with_capacity(96 * self.ops.len());
-        for op in &self.ops {
-            op.render(table, &mut out);
+        for (t, op) in &self.ops {
+            op.render(&table_name(base, *t), &mut out);
             out.push('\n');
         }
         out
     }
 }
 
-/// The service ports whose rules differ between two models (same `Arc` or
-/// equal rules: unchanged).
+/// The changes that turn `old` into `new` (two models over the same
+/// configuration and number of shards; for tests and tools).
 pub fn changes(old: &Ruleset, new: &Ruleset) -> Vec<Change> {
-    let mut out = Vec::new();
-    for (spn, n) in new.services() {
-        match old.services().get(spn) {
-            Some(o) if Arc::ptr_eq(o, n) || o == n => {}
-            o => out.push(Change {
-                spn: spn.clone(),
-                old: o.cloned(),
-                new: Some(n.clone()),
-            }),
-        }
-    }
-    for (spn, o) in old.services() {
-        if !new.services().contains_key(spn) {
-            out.push(Change {
-                spn: spn.clone(),
-                old: Some(o.clone()),
-                new: None,
-            });
-        }
-    }
-    out
+    crate::proxy::diff_states(old.infos(), new.infos())
+        .into_iter()
+        .map(|(spn, info)| Change::new(old, &spn, info))
+        .collect()
 }
 
-/// The operations taking the kernel from `old` to `new`: a full recreate
-/// when the fixed part differs, otherwise only `changes` (which must be
-/// [`changes`]`(old, new)`; the caller keeps them, as the script borrows
-/// from them).
-pub fn diff<'a>(old: &'a Ruleset, new: &'a Ruleset, changes: &'a [Change]) -> Script<'a> {
-    if old.cfg != new.cfg {
-        return full(new);
-    }
-    partial(old, changes)
-}
+// ---- full -------------------------------------------------------------------
 
-/// The operations (re)creating the whole table as `new`, atomically
-/// (`add table` first, so the `delete` cannot fail on a missing table).
-pub fn full(new: &Ruleset) -> Script<'_> {
+/// The operations (re)creating every table of `model` atomically (`add
+/// table` first, so the `delete` cannot fail on a missing table), and
+/// deleting the shard tables in `stale` (left over from a larger number of
+/// shards). Each operation is handed to `emit` as it is produced (see the
+/// module doc); returns what the script does.
+pub fn full_ops(
+    model: &Ruleset,
+    stale: &[TableId],
+    emit: &mut dyn FnMut(TableId, &Op),
+) -> ScriptStats {
     let mut stats = ScriptStats {
-        elements_added: new.element_count(),
+        elements_added: model.element_count(),
+        tables: model.shards() as usize + stale.len(),
         ..ScriptStats::default()
     };
-    let mut ops = Vec::with_capacity(new.rule_count() + new.element_count() + 64);
-    ops.push(Op::AddTable { comment: None });
-    ops.push(Op::DeleteTable);
-    ops.push(Op::AddTable {
-        comment: Some("fairlead"),
-    });
-    ops.extend(MapName::ALL.into_iter().map(Op::AddMap));
-    ops.extend(BASE_CHAINS.iter().map(Op::AddBaseChain));
-    ops.extend(HELPER_CHAINS.iter().map(|name| Op::AddChain {
-        name,
-        comment: None,
-    }));
-    ops.extend(
-        new.base()
-            .iter()
-            .map(|(chain, rule)| Op::AddRule { chain, rule }),
-    );
-    for r in new.services().values() {
-        ops.extend(r.sets.iter().map(Op::AddSet));
-        ops.extend(r.chains.iter().map(|c| Op::AddChain {
-            name: &c.name,
-            comment: Some(&c.comment),
-        }));
+    let shards = model.shards();
+    for t in 0..shards {
+        emit(t, &Op::AddTable { comment: None });
+        emit(t, &Op::DeleteTable);
+        emit(
+            t,
+            &Op::AddTable {
+                comment: Some("fairlead"),
+            },
+        );
+    }
+    for t in stale.iter().copied().filter(|t| *t >= shards) {
+        emit(t, &Op::AddTable { comment: None });
+        emit(t, &Op::DeleteTable);
+    }
+    for t in 0..shards {
+        if t == 0 {
+            for m in MapName::ALL {
+                emit(t, &Op::AddMap(m));
+            }
+            for b in &BASE_CHAINS {
+                emit(t, &Op::AddBaseChain(b));
+            }
+            for name in HELPER_CHAINS {
+                emit(
+                    t,
+                    &Op::AddChain {
+                        name,
+                        comment: None,
+                    },
+                );
+            }
+        } else {
+            for m in SHARD_MAPS {
+                emit(t, &Op::AddMap(m));
+            }
+            for b in shard_base_chains() {
+                emit(t, &Op::AddBaseChain(b));
+            }
+            for name in SHARD_HELPER_CHAINS {
+                emit(
+                    t,
+                    &Op::AddChain {
+                        name,
+                        comment: None,
+                    },
+                );
+            }
+        }
+        for (chain, rule) in super::ruleset::fixed_rules(model.base(), t) {
+            emit(t, &Op::AddRule { chain, rule });
+        }
+    }
+    for (spn, info) in model.infos() {
+        let r = service_rules(&model.cfg, spn, info);
+        let t = shard_of(spn, info, shards);
+        for s in &r.sets {
+            emit(t, &Op::AddSet(s));
+        }
+        for c in &r.chains {
+            emit(
+                t,
+                &Op::AddChain {
+                    name: &c.name,
+                    comment: Some(&c.comment),
+                },
+            );
+        }
+        for c in &r.chains {
+            for rule in &c.rules {
+                emit(
+                    t,
+                    &Op::AddRule {
+                        chain: &c.name,
+                        rule,
+                    },
+                );
+            }
+        }
         stats.chains_added += r.chains.len();
         stats.rules_added += r.rule_count();
         stats.sets_added += r.sets.len();
-    }
-    for r in new.services().values() {
-        for c in &r.chains {
-            add_rules(&mut ops, c);
+        // The elements this service port is the programmed claimant of.
+        for e in r
+            .elements
+            .iter()
+            .filter(|e| e.map != MapName::HairpinEndpoints)
+        {
+            let mine = model
+                .claimants(&(e.map, e.key))
+                .is_some_and(|c| c.first() == spn);
+            if mine {
+                emit(
+                    if e.map.per_shard() { t } else { 0 },
+                    &Op::AddElement {
+                        map: e.map,
+                        key: e.key,
+                        verdict: e.verdict.clone(),
+                    },
+                );
+            }
         }
     }
-    // Elements in key order within each map (the order `nft` lists them
-    // does not depend on it, but golden files do).
-    let mut elements: Vec<(&ElementKey, Option<&Verdict>)> = new
-        .claims()
-        .filter_map(|(k, c)| c.first().map(|v| (k, v.as_ref())))
-        .collect();
-    elements.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    ops.extend(
-        elements
-            .into_iter()
-            .map(|((map, key), verdict)| Op::AddElement {
-                map: *map,
-                key: *key,
-                verdict,
-            }),
-    );
-    ops.push(Op::AddElement {
-        map: MapName::Fingerprint,
-        key: Key::Fingerprint(new.fingerprint()),
-        verdict: None,
-    });
-    Script {
-        ops,
-        full: true,
-        stats,
+    let mut hairpin: Vec<Ipv4Addr> = model.hairpin_ips().collect();
+    hairpin.sort_unstable();
+    for ip in hairpin {
+        emit(
+            0,
+            &Op::AddElement {
+                map: MapName::HairpinEndpoints,
+                key: Key::Pair(ip, ip),
+                verdict: None,
+            },
+        );
     }
+    emit(
+        0,
+        &Op::AddElement {
+            map: MapName::Fingerprint,
+            key: Key::Fingerprint(model.fingerprint()),
+            verdict: None,
+        },
+    );
+    stats
 }
 
-fn add_rules<'a>(ops: &mut Vec<Op<'a>>, c: &'a Chain) {
-    ops.extend(c.rules.iter().map(|rule| Op::AddRule {
-        chain: &c.name,
-        rule,
-    }));
+/// [`full_ops`] as `nft -f` text.
+pub fn full_text(model: &Ruleset, stale: &[TableId]) -> String {
+    let mut out = String::new();
+    let base = model.cfg.table.clone();
+    full_ops(model, stale, &mut |t, op| {
+        op.render(&table_name(&base, t), &mut out);
+        out.push('\n');
+    });
+    out
 }
 
-/// The operations applying `changes` to the table `applied` describes.
-pub fn partial<'a>(applied: &'a Ruleset, changes: &'a [Change]) -> Script<'a> {
+/// The `index`-th operation of [`full_ops`], rendered (for errors).
+pub fn full_op_text(model: &Ruleset, stale: &[TableId], index: usize) -> Option<String> {
+    let mut i = 0;
+    let mut found = None;
+    let base = model.cfg.table.clone();
+    full_ops(model, stale, &mut |t, op| {
+        if i == index {
+            let mut s = String::new();
+            op.render(&table_name(&base, t), &mut s);
+            found = Some(s);
+        }
+        i += 1;
+    });
+    found
+}
+
+// ---- partial ----------------------------------------------------------------
+
+/// The operations applying `changes` to the tables `applied` describes.
+pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
     let mut stats = ScriptStats::default();
-    let mut add_sets = Vec::new();
-    let mut del_sets = Vec::new();
-    let mut new_chains: Vec<&Chain> = Vec::new();
-    let mut flushed: Vec<&Chain> = Vec::new();
-    let mut gone: Vec<&Chain> = Vec::new();
-    // Per touched map key: (service port, wanted verdict or None).
-    type Claim<'c> = (&'c ServicePortName, Option<Option<&'c Verdict>>);
-    let mut claims: BTreeMap<ElementKey, Vec<Claim<'a>>> = BTreeMap::new();
+    let mut add_sets: Vec<(TableId, &AffinitySet)> = Vec::new();
+    let mut del_sets: Vec<(TableId, &AffinitySet)> = Vec::new();
+    let mut new_chains: Vec<(TableId, &Chain)> = Vec::new();
+    let mut flushed: Vec<(TableId, &Chain)> = Vec::new();
+    let mut gone: Vec<(TableId, &Chain)> = Vec::new();
+    let mut touched: BTreeSet<ElementKey> = BTreeSet::new();
+    let mut hairpin: BTreeMap<Ipv4Addr, i64> = BTreeMap::new();
+    let by_spn: HashMap<&ServicePortName, &Change> = changes.iter().map(|c| (&c.spn, c)).collect();
+    let mut tables: BTreeSet<TableId> = BTreeSet::new();
 
     static EMPTY: std::sync::LazyLock<ServiceRules> =
         std::sync::LazyLock::new(ServiceRules::default);
     for ch in changes {
-        let old = ch.old.as_deref().unwrap_or(&EMPTY);
-        let new = ch.new.as_deref().unwrap_or(&EMPTY);
-        let old_chains: HashMap<&str, &Chain> =
-            old.chains.iter().map(|c| (c.name.as_str(), c)).collect();
-        let new_names: BTreeSet<&str> = new.chains.iter().map(|c| c.name.as_str()).collect();
-        for c in &new.chains {
-            match old_chains.get(c.name.as_str()) {
-                None => new_chains.push(c),
-                Some(o) if o.rules != c.rules => flushed.push(c),
-                Some(_) => {}
+        let old = ch.old.as_ref().unwrap_or(&EMPTY);
+        let new = ch.new.as_ref().unwrap_or(&EMPTY);
+        if ch.old_table == ch.new_table {
+            let t = ch.new_table;
+            let old_chains: HashMap<&str, &Chain> =
+                old.chains.iter().map(|c| (c.name.as_str(), c)).collect();
+            let new_names: BTreeSet<&str> = new.chains.iter().map(|c| c.name.as_str()).collect();
+            for c in &new.chains {
+                match old_chains.get(c.name.as_str()) {
+                    None => new_chains.push((t, c)),
+                    Some(o) if o.rules != c.rules => flushed.push((t, c)),
+                    Some(_) => {}
+                }
             }
+            gone.extend(
+                old.chains
+                    .iter()
+                    .filter(|c| !new_names.contains(c.name.as_str()))
+                    .map(|c| (t, c)),
+            );
+            add_sets.extend(
+                new.sets
+                    .iter()
+                    .filter(|s| !old.sets.contains(s))
+                    .map(|s| (t, s)),
+            );
+            del_sets.extend(
+                old.sets
+                    .iter()
+                    .filter(|s| !new.sets.contains(s))
+                    .map(|s| (t, s)),
+            );
+        } else {
+            // Moving to another table (it gained or lost a NodePort):
+            // everything is new there and gone here.
+            new_chains.extend(new.chains.iter().map(|c| (ch.new_table, c)));
+            add_sets.extend(new.sets.iter().map(|s| (ch.new_table, s)));
+            gone.extend(old.chains.iter().map(|c| (ch.old_table, c)));
+            del_sets.extend(old.sets.iter().map(|s| (ch.old_table, s)));
         }
-        gone.extend(
-            old.chains
-                .iter()
-                .filter(|c| !new_names.contains(c.name.as_str())),
-        );
-        add_sets.extend(new.sets.iter().filter(|s| !old.sets.contains(s)));
-        del_sets.extend(old.sets.iter().filter(|s| !new.sets.contains(s)));
-        for e in &old.elements {
-            claims
-                .entry((e.map, e.key))
-                .or_default()
-                .push((&ch.spn, None));
-        }
-        for e in &new.elements {
-            claims
-                .entry((e.map, e.key))
-                .or_default()
-                .push((&ch.spn, Some(e.verdict.as_ref())));
+        for (rules, sign) in [(old, -1i64), (new, 1)] {
+            for e in &rules.elements {
+                match e.key {
+                    Key::Pair(ip, _) if e.map == MapName::HairpinEndpoints => {
+                        *hairpin.entry(ip).or_default() += sign;
+                    }
+                    _ => {
+                        touched.insert((e.map, e.key));
+                    }
+                }
+            }
         }
     }
 
-    // Elements: compare the first claimant's verdict before and after.
-    let mut del_elements: Vec<ElementKey> = Vec::new();
-    let mut add_elements: Vec<(ElementKey, Option<&Verdict>)> = Vec::new();
-    for (key, touched) in &claims {
-        let before = applied.claimants(key);
-        let old_verdict: Option<Option<&Verdict>> =
-            before.and_then(|c| c.first()).map(Option::as_ref);
-        let mut after: BTreeMap<&ServicePortName, Option<&Verdict>> = before
-            .map(|c| c.iter().map(|(s, v)| (s, v.as_ref())).collect())
+    // Dispatch elements: the programmed claimant's (table, verdict) before
+    // and after.
+    let verdict_in = |rules: Option<&ServiceRules>, key: &ElementKey| -> Option<Option<Verdict>> {
+        rules?
+            .elements
+            .iter()
+            .find(|e| (e.map, e.key) == *key)
+            .map(|e| e.verdict.clone())
+    };
+    // The table of a claimant's element, before or after.
+    let table_of = |spn: &ServicePortName, key: &ElementKey, after: bool| {
+        if !key.0.per_shard() {
+            return 0;
+        }
+        match by_spn.get(spn) {
+            Some(ch) if after => ch.new_table,
+            Some(ch) => ch.old_table,
+            None => applied.table_of(spn),
+        }
+    };
+    let mut del_elements: Vec<(TableId, ElementKey)> = Vec::new();
+    let mut add_elements: Vec<(TableId, ElementKey, Option<Verdict>)> = Vec::new();
+    for key in &touched {
+        let before: Vec<&ServicePortName> = applied
+            .claimants(key)
+            .map(|c| c.iter().collect())
             .unwrap_or_default();
-        for (spn, _) in touched {
-            after.remove(*spn);
-        }
-        for (spn, v) in touched {
-            if let Some(v) = v {
-                after.insert(*spn, *v);
+        let old_prog = before.first().and_then(|spn| {
+            let v = match by_spn.get(*spn) {
+                Some(ch) => verdict_in(ch.old.as_ref(), key),
+                None => verdict_in(applied.rules_of(spn).as_ref(), key),
+            };
+            v.map(|v| (table_of(spn, key, false), v))
+        });
+        let mut after: BTreeSet<&ServicePortName> = before
+            .iter()
+            .copied()
+            .filter(|s| !by_spn.contains_key(*s))
+            .collect();
+        for ch in changes {
+            if verdict_in(ch.new.as_ref(), key).is_some() {
+                after.insert(&ch.spn);
             }
         }
-        let new_verdict = after.values().next().copied();
-        if old_verdict != new_verdict {
-            if old_verdict.is_some() {
-                del_elements.push(*key);
+        let new_prog = after.first().and_then(|spn| {
+            let v = match by_spn.get(*spn) {
+                Some(ch) => verdict_in(ch.new.as_ref(), key),
+                None => verdict_in(applied.rules_of(spn).as_ref(), key),
+            };
+            v.map(|v| (table_of(spn, key, true), v))
+        });
+        if old_prog != new_prog {
+            if let Some((t, _)) = &old_prog {
+                del_elements.push((*t, *key));
             }
-            if let Some(v) = new_verdict {
-                add_elements.push((*key, v));
+            if let Some((t, v)) = new_prog {
+                add_elements.push((t, *key, v));
             }
         }
     }
+    // Hairpin elements: one per address in use by any service port.
+    for (ip, delta) in hairpin {
+        let before = applied.hairpin_count(ip) as i64;
+        let after = before + delta;
+        let key = (MapName::HairpinEndpoints, Key::Pair(ip, ip));
+        if before > 0 && after <= 0 {
+            del_elements.push((0, key));
+        } else if before <= 0 && after > 0 {
+            add_elements.push((0, key, None));
+        }
+    }
 
-    let mut ops = Vec::new();
-    ops.extend(add_sets.iter().map(|s| Op::AddSet(s)));
-    ops.extend(new_chains.iter().map(|c| Op::AddChain {
-        name: &c.name,
-        comment: Some(&c.comment),
+    let mut ops: Vec<(TableId, Op<'a>)> = Vec::new();
+    ops.extend(add_sets.iter().map(|(t, s)| (*t, Op::AddSet(s))));
+    ops.extend(new_chains.iter().map(|(t, c)| {
+        (
+            *t,
+            Op::AddChain {
+                name: &c.name,
+                comment: Some(&c.comment),
+            },
+        )
     }));
-    ops.extend(flushed.iter().map(|c| Op::FlushChain(&c.name)));
-    for c in new_chains.iter().chain(flushed.iter()) {
-        add_rules(&mut ops, c);
+    ops.extend(flushed.iter().map(|(t, c)| (*t, Op::FlushChain(&c.name))));
+    for (t, c) in new_chains.iter().chain(flushed.iter()) {
+        ops.extend(c.rules.iter().map(|rule| {
+            (
+                *t,
+                Op::AddRule {
+                    chain: &c.name,
+                    rule,
+                },
+            )
+        }));
         stats.rules_added += c.rules.len();
     }
-    ops.extend(del_elements.iter().map(|(map, key)| Op::DeleteElement {
-        map: *map,
-        key: *key,
-    }));
-    ops.extend(
-        add_elements
-            .iter()
-            .map(|((map, key), verdict)| Op::AddElement {
+    ops.extend(del_elements.iter().map(|(t, (map, key))| {
+        (
+            *t,
+            Op::DeleteElement {
                 map: *map,
                 key: *key,
-                verdict: *verdict,
-            }),
-    );
+            },
+        )
+    }));
+    ops.extend(add_elements.iter().map(|(t, (map, key), verdict)| {
+        (
+            *t,
+            Op::AddElement {
+                map: *map,
+                key: *key,
+                verdict: verdict.clone(),
+            },
+        )
+    }));
     // The fingerprint moves with every change of the model.
     let fingerprint = changes.iter().fold(applied.fingerprint(), |f, ch| {
         f ^ ch.old.as_ref().map_or(0, |r| r.fingerprint)
             ^ ch.new.as_ref().map_or(0, |r| r.fingerprint)
     });
     if fingerprint != applied.fingerprint() {
-        ops.push(Op::DeleteElement {
-            map: MapName::Fingerprint,
-            key: Key::Fingerprint(applied.fingerprint()),
-        });
-        ops.push(Op::AddElement {
-            map: MapName::Fingerprint,
-            key: Key::Fingerprint(fingerprint),
-            verdict: None,
-        });
+        ops.push((
+            0,
+            Op::DeleteElement {
+                map: MapName::Fingerprint,
+                key: Key::Fingerprint(applied.fingerprint()),
+            },
+        ));
+        ops.push((
+            0,
+            Op::AddElement {
+                map: MapName::Fingerprint,
+                key: Key::Fingerprint(fingerprint),
+                verdict: None,
+            },
+        ));
     }
-    ops.extend(gone.iter().map(|c| Op::FlushChain(&c.name)));
-    ops.extend(gone.iter().map(|c| Op::DeleteChain(&c.name)));
-    ops.extend(del_sets.iter().map(|s| Op::DeleteSet(&s.name)));
+    ops.extend(gone.iter().map(|(t, c)| (*t, Op::FlushChain(&c.name))));
+    ops.extend(gone.iter().map(|(t, c)| (*t, Op::DeleteChain(&c.name))));
+    ops.extend(del_sets.iter().map(|(t, s)| (*t, Op::DeleteSet(&s.name))));
     stats.chains_added = new_chains.len();
     stats.chains_flushed = flushed.len();
     stats.chains_deleted = gone.len();
@@ -416,11 +612,9 @@ pub fn partial<'a>(applied: &'a Ruleset, changes: &'a [Change]) -> Script<'a> {
     stats.sets_deleted = del_sets.len();
     stats.elements_added = add_elements.len();
     stats.elements_deleted = del_elements.len();
-    Script {
-        ops,
-        full: false,
-        stats,
-    }
+    tables.extend(ops.iter().map(|(t, _)| *t));
+    stats.tables = tables.len();
+    Script { ops, stats }
 }
 
 #[cfg(test)]
@@ -433,16 +627,22 @@ pub(crate) mod tests {
     use std::collections::{BTreeMap, BTreeSet};
     use std::time::Duration;
 
-    /// A tiny interpreter of the statements fairlead writes, strict where
-    /// the kernel is strict (unknown or referenced objects, duplicate
-    /// elements), so scripts can be checked without a kernel.
+    /// One table of the simulator.
     #[derive(Default, Debug, PartialEq, Eq, Clone)]
-    pub struct Sim {
-        tables: BTreeSet<String>,
+    struct SimTable {
         chains: BTreeMap<String, Vec<String>>,
         sets: BTreeMap<String, String>,
         maps: BTreeSet<String>,
         elements: BTreeMap<(String, String), String>,
+    }
+
+    /// A tiny interpreter of the statements fairlead writes, strict where
+    /// the kernel is strict (unknown or referenced objects, duplicate
+    /// elements, references across tables), so scripts can be checked
+    /// without a kernel.
+    #[derive(Default, Debug, PartialEq, Eq, Clone)]
+    pub struct Sim {
+        tables: BTreeMap<String, SimTable>,
     }
 
     fn referenced(rule: &str) -> Vec<String> {
@@ -464,7 +664,7 @@ pub(crate) mod tests {
         v
     }
 
-    impl Sim {
+    impl SimTable {
         fn in_use(&self, name: &str) -> bool {
             self.chains
                 .values()
@@ -475,7 +675,9 @@ pub(crate) mod tests {
                     .values()
                     .any(|v| referenced(v).iter().any(|x| x == name))
         }
+    }
 
+    impl Sim {
         /// Apply a script atomically: on error, nothing changes.
         pub fn apply(&mut self, script: &str) -> Result<(), String> {
             let mut s = self.clone();
@@ -487,6 +689,11 @@ pub(crate) mod tests {
             Ok(())
         }
 
+        /// Table names.
+        pub fn tables(&self) -> Vec<String> {
+            self.tables.keys().cloned().collect()
+        }
+
         fn statement(&mut self, line: &str) -> Result<(), String> {
             let w: Vec<&str> = line.splitn(5, ' ').collect();
             let (verb, kind, table) = (w[0], w[1], w[3]);
@@ -494,76 +701,70 @@ pub(crate) mod tests {
             if kind == "table" {
                 match verb {
                     "add" => {
-                        self.tables.insert(table.to_string());
+                        self.tables.entry(table.to_string()).or_default();
                     }
                     "delete" => {
-                        if !self.tables.remove(table) {
+                        if self.tables.remove(table).is_none() {
                             return Err("no such table".into());
                         }
-                        *self = Sim {
-                            tables: std::mem::take(&mut self.tables),
-                            ..Sim::default()
-                        };
                     }
                     _ => return Err("bad verb".into()),
                 }
                 return Ok(());
             }
-            if !self.tables.contains(table) {
-                return Err("no such table".into());
-            }
+            let t = self.tables.get_mut(table).ok_or("no such table")?;
             let rest = w[4];
             let name = rest.split(' ').next().unwrap().to_string();
             let body = rest[name.len()..].trim();
             match (verb, kind) {
                 ("add", "chain") => {
-                    self.chains.entry(name).or_default();
+                    t.chains.entry(name).or_default();
                 }
                 ("flush", "chain") => {
-                    self.chains.get_mut(&name).ok_or("no such chain")?.clear();
+                    t.chains.get_mut(&name).ok_or("no such chain")?.clear();
                 }
                 ("delete", "chain") => {
-                    if self.in_use(&name) {
+                    if t.in_use(&name) {
                         return Err("chain in use".into());
                     }
-                    let c = self.chains.remove(&name).ok_or("no such chain")?;
+                    let c = t.chains.remove(&name).ok_or("no such chain")?;
                     if !c.is_empty() {
                         return Err("chain not empty".into());
                     }
                 }
                 ("add", "rule") => {
                     for r in referenced(body) {
-                        if !self.chains.contains_key(&r)
-                            && !self.sets.contains_key(&r)
-                            && !self.maps.contains(&r)
+                        if !t.chains.contains_key(&r)
+                            && !t.sets.contains_key(&r)
+                            && !t.maps.contains(&r)
                         {
                             return Err(format!("unknown {r}"));
                         }
                     }
-                    self.chains
+                    t.chains
                         .get_mut(&name)
                         .ok_or("no such chain")?
                         .push(body.to_string());
                 }
                 ("add", "set") => {
-                    if let Some(old) = self.sets.get(&name) {
+                    if let Some(old) = t.sets.get(&name) {
                         if old != body {
                             return Err("set exists with another definition".into());
                         }
                     }
-                    self.sets.insert(name, body.to_string());
+                    t.sets.insert(name, body.to_string());
                 }
                 ("delete", "set") => {
-                    if self.in_use(&name) {
+                    if t.in_use(&name) {
                         return Err("set in use".into());
                     }
-                    self.sets.remove(&name).ok_or("no such set")?;
+                    t.sets.remove(&name).ok_or("no such set")?;
                 }
                 ("add", "map") => {
-                    self.maps.insert(name);
+                    t.maps.insert(name);
                 }
                 ("add", "element") | ("delete", "element") => {
-                    if !self.maps.contains(&name) && !self.sets.contains_key(&name) {
+                    if !t.maps.contains(&name) && !t.sets.contains_key(&name) {
                         return Err("no such map".into());
                     }
                     let inner = body
@@ -573,16 +774,16 @@ pub(crate) mod tests {
                     if verb == "add" {
                         let (k, v) = inner.split_once(" : ").unwrap_or((inner, ""));
                         for r in referenced(v) {
-                            if !self.chains.contains_key(&r) {
+                            if !t.chains.contains_key(&r) {
                                 return Err(format!("unknown chain {r}"));
                             }
                         }
                         let key = (name, k.to_string());
-                        if self.elements.get(&key).is_some_and(|o| o != v) {
+                        if t.elements.get(&key).is_some_and(|o| o != v) {
                             return Err("element exists".into());
                         }
-                        self.elements.insert(key, v.to_string());
-                    } else if self.elements.remove(&(name, inner.to_string())).is_none() {
+                        t.elements.insert(key, v.to_string());
+                    } else if t.elements.remove(&(name, inner.to_string())).is_none() {
                         return Err("no such element".into());
                     }
                 }
@@ -592,17 +793,32 @@ pub(crate) mod tests {
         }
     }
 
+    /// The same frontend (ip . proto . port or proto . port) must not be
+    /// dispatched by two tables: the first NAT chain to match would win.
+    fn assert_one_table_per_frontend(sim: &Sim) {
+        let mut seen: BTreeMap<(String, String), String> = BTreeMap::new();
+        for (table, t) in &sim.tables {
+            for ((map, key), _) in &t.elements {
+                if map == "service-ips" || map == "service-nodeports" {
+                    if let Some(other) = seen.insert((map.clone(), key.clone()), table.clone()) {
+                        panic!("{map} {key} in {other} and {table}");
+                    }
+                }
+            }
+        }
+    }
+
     /// The script from `old` to `new`, as text, and its stats.
     fn diff_text(old: &Ruleset, new: &Ruleset) -> (String, ScriptStats) {
         let ch = changes(old, new);
-        let s = diff(old, new, &ch);
+        let s = partial(old, &ch);
         (s.text("fairlead"), s.stats.clone())
     }
 
     fn sim_of(r: &Ruleset) -> Sim {
         let mut s = Sim::default();
-        s.apply(&full(r).text("fairlead"))
-            .expect("full script applies");
+        s.apply(&full_text(r, &[])).expect("full script applies");
+        assert_one_table_per_frontend(&s);
         s
     }
 
@@ -611,7 +827,7 @@ pub(crate) mod tests {
         let st = golden_state();
         let a = Ruleset::build(cfg(), &st);
         let b = Ruleset::build(cfg(), &st);
-        assert!(diff(&a, &b, &changes(&a, &b)).is_empty());
+        assert!(partial(&a, &changes(&a, &b)).is_empty());
     }
 
     #[test]
@@ -652,6 +868,7 @@ pub(crate) mod tests {
                 rules_added: 2,
                 elements_added: 1,
                 elements_deleted: 1,
+                tables: 1,
                 ..ScriptStats::default()
             }
         );
@@ -745,23 +962,60 @@ pub(crate) mod tests {
         }
     }
 
+    /// Partial scripts applied one after another leave exactly what a
+    /// full script of the same state builds, in one table and over
+    /// several shards (where a service port's chains, sets and dispatch
+    /// elements must all land in its own shard).
     #[test]
     fn random_partial_syncs_match_a_full_build() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let mut state = ProxyState::new();
-        let mut applied = Ruleset::new(cfg());
-        let mut sim = sim_of(&applied);
-        for step in 0..3000 {
-            let n = rng.random_range(1..4);
-            for _ in 0..n {
-                random_step(&mut rng, &mut state);
+        for shards in [1, 4] {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7 + shards as u64);
+            let mut state = ProxyState::new();
+            let mut applied = Ruleset::with_shards(cfg(), shards);
+            let mut sim = sim_of(&applied);
+            assert_eq!(sim.tables().len(), shards as usize);
+            for step in 0..3000 {
+                let n = rng.random_range(1..4);
+                for _ in 0..n {
+                    random_step(&mut rng, &mut state);
+                }
+                let new = Ruleset::build_sharded(cfg(), shards, &state);
+                let (text, _) = diff_text(&applied, &new);
+                sim.apply(&text)
+                    .unwrap_or_else(|e| panic!("{shards} shards, step {step}: {e}\n{text}"));
+                assert_eq!(sim, sim_of(&new), "{shards} shards, step {step}");
+                assert_eq!(applied.fingerprint() == new.fingerprint(), text.is_empty());
+                applied = new;
             }
-            let new = Ruleset::build(cfg(), &state);
-            let (text, _) = diff_text(&applied, &new);
-            sim.apply(&text)
-                .unwrap_or_else(|e| panic!("step {step}: {e}\n{text}"));
-            assert_eq!(sim, sim_of(&new), "step {step}");
-            applied = new;
         }
+    }
+
+    #[test]
+    fn shards_split_services_and_a_full_sync_removes_stale_tables() {
+        let st = golden_state();
+        let one = Ruleset::build(cfg(), &st);
+        let four = Ruleset::build_sharded(cfg(), 4, &st);
+        assert_ne!(one.fingerprint(), four.fingerprint());
+        assert_eq!(one.fingerprint_with(4), four.fingerprint());
+        let sim = sim_of(&four);
+        assert_eq!(
+            sim.tables(),
+            vec!["fairlead", "fairlead-1", "fairlead-2", "fairlead-3"]
+        );
+        // Every chain of a service port is in its shard.
+        for (spn, rules) in four.services() {
+            let t = table_name("fairlead", four.table_of(&spn)).into_owned();
+            for c in &rules.chains {
+                assert!(
+                    sim.tables[&t].chains.contains_key(&c.name),
+                    "{spn}: {}",
+                    c.name
+                );
+            }
+        }
+        // Going back to one table deletes the shards.
+        let mut s = sim.clone();
+        s.apply(&full_text(&one, &[1, 2, 3])).unwrap();
+        assert_eq!(s, sim_of(&one));
     }
 }

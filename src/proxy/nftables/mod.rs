@@ -1,45 +1,59 @@
 //! The nftables proxy backend: Service traffic is balanced by the kernel,
-//! never by userspace. fairlead owns one `ip` table; every sync is one
-//! atomic nf_tables transaction, sent over netlink.
+//! never by userspace. fairlead owns `ip` tables named after
+//! `--table` (default `fairlead`): the main table and, once there are
+//! enough Services, shard tables `fairlead-1` ... `fairlead-<K-1>`. Every
+//! sync is one atomic nf_tables transaction (over all of them), sent over
+//! netlink.
 //!
 //! ```text
-//!  sync(ProxyState) ── per service port: same Arc / equal info? skip
-//!        │              otherwise ruleset::service_rules (pure)
+//!  apply(changes) ── per changed service port: its rules before (recomputed
+//!        │           from the applied input) and after (ruleset::service_rules)
 //!        ▼
 //!  diff::partial(applied model, changes) ──► netlink batch (one transaction)
 //!        │  ok: commit the changes into the applied model
-//!        └─ error: diff::full (add + delete + recreate the table, atomic)
+//!        └─ error, or more shards needed: diff::full_ops (recreate every
+//!           table, streamed into one batch, atomic)
 //! ```
 //!
-//! The applied model lives in memory: a sync costs one comparison per
-//! unchanged service port plus the size of the change; the kernel ruleset
-//! is never listed. The table carries the model's fingerprint
-//! ([`ruleset::Ruleset::fingerprint`]): on start, a table whose fingerprint
-//! equals the desired model's is adopted as it is (a restart neither
-//! flushes nor rebuilds it); otherwise, and after any failure, the whole
+//! The applied model lives in memory and is lean (see
+//! [`ruleset::Ruleset`]): a sync costs the size of the change; the kernel
+//! ruleset is never listed, except for the names of the tables when all of
+//! them are recreated. The main table carries the model's fingerprint
+//! ([`ruleset::Ruleset::fingerprint`]): on start, tables whose fingerprint
+//! equals the desired model's are adopted as they are (a restart neither
+//! flushes nor rebuilds them); otherwise, and after any failure, every
 //! table is recreated in one transaction. [`NftablesProxy::verify`] (the
 //! daemon calls it periodically) compares the kernel's ruleset generation
 //! with the one our last commit produced; if anyone else committed since,
-//! the table is recreated from the model, which repairs whatever they did
-//! to it. The ruleset's shape is documented in [`ruleset`]; the wire
+//! the tables are recreated from the model, which repairs whatever they
+//! did to them. The ruleset's shape is documented in [`ruleset`]; the wire
 //! format in [`netlink`].
 //!
-//! # What a sync costs, and why
+//! # Why shards: what a change costs in the kernel
 //!
-//! Userspace work is proportional to the change (plus one pointer
-//! comparison per unchanged service port). The kernel's is not: a
-//! transaction that adds a rule, or a map element that jumps to a chain,
-//! makes nf_tables re-validate every chain reachable from the table's base
-//! chains (`nft_table_validate`) before it commits. That walk is ~80% of a
-//! one-endpoint change at 30,000 Services (perf: `nft_chain_validate`),
-//! ~6 µs per service port: ~200 ms at 30,000, ~60 ms at 10,000, ~4 ms at
-//! 1,000. What was tried to avoid it: endpoints in one shared data map
-//! (`dnat to numgen inc mod N offset B map @endpoints`, so that replacing
-//! an endpoint is only element updates) makes every new rule binding walk
-//! all bindings and elements of that map (`nf_tables_bind_set`), which is
+//! A transaction that adds a rule, or a map element that jumps to a chain,
+//! makes nf_tables re-validate every chain reachable from the base chains
+//! of *that table* (`nft_table_validate`) before it commits: ~2.4 µs per
+//! service port, so ~70 ms for one change in a table of 30,000 Services,
+//! whatever the size of the change. Validation is per table, so Services
+//! are spread over K tables by a hash of their name ([`ruleset::shard_of`];
+//! K a power of two, grown by recreating the tables when the average
+//! table would hold more than [`NftablesConfig::shard_size`] service
+//! ports): one change re-validates one table of at most a few thousand.
+//! Each shard table has its own NAT base chains at the same hooks; NAT
+//! chains only see a connection's first packet, and the first table whose
+//! dispatch map knows the destination DNATs it (the other tables' chains
+//! are then skipped: nf_nat stops at the first binding). Filtering
+//! (frontends without endpoints), masquerading and the hairpin set stay
+//! in the main table, once.
+//!
+//! What was tried before: endpoints in one shared data map (`dnat to
+//! numgen inc mod N offset B map @endpoints`, so that replacing an
+//! endpoint is only element updates) makes every new rule binding walk all
+//! bindings and elements of that map (`nf_tables_bind_set`), which is
 //! quadratic in a full sync (159 s at 30,000); per-service maps are found
-//! by name in a list (linear per lookup). The remaining lever is fewer
-//! expressions per rule (the DNAT rules leave out `nft`'s protocol match,
+//! by name in a list (linear per lookup). Fewer expressions per rule help
+//! a little (the DNAT rules leave out `nft`'s protocol match,
 //! [`netlink`]).
 
 pub mod diff;
@@ -55,14 +69,14 @@ use std::time::Instant;
 use tokio::sync::Mutex;
 
 use self::diff::{Change, ScriptStats};
-use self::ruleset::{MapName, Ruleset, RulesetConfig};
+use self::ruleset::{table_id, table_name, MapName, Ruleset, RulesetConfig, TableId};
 use self::socket::{Socket, TxError};
-use super::{ProxyState, ServicePortName};
+use super::{PortChange, ProxyState};
 
 /// Settings of the nftables proxy (flags of `fairlead node`).
 #[derive(Debug, Clone)]
 pub struct NftablesConfig {
-    /// The `ip` table fairlead owns.
+    /// The main `ip` table fairlead owns; shard tables are `<table>-<n>`.
     pub table: String,
     /// This node's name, for `trafficPolicy: Local`.
     pub node_name: String,
@@ -75,7 +89,17 @@ pub struct NftablesConfig {
     /// Program the ruleset of this network namespace (a name under
     /// /run/netns, or a path) instead of the process's own; tests use it.
     pub netns: Option<String>,
+    /// Most service ports per table, on average, before the number of
+    /// tables doubles (see the module doc).
+    pub shard_size: usize,
 }
+
+/// The default [`NftablesConfig::shard_size`]: one change then
+/// re-validates at most a few thousand service ports' chains (a few ms).
+pub const DEFAULT_SHARD_SIZE: usize = 2048;
+
+/// Most tables (the number of hooks a new connection may pass).
+pub const MAX_SHARDS: u32 = 64;
 
 impl Default for NftablesConfig {
     fn default() -> Self {
@@ -86,6 +110,7 @@ impl Default for NftablesConfig {
             nodeport_addresses: Vec::new(),
             masquerade_bit: r.masquerade_bit,
             netns: None,
+            shard_size: DEFAULT_SHARD_SIZE,
         }
     }
 }
@@ -98,6 +123,13 @@ impl NftablesConfig {
             nodeport_addresses: self.nodeport_addresses.clone(),
             masquerade_bit: self.masquerade_bit,
         }
+    }
+
+    /// The number of tables `services` service ports need.
+    pub fn shards_for(&self, services: usize) -> u32 {
+        let per = self.shard_size.max(1);
+        let k = services.div_ceil(per).max(1) as u32;
+        k.next_power_of_two().min(MAX_SHARDS)
     }
 }
 
@@ -115,9 +147,9 @@ pub enum NftError {
 /// What one sync did (for logs, metrics and tests).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SyncStats {
-    /// The table was recreated.
+    /// Every table was recreated.
     pub full: bool,
-    /// The table found at start already matched; nothing was sent.
+    /// The tables found at start already matched; nothing was sent.
     pub adopted: bool,
     /// Service ports added or changed.
     pub services_changed: usize,
@@ -127,6 +159,8 @@ pub struct SyncStats {
     pub script: ScriptStats,
     /// Size of the netlink batch sent.
     pub batch_bytes: usize,
+    /// Tables after the sync (0 when nothing was sent).
+    pub shards: u32,
 }
 
 /// What [`NftablesProxy::verify`] found.
@@ -134,20 +168,19 @@ pub struct SyncStats {
 pub enum Verified {
     /// Nobody committed to nf_tables since our last transaction.
     Unchanged,
-    /// Someone did; the table was recreated from the model.
+    /// Someone did; the tables were recreated from the model.
     Repaired,
     /// No table programmed yet (the next sync creates it).
     NotSynced,
 }
 
 struct Inner {
-    /// The state the kernel table was last made to match.
-    state: ProxyState,
-    /// Its model.
-    applied: Ruleset,
-    /// The kernel table is not known to match `applied`.
+    /// The model the kernel tables were last made to match (when
+    /// `needs_full` is false), or the desired one (when it is true).
+    model: Ruleset,
+    /// The kernel tables are not known to match `model`.
     needs_full: bool,
-    /// The start-up look for a table to adopt was done.
+    /// The start-up look for tables to adopt was done.
     adopt_checked: bool,
     sock: Option<Socket>,
     /// The ruleset generation our last transaction produced.
@@ -162,8 +195,9 @@ fn sock<'s>(slot: &'s mut Option<Socket>, netns: Option<&str>) -> Result<&'s mut
     Ok(slot.as_mut().expect("just opened"))
 }
 
-/// The nftables proxy of one node. `sync` with the full desired state
-/// after every batch of changes; only the difference is applied.
+/// The nftables proxy of one node. [`NftablesProxy::apply`] the changes
+/// the node's tracker produces (or [`NftablesProxy::sync`] a whole desired
+/// state); only the difference reaches the kernel.
 pub struct NftablesProxy {
     cfg: NftablesConfig,
     inner: Mutex<Inner>,
@@ -180,16 +214,22 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// Our table ids among the kernel's table names.
+fn our_tables(base: &str, names: &[String]) -> Vec<TableId> {
+    let mut ids: Vec<TableId> = names.iter().filter_map(|n| table_id(base, n)).collect();
+    ids.sort_unstable();
+    ids
+}
+
 impl NftablesProxy {
     pub fn new(cfg: NftablesConfig) -> Self {
-        let applied = Ruleset::new(cfg.ruleset());
+        let model = Ruleset::new(cfg.ruleset());
         // Present from the start (as 0), like kube-proxy's.
         metrics::counter!("kubeproxy_sync_proxy_rules_nftables_sync_failures_total").increment(0);
         NftablesProxy {
             cfg,
             inner: Mutex::new(Inner {
-                state: ProxyState::new(),
-                applied,
+                model,
                 needs_full: true,
                 adopt_checked: false,
                 sock: None,
@@ -198,24 +238,49 @@ impl NftablesProxy {
         }
     }
 
-    /// Make the kernel table match `state`: on the first call, adopt the
-    /// table found if its fingerprint matches, else recreate it; after a
-    /// failure, recreate it; otherwise one transaction with only what
-    /// changed. A failed partial transaction is retried at once as a full
-    /// one; an error means the kernel still has the previous table (each
-    /// transaction is atomic) and the next call recreates it.
+    /// Make the kernel tables match `state` (the whole desired state): the
+    /// difference to the applied model, then as [`NftablesProxy::apply`].
     pub async fn sync(&self, state: &ProxyState) -> Result<SyncStats, NftError> {
-        let mut g = self.inner.lock().await;
+        let g = self.inner.lock().await;
+        let changes = super::diff_states(g.model.infos(), state);
+        self.apply_locked(g, &changes).await
+    }
+
+    /// Apply `changes` (what the node's change tracker produced): on the
+    /// first call, adopt the tables found if their fingerprint matches,
+    /// else recreate them; after a failure, or when the Services outgrow
+    /// the tables, recreate them; otherwise one transaction with only what
+    /// changed. A failed partial transaction is retried at once as a full
+    /// one; an error means the kernel still has the previous tables (each
+    /// transaction is atomic) and the next call recreates them.
+    pub async fn apply(&self, changes: &[PortChange]) -> Result<SyncStats, NftError> {
+        let g = self.inner.lock().await;
+        self.apply_locked(g, changes).await
+    }
+
+    async fn apply_locked(
+        &self,
+        mut g: tokio::sync::MutexGuard<'_, Inner>,
+        changes: &[PortChange],
+    ) -> Result<SyncStats, NftError> {
         // Only UDP service ports can leave stale conntrack entries.
-        let udp = |(k, v): (&ServicePortName, &Arc<super::ServicePortInfo>)| {
-            (k.protocol == super::Protocol::Udp).then(|| (k.clone(), v.clone()))
-        };
-        let before: ProxyState = g.state.iter().filter_map(udp).collect();
-        let stats = blocking(|| self.sync_locked(&mut g, state))?;
+        let mut before = ProxyState::new();
+        let mut after = ProxyState::new();
+        for (spn, info) in changes {
+            if spn.protocol != super::Protocol::Udp {
+                continue;
+            }
+            if let Some(o) = g.model.infos().get(spn) {
+                before.insert(spn.clone(), o.clone());
+            }
+            if let Some(n) = info {
+                after.insert(spn.clone(), n.clone());
+            }
+        }
+        let stats = blocking(|| self.sync_locked(&mut g, changes))?;
         drop(g);
         // Only once the new rules are in: a datagram in between would
         // recreate an entry towards the old target.
-        let after: ProxyState = state.iter().filter_map(udp).collect();
         self.clear_stale_udp(&before, &after).await;
         Ok(stats)
     }
@@ -244,16 +309,40 @@ impl NftablesProxy {
         }
     }
 
-    fn sync_locked(&self, g: &mut Inner, state: &ProxyState) -> Result<SyncStats, NftError> {
+    fn sync_locked(&self, g: &mut Inner, changes: &[PortChange]) -> Result<SyncStats, NftError> {
         let table = self.cfg.table.as_str();
         let netns = self.cfg.netns.as_deref();
         let mut stats = SyncStats::default();
-        if !g.needs_full {
-            let changes = self.changes(g, state, &mut stats);
+        // Changes that change something.
+        let changes: Vec<&PortChange> = changes
+            .iter()
+            .filter(|(spn, info)| match (g.model.infos().get(spn), info) {
+                (Some(o), Some(n)) => !(Arc::ptr_eq(o, n) || o == n),
+                (None, None) => false,
+                _ => true,
+            })
+            .collect();
+        for (_, info) in &changes {
+            match info {
+                Some(_) => stats.services_changed += 1,
+                None => stats.services_removed += 1,
+            }
+        }
+        let added = changes
+            .iter()
+            .filter(|(spn, info)| info.is_some() && !g.model.infos().contains_key(spn))
+            .count();
+        let after = g.model.service_count() + added - stats.services_removed;
+        let grow = self.cfg.shards_for(after) > g.model.shards();
+        if !g.needs_full && !grow {
             if changes.is_empty() {
                 return Ok(stats);
             }
-            let script = diff::partial(&g.applied, &changes);
+            let chs: Vec<Change> = changes
+                .iter()
+                .map(|(spn, info)| Change::new(&g.model, spn, info.clone()))
+                .collect();
+            let script = diff::partial(&g.model, &chs);
             let started = Instant::now();
             let sent = sock(&mut g.sock, netns)?.transact(table, &script.ops);
             match sent {
@@ -264,61 +353,104 @@ impl NftablesProxy {
                     metrics::counter!("fairlead_nftables_partial_syncs_total").increment(1);
                     stats.script = script.stats;
                     stats.batch_bytes = batch.bytes.len();
+                    stats.shards = g.model.shards();
                     g.generation = Some(generation);
-                    for ch in changes {
-                        match &ch.new {
-                            Some(_) => {
-                                g.state.insert(ch.spn.clone(), state[&ch.spn].clone());
-                            }
-                            None => {
-                                g.state.remove(&ch.spn);
-                            }
-                        }
-                        g.applied.set(&ch.spn, ch.new);
+                    for ch in &chs {
+                        g.model
+                            .commit(&ch.spn, ch.info.clone(), ch.old.as_ref(), ch.new.as_ref());
                     }
-                    self.gauges(&g.applied);
+                    self.gauges(&g.model);
                     tracing::debug!(?stats, "nftables partial sync");
                     return Ok(stats);
                 }
                 Err(e) => {
                     metrics::counter!("kubeproxy_sync_proxy_rules_nftables_sync_failures_total")
                         .increment(1);
-                    tracing::warn!(error = %e, "nftables partial sync failed; recreating the table");
+                    tracing::warn!(error = %e, "nftables partial sync failed; recreating the tables");
                     if matches!(e, TxError::Io(_)) {
                         g.sock = None;
                     }
                     stats.fallbacks += 1;
                     g.needs_full = true;
+                    for ch in &chs {
+                        g.model
+                            .commit(&ch.spn, ch.info.clone(), ch.old.as_ref(), ch.new.as_ref());
+                    }
                 }
             }
         } else {
-            stats.services_changed = state.len();
+            for (spn, info) in &changes {
+                g.model.set(spn, info.clone());
+            }
+            if grow && !g.needs_full {
+                tracing::info!(
+                    services = after,
+                    from = g.model.shards(),
+                    to = self.cfg.shards_for(after),
+                    "more Services than the tables are sized for; recreating them with more shards"
+                );
+            }
+            g.needs_full = true;
         }
+        self.full_locked(g, &mut stats)?;
+        Ok(stats)
+    }
+
+    /// Recreate every table from `g.model` (or, on the first call, adopt
+    /// the kernel's tables if they match it).
+    fn full_locked(&self, g: &mut Inner, stats: &mut SyncStats) -> Result<(), NftError> {
+        let table = self.cfg.table.as_str();
+        let netns = self.cfg.netns.as_deref();
         let started = Instant::now();
-        let desired = Ruleset::build(self.cfg.ruleset(), state);
+        let needed = self.cfg.shards_for(g.model.service_count());
+        let kernel = our_tables(
+            table,
+            &sock(&mut g.sock, netns)?.tables().map_err(TxError::from)?,
+        );
         if !g.adopt_checked {
             g.adopt_checked = true;
-            if self.kernel_fingerprint(g)? == Some(desired.fingerprint()) {
+            // Tables 0..k, k a power of two, as a full sync leaves them.
+            let k = kernel.len() as u32;
+            let contiguous = kernel.iter().enumerate().all(|(i, t)| *t == i as u32);
+            if k.is_power_of_two()
+                && contiguous
+                && k >= needed
+                && self.kernel_fingerprint(g)? == Some(g.model.fingerprint_with(k))
+            {
                 let generation = sock(&mut g.sock, netns)?
                     .generation()
                     .map_err(TxError::from)?;
                 g.generation = Some(generation);
-                g.applied = desired;
-                g.state = state.clone();
+                g.model.set_shards(k);
                 g.needs_full = false;
                 stats.adopted = true;
                 stats.services_changed = 0;
-                self.gauges(&g.applied);
+                stats.services_removed = 0;
+                stats.shards = k;
+                self.gauges(&g.model);
                 metrics::counter!("fairlead_nftables_adopted_tables_total").increment(1);
                 tracing::info!(
-                    services = state.len(),
-                    "nftables table found matching the desired state; adopted as it is"
+                    services = g.model.service_count(),
+                    tables = k,
+                    "nftables tables found matching the desired state; adopted as they are"
                 );
-                return Ok(stats);
+                return Ok(());
             }
         }
-        let script = diff::full(&desired);
-        let sent = sock(&mut g.sock, netns)?.transact(table, &script.ops);
+        let k = needed.max(g.model.shards());
+        g.model.set_shards(k);
+        let stale: Vec<TableId> = kernel.into_iter().filter(|t| *t >= k).collect();
+        let Inner {
+            model, sock: slot, ..
+        } = g;
+        let s = sock(slot, netns)?;
+        let mut batch = netlink::Batch::new(s.batch_seq());
+        let mut i = 0;
+        let script_stats = diff::full_ops(model, &stale, &mut |t, op| {
+            batch.push(&table_name(table, t), i, op);
+            i += 1;
+        });
+        let sent = s.transact_batch(batch.finish(), &|i| diff::full_op_text(model, &stale, i));
         let (batch, generation) = sent.inspect_err(|e| {
             metrics::counter!("kubeproxy_sync_proxy_rules_nftables_sync_failures_total")
                 .increment(1);
@@ -330,26 +462,26 @@ impl NftablesProxy {
             .record(started.elapsed().as_secs_f64());
         metrics::counter!("fairlead_nftables_full_syncs_total").increment(1);
         stats.full = true;
-        stats.script = script.stats;
+        stats.script = script_stats;
         stats.batch_bytes = batch.bytes.len();
+        stats.shards = k;
         g.generation = Some(generation);
-        g.applied = desired;
-        g.state = state.clone();
         g.needs_full = false;
-        self.gauges(&g.applied);
+        self.gauges(&g.model);
         tracing::info!(
-            services = state.len(),
-            chains = g.applied.chain_count(),
-            rules = g.applied.rule_count(),
-            elements = g.applied.element_count(),
+            services = g.model.service_count(),
+            tables = k,
+            chains = g.model.chain_count(),
+            rules = g.model.rule_count(),
+            elements = g.model.element_count(),
             bytes = stats.batch_bytes,
             secs = started.elapsed().as_secs_f64(),
-            "nftables table recreated"
+            "nftables tables recreated"
         );
-        Ok(stats)
+        Ok(())
     }
 
-    /// The fingerprint stored in the kernel's table, if there is one.
+    /// The fingerprint stored in the kernel's main table, if there is one.
     fn kernel_fingerprint(&self, g: &mut Inner) -> Result<Option<u128>, NftError> {
         let keys = sock(&mut g.sock, self.cfg.netns.as_deref())?
             .set_keys(&self.cfg.table, MapName::Fingerprint.as_str())
@@ -363,8 +495,8 @@ impl NftablesProxy {
     }
 
     /// The periodic check: if anyone committed to nf_tables since our last
-    /// transaction, recreate the table from the model (which undoes
-    /// whatever they did to it; other tables are not ours to judge).
+    /// transaction, recreate the tables from the model (which undoes
+    /// whatever they did to them; other tables are not ours to judge).
     pub async fn verify(&self) -> Result<Verified, NftError> {
         let mut g = self.inner.lock().await;
         blocking(|| {
@@ -380,76 +512,28 @@ impl NftablesProxy {
             tracing::info!(
                 ours = g.generation,
                 now,
-                "the nf_tables ruleset changed since our last transaction; recreating our table"
+                "the nf_tables ruleset changed since our last transaction; recreating our tables"
             );
             metrics::counter!("fairlead_nftables_repairs_total").increment(1);
             g.needs_full = true;
-            let state = g.state.clone();
-            self.sync_locked(&mut g, &state)?;
+            self.sync_locked(&mut g, &[])?;
             Ok(Verified::Repaired)
         })
     }
 
-    /// The service ports whose rules must be rebuilt, with their new rules.
-    /// Both states are sorted maps: one merge walk, comparing pointers
-    /// first (the cache hands out the same `Arc` for an unchanged port).
-    fn changes(&self, g: &Inner, state: &ProxyState, stats: &mut SyncStats) -> Vec<Change> {
-        use std::cmp::Ordering;
-        let mut out = Vec::new();
-        let rebuilt = |spn: &ServicePortName, info| Change {
-            spn: spn.clone(),
-            old: g.applied.services().get(spn).cloned(),
-            new: Some(Arc::new(ruleset::service_rules(&g.applied.cfg, spn, info))),
-        };
-        let mut old = g.state.iter().peekable();
-        let mut new = state.iter().peekable();
-        loop {
-            let order = match (old.peek(), new.peek()) {
-                (None, None) => break,
-                (Some(_), None) => Ordering::Less,
-                (None, Some(_)) => Ordering::Greater,
-                (Some((o, _)), Some((n, _))) => o.cmp(n),
-            };
-            match order {
-                Ordering::Less => {
-                    let (spn, _) = old.next().expect("peeked");
-                    stats.services_removed += 1;
-                    out.push(Change {
-                        spn: spn.clone(),
-                        old: g.applied.services().get(spn).cloned(),
-                        new: None,
-                    });
-                }
-                Ordering::Greater => {
-                    let (spn, info) = new.next().expect("peeked");
-                    stats.services_changed += 1;
-                    out.push(rebuilt(spn, info));
-                }
-                Ordering::Equal => {
-                    let (_, o) = old.next().expect("peeked");
-                    let (spn, n) = new.next().expect("peeked");
-                    if !(Arc::ptr_eq(o, n) || **o == **n) {
-                        stats.services_changed += 1;
-                        out.push(rebuilt(spn, n));
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    /// Delete the table (the daemon's `--cleanup`). The next sync recreates it.
+    /// Delete every table (the daemon's `--cleanup`). The next sync
+    /// recreates them.
     pub async fn cleanup(&self) -> Result<(), NftError> {
         let mut g = self.inner.lock().await;
         g.needs_full = true;
         g.adopt_checked = true;
         let table = self.cfg.table.clone();
-        blocking(|| delete_table(sock(&mut g.sock, self.cfg.netns.as_deref())?, &table))
+        blocking(|| delete_tables(sock(&mut g.sock, self.cfg.netns.as_deref())?, &table))
     }
 
-    /// The model of what the kernel table was last made to match.
+    /// The model of what the kernel tables were last made to match.
     pub async fn applied(&self) -> Ruleset {
-        self.inner.lock().await.applied.clone()
+        self.inner.lock().await.model.clone()
     }
 
     fn gauges(&self, r: &Ruleset) {
@@ -457,6 +541,7 @@ impl NftablesProxy {
         metrics::gauge!("fairlead_nftables_rules").set(r.rule_count() as f64);
         metrics::gauge!("fairlead_nftables_map_elements").set(r.element_count() as f64);
         metrics::gauge!("fairlead_nftables_affinity_sets").set(r.set_count() as f64);
+        metrics::gauge!("fairlead_nftables_tables").set(r.shards() as f64);
     }
 }
 
@@ -523,18 +608,32 @@ fn stale_udp(before: &ProxyState, after: &ProxyState) -> std::collections::BTree
     out
 }
 
-fn delete_table(sock: &mut Socket, table: &str) -> Result<(), NftError> {
-    let ops = [diff::Op::AddTable { comment: None }, diff::Op::DeleteTable];
+/// Delete every table of ours (the main one and its shards) that exists,
+/// in one transaction (`add` before `delete`, so none can be missing).
+fn delete_tables(sock: &mut Socket, table: &str) -> Result<(), NftError> {
+    let mut ids = our_tables(table, &sock.tables().map_err(TxError::from)?);
+    if !ids.contains(&0) {
+        ids.insert(0, 0);
+    }
+    let ops: Vec<(TableId, diff::Op)> = ids
+        .iter()
+        .flat_map(|t| {
+            [
+                (*t, diff::Op::AddTable { comment: None }),
+                (*t, diff::Op::DeleteTable),
+            ]
+        })
+        .collect();
     sock.transact(table, &ops)?;
     Ok(())
 }
 
-/// Delete fairlead's table if it exists (atomically: `add` then `delete`),
-/// in this process's network namespace or in `netns`.
+/// Delete fairlead's tables (`table` and its shards `table-<n>`) if they
+/// exist, atomically, in this process's network namespace or in `netns`.
 pub async fn cleanup(netns: Option<&str>, table: &str) -> Result<(), NftError> {
     blocking(|| {
         let mut sock = Socket::open(netns).map_err(NftError::Open)?;
-        delete_table(&mut sock, table)
+        delete_tables(&mut sock, table)
     })
 }
 

@@ -25,6 +25,7 @@
 use std::net::SocketAddrV4;
 
 use super::diff::Op;
+use super::ruleset::{table_name, TableId};
 use super::ruleset::{Key, MapName, NodeportMatch, Rule, Target, Verdict};
 use crate::proxy::Protocol;
 
@@ -45,7 +46,8 @@ const NLA_F_NESTED: u16 = 0x8000;
 
 const NFPROTO_IPV4: u8 = 2;
 
-const NFT_MSG_NEWTABLE: u16 = 0;
+pub(crate) const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_DELCHAIN: u16 = 5;
@@ -59,7 +61,7 @@ const NFT_MSG_DELSETELEM: u16 = 14;
 pub(crate) const NFT_MSG_NEWGEN: u16 = 15;
 const NFT_MSG_GETGEN: u16 = 16;
 
-const NFTA_TABLE_NAME: u16 = 1;
+pub(crate) const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_TABLE_USERDATA: u16 = 6;
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
@@ -505,6 +507,7 @@ pub struct Batch {
 }
 
 struct OpenElements {
+    table: String,
     map: MapName,
     delete: bool,
     msg_start: usize,
@@ -706,7 +709,8 @@ impl Batch {
     /// Make sure an element message for `map` is open, with room.
     fn element(&mut self, t: &str, op_index: usize, map: MapName, delete: bool) {
         if let Some(o) = &mut self.open {
-            if o.map == map && o.delete == delete && o.count < ELEMENTS_PER_MESSAGE {
+            if o.map == map && o.delete == delete && o.count < ELEMENTS_PER_MESSAGE && o.table == t
+            {
                 o.count += 1;
                 return;
             }
@@ -724,6 +728,7 @@ impl Batch {
         self.buf
             .extend_from_slice(&(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED).to_ne_bytes());
         self.open = Some(OpenElements {
+            table: t.to_string(),
             map,
             delete,
             msg_start: s,
@@ -766,13 +771,27 @@ impl FinishedBatch {
     }
 }
 
-/// Encode a script's operations on table `t` as one batch.
-pub fn encode(t: &str, ops: &[Op], seq: u32) -> FinishedBatch {
+/// Encode a script's operations, each on its table (`base` names the main
+/// table), as one batch.
+pub fn encode(base: &str, ops: &[(TableId, Op)], seq: u32) -> FinishedBatch {
     let mut b = Batch::new(seq);
-    for (i, op) in ops.iter().enumerate() {
-        b.push(t, i, op);
+    for (i, (t, op)) in ops.iter().enumerate() {
+        b.push(&table_name(base, *t), i, op);
     }
     b.finish()
+}
+
+/// A dump request for every `ip` table.
+pub fn gettable_request(seq: u32) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(20);
+    request_header(
+        &mut buf,
+        NFT_MSG_GETTABLE,
+        NLM_F_REQUEST | NLM_F_DUMP | NLM_F_ACK,
+        seq,
+        NFPROTO_IPV4,
+    );
+    finish_request(buf)
 }
 
 /// A standalone request (not in a batch): `NFT_MSG_GETGEN`.
@@ -915,17 +934,33 @@ mod tests {
 
     #[test]
     fn full_batch_is_well_formed_and_numbered() {
+        for shards in [1, 4] {
+            let r = Ruleset::build_sharded(cfg(), shards, &golden_state());
+            let mut b = Batch::new(100);
+            let (mut ops, mut elements) = (0, 0);
+            diff::full_ops(&r, &[], &mut |t, op| {
+                b.push(&table_name("fairlead", t), ops, op);
+                ops += 1;
+                elements += matches!(op, Op::AddElement { .. }) as usize;
+            });
+            let b = b.finish();
+            let msgs = check_well_formed(&b.bytes);
+            // BEGIN + one message per non-element op + element messages + END.
+            assert!(msgs >= ops - elements + 2);
+            assert_eq!(b.first_seq, 101);
+            assert_eq!(b.op_index(101), Some(0));
+            assert_eq!(b.op_index(b.last_seq + 1), None);
+        }
+    }
+
+    #[test]
+    fn partial_batch_is_numbered() {
         let r = Ruleset::build(cfg(), &golden_state());
-        let script = diff::full(&r);
-        let b = encode("fairlead", &script.ops, 100);
-        let msgs = check_well_formed(&b.bytes);
-        // BEGIN + one message per non-element op + element messages + END.
-        let elements = script
-            .ops
-            .iter()
-            .filter(|o| matches!(o, Op::AddElement { .. }))
-            .count();
-        assert!(msgs >= script.ops.len() - elements + 2);
+        let script = diff::partial(&r, &[]);
+        assert!(script.is_empty());
+        let ops = vec![(0, Op::AddTable { comment: None }), (2, Op::DeleteTable)];
+        let b = encode("fairlead", &ops, 100);
+        assert_eq!(check_well_formed(&b.bytes), 4);
         assert_eq!(b.first_seq, 101);
         assert_eq!(b.op_index(101), Some(0));
         assert_eq!(b.op_index(b.last_seq + 1), None);
@@ -969,12 +1004,17 @@ mod tests {
         let keys: Vec<Key> = (0..1200u32)
             .map(|i| Key::Pair(i.into(), i.into()))
             .collect();
-        let ops: Vec<Op> = keys
+        let ops: Vec<(TableId, Op)> = keys
             .iter()
-            .map(|k| Op::AddElement {
-                map: MapName::HairpinEndpoints,
-                key: *k,
-                verdict: None,
+            .map(|k| {
+                (
+                    0,
+                    Op::AddElement {
+                        map: MapName::HairpinEndpoints,
+                        key: *k,
+                        verdict: None,
+                    },
+                )
             })
             .collect();
         let b = encode("t", &ops, 0);

@@ -911,184 +911,430 @@ pub fn base_rules(cfg: &RulesetConfig) -> Vec<(&'static str, Rule)> {
 const FORMAT: &str = "fairlead-nftables-v2";
 
 /// The hash of the fixed part (not of the table's name: tables with the
-/// same contents have the same fingerprint).
-fn base_fingerprint(cfg: &RulesetConfig) -> u128 {
+/// same contents have the same fingerprint) and of the number of shards.
+fn base_fingerprint(cfg: &RulesetConfig, shards: u32) -> u128 {
     let mut h = Fnv128::new();
     let _ = write!(h, "{FORMAT}");
     for (chain, rule) in base_rules(cfg) {
         h.separator();
         let _ = write!(h, "{chain} {rule}");
     }
+    // One table hashes as before sharding existed: its contents are the
+    // same.
+    if shards > 1 {
+        h.separator();
+        let _ = write!(h, "shards {shards}");
+    }
     h.finish()
 }
 
-// ---- the whole table --------------------------------------------------------
+// ---- tables and shards ------------------------------------------------------
+
+/// Which of fairlead's tables: 0 is the main table (named like the
+/// configured table), `i > 0` is the shard table `<table>-<i>`.
+pub type TableId = u32;
+
+/// The name of table `id`.
+pub fn table_name(base: &str, id: TableId) -> std::borrow::Cow<'_, str> {
+    if id == 0 {
+        std::borrow::Cow::Borrowed(base)
+    } else {
+        std::borrow::Cow::Owned(format!("{base}-{id}"))
+    }
+}
+
+/// The shard number in a table name of ours (`<base>` is 0, `<base>-<i>`
+/// is i), or `None` for someone else's table.
+pub fn table_id(base: &str, name: &str) -> Option<TableId> {
+    if name == base {
+        return Some(0);
+    }
+    let n = name.strip_prefix(base)?.strip_prefix('-')?;
+    if n.starts_with('0') || n.is_empty() {
+        return None;
+    }
+    n.parse().ok().filter(|i| *i > 0)
+}
+
+/// The table holding a service port's chains, sets and dispatch elements,
+/// among `shards` (a power of two). With one table, the main one. With
+/// more: service ports with a NodePort stay in the main table, so that
+/// NodePort dispatch (a `fib` route lookup per new connection) happens in
+/// one table only (and there are at most ~2,768 NodePorts); the others go
+/// to shard tables 1..K by a hash of their name, so a service port never
+/// moves while the number of shards stays (unless it gains or loses a
+/// NodePort).
+pub fn shard_of(spn: &ServicePortName, info: &ServicePortInfo, shards: u32) -> TableId {
+    if shards <= 1 || info.node_port.is_some() {
+        return 0;
+    }
+    1 + (fnv128(&[&spn_key(spn)]) as u32) % (shards - 1)
+}
+
+/// The maps and sets every shard table has (the ClusterIP and external
+/// IP dispatch map); the main table has all of [`MapName::ALL`].
+pub const SHARD_MAPS: [MapName; 1] = [MapName::ServiceIps];
+
+impl MapName {
+    /// Whether the map's elements live in the table of the service port
+    /// they belong to (else in the main table).
+    pub fn per_shard(&self) -> bool {
+        matches!(self, MapName::ServiceIps | MapName::ServiceNodeports)
+    }
+}
+
+/// The regular chains of a shard table's fixed part.
+pub const SHARD_HELPER_CHAINS: [&str; 2] = ["services", MARK_FOR_MASQUERADE];
+
+/// The base chains of a shard table (only NAT: the filter and
+/// postrouting work is done once, by the main table).
+pub fn shard_base_chains() -> impl Iterator<Item = &'static BaseChain> {
+    BASE_CHAINS
+        .iter()
+        .filter(|b| b.name == "nat-prerouting" || b.name == "nat-output")
+}
+
+/// The fixed rules of table `id` (the main table: [`base_rules`]; a shard:
+/// the NAT entry points, the ClusterIP dispatch and the masquerade mark).
+pub fn fixed_rules<'a>(
+    base: &'a [(&'static str, Rule)],
+    id: TableId,
+) -> impl Iterator<Item = &'a (&'static str, Rule)> + 'a {
+    base.iter().filter(move |(chain, rule)| {
+        id == 0
+            || (SHARD_HELPER_CHAINS.contains(chain) && !matches!(rule, Rule::DispatchNodeports(..)))
+            || shard_base_chains().any(|b| b.name == *chain)
+    })
+}
+
+// ---- the whole model --------------------------------------------------------
 
 /// The key of a map element: which map, and the key.
 pub type ElementKey = (MapName, Key);
 
-/// The service ports claiming one map key, with the verdict each wants, in
-/// name order (the first one's is programmed). Nearly always exactly one: a
-/// short vector, not a map (a `BTreeMap`'s smallest node has room for 11
-/// entries, and there are 11 keys per Service of 10 endpoints).
-#[derive(Clone, Debug, Default)]
-pub struct Claimants(Vec<(Arc<ServicePortName>, Option<Verdict>)>);
+/// The service ports claiming one map key, in name order (the first one's
+/// element is programmed). Nearly always exactly one, kept inline.
+#[derive(Clone, Debug)]
+pub enum Claim {
+    One(ServicePortName),
+    Many(Vec<ServicePortName>),
+}
 
-impl Claimants {
-    /// The programmed claim.
-    pub fn first(&self) -> Option<&Option<Verdict>> {
-        self.0.first().map(|(_, v)| v)
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&ServicePortName, &Option<Verdict>)> {
-        self.0.iter().map(|(s, v)| (&**s, v))
-    }
-
-    fn insert(&mut self, spn: Arc<ServicePortName>, v: Option<Verdict>) {
-        match self.0.binary_search_by(|(s, _)| (**s).cmp(&spn)) {
-            Ok(i) => self.0[i].1 = v,
-            Err(i) => self.0.insert(i, (spn, v)),
+impl Claim {
+    /// The programmed claimant.
+    pub fn first(&self) -> &ServicePortName {
+        match self {
+            Claim::One(s) => s,
+            Claim::Many(v) => &v[0],
         }
     }
 
-    fn remove(&mut self, spn: &ServicePortName) {
-        if let Ok(i) = self.0.binary_search_by(|(s, _)| (**s).cmp(spn)) {
-            self.0.remove(i);
+    pub fn iter(&self) -> impl Iterator<Item = &ServicePortName> {
+        match self {
+            Claim::One(s) => std::slice::from_ref(s).iter(),
+            Claim::Many(v) => v.iter(),
         }
     }
 
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    fn insert(&mut self, spn: &ServicePortName) {
+        match self {
+            Claim::One(s) if s == spn => {}
+            Claim::One(s) => {
+                let mut v = vec![s.clone(), spn.clone()];
+                v.sort();
+                *self = Claim::Many(v);
+            }
+            Claim::Many(v) => {
+                if let Err(i) = v.binary_search(spn) {
+                    v.insert(i, spn.clone());
+                }
+            }
+        }
+    }
+
+    /// Remove `spn`; false when nobody is left.
+    fn remove(&mut self, spn: &ServicePortName) -> bool {
+        match self {
+            Claim::One(s) => s != spn,
+            Claim::Many(v) => {
+                if let Ok(i) = v.binary_search(spn) {
+                    v.remove(i);
+                }
+                if v.len() == 1 {
+                    *self = Claim::One(v.pop().expect("one left"));
+                }
+                true
+            }
+        }
     }
 }
 
-/// The model of the whole table: the configuration (which fixes the base
-/// part) and every service port's rules. Map keys claimed by several
-/// service ports (invalid input: two Services with one external IP and
-/// port) go to the first of them in [`ServicePortName`] order, whatever the
-/// order of changes, so incremental and full syncs agree.
+/// The model of fairlead's tables: the configuration (which fixes the
+/// base part), the number of shards, and every service port's input.
+///
+/// The model is lean on purpose: it keeps each service port's
+/// [`ServicePortInfo`] (the same `Arc` the change tracker holds, so no
+/// copy) and recomputes a port's [`ServiceRules`] when it changes
+/// ([`service_rules`] is pure and cheap), instead of keeping every rule of
+/// 30,000 Services in memory. What it keeps besides: who claims each
+/// dispatch key (map keys claimed by several service ports, invalid input
+/// such as two Services with one external IP and port, go to the first of
+/// them in [`ServicePortName`] order, whatever the order of changes, so
+/// incremental and full syncs agree), how many endpoints use each hairpin
+/// address, the counts for the gauges, and the fingerprint.
 #[derive(Clone, Debug)]
 pub struct Ruleset {
     pub cfg: RulesetConfig,
+    shards: u32,
     /// The fixed part's rules (from `cfg`).
     base: Arc<Vec<(&'static str, Rule)>>,
-    services: BTreeMap<ServicePortName, Arc<ServiceRules>>,
-    /// Claimants of every map key with the verdict each wants.
-    claims: HashMap<ElementKey, Claimants>,
+    services: BTreeMap<ServicePortName, Arc<ServicePortInfo>>,
+    /// Claimants of every dispatch key (not the hairpin set's).
+    claims: HashMap<ElementKey, Claim>,
+    /// Endpoint address → how many service ports use it (one element of
+    /// `hairpin-endpoints` each).
+    hairpin: HashMap<Ipv4Addr, u32>,
     chains: usize,
     rules: usize,
     sets: usize,
-    /// The base part's fingerprint XOR every service port's.
-    fingerprint: u128,
+    /// The service ports' fingerprints XORed.
+    services_fingerprint: u128,
+}
+
+/// The hairpin addresses of one service port's rules.
+fn hairpin_ips(r: &ServiceRules) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    r.elements.iter().filter_map(|e| match e.key {
+        Key::Pair(a, _) if e.map == MapName::HairpinEndpoints => Some(a),
+        _ => None,
+    })
+}
+
+/// The dispatch elements (not hairpin) of one service port's rules.
+fn claimed(r: &ServiceRules) -> impl Iterator<Item = &Element> + '_ {
+    r.elements
+        .iter()
+        .filter(|e| e.map != MapName::HairpinEndpoints)
 }
 
 impl Ruleset {
     /// A table with only the fixed part.
     pub fn new(cfg: RulesetConfig) -> Ruleset {
+        Ruleset::with_shards(cfg, 1)
+    }
+
+    /// Empty tables, `shards` of them (a power of two).
+    pub fn with_shards(cfg: RulesetConfig, shards: u32) -> Ruleset {
+        assert!(shards.is_power_of_two(), "shards must be a power of two");
         Ruleset {
             base: Arc::new(base_rules(&cfg)),
-            fingerprint: base_fingerprint(&cfg),
             cfg,
+            shards,
             services: BTreeMap::new(),
             claims: HashMap::new(),
+            hairpin: HashMap::new(),
             chains: 0,
             rules: 0,
             sets: 0,
+            services_fingerprint: 0,
         }
     }
 
-    /// The desired table for `state`.
+    /// The desired table for `state`, in one table.
     pub fn build(cfg: RulesetConfig, state: &ProxyState) -> Ruleset {
-        let mut r = Ruleset::new(cfg);
+        Ruleset::build_sharded(cfg, 1, state)
+    }
+
+    /// The desired tables for `state`, over `shards` tables.
+    pub fn build_sharded(cfg: RulesetConfig, shards: u32, state: &ProxyState) -> Ruleset {
+        let mut r = Ruleset::with_shards(cfg, shards);
         for (spn, info) in state {
-            let rules = Arc::new(service_rules(&r.cfg, spn, info));
-            r.set(spn, Some(rules));
+            r.set(spn, Some(info.clone()));
         }
         r
     }
 
-    /// The fixed part's rules.
+    /// Spread the same services over another number of shards (the
+    /// tables must then be recreated).
+    pub fn set_shards(&mut self, shards: u32) {
+        assert!(shards.is_power_of_two(), "shards must be a power of two");
+        self.shards = shards;
+    }
+
+    /// How many tables.
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    /// The fixed part's rules of the main table.
     pub fn base(&self) -> &[(&'static str, Rule)] {
         &self.base
     }
 
-    pub fn services(&self) -> &BTreeMap<ServicePortName, Arc<ServiceRules>> {
+    /// Every service port's input.
+    pub fn infos(&self) -> &BTreeMap<ServicePortName, Arc<ServicePortInfo>> {
         &self.services
     }
 
-    /// Claimants of a map key (first = programmed).
-    pub fn claimants(&self, key: &ElementKey) -> Option<&Claimants> {
+    /// The table of one service port ([`shard_of`]; 0 when unknown).
+    pub fn table_of(&self, spn: &ServicePortName) -> TableId {
+        self.services
+            .get(spn)
+            .map_or(0, |info| shard_of(spn, info, self.shards))
+    }
+
+    /// The rules of one service port (recomputed).
+    pub fn rules_of(&self, spn: &ServicePortName) -> Option<ServiceRules> {
+        self.services
+            .get(spn)
+            .map(|info| service_rules(&self.cfg, spn, info))
+    }
+
+    /// Every service port's rules (recomputed: for tests and tools).
+    pub fn services(&self) -> BTreeMap<ServicePortName, Arc<ServiceRules>> {
+        self.services
+            .iter()
+            .map(|(spn, info)| (spn.clone(), Arc::new(service_rules(&self.cfg, spn, info))))
+            .collect()
+    }
+
+    /// Claimants of a dispatch key (first = programmed).
+    pub fn claimants(&self, key: &ElementKey) -> Option<&Claim> {
         self.claims.get(key)
     }
 
-    /// Every claimed map key with its claimants (first = programmed).
-    pub fn claims(&self) -> impl Iterator<Item = (&ElementKey, &Claimants)> {
-        self.claims.iter()
+    /// Whether `ip . ip` is in the hairpin set.
+    pub fn hairpin_count(&self, ip: Ipv4Addr) -> u32 {
+        self.hairpin.get(&ip).copied().unwrap_or(0)
+    }
+
+    /// Every hairpin address.
+    pub fn hairpin_ips(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.hairpin.keys().copied()
     }
 
     /// A hash of the whole model (XOR of its parts, so a change costs only
-    /// the changed parts). The table stores it in its `fingerprint` set; a
-    /// daemon that finds its own desired fingerprint there adopts the
-    /// table instead of rebuilding it.
+    /// the changed parts). The main table stores it in its `fingerprint`
+    /// set; a daemon that finds its own desired fingerprint there adopts
+    /// the tables instead of rebuilding them.
     pub fn fingerprint(&self) -> u128 {
-        self.fingerprint
+        base_fingerprint(&self.cfg, self.shards) ^ self.services_fingerprint
     }
 
-    /// Replace (or with `None` remove) one service port's rules; returns
-    /// the previous ones.
+    /// The fingerprint the same services would have over `shards` tables.
+    pub fn fingerprint_with(&self, shards: u32) -> u128 {
+        base_fingerprint(&self.cfg, shards) ^ self.services_fingerprint
+    }
+
+    /// Replace (or with `None` remove) one service port; returns its rules
+    /// before and after (recomputed).
     pub fn set(
         &mut self,
         spn: &ServicePortName,
-        rules: Option<Arc<ServiceRules>>,
-    ) -> Option<Arc<ServiceRules>> {
-        let old = match &rules {
-            Some(r) => self.services.insert(spn.clone(), r.clone()),
+        info: Option<Arc<ServicePortInfo>>,
+    ) -> (Option<ServiceRules>, Option<ServiceRules>) {
+        let old = self.rules_of(spn);
+        let new = info.as_ref().map(|i| service_rules(&self.cfg, spn, i));
+        self.commit(spn, info, old.as_ref(), new.as_ref());
+        (old, new)
+    }
+
+    /// Record a change whose rules the caller already computed (`old`
+    /// must be this model's current rules of `spn`).
+    pub fn commit(
+        &mut self,
+        spn: &ServicePortName,
+        info: Option<Arc<ServicePortInfo>>,
+        old: Option<&ServiceRules>,
+        new: Option<&ServiceRules>,
+    ) {
+        match info {
+            Some(i) => self.services.insert(spn.clone(), i),
             None => self.services.remove(spn),
         };
-        if let Some(o) = &old {
+        if let Some(o) = old {
             self.chains -= o.chains.len();
             self.rules -= o.rule_count();
             self.sets -= o.sets.len();
-            self.fingerprint ^= o.fingerprint;
-            for e in &o.elements {
+            self.services_fingerprint ^= o.fingerprint;
+            for e in claimed(o) {
                 let k = (e.map, e.key);
                 if let Some(c) = self.claims.get_mut(&k) {
-                    c.remove(spn);
-                    if c.is_empty() {
+                    if !c.remove(spn) {
                         self.claims.remove(&k);
                     }
                 }
             }
+            for ip in hairpin_ips(o) {
+                if let Some(n) = self.hairpin.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.hairpin.remove(&ip);
+                    }
+                }
+            }
         }
-        if let Some(n) = &rules {
-            let name = Arc::new(spn.clone());
+        if let Some(n) = new {
             self.chains += n.chains.len();
             self.rules += n.rule_count();
             self.sets += n.sets.len();
-            self.fingerprint ^= n.fingerprint;
-            for e in &n.elements {
-                self.claims
-                    .entry((e.map, e.key))
-                    .or_default()
-                    .insert(name.clone(), e.verdict.clone());
+            self.services_fingerprint ^= n.fingerprint;
+            for e in claimed(n) {
+                match self.claims.entry((e.map, e.key)) {
+                    std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().insert(spn),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(Claim::One(spn.clone()));
+                    }
+                }
+            }
+            for ip in hairpin_ips(n) {
+                *self.hairpin.entry(ip).or_default() += 1;
             }
         }
-        old
     }
 
-    /// The programmed map elements, sorted (the fingerprint excluded).
-    pub fn elements(&self) -> Vec<Element> {
-        let mut v: Vec<Element> = self
+    /// The verdict the programmed claimant of a dispatch key wants, and
+    /// the table its element lives in (recomputing that claimant's rules).
+    pub fn programmed(&self, key: &ElementKey) -> Option<(TableId, Option<Verdict>)> {
+        let spn = self.claims.get(key)?.first();
+        let rules = self.rules_of(spn)?;
+        let e = rules.elements.iter().find(|e| (e.map, e.key) == *key)?;
+        let table = if key.0.per_shard() {
+            self.table_of(spn)
+        } else {
+            0
+        };
+        Some((table, e.verdict.clone()))
+    }
+
+    /// The programmed map elements with their tables, sorted (the
+    /// fingerprint excluded).
+    pub fn elements(&self) -> Vec<(TableId, Element)> {
+        let mut v: Vec<(TableId, Element)> = self
             .claims
-            .iter()
-            .filter_map(|((map, key), c)| {
-                c.first().map(|verdict| Element {
-                    map: *map,
-                    key: *key,
-                    verdict: verdict.clone(),
+            .keys()
+            .filter_map(|k| {
+                self.programmed(k).map(|(t, verdict)| {
+                    (
+                        t,
+                        Element {
+                            map: k.0,
+                            key: k.1,
+                            verdict,
+                        },
+                    )
                 })
             })
             .collect();
+        v.extend(self.hairpin.keys().map(|ip| {
+            (
+                0,
+                Element {
+                    map: MapName::HairpinEndpoints,
+                    key: Key::Pair(*ip, *ip),
+                    verdict: None,
+                },
+            )
+        }));
         v.sort();
         v
     }
@@ -1107,13 +1353,17 @@ impl Ruleset {
     }
     /// Programmed map elements.
     pub fn element_count(&self) -> usize {
-        self.claims.len()
+        self.claims.len() + self.hairpin.len()
+    }
+    /// Service ports.
+    pub fn service_count(&self) -> usize {
+        self.services.len()
     }
 
-    /// The `nft -f` script that replaces whatever table of this name
-    /// exists with this one (what a full sync sends, as text).
+    /// The `nft -f` script that replaces whatever tables of these names
+    /// exist with these (what a full sync sends, as text).
     pub fn render_full(&self) -> String {
-        super::diff::full(self).text(&self.cfg.table)
+        super::diff::full_text(self, &[])
     }
 }
 
@@ -1274,6 +1524,7 @@ pub(crate) mod tests {
         let els: Vec<Element> = r
             .elements()
             .into_iter()
+            .map(|(_, e)| e)
             .filter(|e| e.map == MapName::ServiceIps)
             .collect();
         assert_eq!(els.len(), 1);

@@ -16,6 +16,7 @@ use std::path::PathBuf;
 
 use super::diff::Op;
 use super::netlink::{self, FinishedBatch};
+use super::ruleset::{table_name, TableId};
 
 /// Receive buffer asked for (errors of a large failed batch must fit).
 const RCVBUF: usize = 8 << 20;
@@ -211,11 +212,39 @@ impl Socket {
         }
     }
 
-    /// Send `ops` on table `table` as one transaction. Ok: applied, with
-    /// the ruleset generation after it. Err: nothing was applied.
-    pub fn transact(&mut self, table: &str, ops: &[Op]) -> Result<(FinishedBatch, u32), TxError> {
+    /// Send `ops`, each on its table (`base` names the main table), as one
+    /// transaction. Ok: applied, with the ruleset generation after it.
+    /// Err: nothing was applied.
+    pub fn transact(
+        &mut self,
+        base: &str,
+        ops: &[(TableId, Op)],
+    ) -> Result<(FinishedBatch, u32), TxError> {
         let seq = self.next_seq();
-        let batch = netlink::encode(table, ops, seq);
+        let batch = netlink::encode(base, ops, seq);
+        self.transact_batch(batch, &|i| {
+            ops.get(i).map(|(t, o)| {
+                let mut s = String::new();
+                o.render(&table_name(base, *t), &mut s);
+                s
+            })
+        })
+    }
+
+    /// The sequence number the next batch must start from
+    /// ([`netlink::Batch::new`]).
+    pub fn batch_seq(&mut self) -> u32 {
+        self.next_seq()
+    }
+
+    /// Send a batch built by the caller (from [`Socket::batch_seq`]) as one
+    /// transaction; `describe` renders the operation with a given index,
+    /// for the error when the kernel rejects it.
+    pub fn transact_batch(
+        &mut self,
+        batch: FinishedBatch,
+        describe: &dyn Fn(usize) -> Option<String>,
+    ) -> Result<(FinishedBatch, u32), TxError> {
         self.seq = batch.next_seq;
         self.send(&batch.bytes)?;
         let gen_seq = self.next_seq();
@@ -259,12 +288,8 @@ impl Socket {
         }
         if let Some((seq, code)) = failure {
             let op = batch.op_index(seq);
-            let what = match op.and_then(|i| ops.get(i)) {
-                Some(o) => {
-                    let mut s = String::new();
-                    o.render(table, &mut s);
-                    format!("`{s}`")
-                }
+            let what = match op.and_then(describe) {
+                Some(s) => format!("`{s}`"),
                 None => "the batch".to_string(),
             };
             return Err(TxError::Rejected {
@@ -275,6 +300,41 @@ impl Socket {
         }
         let genid = genid.ok_or_else(|| io::Error::other("no generation in the GETGEN reply"))?;
         Ok((batch, genid))
+    }
+
+    /// The names of every `ip` table in the ruleset.
+    pub fn tables(&mut self) -> io::Result<Vec<String>> {
+        let seq = self.next_seq();
+        self.send(&netlink::gettable_request(seq))?;
+        let mut names = Vec::new();
+        loop {
+            let n = self.recv()?;
+            for m in netlink::messages(&self.buf[..n]) {
+                if m.seq != seq {
+                    continue;
+                }
+                match m.ty {
+                    netlink::NLMSG_DONE => return Ok(names),
+                    netlink::NLMSG_ERROR => {
+                        let code = netlink::error_code(m.payload);
+                        if code == 0 {
+                            return Ok(names);
+                        }
+                        return Err(io::Error::from_raw_os_error(-code));
+                    }
+                    ty if netlink::nft_type(ty) == Some(netlink::NFT_MSG_NEWTABLE) => {
+                        let body = m.payload.get(4..).unwrap_or_default();
+                        for (ty, v) in netlink::attrs(body) {
+                            if ty == netlink::NFTA_TABLE_NAME {
+                                let name = v.split(|b| *b == 0).next().unwrap_or_default();
+                                names.push(String::from_utf8_lossy(name).into_owned());
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
 
     /// The kernel's current ruleset generation (any commit by anyone

@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 
 use self::addrs::AddrManager;
 use self::routes::{EndpointTable, Role, ServiceRuntime, Settings};
-use super::{Protocol, ProxyState, ServicePortInfo, ServicePortName};
+use super::{PortChange, Protocol, ProxyState, ServicePortInfo, ServicePortName};
 
 /// Settings of the userspace proxy (flags of `fairlead node`).
 #[derive(Debug, Clone)]
@@ -189,13 +189,30 @@ impl UserspaceProxy {
         }
     }
 
-    /// Make the data path match `state`. Idempotent; unchanged service ports
-    /// (same `Arc` or equal value) cost one comparison. Bind and address
-    /// failures are logged, counted and retried on the next call; only an
-    /// unusable interface (or a shut-down proxy) is an error.
+    /// Make the data path match `state` (the whole desired state).
+    /// Idempotent; unchanged service ports (same `Arc` or equal value) cost
+    /// one comparison. Bind and address failures are logged, counted and
+    /// retried on the next call; only an unusable interface (or a
+    /// shut-down proxy) is an error.
     pub async fn sync(&self, state: &ProxyState) -> Result<SyncStats, ProxyError> {
         let mut guard = self.inner.lock().await;
-        let g = &mut *guard;
+        let changes = super::diff_states(&guard.applied, state);
+        self.apply_locked(&mut guard, &changes).await
+    }
+
+    /// Apply only `changes` (what the node's change tracker produced);
+    /// the cost follows their number, not the number of Services. Also
+    /// retries frontends and addresses that failed before.
+    pub async fn apply(&self, changes: &[PortChange]) -> Result<SyncStats, ProxyError> {
+        let mut guard = self.inner.lock().await;
+        self.apply_locked(&mut guard, changes).await
+    }
+
+    async fn apply_locked(
+        &self,
+        g: &mut Inner,
+        changes: &[PortChange],
+    ) -> Result<SyncStats, ProxyError> {
         if g.shut {
             return Err(ProxyError::ShutDown);
         }
@@ -207,19 +224,26 @@ impl UserspaceProxy {
         let mut stats = SyncStats::default();
         let now = Instant::now();
 
-        let changed: Vec<(&ServicePortName, &Arc<ServicePortInfo>)> = state
-            .iter()
-            .filter(|(name, info)| match g.applied.get(*name) {
-                Some(old) => !Arc::ptr_eq(old, info) && **old != ***info,
-                None => true,
-            })
-            .collect();
-        let removed: Vec<ServicePortName> = g
-            .applied
-            .keys()
-            .filter(|n| !state.contains_key(*n))
-            .cloned()
-            .collect();
+        let mut changed: Vec<(&ServicePortName, &Arc<ServicePortInfo>)> = Vec::new();
+        let mut removed: Vec<ServicePortName> = Vec::new();
+        for (name, info) in changes {
+            match info {
+                Some(info) => {
+                    let same = g
+                        .applied
+                        .get(name)
+                        .is_some_and(|old| Arc::ptr_eq(old, info) || **old == **info);
+                    if !same {
+                        changed.push((name, info));
+                    }
+                }
+                None => {
+                    if g.applied.contains_key(name) {
+                        removed.push(name.clone());
+                    }
+                }
+            }
+        }
 
         let mut addr_gone: Vec<IpAddr> = Vec::new();
         let mut addr_new: Vec<IpAddr> = Vec::new();
