@@ -153,7 +153,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::task::JoinSet;
 
-use common::{env_u64, fairlead_bin, free_port, loadavg, mib, pid_vm_kib, stat_cpu, Netns, Proc};
+use common::{
+    env_u64, fairlead_bin, free_port, loadavg, machine_ticks, mib, pid_vm_kib, stat_cpu, Netns,
+    Proc,
+};
 
 /// Endpoints per bulk EndpointSlice.
 const ENDPOINTS: usize = 10;
@@ -499,6 +502,7 @@ where
         dir: dir.path().to_path_buf(),
     };
     let file = Arc::new(File::open(ns.path())?);
+    let (ticks0, load0) = (machine_ticks(), loadavg());
     let r = ns.run(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -517,6 +521,14 @@ where
         r
     });
     drop(ns);
+    let ticks1 = machine_ticks();
+    println!(
+        "  machine {:.0}% busy over the run (all cores; load average {load0} at its start, {} \
+         at its end)",
+        ticks1.0.saturating_sub(ticks0.0) as f64 * 100.0
+            / ticks1.1.saturating_sub(ticks0.1).max(1) as f64,
+        loadavg()
+    );
     r
 }
 
@@ -883,13 +895,91 @@ async fn bulk_load(client: &kube::Client, n: usize, writers: usize, limit: Durat
     }
 }
 
+/// The API server's own `/metrics` (through the client: TLS, credentials).
+async fn api_metrics(client: &kube::Client) -> String {
+    let Ok(req) = hyper::Request::get("/metrics").body(Vec::new()) else {
+        return String::new();
+    };
+    tokio::time::timeout(Duration::from_secs(20), client.request_text(req))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default()
+}
+
+/// Print what the API server served between two scrapes of its metrics,
+/// by verb and resource, most total time first (where the load went).
+fn print_requests(before: &str, after: &str) {
+    fn by_kind(text: &str, metric: &str) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        let prefix = format!("{metric}{{");
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(&prefix) else {
+                continue;
+            };
+            let label = |name: &str| {
+                rest.split(&format!("{name}=\"")[..])
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+                continue;
+            };
+            let sub = label("subresource");
+            let key = format!(
+                "{} {}{}",
+                label("verb"),
+                label("resource"),
+                if sub.is_empty() {
+                    String::new()
+                } else {
+                    format!("/{sub}")
+                }
+            );
+            *out.entry(key).or_insert(0.0) += v;
+        }
+        out
+    }
+    let delta = |metric: &str| {
+        let b = by_kind(before, metric);
+        let mut a = by_kind(after, metric);
+        for (k, v) in a.iter_mut() {
+            *v -= b.get(k).copied().unwrap_or(0.0);
+        }
+        a
+    };
+    let count = delta("apiserver_request_total");
+    let secs = delta("apiserver_request_duration_seconds_sum");
+    let mut kinds: Vec<(&String, f64)> = secs.iter().map(|(k, v)| (k, *v)).collect();
+    kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let top: Vec<String> = kinds
+        .iter()
+        .filter(|(_, v)| *v > 0.0)
+        .take(6)
+        .map(|(k, v)| {
+            let c = count.get(*k).copied().unwrap_or(0.0);
+            format!("{k} {c:.0} in {v:.1} s")
+        })
+        .collect();
+    if !top.is_empty() {
+        println!(
+            "  API requests served (server time, by kind): {}",
+            top.join(", ")
+        );
+    }
+}
+
 /// (1): the API server alone.
 async fn alone_run(env: Env, n: usize) -> Result<Load> {
     let (mut api, client) = start_api(&env, "apiserver", None).await?;
     create_namespaces(&client).await?;
+    let before = api_metrics(&client).await;
     let load = bulk_load(&client, n, env.s.writers, env.s.load_limit(n)).await;
     api.check_running()?;
     println!("  bulk load: {}", load.summary());
+    print_requests(&before, &api_metrics(&client).await);
     Ok(load)
 }
 
@@ -904,9 +994,11 @@ async fn up_run(env: Env, n: usize, mode: Mode) -> Result<Load> {
         "fairlead_proxy_service_ports",
     )
     .unwrap_or(0.0);
+    let api_before = api_metrics(&client).await;
     let mut load = bulk_load(&client, n, env.s.writers, env.s.load_limit(n)).await;
     up.check_running()?;
     println!("  bulk load: {}", load.summary());
+    print_requests(&api_before, &api_metrics(&client).await);
     // Whether the node catches up (not a target; evidence when it does not).
     let want = before + load.services_ok as f64;
     let t = Instant::now();
@@ -1065,13 +1157,24 @@ async fn node_run(env: Env, n: usize, mode: Mode, deadline: Instant) -> Result<N
         }
     }
     let initial_sync = t.elapsed();
-    let m0 = http_get_ok(ports.metrics, "/metrics").await?;
-    let service_ports = gauge(&m0, "fairlead_proxy_service_ports").unwrap_or(0.0);
-    ensure!(
-        service_ports > n as f64,
-        "the node serves the sentinel but fairlead_proxy_service_ports is {service_ports} \
-         (expected > {n})"
-    );
+    // The gauge is set once the sync returns, a moment after the kernel
+    // (or the listener) already serves the sentinel.
+    let (m0, service_ports) = {
+        let t = Instant::now();
+        loop {
+            let m = http_get_ok(ports.metrics, "/metrics").await?;
+            let g = gauge(&m, "fairlead_proxy_service_ports").unwrap_or(0.0);
+            if g > n as f64 {
+                break (m, g);
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(10),
+                "the node serves the sentinel but fairlead_proxy_service_ports is {g} \
+                 (expected > {n}) 10 s later"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
     let pid = node.pid();
     let rss_loaded = (pid_vm_kib(pid, "VmRSS"), pid_vm_kib(pid, "VmHWM"));
     println!(
