@@ -206,6 +206,8 @@ const TRIAL_LIMIT: Duration = Duration::from_secs(10);
 /// Removal: quiet time after the last hit, and answers required in it.
 const REMOVAL_WINDOW: Duration = Duration::from_millis(300);
 const REMOVAL_MIN_ANSWERS: usize = 100;
+/// Longest wait for one API response.
+const API_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a process may take to come up.
 const START_LIMIT: Duration = Duration::from_secs(30);
 /// How long `up`'s node may take to catch up after the bulk load.
@@ -638,9 +640,14 @@ async fn start_api(
 /// A client from the kubeconfig, once the file exists and `/readyz` answers.
 async fn ready_client(kubeconfig: &Path) -> Option<kube::Client> {
     let kc = kube::config::Kubeconfig::read_from(kubeconfig).ok()?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
         .await
         .ok()?;
+    // Every request of the bench is bounded (kube's default read timeout
+    // is 295 s); a stalled server fails the request instead.
+    config.connect_timeout = Some(Duration::from_secs(10));
+    config.read_timeout = Some(API_TIMEOUT);
+    config.write_timeout = Some(API_TIMEOUT);
     let client = kube::Client::try_from(config).ok()?;
     let probe = hyper::Request::get("/readyz").body(Vec::new()).ok()?;
     tokio::time::timeout(Duration::from_secs(2), client.request_text(probe))
