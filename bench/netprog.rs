@@ -1132,6 +1132,8 @@ struct Trial {
     remove: f64,
     /// Failed probes while the Service had live endpoints: "phase outcome".
     bad_probes: BTreeMap<String, usize>,
+    /// Removal: when the failed probes started, ms after the write.
+    failed_at: Vec<f64>,
 }
 
 async fn node_run(env: Env, n: usize, mode: Mode, deadline: Instant) -> Result<NodeRun> {
@@ -1263,12 +1265,18 @@ async fn node_run(env: Env, n: usize, mode: Mode, deadline: Instant) -> Result<N
                 if s.verbose {
                     println!(
                         "  trial {i}: DNS {:.2} ms, refused {:.2} ms, slice → answer {:.2} ms, \
-                         removal {:.2} ms, failed probes: {}",
+                         removal {:.2} ms, failed probes: {}{}",
                         t.dns,
                         t.programmed,
                         t.add,
                         t.remove,
-                        kinds(&t.bad_probes)
+                        kinds(&t.bad_probes),
+                        match (t.failed_at.first(), t.failed_at.last()) {
+                            (Some(a), Some(b)) => format!(
+                                " (removal probes started {a:.1} to {b:.1} ms after the write)"
+                            ),
+                            _ => String::new(),
+                        }
                     );
                 }
                 trials.push(t)
@@ -1484,6 +1492,8 @@ async fn trial(client: &kube::Client, s: &Settings, dns: SocketAddr, i: usize) -
     };
     let mut last_hit: Option<Instant> = None;
     let mut others: Vec<Instant> = Vec::new();
+    // When failed probes started (ms after the write).
+    let mut failed_at: Vec<f64> = Vec::new();
     probe_until(vip, PROBE_EVERY, t0 + TRIAL_LIMIT, |p| {
         match &p.outcome {
             Outcome::Answer(b) if b == removed => {
@@ -1493,7 +1503,8 @@ async fn trial(client: &kube::Client, s: &Settings, dns: SocketAddr, i: usize) -
             o => {
                 *bad_probes
                     .entry(format!("removal {}", o.kind()))
-                    .or_default() += 1
+                    .or_default() += 1;
+                failed_at.push(since(t0, p.start));
             }
         }
         let quiet_since = last_hit.unwrap_or(t0);
@@ -1512,6 +1523,7 @@ async fn trial(client: &kube::Client, s: &Settings, dns: SocketAddr, i: usize) -
         add,
         remove,
         bad_probes,
+        failed_at,
     })
 }
 
@@ -1643,8 +1655,10 @@ enum Outcome {
     Refused,
     /// Accepted, then reset or closed without an answer.
     Reset,
-    /// No connection, or no answer, within [`PROBE_TIMEOUT`].
-    Timeout,
+    /// No connection within [`PROBE_TIMEOUT`].
+    ConnectTimeout,
+    /// Connected, but no answer within [`PROBE_TIMEOUT`].
+    AnswerTimeout,
     Error(String),
 }
 
@@ -1676,7 +1690,7 @@ struct Probe {
 async fn probe(addr: SocketAddr) -> Outcome {
     use std::io::ErrorKind;
     let conn = match tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(addr)).await {
-        Err(_) => return Outcome::Timeout,
+        Err(_) => return Outcome::ConnectTimeout,
         Ok(Err(e)) if e.kind() == ErrorKind::ConnectionRefused => return Outcome::Refused,
         Ok(Err(e)) => return Outcome::Error(e.to_string()),
         Ok(Ok(c)) => c,
@@ -1690,7 +1704,7 @@ async fn probe(addr: SocketAddr) -> Outcome {
         Ok::<_, std::io::Error>(buf)
     };
     match tokio::time::timeout(PROBE_TIMEOUT, exchange).await {
-        Err(_) => Outcome::Timeout,
+        Err(_) => Outcome::AnswerTimeout,
         Ok(Err(e))
             if matches!(
                 e.kind(),
