@@ -544,3 +544,15 @@ pub fn print_rows<const N: usize>(rows: &[[String; N]]) {
         println!("{}", line.trim_end());
     }
 }
+
+/// A field of /proc/<pid>/status in KiB (VmRSS, VmHWM); 0 if unreadable.
+pub fn pid_vm_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or(0)
+}
