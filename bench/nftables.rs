@@ -24,13 +24,14 @@
 //!    state was built, after it was built, after the sync, and after
 //!    `malloc_trim(0)` (what is in use rather than kept by the allocator);
 //! 2. one sync with nothing changed;
-//! 3. `FAIRLEAD_BENCH_CHANGES` (100) endpoint changes, each one sync: a
-//!    random Service (seeded) loses a random endpoint, or, if it already
-//!    lost one, gains a new one;
-//! 4. as many new Services (10 endpoints each), each one sync;
-//! 5. `cleanup()` (deleting the table).
+//! 3. `FAIRLEAD_BENCH_CHANGES` (100) endpoint changes, each one
+//!    [`NftablesProxy::apply`] of that one service port (what the node
+//!    daemon's change tracker hands it): a random Service (seeded) loses a
+//!    random endpoint, or, if it already lost one, gains a new one;
+//! 4. as many new Services (10 endpoints each), each one `apply`;
+//! 5. `cleanup()` (deleting the tables).
 //!
-//! Each change is timed from the call to `sync` until it returns (the
+//! Each change is timed from the call to `apply` until it returns (the
 //! kernel has acknowledged the transaction), and must be a partial sync of
 //! exactly one service port. Reported: p50/p99/max (nearest rank), the
 //! median batch size, and the process's CPU per change split into user
@@ -466,9 +467,11 @@ async fn control(services: usize, netns: String, changes: usize) -> Result<Contr
             info.endpoints.sort();
             added += 1;
         }
-        st.insert(key, Arc::new(info));
+        let info = Arc::new(info);
+        st.insert(key.clone(), info.clone());
+        // What the node daemon does: only the changed service port.
         let t = Instant::now();
-        let s = proxy.sync(&st).await?;
+        let s = proxy.apply(&[(key, Some(info))]).await?;
         endpoint_ms.push(ms(t));
         ensure!(
             !s.full && s.fallbacks == 0 && s.services_changed == 1,
@@ -485,12 +488,11 @@ async fn control(services: usize, netns: String, changes: usize) -> Result<Contr
         let eps = (0..ENDPOINTS)
             .map(|j| ep(addr(90, k * ENDPOINTS + j, 8080)))
             .collect();
-        st.insert(
-            spn(&format!("new-{k}")),
-            Arc::new(info(addr(100, k, 80), eps)),
-        );
+        let key = spn(&format!("new-{k}"));
+        let new = Arc::new(info(addr(100, k, 80), eps));
+        st.insert(key.clone(), new.clone());
         let t = Instant::now();
-        let s = proxy.sync(&st).await?;
+        let s = proxy.apply(&[(key, Some(new))]).await?;
         service_ms.push(ms(t));
         ensure!(
             !s.full && s.fallbacks == 0 && s.services_changed == 1,

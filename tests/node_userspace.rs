@@ -428,3 +428,96 @@ fn controllers_leader_failover_keeps_slices_updated() {
     assert!(t.elapsed() < CONVERGE);
     assert!(c.proc(standby).alive(), "{}", c.log_tail(standby));
 }
+
+/// The controllers leave Services without a selector to their users and
+/// make no API request for them (a LIST per such Service made bulk loads
+/// quadratic), yet still clean up after selectors: removing a Service's
+/// selector removes the slices they had made for it, and deleting a
+/// Service removes its slices.
+#[test]
+fn controllers_clean_up_after_selectors_without_listing_for_selectorless_services() {
+    let mut c = Cluster::empty("ctl-selectors");
+    c.start_apiserver();
+    c.start_controllers("ctl", &[]);
+    let managed = |c: &Cluster| -> Vec<String> {
+        let out = c.kubectl_ok(&[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=web,endpointslice.kubernetes.io/managed-by=endpointslice-controller.k8s.io",
+            "-o",
+            "name",
+        ]);
+        out.split_whitespace().map(str::to_string).collect()
+    };
+    c.apply(&(http_service_yaml("web", "web", "") + &pod_yaml("p1", "web")));
+    c.set_pod("p1", "10.244.0.1", true);
+    poll("web's slice", SETTLE, || {
+        (c.slice_endpoints("web").get("10.244.0.1") == Some(&true)).then_some(())
+    });
+    assert_eq!(managed(&c).len(), 1, "{:?}", managed(&c));
+
+    // Selector removed: the controller's slice goes.
+    c.kubectl_ok(&[
+        "patch",
+        "service",
+        "web",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/selector"}]"#,
+    ]);
+    poll("web's managed slice deleted", SETTLE, || {
+        managed(&c).is_empty().then_some(())
+    });
+
+    // Selectorless Services cost the controllers no LIST of slices: create
+    // a few, then one with a selector (once its slice exists, the
+    // controller has seen the others), and count the LISTs the API server
+    // served meanwhile (the last Service's own reconcile makes one).
+    let lists = |c: &Cluster| -> f64 {
+        c.kubectl_ok(&["get", "--raw", "/metrics"])
+            .lines()
+            .filter(|l| {
+                l.starts_with("apiserver_request_total{")
+                    && l.contains(r#"verb="LIST""#)
+                    && l.contains(r#"resource="endpointslices""#)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let before = lists(&c);
+    for i in 0..20 {
+        c.apply(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: ext-{i}}}\n\
+             spec: {{ports: [{{port: 80}}]}}\n"
+        ));
+    }
+    c.apply(&http_service_yaml("last", "web", ""));
+    // (Endpoints, not slices: a GET, where listing slices would count.)
+    poll("last's endpoints", SETTLE, || {
+        let out = c.kubectl(&[
+            "get",
+            "endpoints",
+            "last",
+            "-o",
+            "jsonpath={.subsets[*].addresses[*].ip}",
+        ]);
+        (String::from_utf8_lossy(&out.stdout).trim() == "10.244.0.1").then_some(())
+    });
+    let after = lists(&c);
+    assert!(
+        after - before < 5.0,
+        "{} LISTs of endpointslices for 20 selectorless Services and one other",
+        after - before
+    );
+
+    // Selector back, then the Service deleted: its slices go with it.
+    c.apply(&http_service_yaml("web", "web", ""));
+    poll("web's slice again", SETTLE, || {
+        (managed(&c).len() == 1).then_some(())
+    });
+    c.kubectl_ok(&["delete", "service", "web"]);
+    poll("web's slices deleted with it", SETTLE, || {
+        managed(&c).is_empty().then_some(())
+    });
+}

@@ -13,7 +13,13 @@
 //! A reconcile reads the Service's pods and slices from the API server, not
 //! from a cache: a cache fed by another watch than the one that triggered
 //! the reconcile may not show the change yet, and that change would then be
-//! lost until the next event.
+//! lost until the next event. Except for Services without a selector (their
+//! users write their slices; most Services of a large cluster of external
+//! endpoints are such): a reconcile of one costs no request unless the cache
+//! of our own slices shows slices of it to delete (a slice the cache does
+//! not show yet triggers a reconcile of its owner when it arrives, through
+//! `owns`). Listing per such Service would make a bulk load quadratic: each
+//! LIST walks every slice.
 //!
 //! Only the leader (a Lease in kube-system, see [`leader`]) runs them, so
 //! several `fairlead controllers` can run for availability. Everything they
@@ -31,7 +37,7 @@ use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, Controller, WatchStreamExt};
 
 use endpointslice::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
@@ -52,6 +58,8 @@ pub enum Error {
 struct Ctx {
     client: kube::Client,
     max: usize,
+    /// The slices this controller manages (label managed-by=fairlead).
+    managed: Store<EndpointSlice>,
 }
 
 fn managed_selector(service: &str) -> String {
@@ -62,19 +70,27 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let ns = svc.metadata.namespace.clone().unwrap_or_default();
     let name = svc.metadata.name.clone().unwrap_or_default();
     let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
+    if !endpointslice::has_selector(&svc) {
+        // Selector-less Services are managed by their users: nothing to do
+        // unless slices of ours are left from when it had a selector.
+        if !has_managed(&ctx.managed, &ns, &name) {
+            return Ok(Action::requeue(RESYNC));
+        }
+        let existing = slices
+            .list(&ListParams::default().labels(&managed_selector(&name)))
+            .await?
+            .items;
+        for s in existing {
+            delete_ignoring_missing(&slices, s.metadata.name.as_deref().unwrap_or("")).await?;
+        }
+        return Ok(Action::requeue(RESYNC));
+    }
     // Read our slices from the API (not a cache): a cache may not show
     // slices we created a moment ago, and we must never create twice.
     let existing = slices
         .list(&ListParams::default().labels(&managed_selector(&name)))
         .await?
         .items;
-    if !endpointslice::has_selector(&svc) {
-        // Selector-less Services are managed by their users.
-        for s in existing {
-            delete_ignoring_missing(&slices, s.metadata.name.as_deref().unwrap_or("")).await?;
-        }
-        return Ok(Action::requeue(RESYNC));
-    }
     // The pods as the API server has them now (see the module docs).
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
         .list(&ListParams::default().labels(&endpointslice::selector_string(&svc)))
@@ -157,7 +173,7 @@ fn error_policy(_svc: Arc<Service>, err: &Error, _ctx: Arc<Ctx>) -> Action {
 /// Removes what deleted Services leave behind (there is no garbage
 /// collector): slices and mirrored Endpoints, on delete events and, after
 /// each (re)list, for Services deleted while we were not watching.
-async fn cleanup_deleted(client: kube::Client) {
+async fn cleanup_deleted(client: kube::Client, managed: Store<EndpointSlice>) {
     let services: Api<Service> = Api::all(client.clone());
     let mut events = watcher(services.clone(), watcher::Config::default())
         .default_backoff()
@@ -167,12 +183,12 @@ async fn cleanup_deleted(client: kube::Client) {
             Ok(watcher::Event::Delete(svc)) => {
                 let ns = svc.metadata.namespace.clone().unwrap_or_default();
                 let name = svc.metadata.name.clone().unwrap_or_default();
-                if let Err(e) = delete_leftovers(&client, &ns, &name).await {
+                if let Err(e) = delete_leftovers(&client, &managed, &ns, &name).await {
                     tracing::warn!(error = %e, service = %format!("{ns}/{name}"), "cleanup failed");
                 }
             }
             Ok(watcher::Event::InitDone) => {
-                if let Err(e) = sweep(&client, &services).await {
+                if let Err(e) = sweep(&client, &managed, &services).await {
                     tracing::warn!(error = %e, "orphan sweep failed");
                 }
             }
@@ -182,13 +198,33 @@ async fn cleanup_deleted(client: kube::Client) {
     }
 }
 
-async fn delete_leftovers(client: &kube::Client, ns: &str, name: &str) -> Result<(), kube::Error> {
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
-    for s in slices
-        .list(&ListParams::default().labels(&managed_selector(name)))
-        .await?
-    {
-        delete_ignoring_missing(&slices, s.metadata.name.as_deref().unwrap_or("")).await?;
+/// Whether the cache of our slices has one of Service `ns/name`.
+fn has_managed(managed: &Store<EndpointSlice>, ns: &str, name: &str) -> bool {
+    managed.state().iter().any(|s| {
+        s.metadata.namespace.as_deref() == Some(ns)
+            && s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                .is_some_and(|n| n == name)
+    })
+}
+
+async fn delete_leftovers(
+    client: &kube::Client,
+    managed: &Store<EndpointSlice>,
+    ns: &str,
+    name: &str,
+) -> Result<(), kube::Error> {
+    // A LIST walks every slice: only when the cache shows some of ours.
+    if has_managed(managed, ns, name) {
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+        for s in slices
+            .list(&ListParams::default().labels(&managed_selector(name)))
+            .await?
+        {
+            delete_ignoring_missing(&slices, s.metadata.name.as_deref().unwrap_or("")).await?;
+        }
     }
     let eps: Api<Endpoints> = Api::namespaced(client.clone(), ns);
     if let Some(e) = eps.get_opt(name).await? {
@@ -204,7 +240,11 @@ async fn delete_leftovers(client: &kube::Client, ns: &str, name: &str) -> Result
     Ok(())
 }
 
-async fn sweep(client: &kube::Client, services: &Api<Service>) -> Result<(), kube::Error> {
+async fn sweep(
+    client: &kube::Client,
+    managed: &Store<EndpointSlice>,
+    services: &Api<Service>,
+) -> Result<(), kube::Error> {
     let live: std::collections::HashSet<(String, String)> = services
         .list(&ListParams::default())
         .await?
@@ -230,7 +270,7 @@ async fn sweep(client: &kube::Client, services: &Api<Service>) -> Result<(), kub
             .cloned()
             .unwrap_or_default();
         if !live.contains(&(ns.clone(), svc.clone())) {
-            delete_leftovers(client, &ns, &svc).await?;
+            delete_leftovers(client, managed, &ns, &svc).await?;
         }
     }
     Ok(())
@@ -257,7 +297,6 @@ impl Drop for AbortOnDrop {
 /// Run the controllers (without leader election) until the future is
 /// dropped; every task it spawns stops with it.
 pub async fn run_controllers(client: kube::Client, max_endpoints_per_slice: usize) {
-    let _cleanup = AbortOnDrop(tokio::spawn(cleanup_deleted(client.clone())));
     let pods: Api<Pod> = Api::all(client.clone());
     let services: Api<Service> = Api::all(client.clone());
     let slices: Api<EndpointSlice> = Api::all(client.clone());
@@ -266,15 +305,27 @@ pub async fn run_controllers(client: kube::Client, max_endpoints_per_slice: usiz
     // Pod uid → the Services that selected it at its last event.
     let selected_by: std::sync::Mutex<HashMap<String, Vec<ObjectRef<Service>>>> =
         Default::default();
+    let managed_config =
+        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    let (managed, writer) = reflector::store();
+    let _managed = AbortOnDrop(tokio::spawn(
+        reflector::reflector(writer, watcher(slices.clone(), managed_config.clone()))
+            .default_backoff()
+            .for_each(|_| futures::future::ready(())),
+    ));
+    // Decisions that skip the API rely on the cache: have it first.
+    let _ = managed.wait_until_ready().await;
+    let _cleanup = AbortOnDrop(tokio::spawn(cleanup_deleted(
+        client.clone(),
+        managed.clone(),
+    )));
     let ctx = Arc::new(Ctx {
         client,
         max: max_endpoints_per_slice,
+        managed,
     });
     controller
-        .owns(
-            slices,
-            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
-        )
+        .owns(slices, managed_config)
         .watches(pods, watcher::Config::default(), move |pod: Pod| {
             let now: Vec<ObjectRef<Service>> = svc_store
                 .state()
