@@ -236,7 +236,7 @@ fn spn(name: &str) -> ServicePortName {
     ServicePortName {
         namespace: "scale".into(),
         name: name.into(),
-        port: String::new(),
+        port: "".into(),
         protocol: Protocol::Tcp,
     }
 }
@@ -770,7 +770,7 @@ fn data_path(s: &Settings, wrk: &Path) -> Result<Runs> {
         ServicePortName {
             namespace: "default".into(),
             name: "echo".into(),
-            port: String::new(),
+            port: "".into(),
             protocol: Protocol::Tcp,
         },
         Arc::new(info(cluster, endpoints)),

@@ -328,7 +328,7 @@ impl InProcessProxy {
         let name = ServicePortName {
             namespace: "default".into(),
             name: "echo".into(),
-            port: String::new(),
+            port: "".into(),
             protocol: Protocol::Tcp,
         };
         let mut endpoints: Vec<Endpoint> = backends
