@@ -629,6 +629,11 @@ impl Cache {
         self.services.get(key)
     }
 
+    /// The cache's own key (its `Arc`s, to share) and view of a Service.
+    pub fn service_entry(&self, key: &ObjectKey) -> Option<(&ObjectKey, &Arc<ServiceView>)> {
+        self.services.get_key_value(key)
+    }
+
     /// The slices labelled with this Service's name, in its namespace,
     /// sorted by slice name.
     pub fn slices_of(&self, key: &ObjectKey) -> Vec<&Arc<SliceView>> {
@@ -921,7 +926,8 @@ pub(crate) mod random {
                     e["nodeName"] = json!(*pick(rng, &["node-a", "node-b"]));
                 }
                 if rng.random_bool(0.3) {
-                    e["hostname"] = json!(*pick(rng, &["p0", "p1", ""]));
+                    e["hostname"] =
+                        json!(*pick(rng, &["p0", "p1", "", "P0", "10-244-0-2", "_udp"]));
                 }
                 e
             })

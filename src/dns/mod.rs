@@ -3,17 +3,28 @@
 //! 1.1.0) from the same Services + EndpointSlices cache the proxy uses, and
 //! forwards every other name to the node's upstream resolvers.
 //!
-//! * [`index`] — pure: Services + EndpointSlices + namespace names → the
-//!   zone's record table, and the answer to one question. Unit-tested.
+//! * [`index`] — pure: the zone, kept up to date one Service at a time from
+//!   the node's lean cache ([`crate::model`]), and the answer to one
+//!   question. Unit- and property-tested.
 //! * [`server`] — UDP + TCP listeners over hickory-proto messages: request
 //!   validation (FORMERR, NOTIMP, BADVERS, ...), EDNS0, truncation, metrics
 //!   with CoreDNS's names.
 //! * [`forward`] — upstream resolvers with an answer cache.
 //!
 //! The daemon owns one [`DnsServer`]; after every (coalesced) cache change
-//! it calls [`DnsServer::update`], which builds a fresh [`index::Index`] and
-//! swaps it in atomically; queries in flight keep the index they started
-//! with.
+//! it calls [`DnsServer::apply`] with the Services and namespaces that
+//! changed ([`crate::model::Cache::take_dirty`]). The served
+//! [`index::Index`] is one value behind a `RwLock`, changed in place:
+//! `apply` computes the changed Services' contributions first, without
+//! the lock ([`index::Delta`]), then takes the write lock only to swap
+//! them in (hash-map operations per changed Service, nothing rendered) and
+//! frees the replaced ones after releasing it. A query holds the read lock
+//! for one [`index::Index::resolve`] (microseconds), so it sees the zone
+//! before or after a whole delta, never a Service half applied, and a
+//! delta waits at most for the queries already resolving. (Swapping in a
+//! fresh copy per change, as [`DnsServer::update`] still does for a full
+//! rebuild, would cost the size of the zone per change and twice its
+//! memory while both exist.)
 //!
 //! hickory-server's `Server`/`RequestHandler` were not used: its UDP path
 //! logs every request at `info` and spawns a task per packet, and its
@@ -27,8 +38,7 @@ pub mod server;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use hickory_proto::rr::Name;
@@ -39,7 +49,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 pub use forward::Forwarder;
-pub use index::{Index, IndexConfig, Resolution};
+pub use index::{Delta, Index, IndexConfig, Resolution};
+
+use crate::model::{Cache, Dirty};
 
 /// The cluster DNS Service IP kubeadm (and fairlead) use by default.
 pub const DEFAULT_SERVICE_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 0, 10));
@@ -154,13 +166,12 @@ pub struct DnsServer {
     cfg: IndexConfig,
     local_addrs: Vec<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
-    serial: AtomicU32,
 }
 
 impl DnsServer {
     /// Bind UDP and TCP on every listen address and start serving (an
-    /// empty zone until the first [`DnsServer::update`]). Must be called
-    /// inside a tokio runtime.
+    /// empty zone until the first [`DnsServer::apply`] or
+    /// [`DnsServer::update`]). Must be called inside a tokio runtime.
     pub async fn start(cfg: DnsConfig) -> Result<DnsServer, DnsError> {
         if cfg.listen.is_empty() {
             return Err(DnsError::NoListen);
@@ -196,10 +207,10 @@ impl DnsServer {
             .copied()
             .collect();
         let server_label = format!("dns://{}", local_addrs[0]);
-        let serial = unix_serial();
-        let empty = Index::build(&index_cfg, [], [], [], serial);
+        let empty = Index::new(&index_cfg, unix_serial());
         let shared = Arc::new(server::Shared {
-            index: RwLock::new(Arc::new(empty)),
+            index: RwLock::new(empty),
+            zone: zone.clone(),
             forwarder: Forwarder::new(
                 upstreams,
                 cfg.forward_timeout,
@@ -241,7 +252,6 @@ impl DnsServer {
             cfg: index_cfg,
             local_addrs,
             tasks,
-            serial: AtomicU32::new(serial),
         })
     }
 
@@ -255,19 +265,50 @@ impl DnsServer {
         self.shared.forwarder.upstreams()
     }
 
-    /// The index currently served.
-    pub fn index(&self) -> Arc<Index> {
-        self.shared
-            .index
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    /// The index currently served, read-locked: changes wait while the
+    /// guard lives, so do not keep it.
+    pub fn index(&self) -> RwLockReadGuard<'_, Index> {
+        self.shared.index()
     }
 
-    /// Rebuild the zone from the caches' current contents and swap it in.
+    /// Apply the changes `dirty` names (taken from `cache` by
+    /// [`Cache::take_dirty`]) to the served zone. Costs the size of the
+    /// change: the changed Services' contributions are computed before the
+    /// write lock is taken, and queries see the zone before or after the
+    /// whole delta. Call it from the sync loop, with the same `cache` the
+    /// dirty keys came from.
+    pub fn apply(&self, cache: &Cache, dirty: &Dirty) {
+        let started = std::time::Instant::now();
+        let delta = Delta::new(&self.cfg, cache, dirty);
+        if delta.is_empty() {
+            return;
+        }
+        let services = dirty.services.len();
+        let (applied, stats, serial) = {
+            let mut index = self.shared.index.write().unwrap_or_else(|e| e.into_inner());
+            let applied = index.commit(delta);
+            (applied, index.stats(), index.serial())
+        };
+        let changed = applied.changed;
+        // The replaced contributions are freed here, outside the lock.
+        drop(applied);
+        self.observe(stats, started);
+        tracing::debug!(
+            services,
+            namespaces = dirty.namespaces.len(),
+            changed,
+            records = stats.records,
+            serial,
+            took = ?started.elapsed(),
+            "DNS index changes applied"
+        );
+    }
+
+    /// Rebuild the zone from whole API objects and swap it in (the
+    /// from-scratch path; [`DnsServer::apply`] is the incremental one).
     /// `namespaces`: namespaces known to exist besides those of Services
-    /// (may be empty). Takes time proportional to the cluster (about 6 µs
-    /// per record on the CI machine); call it from the sync loop, not per query.
+    /// (may be empty). Takes time proportional to the cluster; call it from
+    /// the sync loop, not per query.
     pub fn update(
         &self,
         services: &[Arc<Service>],
@@ -275,30 +316,38 @@ impl DnsServer {
         namespaces: &[String],
     ) {
         let started = std::time::Instant::now();
-        // SOA serial: seconds since the epoch, strictly increasing.
-        let prev = self.serial.load(Ordering::Relaxed);
-        let serial = unix_serial().max(prev.wrapping_add(1));
-        self.serial.store(serial, Ordering::Relaxed);
-        let index = Index::build(
+        let mut index = Index::build(
             &self.cfg,
             services.iter().map(|s| s.as_ref()),
             slices.iter().map(|s| s.as_ref()),
             namespaces.iter().map(String::as_str),
-            serial,
+            0,
         );
         let stats = index.stats();
-        *self.shared.index.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(index);
-        metrics::gauge!("fairlead_dns_records").set(stats.records as f64);
-        metrics::histogram!("fairlead_dns_index_build_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
+        let (old, serial) = {
+            let mut current = self.shared.index.write().unwrap_or_else(|e| e.into_inner());
+            // SOA serial: seconds since the epoch, strictly increasing.
+            let serial = unix_serial().max(current.serial().wrapping_add(1));
+            index.set_serial(serial);
+            (std::mem::replace(&mut *current, index), serial)
+        };
+        // The old zone is freed outside the lock.
+        drop(old);
+        self.observe(stats, started);
         tracing::debug!(
             services = stats.services,
             names = stats.names,
             records = stats.records,
             serial,
             took = ?started.elapsed(),
-            "DNS index updated"
+            "DNS index rebuilt"
         );
+    }
+
+    fn observe(&self, stats: index::IndexStats, started: std::time::Instant) {
+        metrics::gauge!("fairlead_dns_records").set(stats.records as f64);
+        metrics::histogram!("fairlead_dns_index_build_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
     }
 
     /// Stop serving (also done on drop).
@@ -392,5 +441,59 @@ mod tests {
         assert!(is_own(&"10.96.0.10:53".parse().unwrap(), &listen));
         assert!(!is_own(&"10.255.255.53:53".parse().unwrap(), &listen));
         assert!(!is_own(&"127.0.0.1:5353".parse().unwrap(), &listen));
+    }
+
+    /// The server serves what `apply` hands it, a delta at a time, and
+    /// `update` (a full rebuild) and `apply` can follow each other.
+    #[tokio::test]
+    async fn apply_changes_the_served_zone() {
+        use hickory_proto::op::ResponseCode;
+        use hickory_proto::rr::RecordType;
+
+        let dns = DnsServer::start(DnsConfig {
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            upstreams: Vec::new(),
+            ..DnsConfig::default()
+        })
+        .await
+        .unwrap();
+        let name = Name::from_ascii("web.d.svc.cluster.local.").unwrap();
+        let answer = |dns: &DnsServer| match dns.index().resolve(&name, RecordType::A) {
+            Resolution::Zone(z) => (z.rcode, z.answers.len()),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(answer(&dns), (ResponseCode::NXDomain, 0));
+        let web: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "d"},
+            "spec": {"clusterIP": "10.96.0.20"}
+        }))
+        .unwrap();
+        let mut cache = Cache::new();
+        let sync = |cache: &mut Cache| {
+            let dirty = cache.take_dirty();
+            dns.apply(cache, &dirty);
+        };
+        cache.apply_service(&web);
+        let serial = dns.index().serial();
+        sync(&mut cache);
+        assert_eq!(answer(&dns), (ResponseCode::NoError, 1));
+        assert!(dns.index().serial() > serial);
+
+        cache.delete_service("d", "web");
+        sync(&mut cache);
+        assert_eq!(answer(&dns), (ResponseCode::NXDomain, 0));
+
+        let serial = dns.index().serial();
+        dns.update(&[Arc::new(web)], &[], &[]);
+        assert_eq!(answer(&dns), (ResponseCode::NoError, 1));
+        assert!(dns.index().serial() > serial);
+        cache.apply_namespace("d");
+        sync(&mut cache);
+        assert_eq!(
+            answer(&dns),
+            (ResponseCode::NoError, 1),
+            "apply keeps the rebuild's web"
+        );
+        assert_eq!(dns.index().stats().services, 1);
     }
 }

@@ -17,11 +17,11 @@
 //! classes other than IN/ANY: REFUSED.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Edns, Message, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{DNSClass, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
@@ -52,7 +52,11 @@ impl Proto {
 
 /// State shared by every listener of one server.
 pub struct Shared {
-    pub index: RwLock<Arc<Index>>,
+    /// The zone, changed in place ([`super::DnsServer::apply`]) under short
+    /// write locks; a query holds the read lock only while it resolves.
+    pub index: RwLock<Index>,
+    /// The zone's name (to label requests without locking the index).
+    pub zone: Name,
     pub forwarder: Forwarder,
     /// Largest UDP reply we send (and the EDNS payload we advertise).
     pub max_udp_payload: u16,
@@ -66,8 +70,9 @@ pub struct Shared {
 }
 
 impl Shared {
-    fn index(&self) -> Arc<Index> {
-        self.index.read().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The index, read-locked: keep the guard only as long as a lookup.
+    pub fn index(&self) -> RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -243,8 +248,7 @@ pub fn prepare(
         server: server.clone(),
     };
     let qtype = req.query.query_type();
-    let index = shared.index();
-    let in_zone = index.in_zone(req.query.name());
+    let in_zone = shared.zone.zone_of(req.query.name());
     let zone_label = if in_zone {
         &shared.zone_label
     } else {
@@ -275,7 +279,9 @@ pub fn prepare(
         DNSClass::IN | DNSClass::ANY => {}
         _ => return simple(ResponseCode::Refused),
     }
-    match index.resolve(req.query.name(), qtype) {
+    // The read lock is held for this one call only.
+    let resolution = shared.index().resolve(req.query.name(), qtype);
+    match resolution {
         Resolution::Zone(answer) => {
             let bytes = encode(shared, &req, answer.rcode, &answer, true, false);
             observe(
