@@ -439,7 +439,7 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// Hand the dirty Services and namespaces to cluster DNS.
 fn apply_dns(dns: &crate::dns::DnsServer, cache: &Cache, dirty: &Dirty) {
-    let _ = (dns, cache, dirty); // TEMP: DnsServer::apply lands with the DNS branch
+    dns.apply(cache, dirty);
 }
 
 /// `lo` label of the cluster DNS address (distinct from the proxy's own
