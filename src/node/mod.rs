@@ -55,9 +55,9 @@ pub use config::{NodeConfig, ProxyMode};
 
 /// One watch event, as the node loop consumes it.
 enum Update {
-    Service(watcher::Event<Service>),
-    Slice(watcher::Event<EndpointSlice>),
-    Namespace(watcher::Event<Namespace>),
+    Service(Box<watcher::Event<Service>>),
+    Slice(Box<watcher::Event<EndpointSlice>>),
+    Namespace(Box<watcher::Event<Namespace>>),
 }
 
 /// How many watch events may wait for the node loop (the watches pause
@@ -106,40 +106,53 @@ fn apply_update(cache: &mut Cache, u: Update) -> Option<Kind> {
             m.name.as_deref().unwrap_or(""),
         )
     }
-    match u {
-        Update::Service(E::Apply(o) | E::InitApply(o)) => cache.apply_service(&o),
-        Update::Service(E::Delete(o)) => {
-            let (ns, n) = ns_name(&o.metadata);
-            cache.delete_service(ns, n);
-        }
-        Update::Service(E::Init) => cache.begin_relist(Kind::Service),
-        Update::Service(E::InitDone) => {
-            cache.end_relist(Kind::Service);
-            return Some(Kind::Service);
-        }
-        Update::Slice(E::Apply(o) | E::InitApply(o)) => cache.apply_slice(&o),
-        Update::Slice(E::Delete(o)) => {
-            let (ns, n) = ns_name(&o.metadata);
-            cache.delete_slice(ns, n);
-        }
-        Update::Slice(E::Init) => cache.begin_relist(Kind::Slice),
-        Update::Slice(E::InitDone) => {
-            cache.end_relist(Kind::Slice);
-            return Some(Kind::Slice);
-        }
-        Update::Namespace(E::Apply(o) | E::InitApply(o)) => {
-            cache.apply_namespace(o.metadata.name.as_deref().unwrap_or(""))
-        }
-        Update::Namespace(E::Delete(o)) => {
-            cache.delete_namespace(o.metadata.name.as_deref().unwrap_or(""))
-        }
-        Update::Namespace(E::Init) => cache.begin_relist(Kind::Namespace),
-        Update::Namespace(E::InitDone) => {
-            cache.end_relist(Kind::Namespace);
-            return Some(Kind::Namespace);
-        }
+    let (kind, init) = match u {
+        Update::Service(e) => match *e {
+            E::Apply(o) | E::InitApply(o) => {
+                cache.apply_service(&o);
+                return None;
+            }
+            E::Delete(o) => {
+                let (ns, n) = ns_name(&o.metadata);
+                cache.delete_service(ns, n);
+                return None;
+            }
+            E::Init => (Kind::Service, true),
+            E::InitDone => (Kind::Service, false),
+        },
+        Update::Slice(e) => match *e {
+            E::Apply(o) | E::InitApply(o) => {
+                cache.apply_slice(&o);
+                return None;
+            }
+            E::Delete(o) => {
+                let (ns, n) = ns_name(&o.metadata);
+                cache.delete_slice(ns, n);
+                return None;
+            }
+            E::Init => (Kind::Slice, true),
+            E::InitDone => (Kind::Slice, false),
+        },
+        Update::Namespace(e) => match *e {
+            E::Apply(o) | E::InitApply(o) => {
+                cache.apply_namespace(o.metadata.name.as_deref().unwrap_or(""));
+                return None;
+            }
+            E::Delete(o) => {
+                cache.delete_namespace(o.metadata.name.as_deref().unwrap_or(""));
+                return None;
+            }
+            E::Init => (Kind::Namespace, true),
+            E::InitDone => (Kind::Namespace, false),
+        },
+    };
+    if init {
+        cache.begin_relist(kind);
+        None
+    } else {
+        cache.end_relist(kind);
+        Some(kind)
     }
-    None
 }
 
 /// Sync bookkeeping shared with `/healthz`.
@@ -280,19 +293,19 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
     watch(
         Api::<Service>::all(client.clone()),
         tx.clone(),
-        Update::Service,
+        |e| Update::Service(Box::new(e)),
         "kubeproxy_sync_proxy_rules_service_changes_total",
     );
     watch(
         Api::<EndpointSlice>::all(client.clone()),
         tx.clone(),
-        Update::Slice,
+        |e| Update::Slice(Box::new(e)),
         "kubeproxy_sync_proxy_rules_endpoint_changes_total",
     );
     watch(
         Api::<Namespace>::all(client),
         tx,
-        Update::Namespace,
+        |e| Update::Namespace(Box::new(e)),
         "fairlead_node_namespace_changes_total",
     );
     // Present from the start, as 0.
@@ -394,38 +407,6 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
         pacer.synced(started, Instant::now());
         retry_at = incomplete.then(|| Instant::now() + SYNC_RETRY);
         next_verify = Instant::now() + cfg.sync_period;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pacer_bursts_then_spaces_syncs() {
-        let t0 = Instant::now();
-        let ms = Duration::from_millis;
-        // No period: only the duty cycle spaces syncs.
-        let mut p = Pacer::new(Duration::ZERO, t0);
-        assert_eq!(p.next(t0), t0);
-        p.synced(t0, t0 + ms(10));
-        assert_eq!(p.next(t0 + ms(10)), t0 + ms(30));
-        assert_eq!(p.next(t0 + ms(40)), t0 + ms(40));
-        // A very long sync waits at most MAX_SYNC_SPACING.
-        p.synced(t0 + ms(40), t0 + ms(10_040));
-        assert_eq!(p.next(t0 + ms(10_040)), t0 + ms(10_040) + MAX_SYNC_SPACING);
-
-        // A period of 100ms: two quick syncs at once, then one per 100ms.
-        let mut p = Pacer::new(ms(100), t0);
-        p.synced(t0, t0);
-        assert_eq!(p.next(t0), t0);
-        p.synced(t0, t0);
-        assert_eq!(p.next(t0), t0 + ms(100));
-        assert_eq!(p.next(t0 + ms(60)), t0 + ms(100));
-        p.synced(t0 + ms(100), t0 + ms(100));
-        assert_eq!(p.next(t0 + ms(100)), t0 + ms(200));
-        // After a quiet second, a burst again.
-        assert_eq!(p.next(t0 + ms(1100)), t0 + ms(1100));
     }
 }
 
@@ -539,4 +520,36 @@ pub async fn cleanup() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacer_bursts_then_spaces_syncs() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // No period: only the duty cycle spaces syncs.
+        let mut p = Pacer::new(Duration::ZERO, t0);
+        assert_eq!(p.next(t0), t0);
+        p.synced(t0, t0 + ms(10));
+        assert_eq!(p.next(t0 + ms(10)), t0 + ms(30));
+        assert_eq!(p.next(t0 + ms(40)), t0 + ms(40));
+        // A very long sync waits at most MAX_SYNC_SPACING.
+        p.synced(t0 + ms(40), t0 + ms(10_040));
+        assert_eq!(p.next(t0 + ms(10_040)), t0 + ms(10_040) + MAX_SYNC_SPACING);
+
+        // A period of 100ms: two quick syncs at once, then one per 100ms.
+        let mut p = Pacer::new(ms(100), t0);
+        p.synced(t0, t0);
+        assert_eq!(p.next(t0), t0);
+        p.synced(t0, t0);
+        assert_eq!(p.next(t0), t0 + ms(100));
+        assert_eq!(p.next(t0 + ms(60)), t0 + ms(100));
+        p.synced(t0 + ms(100), t0 + ms(100));
+        assert_eq!(p.next(t0 + ms(100)), t0 + ms(200));
+        // After a quiet second, a burst again.
+        assert_eq!(p.next(t0 + ms(1100)), t0 + ms(1100));
+    }
 }

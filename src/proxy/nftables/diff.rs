@@ -798,7 +798,7 @@ pub(crate) mod tests {
     fn assert_one_table_per_frontend(sim: &Sim) {
         let mut seen: BTreeMap<(String, String), String> = BTreeMap::new();
         for (table, t) in &sim.tables {
-            for ((map, key), _) in &t.elements {
+            for (map, key) in t.elements.keys() {
                 if map == "service-ips" || map == "service-nodeports" {
                     if let Some(other) = seen.insert((map.clone(), key.clone()), table.clone()) {
                         panic!("{map} {key} in {other} and {table}");
