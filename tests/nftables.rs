@@ -176,8 +176,8 @@ fn applies_state_and_skips_unchanged() {
         format!("tcp . 30080 : goto ext-{h}"),
         "10.96.0.10 . udp . 53 : goto reject-chain".to_string(),
         format!("chain svc-{h} {{"),
-        "numgen inc mod 2 0 dnat to 10.244.0.11:8080".to_string(),
-        "dnat to 10.244.0.12:8080".to_string(),
+        format!("dnat ip to numgen inc mod 2 map @eps-{h}-2"),
+        "0 : 10.244.0.11 . 8080, 1 : 10.244.0.12 . 8080".to_string(),
         "10.244.0.11 . 10.244.0.11".to_string(),
         "type nat hook prerouting priority dstnat; policy accept;".to_string(),
         "masquerade fully-random".to_string(),
@@ -234,7 +234,10 @@ fn applies_state_and_skips_unchanged() {
     assert_eq!(stats.script.elements_added, 1);
     assert_eq!(stats.script.elements_deleted, 0);
     let text = nft(&ns, &["list", "table", "ip", "fairlead"]);
-    assert!(text.contains("numgen inc mod 3 0 dnat to"), "{text}");
+    assert!(
+        text.contains(&format!("numgen inc mod 3 map @eps-{h}-3")),
+        "{text}"
+    );
 }
 
 #[test]

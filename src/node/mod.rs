@@ -19,7 +19,7 @@
 //! The whole state is rebuilt only at start (the first sync after every
 //! watch has listed everything).
 //!
-//! **Pacing** ([`Pacer`]). A change is applied at once when the node is
+//! **Pacing** (`Pacer`). A change is applied at once when the node is
 //! idle. While changes keep arriving, syncs are spaced so that syncing
 //! takes at most a third of the time (the next sync waits twice as long as
 //! the previous one took), and, after a burst of two, no closer than

@@ -15,7 +15,9 @@
 //! every reference valid inside the transaction:
 //!
 //! ```text
-//!  1. add set                        (new affinity sets)
+//!  1. add set, add map + entries     (new affinity sets, endpoint maps)
+//!     delete/add map entry           (endpoint maps that stay: a data map,
+//!                                     so no re-validation)
 //!  2. add chain / flush chain        (new chains / chains whose rules changed)
 //!  3. add rule                       (their rules; may jump to 1.–2.)
 //!  4. delete element                 (removed, or changing verdict; and the
@@ -23,7 +25,7 @@
 //!  5. add element                    (new, or changed verdict; and the new
 //!                                     fingerprint)
 //!  6. flush chain + delete chain     (chains gone; nothing points at them now)
-//!  7. delete set                     (sets gone; their users were flushed)
+//!  7. delete set / map               (gone; their users were flushed)
 //! ```
 //!
 //! A full sync ([`full_ops`]) recreates every table in one transaction and
@@ -33,13 +35,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
 use super::ruleset::{
     service_rules, shard_base_chains, shard_of, table_name, AffinitySet, BaseChain, Chain,
-    ElementKey, Key, MapName, Rule, Ruleset, ServiceRules, TableId, Verdict, BASE_CHAINS,
-    HELPER_CHAINS, SHARD_HELPER_CHAINS, SHARD_MAPS,
+    ElementKey, EndpointMap, Key, MapName, Rule, Ruleset, ServiceRules, TableId, Verdict,
+    BASE_CHAINS, HELPER_CHAINS, SHARD_HELPER_CHAINS, SHARD_MAPS,
 };
 use crate::proxy::{ServicePortInfo, ServicePortName};
 
@@ -87,6 +89,10 @@ pub struct ScriptStats {
     pub sets_deleted: usize,
     pub elements_added: usize,
     pub elements_deleted: usize,
+    pub maps_added: usize,
+    pub maps_deleted: usize,
+    /// Endpoint map entries added or deleted (in maps that stay).
+    pub map_entries_changed: usize,
     /// Tables the transaction touched (each one the kernel re-validates
     /// when a rule or a jump was added to it).
     pub tables: usize,
@@ -116,7 +122,20 @@ pub enum Op<'a> {
         rule: &'a Rule,
     },
     AddSet(&'a AffinitySet),
+    /// Delete a set or a map.
     DeleteSet(&'a str),
+    /// Create an endpoint map (empty).
+    AddEndpointMap(&'a EndpointMap),
+    /// Entry `index` of an endpoint map.
+    AddMapEntry {
+        map: &'a str,
+        index: u32,
+        to: SocketAddrV4,
+    },
+    DeleteMapEntry {
+        map: &'a str,
+        index: u32,
+    },
     AddElement {
         map: MapName,
         key: Key,
@@ -174,6 +193,18 @@ impl Op<'_> {
                 s.name, s.timeout_secs
             ),
             Op::DeleteSet(s) => write!(out, "delete set ip {t} {s}"),
+            Op::AddEndpointMap(m) => {
+                write!(out, "add map ip {t} {} {{ {} ; }}", m.name, m.type_text())
+            }
+            Op::AddMapEntry { map, index, to } => write!(
+                out,
+                "add element ip {t} {map} {{ {index} : {} . {} }}",
+                to.ip(),
+                to.port()
+            ),
+            Op::DeleteMapEntry { map, index } => {
+                write!(out, "delete element ip {t} {map} {{ {index} }}")
+            }
             Op::AddElement {
                 map,
                 key,
@@ -299,6 +330,20 @@ pub fn full_ops(
         for s in &r.sets {
             emit(t, &Op::AddSet(s));
         }
+        for m in &r.maps {
+            emit(t, &Op::AddEndpointMap(m));
+            for (i, to) in m.endpoints.iter().enumerate() {
+                emit(
+                    t,
+                    &Op::AddMapEntry {
+                        map: &m.name,
+                        index: i as u32,
+                        to: *to,
+                    },
+                );
+            }
+        }
+        stats.maps_added += r.maps.len();
         for c in &r.chains {
             emit(
                 t,
@@ -403,6 +448,11 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
     let mut new_chains: Vec<(TableId, &Chain)> = Vec::new();
     let mut flushed: Vec<(TableId, &Chain)> = Vec::new();
     let mut gone: Vec<(TableId, &Chain)> = Vec::new();
+    let mut add_maps: Vec<(TableId, &EndpointMap)> = Vec::new();
+    let mut del_maps: Vec<(TableId, &EndpointMap)> = Vec::new();
+    // Entries of maps that stay: (table, map, index, new endpoint or none).
+    let mut del_entries: Vec<(TableId, &str, u32)> = Vec::new();
+    let mut add_entries: Vec<(TableId, &str, u32, SocketAddrV4)> = Vec::new();
     let mut touched: BTreeSet<ElementKey> = BTreeSet::new();
     let mut hairpin: BTreeMap<Ipv4Addr, i64> = BTreeMap::new();
     let by_spn: HashMap<&ServicePortName, &Change> = changes.iter().map(|c| (&c.spn, c)).collect();
@@ -443,13 +493,36 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
                     .filter(|s| !new.sets.contains(s))
                     .map(|s| (t, s)),
             );
+            for m in &new.maps {
+                match old.maps.iter().find(|o| o.name == m.name) {
+                    None => add_maps.push((t, m)),
+                    // Same name, same number of entries: change the
+                    // entries that differ.
+                    Some(o) => {
+                        for (i, (a, b)) in o.endpoints.iter().zip(&m.endpoints).enumerate() {
+                            if a != b {
+                                del_entries.push((t, &m.name, i as u32));
+                                add_entries.push((t, &m.name, i as u32, *b));
+                            }
+                        }
+                    }
+                }
+            }
+            del_maps.extend(
+                old.maps
+                    .iter()
+                    .filter(|o| !new.maps.iter().any(|m| m.name == o.name))
+                    .map(|m| (t, m)),
+            );
         } else {
             // Moving to another table (it gained or lost a NodePort):
             // everything is new there and gone here.
             new_chains.extend(new.chains.iter().map(|c| (ch.new_table, c)));
             add_sets.extend(new.sets.iter().map(|s| (ch.new_table, s)));
+            add_maps.extend(new.maps.iter().map(|m| (ch.new_table, m)));
             gone.extend(old.chains.iter().map(|c| (ch.old_table, c)));
             del_sets.extend(old.sets.iter().map(|s| (ch.old_table, s)));
+            del_maps.extend(old.maps.iter().map(|m| (ch.old_table, m)));
         }
         for (rules, sign) in [(old, -1i64), (new, 1)] {
             for e in &rules.elements {
@@ -539,6 +612,36 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
 
     let mut ops: Vec<(TableId, Op<'a>)> = Vec::new();
     ops.extend(add_sets.iter().map(|(t, s)| (*t, Op::AddSet(s))));
+    for (t, m) in &add_maps {
+        ops.push((*t, Op::AddEndpointMap(m)));
+        for (i, to) in m.endpoints.iter().enumerate() {
+            ops.push((
+                *t,
+                Op::AddMapEntry {
+                    map: &m.name,
+                    index: i as u32,
+                    to: *to,
+                },
+            ));
+        }
+    }
+    // Entries of maps that stay: a data map, so these need no
+    // re-validation (nor do the deletes of whole maps, last).
+    ops.extend(
+        del_entries
+            .iter()
+            .map(|(t, map, index)| (*t, Op::DeleteMapEntry { map, index: *index })),
+    );
+    ops.extend(add_entries.iter().map(|(t, map, index, to)| {
+        (
+            *t,
+            Op::AddMapEntry {
+                map,
+                index: *index,
+                to: *to,
+            },
+        )
+    }));
     ops.extend(new_chains.iter().map(|(t, c)| {
         (
             *t,
@@ -605,6 +708,10 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
     ops.extend(gone.iter().map(|(t, c)| (*t, Op::FlushChain(&c.name))));
     ops.extend(gone.iter().map(|(t, c)| (*t, Op::DeleteChain(&c.name))));
     ops.extend(del_sets.iter().map(|(t, s)| (*t, Op::DeleteSet(&s.name))));
+    ops.extend(del_maps.iter().map(|(t, m)| (*t, Op::DeleteSet(&m.name))));
+    stats.maps_added = add_maps.len();
+    stats.maps_deleted = del_maps.len();
+    stats.map_entries_changed = del_entries.len() + add_entries.len();
     stats.chains_added = new_chains.len();
     stats.chains_flushed = flushed.len();
     stats.chains_deleted = gone.len();
@@ -758,7 +865,12 @@ pub(crate) mod tests {
                     if t.in_use(&name) {
                         return Err("set in use".into());
                     }
-                    t.sets.remove(&name).ok_or("no such set")?;
+                    if t.sets.remove(&name).is_none() {
+                        if !t.maps.remove(&name) {
+                            return Err("no such set".into());
+                        }
+                        t.elements.retain(|(m, _), _| *m != name);
+                    }
                 }
                 ("add", "map") => {
                     t.maps.insert(name);
@@ -844,30 +956,29 @@ pub(crate) mod tests {
         let new = Ruleset::build(cfg(), &st2);
         let (text, stats) = diff_text(&old, &new);
         golden("web-endpoints.diff.nft", &text);
-        // Every statement names web's chains or the hairpin elements of
-        // its old or new endpoints, nothing else.
-        let mut ours: BTreeSet<String> = old.services()[&web]
-            .chains
-            .iter()
-            .chain(new.services()[&web].chains.iter())
-            .map(|c| c.name.clone())
-            .collect();
-        ours.insert("{ 10.244.0.11 . 10.244.0.11 }".into());
-        ours.insert("{ 10.244.2.13 . 10.244.2.13 }".into());
-        ours.insert("fairlead fingerprint {".into());
+        // Every statement names web's endpoint map or the hairpin
+        // elements of its old or new endpoints, nothing else; no chain or
+        // rule changes (so the kernel re-validates nothing).
+        let map = format!("eps-{}-2", service_hash(&web));
+        let ours = [
+            map.as_str(),
+            "{ 10.244.0.11 . 10.244.0.11 }",
+            "{ 10.244.2.13 . 10.244.2.13 }",
+            "fairlead fingerprint {",
+        ];
         for line in text.lines() {
             assert!(
-                ours.iter().any(|n| line.contains(n.as_str())),
+                ours.iter().any(|n| line.contains(n)),
                 "unrelated statement: {line}"
             );
+            assert!(line.contains("element"), "not an element change: {line}");
         }
         assert_eq!(
             stats,
             ScriptStats {
-                chains_flushed: 1,
-                rules_added: 2,
                 elements_added: 1,
                 elements_deleted: 1,
+                map_entries_changed: 4,
                 tables: 1,
                 ..ScriptStats::default()
             }
@@ -875,10 +986,27 @@ pub(crate) mod tests {
         let mut s = sim_of(&old);
         s.apply(&text).unwrap();
         assert_eq!(s, sim_of(&new));
-        assert!(text.contains(&format!(
-            "flush chain ip fairlead svc-{}",
-            service_hash(&web)
-        )));
+
+        // One endpoint fewer: a new map of 1 entry... here a plain DNAT
+        // rule, the chain's rules replaced and the old map deleted.
+        let mut st3 = st2.clone();
+        let mut w = (*st3[&web]).clone();
+        w.endpoints.truncate(1);
+        st3.insert(web.clone(), Arc::new(w));
+        let third = Ruleset::build(cfg(), &st3);
+        let (text, stats) = diff_text(&new, &third);
+        assert_eq!(
+            (stats.chains_flushed, stats.maps_deleted, stats.maps_added),
+            (1, 1, 0),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("delete set ip fairlead {map}")),
+            "{text}"
+        );
+        let mut s = sim_of(&new);
+        s.apply(&text).unwrap();
+        assert_eq!(s, sim_of(&third));
     }
 
     #[test]

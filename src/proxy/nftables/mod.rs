@@ -542,6 +542,7 @@ impl NftablesProxy {
         metrics::gauge!("fairlead_nftables_map_elements").set(r.element_count() as f64);
         metrics::gauge!("fairlead_nftables_affinity_sets").set(r.set_count() as f64);
         metrics::gauge!("fairlead_nftables_tables").set(r.shards() as f64);
+        metrics::gauge!("fairlead_nftables_endpoint_maps").set(r.map_count() as f64);
     }
 }
 

@@ -142,6 +142,7 @@ const DYNSET_OP_UPDATE: u32 = 1;
 
 // nft's datatype numbers (for `nft list`; the kernel only stores them):
 // concatenations are `(a << 6 | b) << 6 | c`.
+const TYPE_INTEGER: u32 = 4;
 const TYPE_IPADDR: u32 = 7;
 const TYPE_IP6ADDR: u32 = 8;
 const TYPE_INET_PROTOCOL: u32 = 12;
@@ -154,6 +155,47 @@ const UDATA_CONCAT_MAP: &[u8] = &[
 ];
 const UDATA_CONCAT_SET: &[u8] = &[0, 4, 0, 0, 0, 0, 3, 8, 0, 4, 13, 0, 0, 0, 1, 0];
 const UDATA_BIG_ENDIAN_KEY: &[u8] = &[0, 4, 2, 0, 0, 0];
+
+/// nft's set userdata for `typeof numgen inc mod N : ip daddr . tcp dport`
+/// (as `nft` 1.0.6 writes it), with N at [`UDATA_ENDPOINT_MAP_MODULUS`]
+/// (u32, host order) and the transport protocol's header description at
+/// [`UDATA_ENDPOINT_MAP_PROTO`].
+const UDATA_ENDPOINT_MAP: [u8; 100] = [
+    0, 4, 1, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 0, 0, 0, 0, 1, 4, 3,
+    0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0,
+    4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 8, 0, 0, 0, 1, 4, 2,
+    0, 0, 0, 6, 4, 0, 0, 0, 0,
+];
+const UDATA_ENDPOINT_MAP_MODULUS: usize = 30;
+const UDATA_ENDPOINT_MAP_PROTO: usize = 84;
+
+/// The userdata of an endpoint map of `modulus` entries for `proto`.
+fn endpoint_map_udata(modulus: u32, proto: Protocol) -> [u8; 100] {
+    let mut u = UDATA_ENDPOINT_MAP;
+    u[UDATA_ENDPOINT_MAP_MODULUS..UDATA_ENDPOINT_MAP_MODULUS + 4]
+        .copy_from_slice(&modulus.to_ne_bytes());
+    // nft's transport header descriptions: udp 6, tcp 8, sctp 10.
+    u[UDATA_ENDPOINT_MAP_PROTO] = match proto {
+        Protocol::Udp => 6,
+        Protocol::Tcp => 8,
+        Protocol::Sctp => 10,
+    };
+    u
+}
+
+/// The key of an endpoint map entry (`numgen`'s output: host order).
+pub fn endpoint_key(index: u32) -> [u8; 4] {
+    index.to_ne_bytes()
+}
+
+/// The data of an endpoint map entry: `ip . port`, each part padded to 4
+/// bytes.
+pub fn endpoint_data(to: SocketAddrV4) -> [u8; 8] {
+    let mut d = [0u8; 8];
+    d[..4].copy_from_slice(&to.ip().octets());
+    d[4..6].copy_from_slice(&to.port().to_be_bytes());
+    d
+}
 
 /// How many elements go into one message (the element list is one
 /// attribute, whose length is 16 bits).
@@ -451,6 +493,21 @@ pub fn encode_rule(buf: &mut Vec<u8>, rule: &Rule) {
                 attr_str(b, 1, set);
             });
         }
+        Rule::DnatMap { modulus, map, .. } => {
+            // No protocol match either (see `dnat`).
+            numgen_inc(buf, REG_1, *modulus);
+            expr(buf, "lookup", |b| {
+                attr_u32(b, 2, REG_1);
+                attr_u32(b, 3, REG_1);
+                attr_str(b, 1, map);
+            });
+            expr(buf, "nat", |b| {
+                attr_u32(b, 1, NAT_DNAT);
+                attr_u32(b, 2, NFPROTO_IPV4 as u32);
+                attr_u32(b, 3, REG_1);
+                attr_u32(b, 5, REG32_01);
+            });
+        }
         Rule::Pick { modulus, target } => {
             if let Some(n) = modulus {
                 numgen_inc(buf, REG_1, *n);
@@ -508,7 +565,7 @@ pub struct Batch {
 
 struct OpenElements {
     table: String,
-    map: MapName,
+    set: String,
     delete: bool,
     msg_start: usize,
     list_start: usize,
@@ -637,6 +694,42 @@ impl Batch {
                 self.next_set_id += 1;
                 self.end_msg(s);
             }
+            Op::AddEndpointMap(m) => {
+                let s = self.msg(op_index, NFT_MSG_NEWSET, NLM_F_CREATE);
+                let b = &mut self.buf;
+                attr_str(b, NFTA_SET_TABLE, t);
+                attr_str(b, NFTA_SET_NAME, &m.name);
+                attr_u32(b, NFTA_SET_FLAGS, NFT_SET_MAP);
+                attr_u32(b, NFTA_SET_KEY_TYPE, TYPE_INTEGER);
+                attr_u32(b, NFTA_SET_KEY_LEN, 4);
+                attr_u32(
+                    b,
+                    NFTA_SET_DATA_TYPE,
+                    (TYPE_IPADDR << 6) | TYPE_INET_SERVICE,
+                );
+                attr_u32(b, NFTA_SET_DATA_LEN, 8);
+                attr_u32(b, NFTA_SET_ID, self.next_set_id);
+                attr(
+                    b,
+                    NFTA_SET_USERDATA,
+                    &endpoint_map_udata(m.endpoints.len() as u32, m.proto),
+                );
+                self.next_set_id += 1;
+                self.end_msg(s);
+            }
+            Op::AddMapEntry { map, index, to } => {
+                self.element(t, op_index, map, false);
+                nest(&mut self.buf, NFTA_LIST_ELEM, |b| {
+                    data_value(b, NFTA_SET_ELEM_KEY, &endpoint_key(*index));
+                    data_value(b, NFTA_SET_ELEM_DATA, &endpoint_data(*to));
+                });
+            }
+            Op::DeleteMapEntry { map, index } => {
+                self.element(t, op_index, map, true);
+                nest(&mut self.buf, NFTA_LIST_ELEM, |b| {
+                    data_value(b, NFTA_SET_ELEM_KEY, &endpoint_key(*index));
+                });
+            }
             Op::DeleteSet(name) => {
                 let s = self.msg(op_index, NFT_MSG_DELSET, 0);
                 attr_str(&mut self.buf, NFTA_SET_TABLE, t);
@@ -688,7 +781,7 @@ impl Batch {
                 self.end_msg(s);
             }
             Op::AddElement { map, key, verdict } => {
-                self.element(t, op_index, *map, false);
+                self.element(t, op_index, map.as_str(), false);
                 let b = &mut self.buf;
                 nest(b, NFTA_LIST_ELEM, |b| {
                     data_value(b, NFTA_SET_ELEM_KEY, &key_bytes(key));
@@ -698,7 +791,7 @@ impl Batch {
                 });
             }
             Op::DeleteElement { map, key } => {
-                self.element(t, op_index, *map, true);
+                self.element(t, op_index, map.as_str(), true);
                 nest(&mut self.buf, NFTA_LIST_ELEM, |b| {
                     data_value(b, NFTA_SET_ELEM_KEY, &key_bytes(key));
                 });
@@ -707,9 +800,9 @@ impl Batch {
     }
 
     /// Make sure an element message for `map` is open, with room.
-    fn element(&mut self, t: &str, op_index: usize, map: MapName, delete: bool) {
+    fn element(&mut self, t: &str, op_index: usize, set: &str, delete: bool) {
         if let Some(o) = &mut self.open {
-            if o.map == map && o.delete == delete && o.count < ELEMENTS_PER_MESSAGE && o.table == t
+            if o.set == set && o.delete == delete && o.count < ELEMENTS_PER_MESSAGE && o.table == t
             {
                 o.count += 1;
                 return;
@@ -722,14 +815,14 @@ impl Batch {
         };
         let s = self.msg(op_index, ty, if delete { 0 } else { NLM_F_CREATE });
         attr_str(&mut self.buf, NFTA_SET_ELEM_LIST_TABLE, t);
-        attr_str(&mut self.buf, NFTA_SET_ELEM_LIST_SET, map.as_str());
+        attr_str(&mut self.buf, NFTA_SET_ELEM_LIST_SET, set);
         let list_start = self.buf.len();
         self.buf.extend_from_slice(&[0, 0]);
         self.buf
             .extend_from_slice(&(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED).to_ne_bytes());
         self.open = Some(OpenElements {
             table: t.to_string(),
-            map,
+            set: set.to_string(),
             delete,
             msg_start: s,
             list_start,

@@ -6,17 +6,21 @@
 //! into the operations of their difference.
 //!
 //! The model is split the way changes arrive: a fixed part that depends only
-//! on the configuration ([`render_base`]), and one [`ServiceRules`] per
+//! on the configuration ([`base_rules`]), and one [`ServiceRules`] per
 //! service port, built by [`service_rules`] from that port alone. A change
 //! to one Service therefore rebuilds (and diffs) only that Service's rules.
 //!
 //! # The ruleset
 //!
-//! One table, `ip fairlead` (the name is configurable). Nothing outside it
-//! is touched.
+//! fairlead owns `ip` tables named after the configured table (default
+//! `fairlead`); nothing outside them is touched. With up to
+//! [`super::NftablesConfig::shard_size`] service ports there is one, the
+//! main table; with more, K tables (K a power of two): the main one and
+//! shard tables `fairlead-1` ... `fairlead-<K-1>` (see [`shard_of`] for
+//! which service port goes where, and the module doc of [`super`] for why).
 //!
 //! ```text
-//! table ip fairlead {
+//! table ip fairlead {                       # the main table
 //!   # Dispatch: one lookup per packet, whatever the number of Services.
 //!   map service-ips           { ipv4_addr . inet_proto . inet_service : verdict }
 //!       # ClusterIP . proto . port  : goto svc-<h>  (or svl-<h>, internalTrafficPolicy Local)
@@ -31,9 +35,9 @@
 //!   set hairpin-endpoints     { ipv4_addr . ipv4_addr }
 //!       # <endpoint ip> . <endpoint ip>, for every endpoint in use
 //!   set fingerprint           { ipv6_addr }
-//!       # one element: a 128-bit hash of the model the table was built
-//!       # from, updated in every transaction. A restarted daemon whose
-//!       # desired model has the same hash adopts the table as it is.
+//!       # one element: a 128-bit hash of the model the tables were built
+//!       # from (and of K), updated in every transaction. A restarted daemon
+//!       # whose desired model has the same hash adopts the tables as they are.
 //!
 //!   # Filter (priority -110, before DNAT): reject/drop new connections to
 //!   # frontends without endpoints.
@@ -67,48 +71,63 @@
 //!   chain mark-for-masquerade { meta mark set meta mark | M }   # M = 1 << mark bit
 //!   chain reject-chain { meta l4proto tcp reject with tcp reset; reject }
 //!
-//!   # Per service port (h = hash of namespace/name:port/protocol):
-//!   chain svc-<h> {            # all usable endpoints, round robin
-//!     numgen inc mod N == 0 <to e1>        # one new connection in N
-//!     numgen inc mod N-1 == 0 <to e2>      # one in N-1 of the rest
-//!     ...
-//!     <to eN>                              # the one left
-//!   }
-//!   # <to e>: `meta l4proto <proto> dnat to <ip>:<port>`, or with
-//!   # sessionAffinity ClientIP `goto sep-<e>`, after one rule per endpoint
-//!   # `ip saddr @aff-<a> goto sep-<e>` at the top of the chain.
-//!   # (Each `numgen inc` has its own counter, so every endpoint gets
-//!   # exactly one of every N new connections. Not `numgen inc mod N vmap
-//!   # { ... }`: each such rule creates an anonymous set, and the kernel
-//!   # names and looks up anonymous sets in time linear in the table, so a
-//!   # full sync of 10,000 Services took minutes. Not a chain per endpoint
-//!   # either, unless affinity needs one: 3x the statements per sync.)
-//!   chain svl-<h> { ... }      # the same over this node's endpoints (only
-//!                              # with a traffic policy Local)
-//!   chain ext-<h> {            # NodePort / external IP traffic
-//!     jump mark-for-masquerade; goto svc-<h>     # externalTrafficPolicy Cluster
-//!     # externalTrafficPolicy Local: keep the client address, except for
-//!     # traffic from this node itself, which may use any endpoint:
-//!     fib saddr type local jump mark-for-masquerade
-//!     fib saddr type local goto svc-<h>
-//!     goto svl-<h>
-//!   }
-//!   # Per endpoint of a service port with ClientIP affinity (e = hash of
-//!   # the service port and ip:port; a = the same and the timeout):
-//!   chain sep-<e> {
-//!     update @aff-<a> { ip saddr }
-//!     meta l4proto <proto> dnat to <ip>:<port>
-//!   }
-//!   set aff-<a> { type ipv4_addr; flags dynamic,timeout; timeout <affinity timeout> }
+//!   <per service port: its map, chains and sets, below>  (with one table,
+//!   every service port; with shards, those with a NodePort)
+//! }
+//!
+//! table ip fairlead-<i> {                   # a shard, 1 <= i < K
+//!   map service-ips { ... }                 # its service ports' frontends
+//!   chain nat-prerouting { hook prerouting; jump services }
+//!   chain nat-output     { hook output;     jump services }
+//!   chain services { ip daddr . meta l4proto . th dport vmap @service-ips }
+//!   chain mark-for-masquerade { meta mark set meta mark | M }
+//!   <per service port: its map, chains and sets>
+//! }
+//!
+//! # Per service port (h = hash of namespace/name:port/protocol):
+//! map eps-<h>-<N> { typeof numgen inc mod N : ip daddr . <proto> dport }
+//!     # 0 : <ip . port of endpoint 0>, ..., N-1 : <endpoint N-1>
+//! chain svc-<h> {                # all usable endpoints, round robin
+//!   meta l4proto <proto> dnat ip to numgen inc mod N map @eps-<h>-<N>
+//! }
+//! # `numgen inc` counts the rule's connections: each endpoint gets exactly
+//! # one of every N new connections. The endpoints are data, not rules:
+//! # replacing one (N unchanged) changes map entries only, which the kernel
+//! # commits without re-validating the table; a new N is a new map and a
+//! # new rule. One endpoint: `meta l4proto <proto> dnat to <ip>:<port>`.
+//! # (Not `numgen inc mod N vmap { ... }`: each such rule creates an
+//! # anonymous set, and the kernel names those in time linear in the table.)
+//! # With sessionAffinity ClientIP, one rule per endpoint instead:
+//! chain svc-<h> {
+//!   ip saddr @aff-<a1> goto sep-<e1>        # a client seen recently
+//!   ...
+//!   numgen inc mod N == 0 goto sep-<e1>     # one new connection in N
+//!   numgen inc mod N-1 == 0 goto sep-<e2>   # one in N-1 of the rest
+//!   ...
+//!   goto sep-<eN>                           # the one left
+//! }
+//! chain sep-<e> {                           # e = hash of the port and ip:port
+//!   update @aff-<a> { ip saddr }
+//!   meta l4proto <proto> dnat to <ip>:<port>
+//! }
+//! set aff-<a> { type ipv4_addr; flags dynamic,timeout; timeout <affinity timeout> }
+//! chain svl-<h> { ... }          # the same over this node's endpoints (map
+//!                                # epl-<h>-<N>; only with a traffic policy Local)
+//! chain ext-<h> {                # NodePort / external IP traffic
+//!   jump mark-for-masquerade; goto svc-<h>     # externalTrafficPolicy Cluster
+//!   # externalTrafficPolicy Local: keep the client address, except for
+//!   # traffic from this node itself, which may use any endpoint:
+//!   fib saddr type local jump mark-for-masquerade
+//!   fib saddr type local goto svc-<h>
+//!   goto svl-<h>
 //! }
 //! ```
 //!
 //! Usable endpoints are [`ServicePortInfo::usable_endpoints`]: ready ones,
-//! else serving-and-terminating ones. Chain and set names are stable (a hash
-//! of what they stand for, in base32) and short (20 characters). The
-//! affinity timeout is part of an `aff-` set's hash, so a set never changes
-//! its definition under one name. The table is IPv4 only: IPv6 frontends
-//! and endpoints are skipped.
+//! else serving-and-terminating ones. Chain, map and set names are stable (a
+//! hash of what they stand for, in base32). The affinity timeout is part of
+//! an `aff-` set's hash, so a set never changes its definition under one
+//! name. The tables are IPv4 only: IPv6 frontends and endpoints are skipped.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::{self, Write as _};
@@ -316,6 +335,13 @@ pub enum Rule {
         modulus: Option<u32>,
         target: Target,
     },
+    /// `meta l4proto <proto> dnat ip to numgen inc mod <n> map @<map>`:
+    /// round robin over an endpoint map ([`EndpointMap`]) of `n` entries.
+    DnatMap {
+        proto: Protocol,
+        modulus: u32,
+        map: String,
+    },
 }
 
 impl fmt::Display for Rule {
@@ -351,6 +377,15 @@ impl fmt::Display for Rule {
                 modulus: None,
                 target,
             } => write!(f, "{target}"),
+            Rule::DnatMap {
+                proto,
+                modulus,
+                map,
+            } => write!(
+                f,
+                "meta l4proto {} dnat ip to numgen inc mod {modulus} map @{map}",
+                proto_name(*proto)
+            ),
         }
     }
 }
@@ -403,12 +438,38 @@ pub struct Element {
     pub verdict: Option<Verdict>,
 }
 
-/// Everything one service port contributes to the table. Chain and set
-/// names are unique to the service port.
+/// The endpoints a service port balances over, as a data map from
+/// `numgen inc mod N` to `ip . port` (entry i is the i-th endpoint). The
+/// balancing rule reads it ([`Rule::DnatMap`]), so replacing an endpoint
+/// while the number of endpoints stays is an element change in a data map:
+/// the kernel then re-validates nothing. The name carries N: when the
+/// number changes, a new map replaces the old one with the rule.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EndpointMap {
+    pub name: String,
+    pub proto: Protocol,
+    pub endpoints: Vec<SocketAddrV4>,
+}
+
+impl EndpointMap {
+    /// Its declaration's body (`typeof ...`), as `nft` takes it.
+    pub fn type_text(&self) -> String {
+        format!(
+            "typeof numgen inc mod {} : ip daddr . {} dport",
+            self.endpoints.len(),
+            proto_name(self.proto)
+        )
+    }
+}
+
+/// Everything one service port contributes to the table. Chain, set and
+/// map names are unique to the service port.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceRules {
     pub chains: Vec<Chain>,
     pub sets: Vec<AffinitySet>,
+    /// Endpoint maps (created before the chains that read them).
+    pub maps: Vec<EndpointMap>,
     /// Deduplicated by (map, key).
     pub elements: Vec<Element>,
     /// Hash of all of the above and the service port's name (see
@@ -635,9 +696,14 @@ pub fn service_rules(
         },
     };
 
-    // Round robin (after affinity) over a list of endpoints.
-    let balance = |eps: &[SocketAddrV4]| -> Vec<Rule> {
+    // Round robin over a list of endpoints: with affinity, one rule per
+    // endpoint (after the affinity rules); otherwise one rule reading an
+    // endpoint map (named `<kind>-<hash>-<n>`), or a plain DNAT for one
+    // endpoint.
+    let mut maps: Vec<EndpointMap> = Vec::new();
+    let mut balance = |eps: &[SocketAddrV4], kind: &str| -> Vec<Rule> {
         let mut rules = Vec::new();
+        let n = eps.len();
         if let Some(t) = affinity {
             for &ep in eps {
                 rules.push(Rule::AffinityHit {
@@ -645,30 +711,49 @@ pub fn service_rules(
                     then: Verdict::Goto(sep(ep)),
                 });
             }
-        }
-        // Rule i sees the connections rules 0..i left, N - i of every N,
-        // and takes one of them: exact round robin, without a set.
-        let n = eps.len();
-        for (i, &ep) in eps.iter().enumerate() {
+            // Rule i sees the connections rules 0..i left, N - i of every
+            // N, and takes one of them: exact round robin, without a set.
+            for (i, &ep) in eps.iter().enumerate() {
+                rules.push(Rule::Pick {
+                    modulus: (i + 1 < n).then(|| (n - i) as u32),
+                    target: target(ep),
+                });
+            }
+        } else if n == 1 {
             rules.push(Rule::Pick {
-                modulus: (i + 1 < n).then(|| (n - i) as u32),
-                target: target(ep),
+                modulus: None,
+                target: target(eps[0]),
+            });
+        } else {
+            let map = format!("{kind}-{h}-{n}");
+            rules.push(Rule::DnatMap {
+                proto: spn.protocol,
+                modulus: n as u32,
+                map: map.clone(),
+            });
+            maps.push(EndpointMap {
+                name: map,
+                proto: spn.protocol,
+                endpoints: eps.to_vec(),
             });
         }
         rules
     };
-    if use_svc {
+    let svc_rules = use_svc.then(|| balance(&cluster, "eps"));
+    let svl_rules = use_svl.then(|| balance(&local, "epl"));
+    out.maps = maps;
+    if let Some(rules) = svc_rules {
         out.chains.push(Chain {
             name: svc.clone(),
             comment: comment(&format!("{spn} {proto}")),
-            rules: balance(&cluster),
+            rules,
         });
     }
-    if use_svl {
+    if let Some(rules) = svl_rules {
         out.chains.push(Chain {
             name: svl.clone(),
             comment: comment(&format!("{spn} {proto} local endpoints")),
-            rules: balance(&local),
+            rules,
         });
     }
 
@@ -756,6 +841,13 @@ fn service_fingerprint(spn: &ServicePortName, r: &ServiceRules) -> u128 {
     for s in &r.sets {
         h.separator();
         let _ = write!(h, "set {} {}", s.name, s.timeout_secs);
+    }
+    for m in &r.maps {
+        h.separator();
+        let _ = write!(h, "map {} {}", m.name, m.type_text());
+        for (i, ep) in m.endpoints.iter().enumerate() {
+            let _ = write!(h, " {i}:{ep}");
+        }
     }
     for e in &r.elements {
         h.separator();
@@ -1097,6 +1189,7 @@ pub struct Ruleset {
     chains: usize,
     rules: usize,
     sets: usize,
+    maps: usize,
     /// The service ports' fingerprints XORed.
     services_fingerprint: u128,
 }
@@ -1135,6 +1228,7 @@ impl Ruleset {
             chains: 0,
             rules: 0,
             sets: 0,
+            maps: 0,
             services_fingerprint: 0,
         }
     }
@@ -1255,6 +1349,7 @@ impl Ruleset {
             self.chains -= o.chains.len();
             self.rules -= o.rule_count();
             self.sets -= o.sets.len();
+            self.maps -= o.maps.len();
             self.services_fingerprint ^= o.fingerprint;
             for e in claimed(o) {
                 let k = (e.map, e.key);
@@ -1277,6 +1372,7 @@ impl Ruleset {
             self.chains += n.chains.len();
             self.rules += n.rule_count();
             self.sets += n.sets.len();
+            self.maps += n.maps.len();
             self.services_fingerprint ^= n.fingerprint;
             for e in claimed(n) {
                 match self.claims.entry((e.map, e.key)) {
@@ -1351,7 +1447,11 @@ impl Ruleset {
     pub fn set_count(&self) -> usize {
         self.sets
     }
-    /// Programmed map elements.
+    /// Endpoint maps.
+    pub fn map_count(&self) -> usize {
+        self.maps
+    }
+    /// Programmed map elements (dispatch maps and sets; not endpoint maps).
     pub fn element_count(&self) -> usize {
         self.claims.len() + self.hairpin.len()
     }
