@@ -18,16 +18,22 @@
 //! * [`controllers`] — EndpointSlices and legacy Endpoints from Services and
 //!   Pods (kube-rs runtime; a pure planner in `controllers::endpointslice`),
 //!   under Lease leader election.
-//! * [`node`] — the node daemon: one watch cache of Services,
-//!   EndpointSlices and Namespaces feeding the proxy and cluster DNS, plus
-//!   `/healthz` and `/metrics`.
+//! * [`model`] — the node's lean view of Services, EndpointSlices and
+//!   Namespaces (only what the proxy and DNS need, strings interned) and
+//!   the watch cache that records which Services changed since the last
+//!   sync: the start of every per-change (never whole-cluster) path below.
+//! * [`node`] — the node daemon: watches feeding the [`model::Cache`], a
+//!   paced sync loop handing only the changed Services to the proxy and
+//!   cluster DNS, plus `/healthz` and `/metrics`.
 //! * [`proxy`] — Service proxying: the pure change tracker
-//!   (`proxy::tracker`) and two backends, [`proxy::userspace`] (tokio
-//!   listeners) and [`proxy::nftables`] (one kernel table, atomic
-//!   incremental transactions), plus [`proxy::conntrack`] (deleting stale
-//!   UDP conntrack entries when endpoints go away).
-//! * [`dns`] — cluster DNS per the Kubernetes DNS spec: a pure record index,
-//!   a UDP/TCP server, a forwarding cache.
+//!   (`proxy::tracker`: dirty Services → changed service ports) and two
+//!   backends applying those changes, [`proxy::userspace`] (tokio
+//!   listeners) and [`proxy::nftables`] (kernel tables, sharded so a
+//!   change's kernel cost stays bounded, one atomic transaction per sync),
+//!   plus [`proxy::conntrack`] (deleting stale UDP conntrack entries when
+//!   endpoints go away).
+//! * [`dns`] — cluster DNS per the Kubernetes DNS spec: a record index
+//!   updated per changed Service, a UDP/TCP server, a forwarding cache.
 //! * [`echo`] — `fairlead echo`, a demo backend that answers with its name.
 //! * [`metrics`] — the process-wide Prometheus recorder.
 //! * [`cli`] — the `fairlead` command line (`up`, `apiserver`,

@@ -12,6 +12,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = fairlead::cli::Cli::parse();
+    raise_open_files_limit();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -22,5 +23,39 @@ fn main() {
     if let Err(e) = rt.block_on(fairlead::cli::run(cli)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Raise the open-files limit as far as allowed (what Go programs such as
+/// kube-proxy get from their runtime): the userspace proxy holds a socket
+/// per frontend (30,000 Services need 30,000) plus two per connection, and
+/// the API server one per client. As root, up to the kernel's `fs.nr_open`
+/// (at most 1,048,576); otherwise the soft limit up to the hard one.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid, owned struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+            .unwrap_or(lim.rlim_max)
+            .min(1 << 20);
+        let want = libc::rlimit {
+            rlim_cur: nr_open.max(lim.rlim_cur),
+            rlim_max: nr_open.max(lim.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+            let soft = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &soft);
+        }
     }
 }

@@ -95,6 +95,9 @@ pub struct Server {
     pub store: Arc<dyn Store>,
     pub config: Arc<Config>,
     tokens: Arc<HashMap<String, Identity>>,
+    /// Watch events decoded (and encoded) once for every watch that
+    /// receives them.
+    decoded: Arc<watch::DecodedEvents>,
 }
 
 /// A started API server.
@@ -218,6 +221,7 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
             ..config
         }),
         tokens: Arc::new(tokens),
+        decoded: Arc::new(watch::DecodedEvents::default()),
     };
     server.bootstrap().await?;
     server.spawn_compactor();

@@ -53,6 +53,8 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 pub struct EmbeddedStore {
     path: PathBuf,
     writer: std_mpsc::Sender<WriteRequest>,
+    /// Dropped with the store: stops the checkpoint thread.
+    _checkpoints: std_mpsc::Sender<()>,
     readers: Arc<Mutex<Vec<Connection>>>,
     hub: Arc<Mutex<Hub>>,
     current: Arc<AtomicI64>,
@@ -144,6 +146,27 @@ fn read_meta(conn: &Connection) -> rusqlite::Result<(Revision, Revision)> {
     )
 }
 
+/// How often the WAL is checkpointed into the database.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Checkpoint the WAL of the database at `path` every
+/// [`CHECKPOINT_INTERVAL`] (PASSIVE: never blocks the writer or readers)
+/// until `stop`'s sender is dropped (the store closed).
+fn checkpoints(path: &Path, stop: std_mpsc::Receiver<()>) {
+    let conn = match open_connection(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "store checkpoints: opening the database");
+            return;
+        }
+    };
+    while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(error = %e, "store checkpoint");
+        }
+    }
+}
+
 impl EmbeddedStore {
     /// Open (or create) the database at `path` and start its writer thread.
     pub async fn open(path: &Path) -> Result<EmbeddedStore> {
@@ -169,6 +192,18 @@ impl EmbeddedStore {
             tx: btx,
         }));
         let current = Arc::new(AtomicI64::new(revision));
+        // The writer commits; checkpoints (copying the WAL into the
+        // database, with its own fsync) run on another thread, so a commit
+        // never waits for one (SQLite's automatic checkpoint runs inside the
+        // commit that crosses its threshold: a stall of a whole batch).
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(internal)?;
+        let (ctx, crx) = std_mpsc::channel::<()>();
+        let cpath = path.clone();
+        std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || checkpoints(&cpath, crx))
+            .map_err(internal)?;
         let (wtx, wrx) = std_mpsc::channel();
         let writer = Writer {
             conn,
@@ -183,6 +218,7 @@ impl EmbeddedStore {
         Ok(EmbeddedStore {
             path,
             writer: wtx,
+            _checkpoints: ctx,
             readers: Arc::new(Mutex::new(Vec::new())),
             hub,
             current,
