@@ -132,14 +132,17 @@ pub(super) struct Decoded {
 /// moments of each other).
 const DECODED_KEPT: usize = 4096;
 
+/// The cache and its keys, oldest first.
+type DecodedInner = (
+    HashMap<(String, Revision), Arc<Decoded>>,
+    VecDeque<(String, Revision)>,
+);
+
 /// Decoded versions of objects by (key, revision of the version), shared by
 /// every watch of this API server; the oldest go first.
 #[derive(Default)]
 pub(super) struct DecodedEvents {
-    inner: Mutex<(
-        HashMap<(String, Revision), Arc<Decoded>>,
-        VecDeque<(String, Revision)>,
-    )>,
+    inner: Mutex<DecodedInner>,
 }
 
 impl DecodedEvents {
