@@ -818,21 +818,60 @@ fn data_path(s: &Settings, wrk: &Path) -> Result<Runs> {
 
     let direct = SocketAddr::new(IpAddr::V4(BACKENDS[0].1), BACKEND_PORT);
     let mut runs = Runs::new();
+    // The same direct connections with 16 tables of idle Services
+    // programmed: every new connection then passes 16 NAT chains that do
+    // not match it (what sharding costs connections that are not to a
+    // Service; a Service's own connection stops at its table's).
+    let idle_proxy = |shard_size: usize| {
+        NftablesProxy::new(NftablesConfig {
+            netns: Some(ns.name.clone()),
+            node_name: NODE.into(),
+            table: "fairlead-idle".into(),
+            shard_size,
+            ..Default::default()
+        })
+    };
+    let (one_table, sharded) = (idle_proxy(1000), idle_proxy(8));
+    let idle: ProxyState = (0..120)
+        .map(|i| {
+            let eps = (0..ENDPOINTS)
+                .map(|j| ep(addr(70, i * ENDPOINTS + j, 8080)))
+                .collect();
+            (
+                spn(&format!("idle-{i}")),
+                Arc::new(info(addr(110, i, 80), eps)),
+            )
+        })
+        .collect();
     for (scenario, close) in [("keep-alive", false), ("close", true)] {
-        for target in ["direct", "nftables", "userspace"] {
+        for target in ["direct", "direct+1", "direct+16", "nftables", "userspace"] {
             let addr = match target {
-                "direct" => direct,
+                "direct" | "direct+1" | "direct+16" => direct,
                 _ => cluster,
             };
             if target == "nftables" {
                 let st = rt.block_on(nft.sync(&state))?;
                 ensure!(st.full, "nftables: expected the table to be recreated");
             }
+            if target == "direct+1" {
+                let st = rt.block_on(one_table.sync(&idle))?;
+                ensure!(st.shards == 1, "expected 1 table: {st:?}");
+            }
+            if target == "direct+16" {
+                let st = rt.block_on(sharded.sync(&idle))?;
+                ensure!(st.shards == 16, "expected 16 tables: {st:?}");
+            }
             let (cpu0, ticks0) = (threads_cpu(PROXY_THREAD), machine_ticks());
             let w = s.wrk.run(ns.command(wrk), addr, close)?;
             let (cpu1, ticks1) = (threads_cpu(PROXY_THREAD), machine_ticks());
             if target == "nftables" {
                 rt.block_on(nft.cleanup())?;
+            }
+            if target == "direct+1" {
+                rt.block_on(one_table.cleanup())?;
+            }
+            if target == "direct+16" {
+                rt.block_on(sharded.cleanup())?;
             }
             for b in &mut backends {
                 b.check_running()?;
@@ -933,8 +972,11 @@ fn print_data(runs: &Runs) {
     let mut rows = vec![[
         "scenario",
         "direct",
+        "+1 idle table",
+        "+16 idle tables",
         "nftables",
         "userspace",
+        "16 tables/1 table",
         "nftables/direct",
         "nftables/userspace",
     ]
@@ -946,12 +988,21 @@ fn print_data(runs: &Runs) {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
             _ => "-".into(),
         };
-        let (d, n, u) = (get("direct"), get("nftables"), get("userspace"));
+        let (d, d1, d16, n, u) = (
+            get("direct"),
+            get("direct+1"),
+            get("direct+16"),
+            get("nftables"),
+            get("userspace"),
+        );
         rows.push([
             format!("{scenario} {unit}"),
             cell(d),
+            cell(d1),
+            cell(d16),
             cell(n),
             cell(u),
+            ratio(d16, d1),
             ratio(n, d),
             ratio(n, u),
         ]);

@@ -302,7 +302,7 @@ impl ApiServerArgs {
 /// How much lower the node daemon's threads run than the control plane's
 /// in `fairlead up` (a nice value: CPU goes to API requests first when
 /// both want it).
-const UP_NODE_NICE: i32 = 5;
+const UP_NODE_NICE: i32 = 10;
 
 /// Run the node daemon of `fairlead up` on its own runtime and threads, so
 /// that its work (a first sync of 30,000 Services, a flood of changes)

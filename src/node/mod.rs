@@ -185,7 +185,11 @@ pub const SYNC_RETRY: Duration = Duration::from_secs(1);
 
 /// Syncs take at most 1 / (1 + this) of the node loop's time while changes
 /// keep coming (see the module doc).
-const SYNC_SPACING_FACTOR: u32 = 2;
+const SYNC_SPACING_FACTOR: u32 = 4;
+
+/// The part of a sync's duration the duty-cycle bound ignores: a quick sync
+/// (one change, a few ms) never delays the next one.
+const FREE_SYNC: Duration = Duration::from_millis(3);
 
 /// The longest wait the pacing imposes (after a very long sync, e.g. the
 /// first one at 30,000 Services).
@@ -197,7 +201,7 @@ const SYNC_BURST: f64 = 2.0;
 
 /// When syncs may run: kube-proxy's bounded-frequency rule (a burst of
 /// [`SYNC_BURST`] syncs, then one per `--min-sync-period`), and a
-/// duty-cycle bound (after a sync that took `t`, the next waits `2t`), so
+/// duty-cycle bound (after a sync that took `t`, the next waits `4(t - 3ms)`), so
 /// a flood of changes coalesces into fewer, larger syncs instead of a busy
 /// loop. Pure (times are passed in), so it is unit-tested.
 #[derive(Debug)]
@@ -233,7 +237,9 @@ impl Pacer {
     fn next(&self, now: Instant) -> Instant {
         let duty = match self.last {
             None => now,
-            Some((ended, took)) => ended + (took * SYNC_SPACING_FACTOR).min(MAX_SYNC_SPACING),
+            Some((ended, took)) => {
+                ended + (took.saturating_sub(FREE_SYNC) * SYNC_SPACING_FACTOR).min(MAX_SYNC_SPACING)
+            }
         };
         let tokens = self.tokens_at(now);
         let bucket = if tokens >= 1.0 {
@@ -534,11 +540,14 @@ mod tests {
         let mut p = Pacer::new(Duration::ZERO, t0);
         assert_eq!(p.next(t0), t0);
         p.synced(t0, t0 + ms(10));
-        assert_eq!(p.next(t0 + ms(10)), t0 + ms(30));
+        assert_eq!(p.next(t0 + ms(10)), t0 + ms(10 + 28));
         assert_eq!(p.next(t0 + ms(40)), t0 + ms(40));
+        // A quick sync does not delay the next.
+        p.synced(t0 + ms(40), t0 + ms(42));
+        assert_eq!(p.next(t0 + ms(42)), t0 + ms(42));
         // A very long sync waits at most MAX_SYNC_SPACING.
-        p.synced(t0 + ms(40), t0 + ms(10_040));
-        assert_eq!(p.next(t0 + ms(10_040)), t0 + ms(10_040) + MAX_SYNC_SPACING);
+        p.synced(t0 + ms(42), t0 + ms(10_042));
+        assert_eq!(p.next(t0 + ms(10_042)), t0 + ms(10_042) + MAX_SYNC_SPACING);
 
         // A period of 100ms: two quick syncs at once, then one per 100ms.
         let mut p = Pacer::new(ms(100), t0);

@@ -320,7 +320,7 @@ pub fn full_ops(
                 );
             }
         }
-        for (chain, rule) in super::ruleset::fixed_rules(model.base(), t) {
+        for (chain, rule) in model.fixed_rules(t) {
             emit(t, &Op::AddRule { chain, rule });
         }
     }

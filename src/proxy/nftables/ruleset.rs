@@ -77,9 +77,10 @@
 //!
 //! table ip fairlead-<i> {                   # a shard, 1 <= i < K
 //!   map service-ips { ... }                 # its service ports' frontends
-//!   chain nat-prerouting { hook prerouting; jump services }
-//!   chain nat-output     { hook output;     jump services }
-//!   chain services { ip daddr . meta l4proto . th dport vmap @service-ips }
+//!   # Dispatch right in the entry points: every new connection passes
+//!   # every table's NAT chains (until one DNATs it), so each hop counts.
+//!   chain nat-prerouting { hook prerouting; ip daddr . meta l4proto . th dport vmap @service-ips }
+//!   chain nat-output     { hook output;     ip daddr . meta l4proto . th dport vmap @service-ips }
 //!   chain mark-for-masquerade { meta mark set meta mark | M }
 //!   <per service port: its map, chains and sets>
 //! }
@@ -1076,7 +1077,7 @@ impl MapName {
 }
 
 /// The regular chains of a shard table's fixed part.
-pub const SHARD_HELPER_CHAINS: [&str; 2] = ["services", MARK_FOR_MASQUERADE];
+pub const SHARD_HELPER_CHAINS: [&str; 1] = [MARK_FOR_MASQUERADE];
 
 /// The base chains of a shard table (only NAT: the filter and
 /// postrouting work is done once, by the main table).
@@ -1086,17 +1087,15 @@ pub fn shard_base_chains() -> impl Iterator<Item = &'static BaseChain> {
         .filter(|b| b.name == "nat-prerouting" || b.name == "nat-output")
 }
 
-/// The fixed rules of table `id` (the main table: [`base_rules`]; a shard:
-/// the NAT entry points, the ClusterIP dispatch and the masquerade mark).
-pub fn fixed_rules<'a>(
-    base: &'a [(&'static str, Rule)],
-    id: TableId,
-) -> impl Iterator<Item = &'a (&'static str, Rule)> + 'a {
-    base.iter().filter(move |(chain, rule)| {
-        id == 0
-            || (SHARD_HELPER_CHAINS.contains(chain) && !matches!(rule, Rule::DispatchNodeports(..)))
-            || shard_base_chains().any(|b| b.name == *chain)
-    })
+/// The fixed rules of a shard table: the dispatch right in the NAT entry
+/// points (no `services` chain to jump to: every new connection passes
+/// every table's NAT chains, so each hop counts), and the masquerade mark.
+pub fn shard_rules(cfg: &RulesetConfig) -> Vec<(&'static str, Rule)> {
+    let mut v: Vec<(&'static str, Rule)> = shard_base_chains()
+        .map(|b| (b.name, Rule::DispatchFrontends(MapName::ServiceIps)))
+        .collect();
+    v.push((MARK_FOR_MASQUERADE, Rule::MarkOr(cfg.mark())));
+    v
 }
 
 // ---- the whole model --------------------------------------------------------
@@ -1178,8 +1177,9 @@ impl Claim {
 pub struct Ruleset {
     pub cfg: RulesetConfig,
     shards: u32,
-    /// The fixed part's rules (from `cfg`).
+    /// The fixed part's rules (from `cfg`): the main table's, a shard's.
     base: Arc<Vec<(&'static str, Rule)>>,
+    shard_base: Arc<Vec<(&'static str, Rule)>>,
     services: BTreeMap<ServicePortName, Arc<ServicePortInfo>>,
     /// Claimants of every dispatch key (not the hairpin set's).
     claims: HashMap<ElementKey, Claim>,
@@ -1220,6 +1220,7 @@ impl Ruleset {
         assert!(shards.is_power_of_two(), "shards must be a power of two");
         Ruleset {
             base: Arc::new(base_rules(&cfg)),
+            shard_base: Arc::new(shard_rules(&cfg)),
             cfg,
             shards,
             services: BTreeMap::new(),
@@ -1262,6 +1263,15 @@ impl Ruleset {
     /// The fixed part's rules of the main table.
     pub fn base(&self) -> &[(&'static str, Rule)] {
         &self.base
+    }
+
+    /// The fixed rules of table `id` (the main table's or a shard's).
+    pub fn fixed_rules(&self, id: TableId) -> &[(&'static str, Rule)] {
+        if id == 0 {
+            &self.base
+        } else {
+            &self.shard_base
+        }
     }
 
     /// Every service port's input.
