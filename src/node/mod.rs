@@ -183,35 +183,34 @@ impl Health {
 /// unassigned) is retried when no new change arrives first.
 pub const SYNC_RETRY: Duration = Duration::from_secs(1);
 
-/// Syncs take at most 1 / (1 + this) of the node loop's time while changes
-/// keep coming (see the module doc).
-const SYNC_SPACING_FACTOR: u32 = 4;
+/// The share of wall time syncs may take while changes keep coming (see
+/// the module doc).
+const SYNC_DUTY: f64 = 0.2;
 
-/// The part of a sync's duration the duty-cycle bound ignores: a quick sync
-/// (one change, a few ms) never delays the next one.
-const FREE_SYNC: Duration = Duration::from_millis(3);
-
-/// The longest wait the pacing imposes (after a very long sync, e.g. the
-/// first one at 30,000 Services).
-const MAX_SYNC_SPACING: Duration = Duration::from_secs(2);
+/// Sync time that may be spent at once before [`SYNC_DUTY`] applies: a
+/// single expensive sync (or a short burst) never delays the next change.
+const SYNC_TIME_BURST: Duration = Duration::from_millis(500);
 
 /// Immediate syncs allowed in a burst before `--min-sync-period` spaces
 /// them (kube-proxy's runner allows 2).
 const SYNC_BURST: f64 = 2.0;
 
-/// When syncs may run: kube-proxy's bounded-frequency rule (a burst of
-/// [`SYNC_BURST`] syncs, then one per `--min-sync-period`), and a
-/// duty-cycle bound (after a sync that took `t`, the next waits `4(t - 3ms)`), so
-/// a flood of changes coalesces into fewer, larger syncs instead of a busy
-/// loop. Pure (times are passed in), so it is unit-tested.
+/// When syncs may run. Two token buckets: kube-proxy's bounded-frequency
+/// rule (a burst of [`SYNC_BURST`] syncs, then one per
+/// `--min-sync-period`), and a budget of sync *time* that refills at
+/// [`SYNC_DUTY`] of wall time up to [`SYNC_TIME_BURST`], so a flood of
+/// changes coalesces into fewer, larger syncs that take at most a fifth of
+/// the time, instead of a busy loop. The first sync (everything, at start)
+/// is not charged. Pure (times are passed in), so it is unit-tested.
 #[derive(Debug)]
 struct Pacer {
     min_sync_period: Duration,
-    /// Burst budget at `at`.
+    /// Sync-count budget at `at`.
     tokens: f64,
+    /// Sync-time budget at `at`, in seconds (negative: overdrawn).
+    time: f64,
     at: Instant,
-    /// The previous sync: when it ended and how long it took.
-    last: Option<(Instant, Duration)>,
+    first: bool,
 }
 
 impl Pacer {
@@ -219,42 +218,46 @@ impl Pacer {
         Pacer {
             min_sync_period,
             tokens: SYNC_BURST,
+            time: SYNC_TIME_BURST.as_secs_f64(),
             at: now,
-            last: None,
+            first: true,
         }
     }
 
-    fn tokens_at(&self, now: Instant) -> f64 {
-        if self.min_sync_period.is_zero() {
-            return SYNC_BURST;
-        }
-        let refill = now.saturating_duration_since(self.at).as_secs_f64()
-            / self.min_sync_period.as_secs_f64();
-        (self.tokens + refill).min(SYNC_BURST)
+    /// Both budgets at `now`.
+    fn budgets_at(&self, now: Instant) -> (f64, f64) {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        let tokens = if self.min_sync_period.is_zero() {
+            SYNC_BURST
+        } else {
+            (self.tokens + dt / self.min_sync_period.as_secs_f64()).min(SYNC_BURST)
+        };
+        let time = (self.time + dt * SYNC_DUTY).min(SYNC_TIME_BURST.as_secs_f64());
+        (tokens, time)
     }
 
     /// The earliest time the next sync may start.
     fn next(&self, now: Instant) -> Instant {
-        let duty = match self.last {
-            None => now,
-            Some((ended, took)) => {
-                ended + (took.saturating_sub(FREE_SYNC) * SYNC_SPACING_FACTOR).min(MAX_SYNC_SPACING)
-            }
-        };
-        let tokens = self.tokens_at(now);
-        let bucket = if tokens >= 1.0 {
-            now
-        } else {
-            now + self.min_sync_period.mul_f64(1.0 - tokens)
-        };
-        duty.max(bucket)
+        let (tokens, time) = self.budgets_at(now);
+        let mut wait = 0.0f64;
+        if tokens < 1.0 {
+            wait = wait.max((1.0 - tokens) * self.min_sync_period.as_secs_f64());
+        }
+        if time < 0.0 {
+            wait = wait.max(-time / SYNC_DUTY);
+        }
+        now + Duration::from_secs_f64(wait)
     }
 
     /// A sync started at `started` and ended at `ended`.
     fn synced(&mut self, started: Instant, ended: Instant) {
-        self.tokens = (self.tokens_at(started) - 1.0).max(0.0);
+        let (tokens, time) = self.budgets_at(started);
+        self.tokens = (tokens - 1.0).max(0.0);
+        let took = ended.saturating_duration_since(started).as_secs_f64();
+        // The sync's own duration refills nothing: charged from its start.
+        self.time = if self.first { time } else { time - took };
+        self.first = false;
         self.at = started;
-        self.last = Some((ended, ended.saturating_duration_since(started)));
     }
 }
 
@@ -536,18 +539,28 @@ mod tests {
     fn pacer_bursts_then_spaces_syncs() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
-        // No period: only the duty cycle spaces syncs.
+        // No period: only the time budget spaces syncs. The first sync
+        // (the whole state at start) is free, however long.
         let mut p = Pacer::new(Duration::ZERO, t0);
         assert_eq!(p.next(t0), t0);
-        p.synced(t0, t0 + ms(10));
-        assert_eq!(p.next(t0 + ms(10)), t0 + ms(10 + 28));
-        assert_eq!(p.next(t0 + ms(40)), t0 + ms(40));
-        // A quick sync does not delay the next.
-        p.synced(t0 + ms(40), t0 + ms(42));
-        assert_eq!(p.next(t0 + ms(42)), t0 + ms(42));
-        // A very long sync waits at most MAX_SYNC_SPACING.
-        p.synced(t0 + ms(42), t0 + ms(10_042));
-        assert_eq!(p.next(t0 + ms(10_042)), t0 + ms(10_042) + MAX_SYNC_SPACING);
+        p.synced(t0, t0 + ms(3000));
+        assert_eq!(p.next(t0 + ms(3000)), t0 + ms(3000));
+        // One expensive sync within the burst budget: no wait after it.
+        let t1 = t0 + ms(3000);
+        p.synced(t1, t1 + ms(400));
+        assert_eq!(p.next(t1 + ms(400)), t1 + ms(400));
+        // A flood: the budget runs dry, then syncs take a fifth of the time.
+        let t2 = t1 + ms(400);
+        p.synced(t2, t2 + ms(300));
+        let next = p.next(t2 + ms(300));
+        assert!(next > t2 + ms(300), "overdrawn: must wait");
+        p.synced(next, next + ms(100));
+        let after = p.next(next + ms(100));
+        let cycle = after - next;
+        assert!(
+            cycle.abs_diff(ms(500)) < ms(1),
+            "100 ms of sync in a 500 ms cycle, not {cycle:?}"
+        );
 
         // A period of 100ms: two quick syncs at once, then one per 100ms.
         let mut p = Pacer::new(ms(100), t0);
@@ -561,4 +574,5 @@ mod tests {
         // After a quiet second, a burst again.
         assert_eq!(p.next(t0 + ms(1100)), t0 + ms(1100));
     }
+
 }
