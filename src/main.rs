@@ -13,6 +13,7 @@ fn main() {
         .init();
     let cli = fairlead::cli::Cli::parse();
     raise_open_files_limit();
+    limit_malloc_arenas();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -56,6 +57,20 @@ fn raise_open_files_limit() {
                 rlim_max: lim.rlim_max,
             };
             libc::setrlimit(libc::RLIMIT_NOFILE, &soft);
+        }
+    }
+}
+
+/// Cap glibc's malloc arenas at the number of CPUs (its default is 8 per
+/// CPU): each arena keeps its own free memory, so with many of them a
+/// long-running daemon holds far more than it uses.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        // SAFETY: mallopt only changes allocator tuning, before threads start.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, cpus.max(2) as libc::c_int);
         }
     }
 }

@@ -165,9 +165,10 @@ pub struct SlicePortView {
 /// as ready", an unset `terminating` means not terminating.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointView {
-    /// Parseable addresses (at least one: endpoints without any are
-    /// dropped).
-    pub addresses: Box<[IpAddr]>,
+    /// The first parseable address (endpoints without any are dropped).
+    pub address: IpAddr,
+    /// The others (nearly always none: no allocation then).
+    pub more: Box<[IpAddr]>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -187,6 +188,13 @@ pub struct SliceView {
     /// [`TRIGGER_TIME_ANNOTATION`], parsed. Not compared: a slice whose
     /// endpoints did not change needs no programming.
     pub trigger_time: Option<jiff::Timestamp>,
+}
+
+impl EndpointView {
+    /// Every address, the first first.
+    pub fn addresses(&self) -> impl Iterator<Item = &IpAddr> + '_ {
+        std::iter::once(&self.address).chain(self.more.iter())
+    }
 }
 
 impl SliceView {
@@ -321,14 +329,14 @@ impl SliceView {
             .endpoints
             .iter()
             .filter_map(|ep| {
-                let addresses: Box<[IpAddr]> = parse_ips(&ep.addresses).into_boxed_slice();
-                if addresses.is_empty() {
-                    return None;
-                }
+                let mut addresses = parse_ips(&ep.addresses).into_iter();
+                let address = addresses.next()?;
+                let more: Box<[IpAddr]> = addresses.collect();
                 let c = ep.conditions.as_ref();
                 let ready = c.and_then(|c| c.ready).unwrap_or(true);
                 Some(EndpointView {
-                    addresses,
+                    address,
+                    more,
                     ready,
                     serving: c.and_then(|c| c.serving).unwrap_or(ready),
                     terminating: c.and_then(|c| c.terminating).unwrap_or(false),

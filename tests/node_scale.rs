@@ -174,7 +174,12 @@ fn one_change_touches_one_service_port(c: &mut Cluster, backends: &[(&str, &str)
         ms(started.elapsed())
     );
 
-    let after = c.metric("fairlead_node_synced_service_ports_total", &[]);
+    // Traffic follows as soon as the kernel commits; the node counts the
+    // sync just after, so wait for the count to move.
+    let after = poll("the sync to be counted", SETTLE, || {
+        let now = c.metric("fairlead_node_synced_service_ports_total", &[]);
+        (now > before).then_some(now)
+    });
     assert_eq!(
         after - before,
         1.0,

@@ -65,7 +65,7 @@ fn endpoint(addr: SocketAddr, node: &str) -> Endpoint {
         ready: true,
         serving: true,
         terminating: false,
-        node_name: Some(node.to_string()),
+        node_name: Some(node.into()),
     }
 }
 

@@ -493,7 +493,7 @@ fn headless(
             if !ep.ready && !svc.publish_not_ready_addresses {
                 continue;
             }
-            for ip in ep.addresses.iter() {
+            for ip in ep.addresses() {
                 let label = labels.entry(*ip).or_insert_with(|| ep.hostname.clone());
                 if ep.hostname.is_some() {
                     label.clone_from(&ep.hostname);

@@ -61,8 +61,14 @@ enum Update {
 }
 
 /// How many watch events may wait for the node loop (the watches pause
-/// while it is full).
-const EVENT_BUFFER: usize = 4096;
+/// while it is full; each holds a whole decoded API object, so a long
+/// queue is memory that stays with the process).
+const EVENT_BUFFER: usize = 512;
+
+/// A sync of at least this many service ports hands freed memory back to
+/// the kernel afterwards (the first sync builds everything at once; glibc
+/// keeps freed heap pages otherwise, and RSS would stay at that peak).
+const TRIM_AFTER_PORTS: usize = 1000;
 
 /// Forward a watch of `api` into `tx`, wrapped by `wrap`, counting events
 /// under `metric`. Errors are retried with backoff.
@@ -399,6 +405,9 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
             }
         };
         let took = started.elapsed();
+        if changes.len() >= TRIM_AFTER_PORTS {
+            release_free_memory();
+        }
         metrics::histogram!("kubeproxy_sync_proxy_rules_duration_seconds")
             .record(took.as_secs_f64());
         metrics::gauge!("fairlead_proxy_service_ports").set(tracker.state().len() as f64);
@@ -416,6 +425,16 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
         pacer.synced(started, Instant::now());
         retry_at = incomplete.then(|| Instant::now() + SYNC_RETRY);
         next_verify = Instant::now() + cfg.sync_period;
+    }
+}
+
+/// Return the allocator's free pages to the kernel (glibc's
+/// `malloc_trim`).
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -574,5 +593,4 @@ mod tests {
         // After a quiet second, a burst again.
         assert_eq!(p.next(t0 + ms(1100)), t0 + ms(1100));
     }
-
 }

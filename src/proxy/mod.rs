@@ -78,7 +78,7 @@ pub struct Endpoint {
     pub serving: bool,
     pub terminating: bool,
     /// The node the endpoint runs on (for `trafficPolicy: Local`).
-    pub node_name: Option<String>,
+    pub node_name: Option<Arc<str>>,
 }
 
 /// Everything a backend needs to serve one service port.

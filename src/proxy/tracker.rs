@@ -65,13 +65,13 @@ pub fn service_ports(
                 continue;
             };
             for ep in &slice.endpoints {
-                for ip in ep.addresses.iter() {
+                for ip in ep.addresses() {
                     endpoints.insert(Endpoint {
                         addr: SocketAddr::new(*ip, target as u16),
                         ready: ep.ready,
                         serving: ep.serving,
                         terminating: ep.terminating,
-                        node_name: ep.node_name.as_deref().map(str::to_string),
+                        node_name: ep.node_name.clone(),
                     });
                 }
             }

@@ -419,7 +419,7 @@ mod tests {
             ready,
             serving: ready,
             terminating: false,
-            node_name: Some(node.to_string()),
+            node_name: Some(node.into()),
         }
     }
 
