@@ -96,7 +96,8 @@ pub struct NodeFlags {
     pub healthz_bind_address: Option<String>,
     /// After a burst of two syncs, the least time between proxy syncs, e.g.
     /// 100ms, 1s (default 0: changes apply at once; the node still spaces
-    /// syncs so they take at most a third of its time).
+    /// syncs, after 500 ms of them at once, so they take at most a fifth of
+    /// its time).
     #[arg(long)]
     pub min_sync_period: Option<String>,
     /// How often, without changes, the kernel's rules are checked (and

@@ -20,9 +20,9 @@
 //! watch has listed everything).
 //!
 //! **Pacing** (`Pacer`). A change is applied at once when the node is
-//! idle. While changes keep arriving, syncs are spaced so that syncing
-//! takes at most a third of the time (the next sync waits twice as long as
-//! the previous one took), and, after a burst of two, no closer than
+//! idle. While changes keep arriving, syncs may spend 500 ms at once, then
+//! at most a fifth of the time (a budget of sync time), and, after a burst
+//! of two, no closer than
 //! `--min-sync-period` (default 0: no such limit; kube-proxy's rule):
 //! bursts coalesce into fewer, larger syncs, and a flood of changes cannot
 //! turn the node into a busy loop that starves whatever shares its CPUs.

@@ -40,9 +40,13 @@ use super::{
     Store, StoreError, Txn, TxnOutcome, WatchItem, WatchStream,
 };
 
-/// How many committed transactions the hub keeps in memory for watches that
-/// start slightly in the past; older starts are replayed from the log table.
-const RING_CAPACITY: usize = 4096;
+/// How much of the recent history the hub keeps in memory (value bytes of
+/// the events, current and previous), for watches that start in the past
+/// or fall behind the broadcast; older starts are replayed from the log
+/// table. Generous, because a replay is a read of the database that
+/// competes with the writer: a node that lags a bulk load by seconds
+/// should catch up from memory.
+const RING_BYTES: usize = 32 << 20;
 /// At most this many queued transactions share one commit.
 const MAX_BATCH: usize = 512;
 /// An idle watch reports progress this often (the API server turns progress
@@ -71,9 +75,24 @@ struct Batch {
     events: Vec<Event>,
 }
 
+impl Batch {
+    /// What it holds in memory, roughly: keys and values.
+    fn bytes(&self) -> usize {
+        self.events
+            .iter()
+            .map(|e| {
+                let kv = |kv: &KeyValue| kv.key.len() + kv.value.len() + 64;
+                kv(&e.kv) + e.prev.as_ref().map_or(0, kv)
+            })
+            .sum()
+    }
+}
+
 /// Recent history in memory plus the broadcast that wakes live watches.
 struct Hub {
     ring: VecDeque<Arc<Batch>>,
+    /// `Batch::bytes` of the ring, bounded by [`RING_BYTES`].
+    ring_bytes: usize,
     current: Revision,
     compacted: Revision,
     tx: broadcast::Sender<Arc<Batch>>,
@@ -199,6 +218,7 @@ impl EmbeddedStore {
         let (btx, _) = broadcast::channel(1024);
         let hub = Arc::new(Mutex::new(Hub {
             ring: VecDeque::new(),
+            ring_bytes: 0,
             current: revision,
             compacted,
             tx: btx,
@@ -534,9 +554,12 @@ impl Writer {
                     let mut hub = self.hub.lock().unwrap();
                     for b in batches {
                         hub.current = b.revision;
+                        hub.ring_bytes += b.bytes();
                         hub.ring.push_back(b.clone());
-                        if hub.ring.len() > RING_CAPACITY {
-                            hub.ring.pop_front();
+                        while hub.ring_bytes > RING_BYTES && hub.ring.len() > 1 {
+                            if let Some(old) = hub.ring.pop_front() {
+                                hub.ring_bytes -= old.bytes();
+                            }
                         }
                         let _ = hub.tx.send(b);
                     }

@@ -96,7 +96,7 @@ pub struct NftablesConfig {
 
 /// The default [`NftablesConfig::shard_size`]: one change then
 /// re-validates at most a few thousand service ports' chains (a few ms).
-pub const DEFAULT_SHARD_SIZE: usize = 2048;
+pub const DEFAULT_SHARD_SIZE: usize = 1024;
 
 /// Most tables (the number of hooks a new connection may pass).
 pub const MAX_SHARDS: u32 = 64;

@@ -95,6 +95,15 @@ pub enum ProxyError {
     ShutDown,
 }
 
+impl ProxyError {
+    /// A bind refused because the process has no file descriptor left
+    /// (EMFILE) or the system none (ENFILE).
+    fn is_out_of_files(&self) -> bool {
+        matches!(self, ProxyError::Bind { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)))
+    }
+}
+
 /// What one sync did (for logs and tests).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SyncStats {
@@ -106,6 +115,9 @@ pub struct SyncStats {
     /// Frontends that could not bind (or whose address another service
     /// port holds); retried on the next sync.
     pub bind_errors: usize,
+    /// Of those, frontends refused for want of file descriptors (the
+    /// open-files limit: one per frontend), reported once per sync.
+    pub out_of_files: usize,
     pub addresses_added: usize,
     pub addresses_removed: usize,
     /// Service IPs that could not be added/removed; retried on the next sync.
@@ -339,6 +351,15 @@ impl UserspaceProxy {
                 }
             }
         }
+        if stats.out_of_files > 0 {
+            tracing::warn!(
+                frontends = stats.out_of_files,
+                open_files_limit = open_files_limit(),
+                "frontends not bound: the open-files limit is reached (each \
+                 frontend holds one socket); raise it (LimitNOFILE=, ulimit -n); \
+                 retrying next sync"
+            );
+        }
         if stats != SyncStats::default() {
             tracing::debug!(?stats, "userspace proxy synced");
         }
@@ -468,7 +489,12 @@ impl UserspaceProxy {
                             addr: key.addr,
                             source,
                         };
-                        tracing::warn!(error = %e, "frontend not bound; retrying next sync");
+                        if e.is_out_of_files() {
+                            stats.out_of_files += 1;
+                            tracing::debug!(error = %e, "frontend not bound; retrying next sync");
+                        } else {
+                            tracing::warn!(error = %e, "frontend not bound; retrying next sync");
+                        }
                         rt.metrics.bind_errors.increment(1);
                         stats.bind_errors += 1;
                         g.retry.insert(name.clone());
@@ -484,6 +510,19 @@ impl UserspaceProxy {
             }
         }
     }
+}
+
+/// The soft limit on open files of this process.
+fn open_files_limit() -> libc::rlim_t {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills a valid, owned struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    lim.rlim_cur
 }
 
 impl Inner {
