@@ -1149,6 +1149,33 @@ struct Trial {
 
 async fn node_run(env: Env, n: usize, mode: Mode, deadline: Instant) -> Result<NodeRun> {
     let s = env.s.clone();
+    if mode == Mode::Userspace {
+        // One listening socket per frontend: the node raises its soft
+        // limit to the hard one (or further, with CAP_SYS_RESOURCE); say
+        // so at once rather than after the sync deadline.
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit fills a valid, owned struct.
+        let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+        let may_raise = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|st| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix("CapEff:"))
+                    .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+            })
+            // Bit 24 of the capability set: CAP_SYS_RESOURCE.
+            .is_some_and(|caps| caps & (1 << 24) != 0);
+        let need = n as u64 + 1000;
+        ensure!(
+            !ok || may_raise || lim.rlim_max >= need,
+            "userspace mode needs ~{need} open files (a socket per frontend); \
+             the hard limit here is {} and CAP_SYS_RESOURCE is missing to raise it",
+            lim.rlim_max
+        );
+    }
     // The live backends.
     let mut backends = Vec::new();
     for (name, ip) in BACKENDS {
