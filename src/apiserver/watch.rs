@@ -21,7 +21,10 @@
 //! ([`DecodedEvents`]); each watch only evaluates its own selectors. Without
 //! that, every write cost the API server one JSON decode and encode per
 //! watcher, which in `fairlead up` made a bulk load half as fast as with no
-//! one watching.
+//! one watching. A plain-JSON line is not even decoded: it is the stored
+//! bytes with the resourceVersion spliced into `metadata` (checked, not
+//! parsed into values, by `serde_json`'s raw values); only watches with
+//! selectors (or Table output) decode the object.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -73,15 +76,18 @@ struct Encoder {
 impl Encoder {
     /// The watch line of a decoded version: shared with other watches for
     /// plain JSON, built here for other outputs.
-    fn shared_event(&mut self, ty: &'static str, d: &Decoded) -> Bytes {
+    fn shared_event(&mut self, ty: &'static str, d: &Decoded) -> Option<Bytes> {
         let i = match (self.out, ty) {
             (Output::Object, "ADDED") => 0,
             (Output::Object, "MODIFIED") => 1,
             (Output::Object, "DELETED") => 2,
-            _ => return self.event(ty, d.obj.clone()),
+            _ => return Some(self.event(ty, d.obj()?.clone())),
         };
         d.lines[i]
-            .get_or_init(|| line(&json!({"type": ty, "object": &d.obj})))
+            .get_or_init(|| {
+                spliced_line(ty, &d.kv)
+                    .or_else(|| d.obj().map(|obj| line(&json!({"type": ty, "object": obj}))))
+            })
             .clone()
     }
 
@@ -119,12 +125,58 @@ impl Encoder {
     }
 }
 
-/// One stored version of an object, decoded, with its plain-JSON watch
-/// lines (built on first use).
+/// One stored version of an object: decoded (on first use), and its
+/// plain-JSON watch lines (built on first use). `None`: the stored bytes
+/// are not a valid object (logged once).
 pub(super) struct Decoded {
-    obj: Value,
+    kv: KeyValue,
+    obj: OnceLock<Option<Value>>,
     /// `{"type": <ADDED|MODIFIED|DELETED>, "object": obj}` + newline.
-    lines: [OnceLock<Bytes>; 3],
+    lines: [OnceLock<Option<Bytes>>; 3],
+}
+
+impl Decoded {
+    fn obj(&self) -> Option<&Value> {
+        self.obj
+            .get_or_init(|| match decode(&self.kv) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    tracing::warn!(key = %self.kv.key, error = ?e, "watch: skipping an undecodable object");
+                    None
+                }
+            })
+            .as_ref()
+    }
+}
+
+/// The watch line of a stored object without decoding it:
+/// `{"type":<ty>,"object":<stored JSON with "resourceVersion":"<rev>" first
+/// in its metadata>}`. `None` when the bytes are not an object with a
+/// `metadata` object free of a resourceVersion (the caller then decodes).
+fn spliced_line(ty: &str, kv: &KeyValue) -> Option<Bytes> {
+    use serde_json::value::RawValue;
+    // Borrowed keys: a key with escapes fails here and takes the slow path.
+    let top: HashMap<&str, &RawValue> = serde_json::from_slice(&kv.value).ok()?;
+    let meta = top.get("metadata")?.get();
+    if !meta.starts_with('{') || meta.contains("\"resourceVersion\"") {
+        return None;
+    }
+    // `meta` points into `kv.value`: where its `{` is.
+    let at = meta.as_ptr() as usize - kv.value.as_ptr() as usize;
+    let rv = format!("\"resourceVersion\":\"{}\"", kv.mod_revision);
+    let empty = meta[1..].trim_start().starts_with('}');
+    let mut b = Vec::with_capacity(kv.value.len() + rv.len() + ty.len() + 32);
+    b.extend_from_slice(b"{\"type\":\"");
+    b.extend_from_slice(ty.as_bytes());
+    b.extend_from_slice(b"\",\"object\":");
+    b.extend_from_slice(&kv.value[..=at]);
+    b.extend_from_slice(rv.as_bytes());
+    if !empty {
+        b.push(b',');
+    }
+    b.extend_from_slice(&kv.value[at + 1..]);
+    b.extend_from_slice(b"}\n");
+    Some(Bytes::from(b))
 }
 
 /// How many decoded versions are kept: enough for every watcher to pass by
@@ -146,14 +198,15 @@ pub(super) struct DecodedEvents {
 }
 
 impl DecodedEvents {
-    /// `kv` decoded, from the cache or now.
-    fn get(&self, kv: &KeyValue) -> Result<Arc<Decoded>, ApiError> {
+    /// The shared entry of `kv`, from the cache or new.
+    fn get(&self, kv: &KeyValue) -> Arc<Decoded> {
         let k = (kv.key.clone(), kv.mod_revision);
         if let Some(d) = self.inner.lock().unwrap().0.get(&k) {
-            return Ok(d.clone());
+            return d.clone();
         }
         let d = Arc::new(Decoded {
-            obj: decode(kv)?,
+            kv: kv.clone(),
+            obj: OnceLock::new(),
             lines: Default::default(),
         });
         let mut g = self.inner.lock().unwrap();
@@ -166,7 +219,7 @@ impl DecodedEvents {
                 }
             }
         }
-        Ok(d)
+        d
     }
 }
 
@@ -312,8 +365,13 @@ impl Server {
                     }
                     Some(Ok(WatchItem::Event(ev))) => {
                         start = ev.kv.mod_revision;
-                        let Ok(d) = decoded.get(&ev.kv) else { continue };
-                        let is = !filtered || selected(&d.obj, &labels, &fields);
+                        let d = decoded.get(&ev.kv);
+                        let is = if filtered {
+                            let Some(obj) = d.obj() else { continue };
+                            selected(obj, &labels, &fields)
+                        } else {
+                            true
+                        };
                         // Whether the watcher saw the object before this
                         // event. A delete carries the last value itself.
                         // An update without its previous value (compacted
@@ -324,8 +382,9 @@ impl Server {
                             EventKind::Delete => is,
                             EventKind::Put if !filtered => existed,
                             EventKind::Put => {
-                                match ev.prev.as_ref().and_then(|p| decoded.get(p).ok()) {
-                                    Some(o) => selected(&o.obj, &labels, &fields),
+                                let prev = ev.prev.as_ref().map(|p| decoded.get(p));
+                                match prev.as_ref().and_then(|p| p.obj()) {
+                                    Some(o) => selected(o, &labels, &fields),
                                     None => existed && is,
                                 }
                             }
@@ -337,7 +396,10 @@ impl Server {
                             (EventKind::Put, true, false) => "DELETED",
                             _ => continue,
                         };
-                        enc.shared_event(ty, &d)
+                        let Some(frame) = enc.shared_event(ty, &d) else {
+                            continue;
+                        };
+                        frame
                     }
                 };
                 if tx.send(frame).await.is_err() {
@@ -350,5 +412,48 @@ impl Server {
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(value: &str) -> KeyValue {
+        KeyValue {
+            key: "/registry/services/default/web".into(),
+            value: value.as_bytes().to_vec(),
+            create_revision: 3,
+            mod_revision: 7,
+        }
+    }
+
+    /// The spliced line is the decoded line, as JSON; shapes it cannot
+    /// splice take the decoding path.
+    #[test]
+    fn spliced_lines_equal_decoded_lines() {
+        for stored in [
+            r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web","labels":{"a":"b"}},"spec":{"ports":[{"port":80}]}}"#,
+            r#"{"metadata":{},"kind":"Service"}"#,
+            r#"{"kind":"Service","metadata": { } }"#,
+            r#"{"kind":"Service","spec":{"metadata":{"x":1}},"metadata":{"name":"n\"q"}}"#,
+        ] {
+            let kv = kv(stored);
+            let spliced = spliced_line("MODIFIED", &kv).expect(stored);
+            assert!(spliced.ends_with(b"\n"));
+            let got: Value = serde_json::from_slice(&spliced).unwrap();
+            let want = json!({"type": "MODIFIED", "object": decode(&kv).unwrap()});
+            assert_eq!(got, want, "{stored}");
+        }
+        for stored in [
+            r#"{"kind":"Service"}"#,
+            r#"{"metadata":{"resourceVersion":"1"}}"#,
+            r#"{"metadata":[]}"#,
+            r#"{"meta\u0064ata":{}}"#,
+            r#"{"metadata":{}"#,
+            "",
+        ] {
+            assert_eq!(spliced_line("ADDED", &kv(stored)), None, "{stored}");
+        }
     }
 }
