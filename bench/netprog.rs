@@ -1031,6 +1031,21 @@ fn print_requests(before: &str, after: &str) {
             top.join(", ")
         );
     }
+    // The embedded store's group commits (absent with etcd).
+    let sample = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let d = |name: &str| sample(after, name) - sample(before, name);
+    let commits = d("fairlead_store_commits_total");
+    if commits > 0.0 {
+        println!(
+            "  store: {commits:.0} commits, {:.1} transactions per commit, {:.2} ms per commit",
+            d("fairlead_store_committed_transactions_total") / commits,
+            d("fairlead_store_commit_duration_seconds_sum") * 1000.0 / commits
+        );
+    }
 }
 
 /// (1): the API server alone.

@@ -160,6 +160,8 @@ fn load_tokens(path: &std::path::Path) -> anyhow::Result<HashMap<String, Identit
 
 /// Open the configured store.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    // First: the store registers its metric handles when it opens.
+    crate::metrics::init();
     Ok(if config.etcd_servers.is_empty() {
         Arc::new(EmbeddedStore::open(&config.data_dir.join("store.db")).await?)
     } else {

@@ -242,6 +242,11 @@ impl EmbeddedStore {
             revision,
             hub: hub.clone(),
             current: current.clone(),
+            metrics: WriterMetrics {
+                commits: metrics::counter!("fairlead_store_commits_total"),
+                transactions: metrics::counter!("fairlead_store_committed_transactions_total"),
+                duration: metrics::histogram!("fairlead_store_commit_duration_seconds"),
+            },
         };
         std::thread::Builder::new()
             .name("store-writer".into())
@@ -495,6 +500,15 @@ struct Writer {
     revision: Revision,
     hub: Arc<Mutex<Hub>>,
     current: Arc<AtomicI64>,
+    metrics: WriterMetrics,
+}
+
+/// How the writer's group commits go: transactions per commit (the two
+/// counters' ratio) and the time of one commit, fsync included.
+struct WriterMetrics {
+    commits: metrics::Counter,
+    transactions: metrics::Counter,
+    duration: metrics::Histogram,
 }
 
 impl Writer {
@@ -513,7 +527,13 @@ impl Writer {
                 }
             }
             if !txns.is_empty() {
+                let started = std::time::Instant::now();
+                self.metrics.commits.increment(1);
+                self.metrics.transactions.increment(txns.len() as u64);
                 self.commit_batch(txns);
+                self.metrics
+                    .duration
+                    .record(started.elapsed().as_secs_f64());
             }
             for (rev, reply) in compacts {
                 let _ = reply.send(self.compact(rev));
