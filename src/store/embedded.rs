@@ -73,18 +73,23 @@ enum WriteRequest {
 struct Batch {
     revision: Revision,
     events: Vec<Event>,
+    /// What it holds in memory, roughly: keys and values (counted once,
+    /// for the ring's bound).
+    bytes: usize,
 }
 
 impl Batch {
-    /// What it holds in memory, roughly: keys and values.
-    fn bytes(&self) -> usize {
-        self.events
+    fn new(revision: Revision, events: Vec<Event>) -> Batch {
+        let kv = |kv: &KeyValue| kv.key.len() + kv.value.len() + 64;
+        let bytes = events
             .iter()
-            .map(|e| {
-                let kv = |kv: &KeyValue| kv.key.len() + kv.value.len() + 64;
-                kv(&e.kv) + e.prev.as_ref().map_or(0, kv)
-            })
-            .sum()
+            .map(|e| kv(&e.kv) + e.prev.as_ref().map_or(0, kv))
+            .sum();
+        Batch {
+            revision,
+            events,
+            bytes,
+        }
     }
 }
 
@@ -554,10 +559,7 @@ impl Writer {
                 if let Ok(TxnOutcome::Committed { revision, .. }) = &r.0 {
                     if *revision > self.revision {
                         self.revision = *revision;
-                        batches.push(Arc::new(Batch {
-                            revision: *revision,
-                            events: r.1,
-                        }));
+                        batches.push(Arc::new(Batch::new(*revision, r.1)));
                     }
                 }
                 results.push(r.0);
@@ -574,11 +576,11 @@ impl Writer {
                     let mut hub = self.hub.lock().unwrap();
                     for b in batches {
                         hub.current = b.revision;
-                        hub.ring_bytes += b.bytes();
+                        hub.ring_bytes += b.bytes;
                         hub.ring.push_back(b.clone());
                         while hub.ring_bytes > RING_BYTES && hub.ring.len() > 1 {
                             if let Some(old) = hub.ring.pop_front() {
-                                hub.ring_bytes -= old.bytes();
+                                hub.ring_bytes -= old.bytes;
                             }
                         }
                         let _ = hub.tx.send(b);
