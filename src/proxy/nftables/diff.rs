@@ -39,10 +39,13 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
 use super::ruleset::{
-    service_rules, shard_base_chains, shard_of, table_name, AffinitySet, BaseChain, Chain,
-    ElementKey, EndpointMap, Key, MapName, Rule, Ruleset, ServiceRules, TableId, Verdict,
-    BASE_CHAINS, HELPER_CHAINS, SHARD_HELPER_CHAINS, SHARD_MAPS,
+    bucket_chain, service_rules, shard_base_chains, shard_of, table_name, AffinitySet, BaseChain,
+    BucketRule, Chain, ElementKey, EndpointMap, Key, MapName, Rule, Ruleset, ServiceRules, TableId,
+    Verdict, BASE_CHAINS, HELPER_CHAINS, SHARD_HELPER_CHAINS, SHARD_MAPS,
 };
+
+/// The comment of every bucket chain.
+pub const BUCKET_COMMENT: &str = "plain service ports: one rule each";
 use crate::proxy::{ServicePortInfo, ServicePortName};
 
 /// One service port's input, rules and table before and after a sync
@@ -93,6 +96,8 @@ pub struct ScriptStats {
     pub maps_deleted: usize,
     /// Endpoint map entries added or deleted (in maps that stay).
     pub map_entries_changed: usize,
+    /// Rules deleted one by one (from bucket chains that stay).
+    pub rules_deleted: usize,
     /// Tables the transaction touched (each one the kernel re-validates
     /// when a rule or a jump was added to it).
     pub tables: usize,
@@ -120,6 +125,16 @@ pub enum Op<'a> {
     AddRule {
         chain: &'a str,
         rule: &'a Rule,
+        /// Only bucket rules carry one (see [`Op::DeleteRule`]).
+        comment: Option<&'a str>,
+    },
+    /// Delete one rule of a bucket chain: the one whose comment is
+    /// `comment`. Its kernel `handle` is looked up right before the
+    /// transaction ([`Script::resolve_handles`]; 0 until then).
+    DeleteRule {
+        chain: &'a str,
+        comment: &'a str,
+        handle: u64,
     },
     AddSet(&'a AffinitySet),
     /// Delete a set or a map.
@@ -186,7 +201,19 @@ impl Op<'_> {
             } => write!(out, "add chain ip {t} {name} {{ comment \"{c}\" ; }}"),
             Op::FlushChain(c) => write!(out, "flush chain ip {t} {c}"),
             Op::DeleteChain(c) => write!(out, "delete chain ip {t} {c}"),
-            Op::AddRule { chain, rule } => write!(out, "add rule ip {t} {chain} {rule}"),
+            Op::AddRule {
+                chain,
+                rule,
+                comment: None,
+            } => write!(out, "add rule ip {t} {chain} {rule}"),
+            Op::AddRule {
+                chain,
+                rule,
+                comment: Some(c),
+            } => write!(out, "add rule ip {t} {chain} {rule} comment \"{c}\""),
+            Op::DeleteRule { chain, handle, .. } => {
+                write!(out, "delete rule ip {t} {chain} handle {handle}")
+            }
             Op::AddSet(s) => write!(
                 out,
                 "add set ip {t} {} {{ type ipv4_addr ; flags dynamic,timeout ; timeout {}s ; }}",
@@ -234,6 +261,49 @@ impl Script<'_> {
         self.ops.is_empty()
     }
 
+    /// Fill in the kernel handles of the rules to delete: `rules(table,
+    /// chain)` lists a chain's rules as (handle, comment). One listing per
+    /// bucket chain, and only when a sync deletes from it (a Service
+    /// removed, or its number of endpoints changed).
+    pub fn resolve_handles<E>(
+        &mut self,
+        rules: &mut dyn FnMut(TableId, &str) -> Result<Vec<(u64, String)>, E>,
+    ) -> Result<(), ResolveError<E>> {
+        let mut listed: HashMap<(TableId, String), Vec<(u64, String)>> = HashMap::new();
+        for (t, op) in self.ops.iter_mut() {
+            let Op::DeleteRule {
+                chain,
+                comment,
+                handle,
+            } = op
+            else {
+                continue;
+            };
+            let key = (*t, chain.to_string());
+            if !listed.contains_key(&key) {
+                let l = rules(*t, chain).map_err(ResolveError::List)?;
+                listed.insert(key.clone(), l);
+            }
+            let mut found = listed[&key].iter().filter(|(_, c)| c == comment);
+            match (found.next(), found.next()) {
+                (Some((h, _)), None) => *handle = *h,
+                _ => {
+                    return Err(ResolveError::NotFound(format!(
+                        "no single rule with comment {comment:?} in chain {chain}"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether [`Script::resolve_handles`] has anything to do.
+    pub fn deletes_rules(&self) -> bool {
+        self.ops
+            .iter()
+            .any(|(_, op)| matches!(op, Op::DeleteRule { .. }))
+    }
+
     /// The script as `nft -f` text, `base` naming the main table.
     pub fn text(&self, base: &str) -> String {
         let mut out = String::with_capacity(96 * self.ops.len());
@@ -242,6 +312,24 @@ impl Script<'_> {
             out.push('\n');
         }
         out
+    }
+}
+
+/// Why the handles of rules to delete could not be found.
+#[derive(Debug)]
+pub enum ResolveError<E> {
+    /// Listing a chain failed.
+    List(E),
+    /// The chain does not hold exactly one rule with the comment.
+    NotFound(String),
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for ResolveError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResolveError::List(e) => write!(f, "listing a bucket chain: {e}"),
+            ResolveError::NotFound(s) => f.write_str(s),
+        }
     }
 }
 
@@ -321,8 +409,25 @@ pub fn full_ops(
             }
         }
         for (chain, rule) in model.fixed_rules(t) {
-            emit(t, &Op::AddRule { chain, rule });
+            emit(
+                t,
+                &Op::AddRule {
+                    chain,
+                    rule,
+                    comment: None,
+                },
+            );
         }
+    }
+    for (t, b) in model.buckets() {
+        emit(
+            t,
+            &Op::AddChain {
+                name: &bucket_chain(b),
+                comment: Some(BUCKET_COMMENT),
+            },
+        );
+        stats.chains_added += 1;
     }
     for (spn, info) in model.infos() {
         let r = service_rules(&model.cfg, spn, info);
@@ -360,9 +465,20 @@ pub fn full_ops(
                     &Op::AddRule {
                         chain: &c.name,
                         rule,
+                        comment: None,
                     },
                 );
             }
+        }
+        if let Some(b) = &r.bucket {
+            emit(
+                t,
+                &Op::AddRule {
+                    chain: &b.chain,
+                    rule: &b.rule,
+                    comment: Some(&b.comment),
+                },
+            );
         }
         stats.chains_added += r.chains.len();
         stats.rules_added += r.rule_count();
@@ -457,12 +573,32 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
     let mut hairpin: BTreeMap<Ipv4Addr, i64> = BTreeMap::new();
     let by_spn: HashMap<&ServicePortName, &Change> = changes.iter().map(|c| (&c.spn, c)).collect();
     let mut tables: BTreeSet<TableId> = BTreeSet::new();
+    // Bucket rules added and deleted, and how each bucket's count moves.
+    let mut add_bucket: Vec<(TableId, &BucketRule)> = Vec::new();
+    let mut del_bucket: Vec<(TableId, &BucketRule)> = Vec::new();
+    let mut bucket_delta: BTreeMap<(TableId, u32), (i64, &str)> = BTreeMap::new();
 
     static EMPTY: std::sync::LazyLock<ServiceRules> =
         std::sync::LazyLock::new(ServiceRules::default);
     for ch in changes {
         let old = ch.old.as_ref().unwrap_or(&EMPTY);
         let new = ch.new.as_ref().unwrap_or(&EMPTY);
+        if ch.old_table != ch.new_table || old.bucket != new.bucket {
+            if let Some(b) = &old.bucket {
+                del_bucket.push((ch.old_table, b));
+                bucket_delta
+                    .entry((ch.old_table, b.bucket))
+                    .or_insert((0, &b.chain))
+                    .0 -= 1;
+            }
+            if let Some(b) = &new.bucket {
+                add_bucket.push((ch.new_table, b));
+                bucket_delta
+                    .entry((ch.new_table, b.bucket))
+                    .or_insert((0, &b.chain))
+                    .0 += 1;
+            }
+        }
         if ch.old_table == ch.new_table {
             let t = ch.new_table;
             let old_chains: HashMap<&str, &Chain> =
@@ -610,6 +746,19 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
         }
     }
 
+    // Bucket chains appear with their first rule and go with their last.
+    let mut new_buckets: Vec<(TableId, &str)> = Vec::new();
+    let mut gone_buckets: BTreeSet<(TableId, &str)> = BTreeSet::new();
+    for (&(t, b), &(delta, chain)) in &bucket_delta {
+        let before = applied.bucket_count(t, b) as i64;
+        let after = before + delta;
+        if before == 0 && after > 0 {
+            new_buckets.push((t, chain));
+        } else if before > 0 && after <= 0 {
+            gone_buckets.insert((t, chain));
+        }
+    }
+
     let mut ops: Vec<(TableId, Op<'a>)> = Vec::new();
     ops.extend(add_sets.iter().map(|(t, s)| (*t, Op::AddSet(s))));
     for (t, m) in &add_maps {
@@ -651,7 +800,27 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
             },
         )
     }));
+    ops.extend(new_buckets.iter().map(|(t, name)| {
+        (
+            *t,
+            Op::AddChain {
+                name,
+                comment: Some(BUCKET_COMMENT),
+            },
+        )
+    }));
     ops.extend(flushed.iter().map(|(t, c)| (*t, Op::FlushChain(&c.name))));
+    ops.extend(add_bucket.iter().map(|(t, b)| {
+        (
+            *t,
+            Op::AddRule {
+                chain: &b.chain,
+                rule: &b.rule,
+                comment: Some(&b.comment),
+            },
+        )
+    }));
+    stats.rules_added += add_bucket.len();
     for (t, c) in new_chains.iter().chain(flushed.iter()) {
         ops.extend(c.rules.iter().map(|rule| {
             (
@@ -659,6 +828,7 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
                 Op::AddRule {
                     chain: &c.name,
                     rule,
+                    comment: None,
                 },
             )
         }));
@@ -705,16 +875,33 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
             },
         ));
     }
+    // Rules leaving bucket chains that stay, one by one (their handles
+    // are filled in later); buckets left empty are flushed and deleted.
+    for (t, b) in &del_bucket {
+        if !gone_buckets.contains(&(*t, b.chain.as_str())) {
+            ops.push((
+                *t,
+                Op::DeleteRule {
+                    chain: &b.chain,
+                    comment: &b.comment,
+                    handle: 0,
+                },
+            ));
+            stats.rules_deleted += 1;
+        }
+    }
     ops.extend(gone.iter().map(|(t, c)| (*t, Op::FlushChain(&c.name))));
+    ops.extend(gone_buckets.iter().map(|(t, c)| (*t, Op::FlushChain(c))));
     ops.extend(gone.iter().map(|(t, c)| (*t, Op::DeleteChain(&c.name))));
+    ops.extend(gone_buckets.iter().map(|(t, c)| (*t, Op::DeleteChain(c))));
     ops.extend(del_sets.iter().map(|(t, s)| (*t, Op::DeleteSet(&s.name))));
     ops.extend(del_maps.iter().map(|(t, m)| (*t, Op::DeleteSet(&m.name))));
     stats.maps_added = add_maps.len();
     stats.maps_deleted = del_maps.len();
     stats.map_entries_changed = del_entries.len() + add_entries.len();
-    stats.chains_added = new_chains.len();
+    stats.chains_added = new_chains.len() + new_buckets.len();
     stats.chains_flushed = flushed.len();
-    stats.chains_deleted = gone.len();
+    stats.chains_deleted = gone.len() + gone_buckets.len();
     stats.sets_added = add_sets.len();
     stats.sets_deleted = del_sets.len();
     stats.elements_added = add_elements.len();
@@ -734,14 +921,44 @@ pub(crate) mod tests {
     use std::collections::{BTreeMap, BTreeSet};
     use std::time::Duration;
 
-    /// One table of the simulator.
-    #[derive(Default, Debug, PartialEq, Eq, Clone)]
+    /// One table of the simulator. Rules carry handles (numbered per
+    /// table, as the kernel does).
+    #[derive(Default, Debug, Clone)]
     struct SimTable {
-        chains: BTreeMap<String, Vec<String>>,
+        chains: BTreeMap<String, Vec<(u64, String)>>,
+        next_handle: u64,
         sets: BTreeMap<String, String>,
         maps: BTreeSet<String>,
         elements: BTreeMap<(String, String), String>,
     }
+
+    impl SimTable {
+        /// The chains' rules without handles; a bucket chain's in any
+        /// order (its rules match disjoint frontends, so order means
+        /// nothing, and incremental syncs append where a full one sorts).
+        fn rules(&self) -> BTreeMap<&String, Vec<&str>> {
+            self.chains
+                .iter()
+                .map(|(name, rules)| {
+                    let mut r: Vec<&str> = rules.iter().map(|(_, r)| r.as_str()).collect();
+                    if name.starts_with("svc-bucket-") {
+                        r.sort_unstable();
+                    }
+                    (name, r)
+                })
+                .collect()
+        }
+    }
+
+    impl PartialEq for SimTable {
+        fn eq(&self, o: &Self) -> bool {
+            self.rules() == o.rules()
+                && self.sets == o.sets
+                && self.maps == o.maps
+                && self.elements == o.elements
+        }
+    }
+    impl Eq for SimTable {}
 
     /// A tiny interpreter of the statements fairlead writes, strict where
     /// the kernel is strict (unknown or referenced objects, duplicate
@@ -776,7 +993,7 @@ pub(crate) mod tests {
             self.chains
                 .values()
                 .flatten()
-                .any(|r| referenced(r).iter().any(|x| x == name))
+                .any(|(_, r)| referenced(r).iter().any(|x| x == name))
                 || self
                     .elements
                     .values()
@@ -799,6 +1016,28 @@ pub(crate) mod tests {
         /// Table names.
         pub fn tables(&self) -> Vec<String> {
             self.tables.keys().cloned().collect()
+        }
+
+        /// A chain's rules as (handle, comment), as the kernel lists them.
+        pub fn rule_comments(
+            &self,
+            table: &str,
+            chain: &str,
+        ) -> Result<Vec<(u64, String)>, String> {
+            let c = self
+                .tables
+                .get(table)
+                .and_then(|t| t.chains.get(chain))
+                .ok_or_else(|| format!("no chain {table} {chain}"))?;
+            Ok(c.iter()
+                .map(|(h, r)| {
+                    let comment = r
+                        .rsplit_once(" comment \"")
+                        .map(|(_, c)| c.trim_end_matches('"').to_string())
+                        .unwrap_or_default();
+                    (*h, comment)
+                })
+                .collect())
         }
 
         fn statement(&mut self, line: &str) -> Result<(), String> {
@@ -848,10 +1087,21 @@ pub(crate) mod tests {
                             return Err(format!("unknown {r}"));
                         }
                     }
+                    t.next_handle += 1;
+                    let h = t.next_handle;
                     t.chains
                         .get_mut(&name)
                         .ok_or("no such chain")?
-                        .push(body.to_string());
+                        .push((h, body.to_string()));
+                }
+                ("delete", "rule") => {
+                    let h: u64 = body
+                        .strip_prefix("handle ")
+                        .and_then(|h| h.parse().ok())
+                        .ok_or("bad handle")?;
+                    let c = t.chains.get_mut(&name).ok_or("no such chain")?;
+                    let i = c.iter().position(|(x, _)| *x == h).ok_or("no such rule")?;
+                    c.remove(i);
                 }
                 ("add", "set") => {
                     if let Some(old) = t.sets.get(&name) {
@@ -920,10 +1170,13 @@ pub(crate) mod tests {
         }
     }
 
-    /// The script from `old` to `new`, as text, and its stats.
-    fn diff_text(old: &Ruleset, new: &Ruleset) -> (String, ScriptStats) {
+    /// The script from `old` (which `sim` holds) to `new`, as text, and
+    /// its stats.
+    fn diff_text(sim: &Sim, old: &Ruleset, new: &Ruleset) -> (String, ScriptStats) {
         let ch = changes(old, new);
-        let s = partial(old, &ch);
+        let mut s = partial(old, &ch);
+        s.resolve_handles(&mut |t, chain| sim.rule_comments(&table_name("fairlead", t), chain))
+            .unwrap_or_else(|e| panic!("{e}"));
         (s.text("fairlead"), s.stats.clone())
     }
 
@@ -954,7 +1207,7 @@ pub(crate) mod tests {
             .retain(|e| e.addr.port() != 8080 || !e.addr.ip().to_string().ends_with(".11"));
         st2.insert(web.clone(), Arc::new(w));
         let new = Ruleset::build(cfg(), &st2);
-        let (text, stats) = diff_text(&old, &new);
+        let (text, stats) = diff_text(&sim_of(&old), &old, &new);
         golden("web-endpoints.diff.nft", &text);
         // Every statement names web's endpoint map or the hairpin
         // elements of its old or new endpoints, nothing else; no chain or
@@ -994,10 +1247,22 @@ pub(crate) mod tests {
         w.endpoints.truncate(1);
         st3.insert(web.clone(), Arc::new(w));
         let third = Ruleset::build(cfg(), &st3);
-        let (text, stats) = diff_text(&new, &third);
+        let (text, stats) = diff_text(&sim_of(&new), &new, &third);
+        // web is a plain service port: its rule in its bucket chain is
+        // replaced, by handle; no chain is flushed.
         assert_eq!(
-            (stats.chains_flushed, stats.maps_deleted, stats.maps_added),
-            (1, 1, 0),
+            (
+                stats.chains_flushed,
+                stats.rules_deleted,
+                stats.rules_added,
+                stats.maps_deleted,
+                stats.maps_added
+            ),
+            (0, 1, 1, 1, 0),
+            "{text}"
+        );
+        assert!(
+            text.contains("delete rule ip fairlead svc-bucket-"),
             "{text}"
         );
         assert!(
@@ -1019,7 +1284,7 @@ pub(crate) mod tests {
         s.endpoints.clear();
         st2.insert(sticky, Arc::new(s));
         let new = Ruleset::build(cfg(), &st2);
-        let (text, _) = diff_text(&old, &new);
+        let (text, _) = diff_text(&sim_of(&old), &old, &new);
         golden("sticky-no-endpoints.diff.nft", &text);
         let mut sim = sim_of(&old);
         sim.apply(&text).unwrap();
@@ -1108,7 +1373,7 @@ pub(crate) mod tests {
                     random_step(&mut rng, &mut state);
                 }
                 let new = Ruleset::build_sharded(cfg(), shards, &state);
-                let (text, _) = diff_text(&applied, &new);
+                let (text, _) = diff_text(&sim, &applied, &new);
                 sim.apply(&text)
                     .unwrap_or_else(|e| panic!("{shards} shards, step {step}: {e}\n{text}"));
                 assert_eq!(sim, sim_of(&new), "{shards} shards, step {step}");

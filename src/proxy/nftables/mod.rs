@@ -342,9 +342,24 @@ impl NftablesProxy {
                 .iter()
                 .map(|(spn, info)| Change::new(&g.model, spn, info.clone()))
                 .collect();
-            let script = diff::partial(&g.model, &chs);
+            let mut script = diff::partial(&g.model, &chs);
             let started = Instant::now();
-            let sent = sock(&mut g.sock, netns)?.transact(table, &script.ops);
+            let s = sock(&mut g.sock, netns)?;
+            let sent = if script.deletes_rules() {
+                script
+                    .resolve_handles(&mut |t, chain| s.rule_comments(&table_name(table, t), chain))
+                    .map_err(|e| match e {
+                        diff::ResolveError::List(e) => TxError::Io(e),
+                        diff::ResolveError::NotFound(what) => TxError::Rejected {
+                            what,
+                            op: None,
+                            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+                        },
+                    })
+            } else {
+                Ok(())
+            }
+            .and_then(|()| s.transact(table, &script.ops));
             match sent {
                 Ok((batch, generation)) => {
                     let secs = started.elapsed().as_secs_f64();

@@ -51,7 +51,8 @@ const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_DELCHAIN: u16 = 5;
-const NFT_MSG_NEWRULE: u16 = 6;
+pub(crate) const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_DELRULE: u16 = 8;
 const NFT_MSG_NEWSET: u16 = 9;
 const NFT_MSG_DELSET: u16 = 11;
@@ -73,7 +74,9 @@ const NFTA_HOOK_HOOKNUM: u16 = 1;
 const NFTA_HOOK_PRIORITY: u16 = 2;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
+pub(crate) const NFTA_RULE_HANDLE: u16 = 3;
 const NFTA_RULE_EXPRESSIONS: u16 = 4;
+pub(crate) const NFTA_RULE_USERDATA: u16 = 7;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
@@ -508,6 +511,23 @@ pub fn encode_rule(buf: &mut Vec<u8>, rule: &Rule) {
                 attr_u32(b, 5, REG32_01);
             });
         }
+        Rule::Frontend {
+            ip,
+            proto,
+            port,
+            then,
+        } => {
+            // As `nft` encodes `ip daddr <ip> <proto> dport <port>`: the
+            // address first, so the other buckets' rules fail after two
+            // expressions.
+            payload(buf, REG_1, PAYLOAD_NETWORK, 16, 4);
+            cmp(buf, REG_1, CMP_EQ, &ip.octets());
+            meta_load(buf, META_L4PROTO, REG_1);
+            cmp(buf, REG_1, CMP_EQ, &[proto_number(*proto)]);
+            payload(buf, REG_1, PAYLOAD_TRANSPORT, 2, 2);
+            cmp(buf, REG_1, CMP_EQ, &port.to_be_bytes());
+            encode_rule(buf, then);
+        }
         Rule::Pick { modulus, target } => {
             if let Some(n) = modulus {
                 numgen_inc(buf, REG_1, *n);
@@ -771,13 +791,27 @@ impl Batch {
                 attr_str(&mut self.buf, NFTA_CHAIN_NAME, name);
                 self.end_msg(s);
             }
-            Op::AddRule { chain, rule } => {
+            Op::AddRule {
+                chain,
+                rule,
+                comment,
+            } => {
                 let s = self.msg(op_index, NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND);
                 attr_str(&mut self.buf, NFTA_RULE_TABLE, t);
                 attr_str(&mut self.buf, NFTA_RULE_CHAIN, chain);
                 nest(&mut self.buf, NFTA_RULE_EXPRESSIONS, |b| {
                     encode_rule(b, rule)
                 });
+                if let Some(c) = comment {
+                    attr(&mut self.buf, NFTA_RULE_USERDATA, &comment_udata(c));
+                }
+                self.end_msg(s);
+            }
+            Op::DeleteRule { chain, handle, .. } => {
+                let s = self.msg(op_index, NFT_MSG_DELRULE, 0);
+                attr_str(&mut self.buf, NFTA_RULE_TABLE, t);
+                attr_str(&mut self.buf, NFTA_RULE_CHAIN, chain);
+                attr(&mut self.buf, NFTA_RULE_HANDLE, &handle.to_be_bytes());
                 self.end_msg(s);
             }
             Op::AddElement { map, key, verdict } => {
@@ -907,6 +941,50 @@ pub fn getsetelem_request(t: &str, set: &str, seq: u32) -> Vec<u8> {
     attr_str(&mut buf, NFTA_SET_ELEM_LIST_TABLE, t);
     attr_str(&mut buf, NFTA_SET_ELEM_LIST_SET, set);
     finish_request(buf)
+}
+
+/// A dump request for the rules of chain `chain` in table `t`.
+pub fn getrule_request(t: &str, chain: &str, seq: u32) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(64);
+    request_header(
+        &mut buf,
+        NFT_MSG_GETRULE,
+        NLM_F_REQUEST | NLM_F_DUMP | NLM_F_ACK,
+        seq,
+        NFPROTO_IPV4,
+    );
+    attr_str(&mut buf, NFTA_RULE_TABLE, t);
+    attr_str(&mut buf, NFTA_RULE_CHAIN, chain);
+    finish_request(buf)
+}
+
+/// A rule's handle and comment, from the body of an `NFT_MSG_NEWRULE`
+/// message (after its 4-byte nfgenmsg header).
+pub fn rule_handle_comment(body: &[u8]) -> Option<(u64, String)> {
+    let mut handle = None;
+    let mut comment = String::new();
+    for (ty, v) in attrs(body) {
+        match ty {
+            NFTA_RULE_HANDLE => handle = Some(u64::from_be_bytes(v.try_into().ok()?)),
+            NFTA_RULE_USERDATA => comment = udata_comment(v).unwrap_or_default(),
+            _ => {}
+        }
+    }
+    Some((handle?, comment))
+}
+
+/// The comment in `nft`'s userdata TLVs (type 0, NUL-terminated).
+fn udata_comment(mut u: &[u8]) -> Option<String> {
+    while u.len() >= 2 {
+        let (ty, len) = (u[0], u[1] as usize);
+        let v = u.get(2..2 + len)?;
+        if ty == 0 {
+            let s = v.split(|b| *b == 0).next().unwrap_or_default();
+            return Some(String::from_utf8_lossy(s).into_owned());
+        }
+        u = &u[2 + len..];
+    }
+    None
 }
 
 fn request_header(buf: &mut Vec<u8>, ty: u16, flags: u16, seq: u32, family: u8) {

@@ -343,6 +343,16 @@ pub enum Rule {
         modulus: u32,
         map: String,
     },
+    /// `ip daddr <ip> <proto> dport <port> <then>`: one service port's
+    /// balancing rule in a shared bucket chain ([`BucketRule`]). `then` is
+    /// a [`Rule::DnatMap`] or a DNAT [`Rule::Pick`]; the protocol match
+    /// that `nft` wants in front of a DNAT is the one here.
+    Frontend {
+        ip: Ipv4Addr,
+        proto: Protocol,
+        port: u16,
+        then: Box<Rule>,
+    },
 }
 
 impl fmt::Display for Rule {
@@ -387,6 +397,19 @@ impl fmt::Display for Rule {
                 "meta l4proto {} dnat ip to numgen inc mod {modulus} map @{map}",
                 proto_name(*proto)
             ),
+            Rule::Frontend {
+                ip,
+                proto,
+                port,
+                then,
+            } => {
+                let p = proto_name(*proto);
+                write!(f, "ip daddr {ip} {p} dport {port} ")?;
+                // The inner DNAT without its own protocol match.
+                let inner = then.to_string();
+                let prefix = format!("meta l4proto {p} ");
+                f.write_str(inner.strip_prefix(&prefix).unwrap_or(&inner))
+            }
         }
     }
 }
@@ -463,11 +486,25 @@ impl EndpointMap {
     }
 }
 
+/// A plain service port's balancing rule, in one of its table's shared
+/// bucket chains (see the module doc). The comment names the service port
+/// and is how a sync finds the rule's kernel handle to delete it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BucketRule {
+    /// Which bucket ([`bucket_of`]); the chain is [`bucket_chain`]`(bucket)`.
+    pub bucket: u32,
+    pub chain: String,
+    pub comment: String,
+    pub rule: Rule,
+}
+
 /// Everything one service port contributes to the table. Chain, set and
-/// map names are unique to the service port.
+/// map names are unique to the service port (bucket chains are shared).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceRules {
     pub chains: Vec<Chain>,
+    /// The balancing rule of a plain service port (instead of a chain).
+    pub bucket: Option<BucketRule>,
     pub sets: Vec<AffinitySet>,
     /// Endpoint maps (created before the chains that read them).
     pub maps: Vec<EndpointMap>,
@@ -480,8 +517,23 @@ pub struct ServiceRules {
 
 impl ServiceRules {
     pub fn rule_count(&self) -> usize {
-        self.chains.iter().map(|c| c.rules.len()).sum()
+        self.chains.iter().map(|c| c.rules.len()).sum::<usize>() + self.bucket.iter().count()
     }
+}
+
+/// Bucket chains per table: a table holds up to ~1,000 service ports
+/// ([`super::DEFAULT_SHARD_SIZE`] on average), so ~16 rules per bucket.
+pub const BUCKETS: u32 = 64;
+
+/// The name of bucket chain `b`.
+pub fn bucket_chain(b: u32) -> String {
+    format!("svc-bucket-{b:02}")
+}
+
+/// Which bucket a service port's rule goes to (other bits of its name's
+/// hash than [`shard_of`] uses, so every shard's buckets fill evenly).
+pub fn bucket_of(spn: &ServicePortName) -> u32 {
+    ((fnv128(&[&spn_key(spn)]) >> 96) as u32) % BUCKETS
 }
 
 // ---- names ------------------------------------------------------------------
@@ -743,12 +795,41 @@ pub fn service_rules(
     let svc_rules = use_svc.then(|| balance(&cluster, "eps"));
     let svl_rules = use_svl.then(|| balance(&local, "epl"));
     out.maps = maps;
-    if let Some(rules) = svc_rules {
-        out.chains.push(Chain {
+    // A plain service port (one IPv4 ClusterIP, nothing but cluster-wide
+    // round robin: no affinity, no local policy, no NodePort or external
+    // address) needs no chain of its own: its one balancing rule, matching
+    // its frontend, goes to a shared bucket chain, which its dispatch
+    // element jumps to.
+    let cluster_ips: Vec<Ipv4Addr> = v4_ips(&info.cluster_ips).collect();
+    let plain = !use_svl
+        && affinity.is_none()
+        && !has_external
+        && !info.internal_local
+        && cluster_ips.len() == 1;
+    let mut bucket_target = None;
+    match svc_rules {
+        Some(mut rules) if plain && rules.len() == 1 => {
+            let bucket = bucket_of(spn);
+            let chain = bucket_chain(bucket);
+            bucket_target = Some(chain.clone());
+            out.bucket = Some(BucketRule {
+                bucket,
+                chain,
+                comment: comment(&format!("{spn} {proto}")),
+                rule: Rule::Frontend {
+                    ip: cluster_ips[0],
+                    proto: spn.protocol,
+                    port: info.port,
+                    then: Box::new(rules.pop().expect("one rule")),
+                },
+            });
+        }
+        Some(rules) => out.chains.push(Chain {
             name: svc.clone(),
             comment: comment(&format!("{spn} {proto}")),
             rules,
-        });
+        }),
+        None => {}
     }
     if let Some(rules) = svl_rules {
         out.chains.push(Chain {
@@ -760,6 +841,8 @@ pub fn service_rules(
 
     let internal_target = if info.internal_local {
         (!local.is_empty()).then_some(&svl)
+    } else if let Some(b) = &bucket_target {
+        Some(b)
     } else {
         (!cluster.is_empty()).then_some(&svc)
     };
@@ -838,6 +921,10 @@ fn service_fingerprint(spn: &ServicePortName, r: &ServiceRules) -> u128 {
             h.separator();
             let _ = write!(h, "{rule}");
         }
+    }
+    if let Some(b) = &r.bucket {
+        h.separator();
+        let _ = write!(h, "bucket {} {} comment {}", b.chain, b.rule, b.comment);
     }
     for s in &r.sets {
         h.separator();
@@ -1001,7 +1088,7 @@ pub fn base_rules(cfg: &RulesetConfig) -> Vec<(&'static str, Rule)> {
 
 /// Bumped when the table's shape changes in a way the per-service
 /// fingerprints would not show, so an upgraded daemon rebuilds the table.
-const FORMAT: &str = "fairlead-nftables-v2";
+const FORMAT: &str = "fairlead-nftables-v3";
 
 /// The hash of the fixed part (not of the table's name: tables with the
 /// same contents have the same fingerprint) and of the number of shards.
@@ -1186,6 +1273,9 @@ pub struct Ruleset {
     /// Endpoint address → how many service ports use it (one element of
     /// `hairpin-endpoints` each).
     hairpin: HashMap<Ipv4Addr, u32>,
+    /// (table, bucket) → how many rules its bucket chain holds (a bucket
+    /// chain exists while it holds any).
+    buckets: HashMap<(TableId, u32), u32>,
     chains: usize,
     rules: usize,
     sets: usize,
@@ -1226,6 +1316,7 @@ impl Ruleset {
             services: BTreeMap::new(),
             claims: HashMap::new(),
             hairpin: HashMap::new(),
+            buckets: HashMap::new(),
             chains: 0,
             rules: 0,
             sets: 0,
@@ -1252,7 +1343,32 @@ impl Ruleset {
     /// tables must then be recreated).
     pub fn set_shards(&mut self, shards: u32) {
         assert!(shards.is_power_of_two(), "shards must be a power of two");
+        if shards == self.shards {
+            return;
+        }
         self.shards = shards;
+        // Buckets are per table: recount them.
+        self.buckets.clear();
+        for (spn, info) in &self.services {
+            if let Some(b) = service_rules(&self.cfg, spn, info).bucket {
+                *self
+                    .buckets
+                    .entry((shard_of(spn, info, shards), b.bucket))
+                    .or_default() += 1;
+            }
+        }
+    }
+
+    /// How many rules bucket chain `bucket` of table `t` holds.
+    pub fn bucket_count(&self, t: TableId, bucket: u32) -> u32 {
+        self.buckets.get(&(t, bucket)).copied().unwrap_or(0)
+    }
+
+    /// The bucket chains in use, sorted.
+    pub fn buckets(&self) -> Vec<(TableId, u32)> {
+        let mut v: Vec<(TableId, u32)> = self.buckets.keys().copied().collect();
+        v.sort_unstable();
+        v
     }
 
     /// How many tables.
@@ -1351,6 +1467,21 @@ impl Ruleset {
         old: Option<&ServiceRules>,
         new: Option<&ServiceRules>,
     ) {
+        let old_table = self.table_of(spn);
+        let new_table = info.as_ref().map_or(0, |i| shard_of(spn, i, self.shards));
+        if let Some(b) = old.and_then(|o| o.bucket.as_ref()) {
+            if let std::collections::hash_map::Entry::Occupied(mut e) =
+                self.buckets.entry((old_table, b.bucket))
+            {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
+        if let Some(b) = new.and_then(|n| n.bucket.as_ref()) {
+            *self.buckets.entry((new_table, b.bucket)).or_default() += 1;
+        }
         match info {
             Some(i) => self.services.insert(spn.clone(), i),
             None => self.services.remove(spn),
@@ -1445,9 +1576,10 @@ impl Ruleset {
         v
     }
 
-    /// Regular chains of service ports (base and helper chains excluded).
+    /// Regular chains of service ports, and bucket chains (base and
+    /// helper chains excluded).
     pub fn chain_count(&self) -> usize {
-        self.chains
+        self.chains + self.buckets.len()
     }
     /// Rules in service port chains.
     pub fn rule_count(&self) -> usize {
@@ -1638,9 +1770,10 @@ pub(crate) mod tests {
             .filter(|e| e.map == MapName::ServiceIps)
             .collect();
         assert_eq!(els.len(), 1);
+        // Both are plain: the element jumps to a's bucket chain.
         assert_eq!(
             els[0].verdict,
-            Some(Verdict::Goto(format!("svc-{}", service_hash(&a))))
+            Some(Verdict::Goto(bucket_chain(bucket_of(&a))))
         );
     }
 }

@@ -363,6 +363,36 @@ impl Socket {
         }
     }
 
+    /// The rules of chain `chain` in table `table`, as (handle, comment).
+    pub fn rule_comments(&mut self, table: &str, chain: &str) -> io::Result<Vec<(u64, String)>> {
+        let seq = self.next_seq();
+        self.send(&netlink::getrule_request(table, chain, seq))?;
+        let mut rules = Vec::new();
+        loop {
+            let n = self.recv()?;
+            for m in netlink::messages(&self.buf[..n]) {
+                if m.seq != seq {
+                    continue;
+                }
+                match m.ty {
+                    netlink::NLMSG_DONE => return Ok(rules),
+                    netlink::NLMSG_ERROR => {
+                        let code = netlink::error_code(m.payload);
+                        if code == 0 {
+                            return Ok(rules);
+                        }
+                        return Err(io::Error::from_raw_os_error(-code));
+                    }
+                    ty if netlink::nft_type(ty) == Some(netlink::NFT_MSG_NEWRULE) => {
+                        let body = m.payload.get(4..).unwrap_or_default();
+                        rules.extend(netlink::rule_handle_comment(body));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
     /// The keys of set `set` in table `table`; `None` when the table or
     /// the set does not exist.
     pub fn set_keys(&mut self, table: &str, set: &str) -> io::Result<Option<Vec<Vec<u8>>>> {
