@@ -265,11 +265,11 @@ impl Script<'_> {
     /// chain)` lists a chain's rules as (handle, comment). One listing per
     /// bucket chain, and only when a sync deletes from it (a Service
     /// removed, or its number of endpoints changed).
-    pub fn resolve_handles<E>(
-        &mut self,
-        rules: &mut dyn FnMut(TableId, &str) -> Result<Vec<(u64, String)>, E>,
-    ) -> Result<(), ResolveError<E>> {
-        let mut listed: HashMap<(TableId, String), Vec<(u64, String)>> = HashMap::new();
+    pub fn resolve_handles<E, F>(&mut self, mut rules: F) -> Result<(), ResolveError<E>>
+    where
+        F: FnMut(TableId, &str) -> Result<Vec<HandleComment>, E>,
+    {
+        let mut listed: HashMap<(TableId, String), Vec<HandleComment>> = HashMap::new();
         for (t, op) in self.ops.iter_mut() {
             let Op::DeleteRule {
                 chain,
@@ -314,6 +314,9 @@ impl Script<'_> {
         out
     }
 }
+
+/// A rule as a chain's listing gives it: its kernel handle and comment.
+pub type HandleComment = (u64, String);
 
 /// Why the handles of rules to delete could not be found.
 #[derive(Debug)]
@@ -1175,7 +1178,7 @@ pub(crate) mod tests {
     fn diff_text(sim: &Sim, old: &Ruleset, new: &Ruleset) -> (String, ScriptStats) {
         let ch = changes(old, new);
         let mut s = partial(old, &ch);
-        s.resolve_handles(&mut |t, chain| sim.rule_comments(&table_name("fairlead", t), chain))
+        s.resolve_handles(|t, chain: &str| sim.rule_comments(&table_name("fairlead", t), chain))
             .unwrap_or_else(|e| panic!("{e}"));
         (s.text("fairlead"), s.stats.clone())
     }

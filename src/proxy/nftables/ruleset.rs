@@ -23,7 +23,8 @@
 //! table ip fairlead {                       # the main table
 //!   # Dispatch: one lookup per packet, whatever the number of Services.
 //!   map service-ips           { ipv4_addr . inet_proto . inet_service : verdict }
-//!       # ClusterIP . proto . port  : goto svc-<h>  (or svl-<h>, internalTrafficPolicy Local)
+//!       # ClusterIP . proto . port  : goto svc-bucket-<b>  (a plain service port)
+//!       #                             goto svc-<h>  (or svl-<h>, internalTrafficPolicy Local)
 //!       # externalIP . proto . port : goto ext-<h>  (externalIPs, LoadBalancer ingress IPs)
 //!   map service-nodeports     { inet_proto . inet_service : verdict }
 //!       # proto . nodePort : goto ext-<h>
@@ -88,6 +89,26 @@
 //! # Per service port (h = hash of namespace/name:port/protocol):
 //! map eps-<h>-<N> { typeof numgen inc mod N : ip daddr . <proto> dport }
 //!     # 0 : <ip . port of endpoint 0>, ..., N-1 : <endpoint N-1>
+//!
+//! # A plain service port (one IPv4 ClusterIP; no NodePort, external IP,
+//! # affinity or local traffic policy: most of them) has no chain of its
+//! # own. Its one rule sits in one of the table's 64 bucket chains
+//! # (b = other bits of the same hash, see `bucket_of`), which exist while
+//! # they hold rules:
+//! chain svc-bucket-<b> {
+//!   ip daddr <ClusterIP> <proto> dport <port> dnat ip to numgen inc mod N map @eps-<h>-<N> comment "<ns>/<name>:<port> <proto>"
+//!   ...                          # ~16 service ports per bucket at most sizes
+//! }
+//! # Why: every nf_tables commit walks every chain of every table
+//! # (nf_tables_commit, "step 2"), whatever it changed; with a chain per
+//! # service port that walk was 69% of the node's CPU per change at
+//! # 30,000 Services. A new connection's first packet now also compares
+//! # its address with the rules before its own (two expressions each).
+//! # A rule is deleted by its kernel handle, found by listing its bucket
+//! # chain and matching the comment (a rule's `numgen` counter is its
+//! # own, so the other rules of the bucket keep their round robin).
+//!
+//! # Every other service port has its chain:
 //! chain svc-<h> {                # all usable endpoints, round robin
 //!   meta l4proto <proto> dnat ip to numgen inc mod N map @eps-<h>-<N>
 //! }
@@ -1258,8 +1279,12 @@ impl Claim {
 /// dispatch key (map keys claimed by several service ports, invalid input
 /// such as two Services with one external IP and port, go to the first of
 /// them in [`ServicePortName`] order, whatever the order of changes, so
-/// incremental and full syncs agree), how many endpoints use each hairpin
-/// address, the counts for the gauges, and the fingerprint.
+/// incremental and full syncs agree; the one exception: two plain service
+/// ports with one ClusterIP and port, which the API server never
+/// allocates, whose rules share a bucket chain, where the first rule in
+/// the chain's order answers), how many endpoints use each hairpin
+/// address, how many rules each bucket chain holds, the counts for the
+/// gauges, and the fingerprint.
 #[derive(Clone, Debug)]
 pub struct Ruleset {
     pub cfg: RulesetConfig,
