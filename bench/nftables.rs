@@ -67,8 +67,10 @@
 //! serves). Then, for keep-alive and `Connection: close`, back to back:
 //! `ip netns exec NS wrk -t2 -c50 -d10s --latency` against one backend
 //! directly, the ClusterIP with the nftables table programmed (a full sync
-//! before the run), and the ClusterIP after `cleanup()` (the userspace
-//! proxy). Printed: requests/s, p99, the ratios nftables/direct and
+//! before the run), the same among 30,000 other Services (every shard
+//! table's NAT chains, and the Service's rule last in its bucket chain:
+//! what a connection's first packet costs at that size), and the
+//! ClusterIP after `cleanup()` (the userspace proxy). Printed: requests/s, p99, the ratios nftables/direct and
 //! nftables/userspace, the userspace proxy's CPU per request and how busy
 //! the machine was (wrk, the backends and the proxy share the 2 cores). If
 //! `wrk` is missing, the data path is skipped with how to install it.
@@ -858,8 +860,41 @@ fn data_path(s: &Settings, wrk: &Path) -> Result<Runs> {
             )
         })
         .collect();
+    // The same Service among 30,000 others (10 endpoints each): every new
+    // connection then passes the NAT chains of all the shard tables, and
+    // the rules of its bucket chain before its own (named to sort last,
+    // so it is last in its bucket after a full sync).
+    let big: ProxyState = (0..30_000usize)
+        .map(|i| {
+            let eps = (0..ENDPOINTS)
+                .map(|j| ep(addr(70, i * ENDPOINTS + j, 8080)))
+                .collect();
+            (
+                spn(&format!("big-{i}")),
+                Arc::new(info(addr(110, i, 80), eps)),
+            )
+        })
+        .chain(state.values().map(|info| {
+            (
+                ServicePortName {
+                    namespace: "zz-last".into(),
+                    name: "echo".into(),
+                    port: "".into(),
+                    protocol: Protocol::Tcp,
+                },
+                info.clone(),
+            )
+        }))
+        .collect();
     for (scenario, close) in [("keep-alive", false), ("close", true)] {
-        for target in ["direct", "direct+1", "direct+K", "nftables", "userspace"] {
+        for target in [
+            "direct",
+            "direct+1",
+            "direct+K",
+            "nftables",
+            "nftables@30k",
+            "userspace",
+        ] {
             // Each direct run to its own backend: a close run leaves its
             // connections' ports in TIME_WAIT toward its destination, and
             // the next run to the same one would pay for the port search.
@@ -872,6 +907,10 @@ fn data_path(s: &Settings, wrk: &Path) -> Result<Runs> {
             if target == "nftables" {
                 let st = rt.block_on(nft.sync(&state))?;
                 ensure!(st.full, "nftables: expected the table to be recreated");
+            }
+            if target == "nftables@30k" {
+                let st = rt.block_on(nft.sync(&big))?;
+                ensure!(st.full, "nftables: expected the tables to be recreated");
             }
             if target == "direct+1" {
                 let st = rt.block_on(one_table.sync(&idle))?;
@@ -894,7 +933,7 @@ fn data_path(s: &Settings, wrk: &Path) -> Result<Runs> {
             let (cpu0, ticks0) = (threads_cpu(PROXY_THREAD), machine_ticks());
             let w = s.wrk.run(ns.command(wrk), addr, close)?;
             let (cpu1, ticks1) = (threads_cpu(PROXY_THREAD), machine_ticks());
-            if target == "nftables" {
+            if target == "nftables" || target == "nftables@30k" {
                 rt.block_on(nft.cleanup())?;
             }
             if target == "direct+1" {
@@ -1006,9 +1045,11 @@ fn print_data(runs: &Runs) {
         "+1 idle table",
         &format!("+{shards} idle tables"),
         "nftables",
+        "nftables, 30,000 Services",
         "userspace",
         &format!("{shards} tables/1 table"),
         "nftables/direct",
+        "at 30,000/alone",
         "nftables/userspace",
     ]
     .map(String::from)];
@@ -1019,11 +1060,12 @@ fn print_data(runs: &Runs) {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
             _ => "-".into(),
         };
-        let (d, d1, d64, n, u) = (
+        let (d, d1, d64, n, n30, u) = (
             get("direct"),
             get("direct+1"),
             get("direct+K"),
             get("nftables"),
+            get("nftables@30k"),
             get("userspace"),
         );
         rows.push([
@@ -1032,9 +1074,11 @@ fn print_data(runs: &Runs) {
             cell(d1),
             cell(d64),
             cell(n),
+            cell(n30),
             cell(u),
             ratio(d64, d1),
             ratio(n, d),
+            ratio(n30, n),
             ratio(n, u),
         ]);
     }
