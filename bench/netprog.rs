@@ -1048,14 +1048,49 @@ fn print_requests(before: &str, after: &str) {
     }
 }
 
+/// Where the CPU went over a bulk load: the server process, this bench
+/// (the 16 writers), and the whole machine.
+struct LoadCpu {
+    server: f64,
+    client: f64,
+    machine: (u64, u64),
+}
+
+impl LoadCpu {
+    fn start(server_pid: u32) -> LoadCpu {
+        LoadCpu {
+            server: stat_cpu(&format!("/proc/{server_pid}/stat")).unwrap_or(0.0),
+            client: stat_cpu("/proc/self/stat").unwrap_or(0.0),
+            machine: machine_ticks(),
+        }
+    }
+
+    /// One line: CPU ms per object written, and how busy the machine was.
+    fn line(&self, server_pid: u32, objects: usize) -> String {
+        let end = LoadCpu::start(server_pid);
+        let per = |a: f64, b: f64| (b - a) * 1000.0 / objects.max(1) as f64;
+        let busy = end.machine.0.saturating_sub(self.machine.0) as f64
+            / end.machine.1.saturating_sub(self.machine.1).max(1) as f64;
+        format!(
+            "CPU per object: server {:.3} ms, bench writers {:.3} ms; machine {:.0}% busy",
+            per(self.server, end.server),
+            per(self.client, end.client),
+            busy * 100.0
+        )
+    }
+}
+
 /// (1): the API server alone.
 async fn alone_run(env: Env, n: usize) -> Result<Load> {
     let (mut api, client) = start_api(&env, "apiserver", None).await?;
     create_namespaces(&client).await?;
     let before = api_metrics(&client).await;
+    let cpu = LoadCpu::start(api.pid());
     let load = bulk_load(&client, n, env.s.writers, env.s.load_limit(n)).await;
+    let cpu = cpu.line(api.pid(), load.ok);
     api.check_running()?;
     println!("  bulk load: {}", load.summary());
+    println!("  {cpu}");
     print_requests(&before, &api_metrics(&client).await);
     Ok(load)
 }
@@ -1072,9 +1107,12 @@ async fn up_run(env: Env, n: usize, mode: Mode) -> Result<Load> {
     )
     .unwrap_or(0.0);
     let api_before = api_metrics(&client).await;
+    let cpu = LoadCpu::start(up.pid());
     let mut load = bulk_load(&client, n, env.s.writers, env.s.load_limit(n)).await;
+    let cpu_line = cpu.line(up.pid(), load.ok);
     up.check_running()?;
     println!("  bulk load: {}", load.summary());
+    println!("  {cpu_line} (the server process includes the node and controllers)");
     print_requests(&api_before, &api_metrics(&client).await);
     // Whether the node catches up (not a target; evidence when it does not).
     let want = before + load.services_ok as f64;
@@ -1097,6 +1135,10 @@ async fn up_run(env: Env, n: usize, mode: Mode) -> Result<Load> {
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     println!("  node: {node}");
+    println!(
+        "  until the node caught up: {}",
+        cpu.line(up.pid(), load.ok)
+    );
     load.node = Some(node);
     Ok(load)
 }

@@ -131,6 +131,10 @@ impl Encoder {
 pub(super) struct Decoded {
     kv: KeyValue,
     obj: OnceLock<Option<Value>>,
+    /// `{"metadata": <its metadata>}` only: enough for label selectors and
+    /// `metadata.*` field selectors, at a fraction of a whole decode (an
+    /// EndpointSlice's endpoints are skipped, not built).
+    meta: OnceLock<Option<Value>>,
     /// `{"type": <ADDED|MODIFIED|DELETED>, "object": obj}` + newline.
     lines: [OnceLock<Option<Bytes>>; 3],
 }
@@ -147,6 +151,37 @@ impl Decoded {
             })
             .as_ref()
     }
+
+    /// What a selector that reads only metadata needs (see `meta`); the
+    /// whole object when the bytes cannot be split cheaply.
+    fn meta_view(&self) -> Option<&Value> {
+        self.meta
+            .get_or_init(|| {
+                use serde_json::value::RawValue;
+                let top: HashMap<&str, &RawValue> = serde_json::from_slice(&self.kv.value).ok()?;
+                let meta: Value = serde_json::from_str(top.get("metadata")?.get()).ok()?;
+                Some(json!({ "metadata": meta }))
+            })
+            .as_ref()
+            .or_else(|| self.obj())
+    }
+
+    /// The view `sel` needs to be judged.
+    fn view(&self, sel: Selection) -> Option<&Value> {
+        match sel {
+            Selection::Metadata => self.meta_view(),
+            Selection::Object => self.obj(),
+        }
+    }
+}
+
+/// What a filtered watch's selectors read.
+#[derive(Clone, Copy)]
+enum Selection {
+    /// Labels and `metadata.*` fields only.
+    Metadata,
+    /// Other fields (e.g. a Pod's `spec.nodeName`).
+    Object,
 }
 
 /// The watch line of a stored object without decoding it:
@@ -207,6 +242,7 @@ impl DecodedEvents {
         let d = Arc::new(Decoded {
             kv: kv.clone(),
             obj: OnceLock::new(),
+            meta: OnceLock::new(),
             lines: Default::default(),
         });
         let mut g = self.inner.lock().unwrap();
@@ -259,6 +295,11 @@ impl Server {
         let (labels, fields) = parse_selectors(def, &q)?;
         // Unfiltered watches need not decode previous values.
         let filtered = !labels.is_empty() || !fields.is_empty();
+        let selection = if fields.fields().iter().all(|f| f.starts_with("metadata.")) {
+            Selection::Metadata
+        } else {
+            Selection::Object
+        };
         let bookmarks = matches!(
             q.get("allowWatchBookmarks").map(String::as_str),
             Some("true" | "1")
@@ -367,7 +408,9 @@ impl Server {
                         start = ev.kv.mod_revision;
                         let d = decoded.get(&ev.kv);
                         let is = if filtered {
-                            let Some(obj) = d.obj() else { continue };
+                            let Some(obj) = d.view(selection) else {
+                                continue;
+                            };
                             selected(obj, &labels, &fields)
                         } else {
                             true
@@ -383,7 +426,7 @@ impl Server {
                             EventKind::Put if !filtered => existed,
                             EventKind::Put => {
                                 let prev = ev.prev.as_ref().map(|p| decoded.get(p));
-                                match prev.as_ref().and_then(|p| p.obj()) {
+                                match prev.as_ref().and_then(|p| p.view(selection)) {
                                     Some(o) => selected(o, &labels, &fields),
                                     None => existed && is,
                                 }
@@ -454,6 +497,42 @@ mod tests {
             "",
         ] {
             assert_eq!(spliced_line("ADDED", &kv(stored)), None, "{stored}");
+        }
+    }
+
+    /// A selector reading only metadata judges the metadata view as it
+    /// judges the whole object.
+    #[test]
+    fn metadata_view_selects_like_the_object() {
+        use crate::api::selector::{FieldSelector, LabelSelector};
+        let stored = [
+            r#"{"kind":"EndpointSlice","metadata":{"name":"web-1","namespace":"default","labels":{"kubernetes.io/service-name":"web","endpointslice.kubernetes.io/managed-by":"fairlead"}},"endpoints":[{"addresses":["10.0.0.1"]}]}"#,
+            r#"{"kind":"EndpointSlice","metadata":{"name":"bulk","namespace":"b","labels":{"x":"y"}},"endpoints":[]}"#,
+            r#"{"kind":"EndpointSlice","metadata":{"name":"nolabels","namespace":"b"}}"#,
+            r#"{"kind":"EndpointSlice","metadata":[]}"#,
+        ];
+        let selectors = [
+            ("endpointslice.kubernetes.io/managed-by=fairlead", ""),
+            ("kubernetes.io/service-name in (web,db),x!=y", ""),
+            ("!x", "metadata.namespace=b"),
+            ("", "metadata.name=web-1"),
+        ];
+        for s in stored {
+            let d = Decoded {
+                kv: kv(s),
+                obj: OnceLock::new(),
+                meta: OnceLock::new(),
+                lines: Default::default(),
+            };
+            for (l, f) in selectors {
+                let (l, f) = (
+                    LabelSelector::parse(l).unwrap(),
+                    FieldSelector::parse(f).unwrap(),
+                );
+                let full = d.obj().map(|o| selected(o, &l, &f));
+                let meta = d.view(Selection::Metadata).map(|o| selected(o, &l, &f));
+                assert_eq!(full, meta, "{s} {l:?} {f:?}");
+            }
         }
     }
 }

@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -170,30 +170,39 @@ fn error_policy(_svc: Arc<Service>, err: &Error, _ctx: Arc<Ctx>) -> Action {
     Action::requeue(Duration::from_millis(500))
 }
 
+/// What the Service watch tells [`cleanup_deleted`].
+enum Cleanup {
+    /// This Service was deleted.
+    Deleted { ns: String, name: String },
+    /// The watch (re)listed: Services may have gone while we were not
+    /// watching.
+    Relisted,
+}
+
 /// Removes what deleted Services leave behind (there is no garbage
 /// collector): slices and mirrored Endpoints, on delete events and, after
-/// each (re)list, for Services deleted while we were not watching.
-async fn cleanup_deleted(client: kube::Client, managed: Store<EndpointSlice>) {
+/// each (re)list, for Services deleted while we were not watching. Fed by
+/// the controller's own Service watch (one watch of every Service, not
+/// two: each costs the API server a line and this process a decode per
+/// Service written), one event at a time.
+async fn cleanup_deleted(
+    client: kube::Client,
+    managed: Store<EndpointSlice>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<Cleanup>,
+) {
     let services: Api<Service> = Api::all(client.clone());
-    let mut events = watcher(services.clone(), watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    while let Some(ev) = events.next().await {
+    while let Some(ev) = events.recv().await {
         match ev {
-            Ok(watcher::Event::Delete(svc)) => {
-                let ns = svc.metadata.namespace.clone().unwrap_or_default();
-                let name = svc.metadata.name.clone().unwrap_or_default();
+            Cleanup::Deleted { ns, name } => {
                 if let Err(e) = delete_leftovers(&client, &managed, &ns, &name).await {
                     tracing::warn!(error = %e, service = %format!("{ns}/{name}"), "cleanup failed");
                 }
             }
-            Ok(watcher::Event::InitDone) => {
+            Cleanup::Relisted => {
                 if let Err(e) = sweep(&client, &managed, &services).await {
                     tracing::warn!(error = %e, "orphan sweep failed");
                 }
             }
-            Ok(_) => {}
-            Err(e) => tracing::debug!(error = %e, "service watch error"),
         }
     }
 }
@@ -300,8 +309,25 @@ pub async fn run_controllers(client: kube::Client, max_endpoints_per_slice: usiz
     let pods: Api<Pod> = Api::all(client.clone());
     let services: Api<Service> = Api::all(client.clone());
     let slices: Api<EndpointSlice> = Api::all(client.clone());
-    let controller = Controller::new(services, watcher::Config::default());
-    let svc_store = controller.store();
+    // One watch of every Service feeds the cache (`svc_store`, which the
+    // pod mapping reads), the cleanup of deleted Services, and the
+    // controller.
+    let (svc_store, svc_writer) = reflector::store();
+    let (cleanup_tx, cleanup_rx) = tokio::sync::mpsc::unbounded_channel();
+    let service_events = watcher(services, watcher::Config::default())
+        .default_backoff()
+        .reflect(svc_writer)
+        .inspect_ok(move |ev| {
+            let msg = match ev {
+                watcher::Event::Delete(svc) => Cleanup::Deleted {
+                    ns: svc.metadata.namespace.clone().unwrap_or_default(),
+                    name: svc.metadata.name.clone().unwrap_or_default(),
+                },
+                watcher::Event::InitDone => Cleanup::Relisted,
+                _ => return,
+            };
+            let _ = cleanup_tx.send(msg);
+        });
     // Pod uid → the Services that selected it at its last event.
     let selected_by: std::sync::Mutex<HashMap<String, Vec<ObjectRef<Service>>>> =
         Default::default();
@@ -318,7 +344,21 @@ pub async fn run_controllers(client: kube::Client, max_endpoints_per_slice: usiz
     let _cleanup = AbortOnDrop(tokio::spawn(cleanup_deleted(
         client.clone(),
         managed.clone(),
+        cleanup_rx,
     )));
+    // A Service without a selector is its users' to give slices: the
+    // controller has nothing to do for it unless slices of ours are left
+    // from when it had one (the cache shows them; one arriving later
+    // reconciles its owner through `owns`). Filtered here, such Services
+    // (most of a large cluster's, often) cost no reconcile and no resync
+    // timer.
+    let has_ours = managed.clone();
+    let triggers = service_events.applied_objects().try_filter(move |svc| {
+        let ns = svc.metadata.namespace.as_deref().unwrap_or_default();
+        let name = svc.metadata.name.as_deref().unwrap_or_default();
+        futures::future::ready(endpointslice::has_selector(svc) || has_managed(&has_ours, ns, name))
+    });
+    let controller = Controller::for_stream(triggers, svc_store.clone());
     let ctx = Arc::new(Ctx {
         client,
         max: max_endpoints_per_slice,
