@@ -45,6 +45,8 @@ pub struct UpArgs {
     /// Most endpoints in one EndpointSlice.
     #[arg(long, default_value_t = 100)]
     pub max_endpoints_per_slice: usize,
+    #[command(flatten)]
+    pub ipam: IpamFlags,
 }
 
 /// Where to find the API server.
@@ -74,6 +76,33 @@ pub struct ControllersArgs {
     /// Seconds between lease attempts.
     #[arg(long, default_value_t = 2)]
     pub leader_elect_retry_period: u64,
+    #[command(flatten)]
+    pub ipam: IpamFlags,
+}
+
+/// Node IPAM flags, in kube-controller-manager's spelling.
+#[derive(Args, Debug, Clone)]
+pub struct IpamFlags {
+    /// The range pod CIDRs of Nodes are allocated from.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pub cluster_cidr: ServiceCidr,
+    /// The prefix length of each Node's pod CIDR.
+    #[arg(long, default_value_t = 24)]
+    pub node_cidr_mask_size: u8,
+    /// Give Nodes pod CIDRs (true/false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub allocate_node_cidrs: bool,
+}
+
+impl IpamFlags {
+    fn config(&self) -> anyhow::Result<Option<crate::controllers::nodeipam::IpamConfig>> {
+        if !self.allocate_node_cidrs {
+            return Ok(None);
+        }
+        crate::controllers::nodeipam::IpamConfig::new(self.cluster_cidr, self.node_cidr_mask_size)
+            .map(Some)
+            .map_err(anyhow::Error::msg)
+    }
 }
 
 /// Node daemon flags, in kube-proxy's spelling.
@@ -128,6 +157,16 @@ pub struct NodeFlags {
     /// Serve a-b-c-d.<ns>.pod.<zone> records (true/false).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub dns_pod_records: bool,
+    /// Register this node's Node object and heartbeat its Lease in
+    /// kube-node-lease (true/false), as the kubelet does.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub register_node: bool,
+    /// The node's InternalIP (default: the first non-loopback IPv4 address).
+    #[arg(long)]
+    pub node_ip: Option<std::net::IpAddr>,
+    /// How often the node renews its Lease, e.g. 10s.
+    #[arg(long, default_value = "10s")]
+    pub node_status_update_frequency: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -180,6 +219,13 @@ impl NodeFlags {
         if let Some(d) = &self.sync_period {
             cfg.sync_period = parse_duration(d).map_err(anyhow::Error::msg)?;
         }
+        cfg.register_node = self.register_node;
+        cfg.node_ip = self.node_ip;
+        cfg.node_status_update_frequency =
+            parse_duration(&self.node_status_update_frequency).map_err(anyhow::Error::msg)?;
+        if cfg.node_status_update_frequency.is_zero() {
+            anyhow::bail!("--node-status-update-frequency must be more than 0");
+        }
         cfg.dns = if self.disable_dns {
             None
         } else {
@@ -208,7 +254,7 @@ impl NodeFlags {
 }
 
 impl ControllersArgs {
-    fn config(&self) -> crate::controllers::Config {
+    fn config(&self) -> anyhow::Result<crate::controllers::Config> {
         let identity = self.identity.clone().unwrap_or_else(|| {
             format!(
                 "{}_{}",
@@ -216,8 +262,9 @@ impl ControllersArgs {
                 std::process::id()
             )
         });
-        crate::controllers::Config {
+        Ok(crate::controllers::Config {
             max_endpoints_per_slice: self.max_endpoints_per_slice,
+            ipam: self.ipam.config()?,
             leader: crate::controllers::leader::LeaderConfig {
                 namespace: "kube-system".into(),
                 name: "fairlead-controllers".into(),
@@ -226,7 +273,7 @@ impl ControllersArgs {
                 renew_deadline: Duration::from_secs(self.leader_elect_renew_deadline),
                 retry_period: Duration::from_secs(self.leader_elect_retry_period.max(1)),
             },
-        }
+        })
     }
 }
 
@@ -370,8 +417,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 leader_elect_lease_duration: 15,
                 leader_elect_renew_deadline: 10,
                 leader_elect_retry_period: 2,
+                ipam: args.ipam.clone(),
             };
-            tokio::spawn(crate::controllers::run(client.clone(), ctrl.config()));
+            tokio::spawn(crate::controllers::run(client.clone(), ctrl.config()?));
             let metrics_addr = node_cfg.metrics_bind_address;
             let healthz_addr = node_cfg.healthz_bind_address;
             let mode = node_cfg.proxy_mode;
@@ -412,7 +460,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = client_from(args.client.path()?).await?;
             tokio::select! {
                 _ = shutdown_signal() => {}
-                _ = crate::controllers::run(client, args.config()) => {}
+                _ = crate::controllers::run(client, args.config()?) => {}
             }
             Ok(())
         }

@@ -16,20 +16,23 @@
 //!   credentials, routing, the generic REST verbs over the resource table,
 //!   watch streams, discovery, OpenAPI, Service IP/NodePort allocation.
 //! * [`controllers`] — EndpointSlices and legacy Endpoints from Services and
-//!   Pods (kube-rs runtime; a pure planner in `controllers::endpointslice`),
-//!   under Lease leader election.
+//!   Pods (kube-rs runtime; a pure planner in `controllers::endpointslice`)
+//!   and node IPAM (a pod CIDR per Node, `controllers::nodeipam`), under
+//!   Lease leader election.
 //! * [`model`] — the node's lean view of Services, EndpointSlices and
 //!   Namespaces (only what the proxy and DNS need, strings interned) and
 //!   the watch cache that records which Services changed since the last
 //!   sync: the start of every per-change (never whole-cluster) path below.
 //! * [`node`] — the node daemon: watches feeding the [`model::Cache`], a
 //!   paced sync loop handing only the changed Services to the proxy and
-//!   cluster DNS, plus `/healthz` and `/metrics`.
+//!   cluster DNS, plus `/healthz` and `/metrics`; `node::register` keeps
+//!   its `Node` and heartbeat Lease, as the kubelet does.
 //! * [`proxy`] — Service proxying: the pure change tracker
 //!   (`proxy::tracker`: dirty Services → changed service ports) and two
 //!   backends applying those changes, [`proxy::userspace`] (tokio
-//!   listeners) and [`proxy::nftables`] (kernel tables, sharded so a
-//!   change's kernel cost stays bounded, one atomic transaction per sync),
+//!   listeners) and [`proxy::nftables`] (kernel tables, sharded, most
+//!   Services one rule in a shared bucket chain, so a change's kernel cost
+//!   stays bounded, one atomic transaction per sync),
 //!   plus [`proxy::conntrack`] (deleting stale UDP conntrack entries when
 //!   endpoints go away).
 //! * [`dns`] — cluster DNS per the Kubernetes DNS spec: a record index

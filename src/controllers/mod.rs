@@ -27,6 +27,7 @@
 
 pub mod endpointslice;
 pub mod leader;
+pub mod nodeipam;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -46,6 +47,8 @@ use endpointslice::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
 #[derive(Clone, Debug)]
 pub struct Config {
     pub max_endpoints_per_slice: usize,
+    /// Pod CIDRs for Nodes (`None`: `--allocate-node-cidrs=false`).
+    pub ipam: Option<nodeipam::IpamConfig>,
     pub leader: leader::LeaderConfig,
 }
 
@@ -403,6 +406,14 @@ pub async fn run_controllers(client: kube::Client, max_endpoints_per_slice: usiz
 /// Run the controllers under leader election. Never returns.
 pub async fn run(client: kube::Client, cfg: Config) {
     let max = cfg.max_endpoints_per_slice;
+    let ipam = cfg.ipam;
     let c = client.clone();
-    leader::run(client, cfg.leader, move || run_controllers(c.clone(), max)).await
+    leader::run(client, cfg.leader, move || {
+        let c = c.clone();
+        async move {
+            let _ipam = ipam.map(|i| AbortOnDrop(tokio::spawn(nodeipam::run(c.clone(), i))));
+            run_controllers(c, max).await
+        }
+    })
+    .await
 }

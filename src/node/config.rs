@@ -36,6 +36,14 @@ pub struct NodeConfig {
     pub sync_period: Duration,
     /// Cluster DNS settings (`None`: no DNS server on this node).
     pub dns: Option<DnsSettings>,
+    /// Register this node's `Node` and heartbeat its Lease (the kubelet's
+    /// `--register-node`).
+    pub register_node: bool,
+    /// The address the Node reports as InternalIP (`--node-ip`; `None`:
+    /// the first non-loopback IPv4 address).
+    pub node_ip: Option<IpAddr>,
+    /// How often the node renews its Lease (`--node-status-update-frequency`).
+    pub node_status_update_frequency: Duration,
 }
 
 /// Cluster DNS settings of the node daemon.
@@ -79,6 +87,9 @@ impl Default for NodeConfig {
             min_sync_period: Duration::ZERO,
             sync_period: Duration::from_secs(30),
             dns: Some(DnsSettings::default()),
+            register_node: true,
+            node_ip: None,
+            node_status_update_frequency: Duration::from_secs(10),
         }
     }
 }

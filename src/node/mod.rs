@@ -27,6 +27,9 @@
 //! bursts coalesce into fewer, larger syncs, and a flood of changes cannot
 //! turn the node into a busy loop that starves whatever shares its CPUs.
 //!
+//! Beside the loop, [`register`] keeps this node's `Node` and its
+//! heartbeat Lease, as the kubelet does.
+//!
 //! The cache keeps its last state while the API server is unreachable (the
 //! watches retry with backoff and resume from their resourceVersion, or
 //! list again and drop what was deleted meanwhile), so traffic keeps
@@ -34,6 +37,7 @@
 
 pub mod config;
 pub mod http;
+pub mod register;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -304,6 +308,15 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
         None => None,
     };
     let started_at = jiff::Timestamp::now();
+    // The Node and its Lease (stops with this future).
+    let _register = cfg.register_node.then(|| {
+        let facts = register::Facts::gather(&node_name, cfg.node_ip);
+        AbortOnDrop(tokio::spawn(register::run(
+            client.clone(),
+            facts,
+            cfg.node_status_update_frequency,
+        )))
+    });
     let (tx, mut rx) = mpsc::channel(EVENT_BUFFER);
     watch(
         Api::<Service>::all(client.clone()),
@@ -425,6 +438,15 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
         pacer.synced(started, Instant::now());
         retry_at = incomplete.then(|| Instant::now() + SYNC_RETRY);
         next_verify = Instant::now() + cfg.sync_period;
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
