@@ -580,6 +580,13 @@ impl Fnv128 {
         self.byte(0xff);
     }
 
+    /// Raw bytes (fixed-length fields, so no separator is needed).
+    fn bytes(&mut self, b: &[u8]) {
+        for x in b {
+            self.byte(*x);
+        }
+    }
+
     pub(crate) fn finish(&self) -> u128 {
         // FNV's top bits barely depend on the last bytes: finish with an
         // xorshift-multiply avalanche so every input bit reaches the bits
@@ -951,16 +958,42 @@ fn service_fingerprint(spn: &ServicePortName, r: &ServiceRules) -> u128 {
         h.separator();
         let _ = write!(h, "set {} {}", s.name, s.timeout_secs);
     }
+    // Endpoints and element keys as bytes, not text: they are most of a
+    // service port's parts, and formatting addresses was most of the
+    // hashing's cost in a bulk load.
     for m in &r.maps {
         h.separator();
         let _ = write!(h, "map {} {}", m.name, m.type_text());
-        for (i, ep) in m.endpoints.iter().enumerate() {
-            let _ = write!(h, " {i}:{ep}");
+        for ep in &m.endpoints {
+            h.bytes(&ep.ip().octets());
+            h.bytes(&ep.port().to_be_bytes());
         }
     }
     for e in &r.elements {
         h.separator();
-        let _ = write!(h, "element {} {}", e.map.as_str(), e.key);
+        let _ = write!(h, "element {} ", e.map.as_str());
+        match e.key {
+            Key::Frontend(ip, p, port) => {
+                h.bytes(&[0]);
+                h.bytes(&ip.octets());
+                h.bytes(proto_name(p).as_bytes());
+                h.bytes(&port.to_be_bytes());
+            }
+            Key::NodePort(p, port) => {
+                h.bytes(&[1]);
+                h.bytes(proto_name(p).as_bytes());
+                h.bytes(&port.to_be_bytes());
+            }
+            Key::Pair(a, b) => {
+                h.bytes(&[2]);
+                h.bytes(&a.octets());
+                h.bytes(&b.octets());
+            }
+            Key::Fingerprint(f) => {
+                h.bytes(&[3]);
+                h.bytes(&f.to_be_bytes());
+            }
+        }
         if let Some(v) = &e.verdict {
             let _ = write!(h, " : {v}");
         }
