@@ -433,6 +433,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 None => "disabled".into(),
             };
+            // One node: Pods waiting for a scheduler are bound to it.
+            tokio::spawn(crate::controllers::binder::run(
+                client.clone(),
+                node_cfg.node_name(),
+            ));
             let node = spawn_node(running.kubeconfig.clone(), node_cfg)?;
             println!("fairlead is up");
             println!("  kubeconfig: {}", running.kubeconfig.display());

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{Cluster, SETTLE};
+use common::cluster::{pod_yaml, Cluster, SETTLE};
 use common::server::poll;
 use serde_json::Value;
 
@@ -139,4 +139,69 @@ fn node_registers_heartbeats_and_gets_a_pod_cidr() {
     c.kubectl_ok(&["delete", "node", "node-b"]);
     c.apply(&node_yaml("node-d"));
     assert_eq!(cidr("node-d"), b, "node-b's block is free again");
+}
+
+/// Without a scheduler, `fairlead up` binds Pods to its node through
+/// `pods/binding`, which a scheduler would use; a bound Pod cannot be
+/// bound again, and a Binding without a target is invalid.
+#[test]
+fn up_binds_pods_to_its_node() {
+    let c = Cluster::up("binding", &["--hostname-override", "node-a"]);
+    c.apply(&pod_yaml("p1", "web"));
+    let pod = poll("p1 bound to node-a", SETTLE, || {
+        let out = c.kubectl(&["get", "pod", "p1", "-o", "json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["spec"]["nodeName"] == "node-a").then_some(v)
+    });
+    let scheduled = condition(&pod, "PodScheduled").expect("a PodScheduled condition");
+    assert_eq!(scheduled["status"], "True", "{pod:#}");
+    let wide = c.kubectl_ok(&["get", "pod", "p1", "-o", "wide"]);
+    assert!(wide.contains("node-a"), "{wide}");
+
+    // Another scheduler's Pod is left alone.
+    c.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: other}\nspec:\n  schedulerName: mine\n  \
+         containers:\n  - {name: c, image: fairlead}\n",
+    );
+    // The binder sees Pods in order: once p2 (created after) is bound, it
+    // has passed `other` by.
+    c.apply(&pod_yaml("p2", "web"));
+    poll("p2 bound", SETTLE, || {
+        let n = c.kubectl_ok(&["get", "pod", "p2", "-o", "jsonpath={.spec.nodeName}"]);
+        (n.trim() == "node-a").then_some(())
+    });
+    let n = c.kubectl_ok(&["get", "pod", "other", "-o", "jsonpath={.spec.nodeName}"]);
+    assert_eq!(n.trim(), "", "another scheduler's Pod stays unbound");
+
+    let binding = |pod: &str, node: &str| {
+        let body = format!(
+            r#"{{"apiVersion":"v1","kind":"Binding","metadata":{{"name":"{pod}"}},"target":{{"kind":"Node","name":"{node}"}}}}"#
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("binding.json");
+        std::fs::write(&f, body).unwrap();
+        c.kubectl(&[
+            "create",
+            "--raw",
+            &format!("/api/v1/namespaces/default/pods/{pod}/binding"),
+            "-f",
+            &f.display().to_string(),
+        ])
+    };
+    let again = binding("p1", "node-b");
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("already assigned to node"), "{err}");
+    let invalid = binding("other", "");
+    assert!(!invalid.status.success());
+    let err = String::from_utf8_lossy(&invalid.stderr);
+    assert!(err.contains("target.name"), "{err}");
+    let ok = binding("other", "node-a");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let node = c.kubectl_ok(&["get", "pod", "other", "-o", "jsonpath={.spec.nodeName}"]);
+    assert_eq!(node.trim(), "node-a");
 }

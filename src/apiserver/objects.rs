@@ -642,3 +642,99 @@ pub fn resource_ref(def: &ResourceDef) -> String {
         format!("{}.{}", def.plural, def.group)
     }
 }
+
+impl Server {
+    /// `POST pods/<name>/binding`: assign a Pod to a Node (what a scheduler
+    /// does). Sets `spec.nodeName` if the Pod has none (409 if it is bound
+    /// already), then marks it `PodScheduled`. Returns the Status to send.
+    pub async fn bind_pod(
+        &self,
+        ns: &str,
+        name: &str,
+        body: Value,
+        opts: &WriteOpts,
+    ) -> Result<Value, ApiError> {
+        use crate::api::status::FieldError;
+        let def = resources::find("", "v1", "pods").expect("pods are served");
+        let target = body
+            .pointer("/target/name")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let mut errs = Vec::new();
+        if target.is_empty() {
+            errs.push(FieldError::required("target.name", ""));
+        }
+        match body.pointer("/target/kind").and_then(Value::as_str) {
+            None | Some("") | Some("Node") => {}
+            Some(k) => errs.push(FieldError::not_supported("target.kind", k, &["Node"])),
+        }
+        if !errs.is_empty() {
+            return Err(ApiError::invalid("Binding", name, errs));
+        }
+        let key = def.key(Some(ns), name);
+        loop {
+            let Some(kv) = self.store.get(&key).await? else {
+                return Err(ApiError::not_found("pods", name));
+            };
+            let old = decode(&kv)?;
+            if old.pointer("/metadata/deletionTimestamp").is_some() {
+                return Err(ApiError::conflict(
+                    "pods/binding",
+                    name,
+                    &format!("pod {name} is being deleted, cannot be assigned to a host"),
+                ));
+            }
+            match old.pointer("/spec/nodeName").and_then(Value::as_str) {
+                Some(n) if !n.is_empty() => {
+                    return Err(ApiError::conflict(
+                        "pods/binding",
+                        name,
+                        &format!("pod {name} is already assigned to node {n:?}"),
+                    ))
+                }
+                _ => {}
+            }
+            let mut new = old.clone();
+            new["spec"]["nodeName"] = json!(target);
+            if self
+                .write_update(def, Some(ns), name, &kv, old, new, None, opts)
+                .await?
+                .is_some()
+            {
+                break;
+            }
+            // Raced with another writer: look again.
+        }
+        // PodScheduled, as the scheduler's binding reports it.
+        loop {
+            let Some(kv) = self.store.get(&key).await? else {
+                break;
+            };
+            let old = decode(&kv)?;
+            let mut new = old.clone();
+            let now = jiff::Timestamp::now()
+                .round(jiff::Unit::Second)
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            let cond = json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null,
+                "lastTransitionTime": now});
+            let status = new["status"].as_object_mut();
+            let Some(status) = status else { break };
+            let conds = status.entry("conditions").or_insert_with(|| json!([]));
+            let Some(list) = conds.as_array_mut() else {
+                break;
+            };
+            list.retain(|c| c["type"] != "PodScheduled");
+            list.push(cond);
+            if self
+                .write_update(def, Some(ns), name, &kv, old, new, Some("status"), opts)
+                .await?
+                .is_some()
+            {
+                break;
+            }
+        }
+        Ok(json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Success", "code": 201}))
+    }
+}

@@ -146,8 +146,9 @@ fn route(path: &str) -> Result<Route, ApiError> {
         [] => return Err(ApiError::path_not_found()),
     };
     if let Some(s) = sub {
-        let ok =
-            (s == "status" && def.has_status) || (s == "finalize" && def.plural == "namespaces");
+        let ok = (s == "status" && def.has_status)
+            || (s == "finalize" && def.plural == "namespaces")
+            || (s == "binding" && def.plural == "pods");
         if !ok {
             return Err(ApiError::path_not_found());
         }
@@ -411,6 +412,11 @@ impl Server {
                 ))
             }
         };
+        if r.sub.as_deref() == Some("binding") && verb != "create" {
+            return Err(ApiError::method_not_allowed(
+                "the server does not allow this method on the requested resource",
+            ));
+        }
         if !matches!(verb, "get" | "list" | "watch") && !ident.can_write() {
             let ns = r
                 .namespace
@@ -460,6 +466,18 @@ impl Server {
                     .get_object(r.def, ns, r.name.as_deref().unwrap())
                     .await?;
                 Ok(json_response(200, &render(r.def, obj, out, &q), &[]))
+            }
+            "create" if r.sub.as_deref() == Some("binding") => {
+                let body = read_object(req).await?;
+                let status = self
+                    .bind_pod(
+                        ns.unwrap_or_default(),
+                        r.name.as_deref().unwrap_or(""),
+                        body,
+                        &opts,
+                    )
+                    .await?;
+                Ok(json_response(201, &status, &[]))
             }
             "create" => {
                 if r.sub.is_some() {
