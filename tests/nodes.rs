@@ -204,4 +204,18 @@ fn up_binds_pods_to_its_node() {
     );
     let node = c.kubectl_ok(&["get", "pod", "other", "-o", "jsonpath={.spec.nodeName}"]);
     assert_eq!(node.trim(), "node-a");
+
+    // Nonsense in a Pod is a 422 naming the field; nothing is created.
+    let bad = "apiVersion: v1\nkind: Pod\nmetadata: {name: bad}\nspec:\n  containers:\n  \
+               - name: c\n    image: fairlead\n    readinessProbe:\n      \
+               tcpSocket: {port: 80}\n      periodSeconds: -1\n";
+    let out = common::server::run_with_stdin(c.kubectl_cmd(&["apply", "-f", "-"]), bad);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is invalid")
+            && err.contains("spec.containers[0].readinessProbe.periodSeconds"),
+        "{err}"
+    );
+    assert!(!c.kubectl(&["get", "pod", "bad"]).status.success());
 }

@@ -4,6 +4,7 @@
 
 pub mod meta;
 pub mod patch;
+pub mod pod;
 pub mod protobuf;
 pub mod resources;
 pub mod selector;

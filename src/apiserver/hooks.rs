@@ -31,6 +31,7 @@ fn name_errors(def: &ResourceDef, obj: &Value) -> Vec<FieldError> {
 fn kind_errors(srv: &Server, def: &ResourceDef, obj: &Value) -> Vec<FieldError> {
     match def.kind {
         Kind::Service => service::validate_service(obj, &srv.config.service_cidr),
+        Kind::Pod => crate::api::pod::validate_pod(obj),
         Kind::EndpointSlice => {
             let mut errs = Vec::new();
             match obj.get("addressType").and_then(Value::as_str) {
@@ -94,6 +95,7 @@ pub fn before_create(srv: &Server, def: &ResourceDef, obj: &mut Value) -> Result
         }
         Kind::Pod => {
             obj["status"] = json!({"phase": "Pending"});
+            crate::api::pod::default_pod(obj);
         }
         _ => {}
     }
