@@ -849,31 +849,24 @@ fn data_path(s: &Settings, wrk: &Path) -> Result<Runs> {
         })
     };
     let (one_table, sharded) = (idle_proxy(1000), idle_proxy(2));
-    let idle: ProxyState = (0..2 * shards as usize)
-        .map(|i| {
+    // `n` plain Services `<prefix>-<i>` of ENDPOINTS endpoints each.
+    let plain = |prefix: &'static str, n: usize| {
+        (0..n).map(move |i| {
             let eps = (0..ENDPOINTS)
                 .map(|j| ep(addr(70, i * ENDPOINTS + j, 8080)))
                 .collect();
             (
-                spn(&format!("idle-{i}")),
+                spn(&format!("{prefix}-{i}")),
                 Arc::new(info(addr(110, i, 80), eps)),
             )
         })
-        .collect();
+    };
+    let idle: ProxyState = plain("idle", 2 * shards as usize).collect();
     // The same Service among 30,000 others (10 endpoints each): every new
     // connection then passes the NAT chains of all the shard tables, and
     // the rules of its bucket chain before its own (named to sort last,
     // so it is last in its bucket after a full sync).
-    let big: ProxyState = (0..30_000usize)
-        .map(|i| {
-            let eps = (0..ENDPOINTS)
-                .map(|j| ep(addr(70, i * ENDPOINTS + j, 8080)))
-                .collect();
-            (
-                spn(&format!("big-{i}")),
-                Arc::new(info(addr(110, i, 80), eps)),
-            )
-        })
+    let big: ProxyState = plain("big", 30_000)
         .chain(state.values().map(|info| {
             (
                 ServicePortName {

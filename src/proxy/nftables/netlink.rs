@@ -928,34 +928,40 @@ pub fn getgen_request(seq: u32) -> Vec<u8> {
     finish_request(buf)
 }
 
-/// A dump request for the elements of set `set` in table `t`.
-pub fn getsetelem_request(t: &str, set: &str, seq: u32) -> Vec<u8> {
+/// A dump request of nf_tables type `ty` for the objects under one named
+/// object of table `t` (the elements of a set, the rules of a chain).
+fn dump_request(ty: u16, t: (u16, &str), name: (u16, &str), seq: u32) -> Vec<u8> {
     let mut buf = Vec::with_capacity(64);
     request_header(
         &mut buf,
-        NFT_MSG_GETSETELEM,
+        ty,
         NLM_F_REQUEST | NLM_F_DUMP | NLM_F_ACK,
         seq,
         NFPROTO_IPV4,
     );
-    attr_str(&mut buf, NFTA_SET_ELEM_LIST_TABLE, t);
-    attr_str(&mut buf, NFTA_SET_ELEM_LIST_SET, set);
+    attr_str(&mut buf, t.0, t.1);
+    attr_str(&mut buf, name.0, name.1);
     finish_request(buf)
+}
+
+/// A dump request for the elements of set `set` in table `t`.
+pub fn getsetelem_request(t: &str, set: &str, seq: u32) -> Vec<u8> {
+    dump_request(
+        NFT_MSG_GETSETELEM,
+        (NFTA_SET_ELEM_LIST_TABLE, t),
+        (NFTA_SET_ELEM_LIST_SET, set),
+        seq,
+    )
 }
 
 /// A dump request for the rules of chain `chain` in table `t`.
 pub fn getrule_request(t: &str, chain: &str, seq: u32) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(64);
-    request_header(
-        &mut buf,
+    dump_request(
         NFT_MSG_GETRULE,
-        NLM_F_REQUEST | NLM_F_DUMP | NLM_F_ACK,
+        (NFTA_RULE_TABLE, t),
+        (NFTA_RULE_CHAIN, chain),
         seq,
-        NFPROTO_IPV4,
-    );
-    attr_str(&mut buf, NFTA_RULE_TABLE, t);
-    attr_str(&mut buf, NFTA_RULE_CHAIN, chain);
-    finish_request(buf)
+    )
 }
 
 /// A rule's handle and comment, from the body of an `NFT_MSG_NEWRULE`

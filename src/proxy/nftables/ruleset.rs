@@ -424,12 +424,19 @@ impl fmt::Display for Rule {
                 port,
                 then,
             } => {
-                let p = proto_name(*proto);
-                write!(f, "ip daddr {ip} {p} dport {port} ")?;
-                // The inner DNAT without its own protocol match.
-                let inner = then.to_string();
-                let prefix = format!("meta l4proto {p} ");
-                f.write_str(inner.strip_prefix(&prefix).unwrap_or(&inner))
+                write!(f, "ip daddr {ip} {} dport {port} ", proto_name(*proto))?;
+                // The inner DNAT without its own protocol match: the
+                // `<proto> dport` above is that match.
+                match then.as_ref() {
+                    Rule::DnatMap { modulus, map, .. } => {
+                        write!(f, "dnat ip to numgen inc mod {modulus} map @{map}")
+                    }
+                    Rule::Pick {
+                        modulus: None,
+                        target: Target::Dnat { to, .. },
+                    } => write!(f, "dnat to {to}"),
+                    other => write!(f, "{other}"),
+                }
             }
         }
     }

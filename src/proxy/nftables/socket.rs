@@ -302,11 +302,18 @@ impl Socket {
         Ok((batch, genid))
     }
 
-    /// The names of every `ip` table in the ruleset.
-    pub fn tables(&mut self) -> io::Result<Vec<String>> {
-        let seq = self.next_seq();
-        self.send(&netlink::gettable_request(seq))?;
-        let mut names = Vec::new();
+    /// Send dump request `request` (sequence `seq`) and hand the body
+    /// (after the nfgenmsg header) of every reply message of nf_tables
+    /// type `ty` to `each`. Ok(false): the kernel answered ENOENT (the
+    /// table, chain or set does not exist).
+    fn dump(
+        &mut self,
+        request: &[u8],
+        seq: u32,
+        ty: u16,
+        each: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<bool> {
+        self.send(request)?;
         loop {
             let n = self.recv()?;
             for m in netlink::messages(&self.buf[..n]) {
@@ -314,27 +321,41 @@ impl Socket {
                     continue;
                 }
                 match m.ty {
-                    netlink::NLMSG_DONE => return Ok(names),
+                    netlink::NLMSG_DONE => return Ok(true),
                     netlink::NLMSG_ERROR => {
-                        let code = netlink::error_code(m.payload);
-                        if code == 0 {
-                            return Ok(names);
-                        }
-                        return Err(io::Error::from_raw_os_error(-code));
+                        return match netlink::error_code(m.payload) {
+                            0 => Ok(true),
+                            code if code == -libc::ENOENT => Ok(false),
+                            code => Err(io::Error::from_raw_os_error(-code)),
+                        };
                     }
-                    ty if netlink::nft_type(ty) == Some(netlink::NFT_MSG_NEWTABLE) => {
-                        let body = m.payload.get(4..).unwrap_or_default();
-                        for (ty, v) in netlink::attrs(body) {
-                            if ty == netlink::NFTA_TABLE_NAME {
-                                let name = v.split(|b| *b == 0).next().unwrap_or_default();
-                                names.push(String::from_utf8_lossy(name).into_owned());
-                            }
-                        }
+                    t if netlink::nft_type(t) == Some(ty) => {
+                        each(m.payload.get(4..).unwrap_or_default());
                     }
                     _ => {}
                 }
             }
         }
+    }
+
+    /// The names of every `ip` table in the ruleset.
+    pub fn tables(&mut self) -> io::Result<Vec<String>> {
+        let seq = self.next_seq();
+        let mut names = Vec::new();
+        self.dump(
+            &netlink::gettable_request(seq),
+            seq,
+            netlink::NFT_MSG_NEWTABLE,
+            &mut |body| {
+                for (ty, v) in netlink::attrs(body) {
+                    if ty == netlink::NFTA_TABLE_NAME {
+                        let name = v.split(|b| *b == 0).next().unwrap_or_default();
+                        names.push(String::from_utf8_lossy(name).into_owned());
+                    }
+                }
+            },
+        )?;
+        Ok(names)
     }
 
     /// The kernel's current ruleset generation (any commit by anyone
@@ -366,81 +387,49 @@ impl Socket {
     /// The rules of chain `chain` in table `table`, as (handle, comment).
     pub fn rule_comments(&mut self, table: &str, chain: &str) -> io::Result<Vec<(u64, String)>> {
         let seq = self.next_seq();
-        self.send(&netlink::getrule_request(table, chain, seq))?;
         let mut rules = Vec::new();
-        loop {
-            let n = self.recv()?;
-            for m in netlink::messages(&self.buf[..n]) {
-                if m.seq != seq {
-                    continue;
-                }
-                match m.ty {
-                    netlink::NLMSG_DONE => return Ok(rules),
-                    netlink::NLMSG_ERROR => {
-                        let code = netlink::error_code(m.payload);
-                        if code == 0 {
-                            return Ok(rules);
-                        }
-                        return Err(io::Error::from_raw_os_error(-code));
-                    }
-                    ty if netlink::nft_type(ty) == Some(netlink::NFT_MSG_NEWRULE) => {
-                        let body = m.payload.get(4..).unwrap_or_default();
-                        rules.extend(netlink::rule_handle_comment(body));
-                    }
-                    _ => {}
-                }
-            }
+        let found = self.dump(
+            &netlink::getrule_request(table, chain, seq),
+            seq,
+            netlink::NFT_MSG_NEWRULE,
+            &mut |body| rules.extend(netlink::rule_handle_comment(body)),
+        )?;
+        if !found {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
         }
+        Ok(rules)
     }
 
     /// The keys of set `set` in table `table`; `None` when the table or
     /// the set does not exist.
     pub fn set_keys(&mut self, table: &str, set: &str) -> io::Result<Option<Vec<Vec<u8>>>> {
         let seq = self.next_seq();
-        self.send(&netlink::getsetelem_request(table, set, seq))?;
         let mut keys = Vec::new();
-        loop {
-            let n = self.recv()?;
-            for m in netlink::messages(&self.buf[..n]) {
-                if m.seq != seq {
-                    continue;
-                }
-                match m.ty {
-                    netlink::NLMSG_DONE => return Ok(Some(keys)),
-                    netlink::NLMSG_ERROR => {
-                        let code = netlink::error_code(m.payload);
-                        if code == 0 {
-                            return Ok(Some(keys));
-                        }
-                        if code == -libc::ENOENT {
-                            return Ok(None);
-                        }
-                        return Err(io::Error::from_raw_os_error(-code));
+        let found = self.dump(
+            &netlink::getsetelem_request(table, set, seq),
+            seq,
+            netlink::NFT_MSG_NEWSETELEM,
+            &mut |body| {
+                for (ty, list) in netlink::attrs(body) {
+                    if ty != netlink::NFTA_SET_ELEM_LIST_ELEMENTS {
+                        continue;
                     }
-                    ty if netlink::nft_type(ty) == Some(netlink::NFT_MSG_NEWSETELEM) => {
-                        let body = m.payload.get(4..).unwrap_or_default();
-                        for (ty, list) in netlink::attrs(body) {
-                            if ty != netlink::NFTA_SET_ELEM_LIST_ELEMENTS {
+                    for (_, elem) in netlink::attrs(list) {
+                        for (ty, key) in netlink::attrs(elem) {
+                            if ty != netlink::NFTA_SET_ELEM_KEY {
                                 continue;
                             }
-                            for (_, elem) in netlink::attrs(list) {
-                                for (ty, key) in netlink::attrs(elem) {
-                                    if ty != netlink::NFTA_SET_ELEM_KEY {
-                                        continue;
-                                    }
-                                    for (ty, v) in netlink::attrs(key) {
-                                        if ty == netlink::NFTA_DATA_VALUE {
-                                            keys.push(v.to_vec());
-                                        }
-                                    }
+                            for (ty, v) in netlink::attrs(key) {
+                                if ty == netlink::NFTA_DATA_VALUE {
+                                    keys.push(v.to_vec());
                                 }
                             }
                         }
                     }
-                    _ => {}
                 }
-            }
-        }
+            },
+        )?;
+        Ok(found.then_some(keys))
     }
 }
 
