@@ -167,14 +167,35 @@ pub struct NodeFlags {
     /// How often the node renews its Lease, e.g. 10s.
     #[arg(long, default_value = "10s")]
     pub node_status_update_frequency: String,
+    /// Run the Pods bound to this node (true/false; false: a proxy-only
+    /// node, as kube-proxy alone).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub run_pods: bool,
+    /// This node's pod range (default: the Node's spec.podCIDR, set by the
+    /// controllers' node IPAM).
+    #[arg(long)]
+    pub pod_cidr: Option<ServiceCidr>,
+    /// First CrashLoopBackOff delay (doubling from the second restart).
+    #[arg(long, default_value = "10s")]
+    pub crash_loop_backoff: String,
+    /// Longest CrashLoopBackOff delay.
+    #[arg(long, default_value = "5m")]
+    pub crash_loop_max_backoff: String,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct NodeArgs {
-    /// Remove the kernel state the proxy modes create (the nftables table)
-    /// and exit.
+    /// Remove what the node leaves behind and exit: the proxy's nftables
+    /// tables and addresses, and every pod's processes, cgroup, network
+    /// namespace and files, the pod bridge and its masquerade table.
     #[arg(long)]
     pub cleanup: bool,
+    /// Directory for pod state (logs, address allocations).
+    #[arg(long, env = "FAIRLEAD_DATA_DIR", default_value_os_t = default_data_dir())]
+    pub data_dir: PathBuf,
+    /// The whole pod range; pod traffic leaving it is masqueraded.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pub cluster_cidr: ServiceCidr,
     #[command(flatten)]
     pub client: ClientArgs,
     #[command(flatten)]
@@ -220,6 +241,12 @@ impl NodeFlags {
             cfg.sync_period = parse_duration(d).map_err(anyhow::Error::msg)?;
         }
         cfg.register_node = self.register_node;
+        cfg.run_pods = self.run_pods;
+        cfg.pod_cidr = self.pod_cidr;
+        cfg.backoff = crate::kubelet::lifecycle::Backoff {
+            initial: parse_duration(&self.crash_loop_backoff).map_err(anyhow::Error::msg)?,
+            max: parse_duration(&self.crash_loop_max_backoff).map_err(anyhow::Error::msg)?,
+        };
         cfg.node_ip = self.node_ip;
         cfg.node_status_update_frequency =
             parse_duration(&self.node_status_update_frequency).map_err(anyhow::Error::msg)?;
@@ -405,7 +432,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::Up(args) => {
-            let node_cfg = args.node.config()?;
+            let mut node_cfg = args.node.config()?;
+            node_cfg.data_dir = args.apiserver.data_dir.clone();
+            node_cfg.cluster_cidr = args.ipam.cluster_cidr;
             let running = apiserver::start(args.apiserver.config()).await?;
             let client = client_from(&running.kubeconfig).await?;
             let ctrl = ControllersArgs {
@@ -470,9 +499,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Echo(args) => crate::echo::run(args).await,
-        Command::Node(args) if args.cleanup => crate::node::cleanup().await,
+        Command::Node(args) if args.cleanup => {
+            crate::kubelet::cleanup(&args.data_dir).await;
+            crate::node::cleanup().await
+        }
         Command::Node(args) => {
-            let cfg = args.node.config()?;
+            let mut cfg = args.node.config()?;
+            cfg.data_dir = args.data_dir.clone();
+            cfg.cluster_cidr = args.cluster_cidr;
             let client = client_from(args.client.path()?).await?;
             tokio::select! {
                 _ = shutdown_signal() => Ok(()),

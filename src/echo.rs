@@ -47,6 +47,18 @@ pub struct EchoArgs {
     /// Address every server binds.
     #[arg(long, default_value = "0.0.0.0")]
     pub bind: IpAddr,
+    /// Print one line per HTTP request and TCP connection to stdout (what
+    /// `kubectl logs` shows of a pod).
+    #[arg(long)]
+    pub log_requests: bool,
+    /// On SIGTERM, how long open connections may still finish (new ones
+    /// are refused at once), as a pod being deleted should behave.
+    #[arg(long, default_value = "30s", value_parser = humantime_secs)]
+    pub drain_timeout: std::time::Duration,
+}
+
+fn humantime_secs(s: &str) -> Result<std::time::Duration, String> {
+    crate::node::config::parse_duration(s)
 }
 
 /// Run the servers until Ctrl-C.
@@ -59,10 +71,16 @@ pub async fn run(args: EchoArgs) -> anyhow::Result<()> {
         udp = ?server.udp_addr,
         "echo servers running"
     );
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
-    server.stop().await;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing a SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    if args.log_requests {
+        println!("{}: draining (new connections refused)", server.name);
+    }
+    server.drain(args.drain_timeout).await;
     Ok(())
 }
 
@@ -74,6 +92,8 @@ pub struct EchoServer {
     pub tcp_addr: Option<SocketAddr>,
     pub udp_addr: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
+    /// Set to true to close the listeners and let connections finish.
+    draining: tokio::sync::watch::Sender<bool>,
 }
 
 impl EchoServer {
@@ -86,27 +106,35 @@ impl EchoServer {
             Some(n) => n.clone(),
             None => hostname(),
         };
+        let (draining, drain) = tokio::sync::watch::channel(false);
         let mut s = EchoServer {
             name: name.clone(),
             http_addr: None,
             tcp_addr: None,
             udp_addr: None,
             tasks: Vec::new(),
+            draining,
         };
         let name: Arc<str> = name.into();
+        let log = args.log_requests;
         if let Some(p) = args.http_port {
             let l = TcpListener::bind((args.bind, p))
                 .await
                 .with_context(|| format!("binding HTTP {}:{p}", args.bind))?;
             s.http_addr = Some(l.local_addr()?);
-            s.tasks.push(tokio::spawn(serve_http(l, name.clone())));
+            s.tasks.push(tokio::spawn(serve_http(
+                l,
+                name.clone(),
+                log,
+                drain.clone(),
+            )));
         }
         if let Some(p) = args.tcp_port {
             let l = TcpListener::bind((args.bind, p))
                 .await
                 .with_context(|| format!("binding TCP {}:{p}", args.bind))?;
             s.tcp_addr = Some(l.local_addr()?);
-            s.tasks.push(tokio::spawn(serve_tcp(l)));
+            s.tasks.push(tokio::spawn(serve_tcp(l, log, drain.clone())));
         }
         if let Some(p) = args.udp_port {
             let u = UdpSocket::bind((args.bind, p))
@@ -116,6 +144,21 @@ impl EchoServer {
             s.tasks.push(tokio::spawn(serve_udp(u, name.clone())));
         }
         Ok(s)
+    }
+
+    /// Close the TCP listeners (new connections are refused) and wait up
+    /// to `timeout` for open connections to finish (HTTP ones after their
+    /// current request), then stop.
+    pub async fn drain(mut self, timeout: std::time::Duration) {
+        let _ = self.draining.send(true);
+        let tasks = std::mem::take(&mut self.tasks);
+        let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+        let all = futures::future::join_all(tasks);
+        if tokio::time::timeout(timeout, all).await.is_err() {
+            for a in aborts {
+                a.abort();
+            }
+        }
     }
 
     /// Stop serving: when this returns the ports are closed (new
@@ -149,19 +192,29 @@ fn hostname() -> String {
 }
 
 /// Accept connections into a task set that dies with the server task.
-async fn accept_each<F, Fut>(l: TcpListener, mut handle: F)
-where
-    F: FnMut(TcpStream) -> Fut,
+/// Once `drain` turns true the listener closes and this returns when the
+/// open connections have ended.
+async fn accept_each<F, Fut>(
+    l: TcpListener,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+    mut handle: F,
+) where
+    F: FnMut(TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = async { drop(drain.wait_for(|d| *d).await) } => {
+                drop(l);
+                while conns.join_next().await.is_some() {}
+                return;
+            }
             r = l.accept() => match r {
-                Ok((s, _)) => {
+                Ok((s, peer)) => {
                     let _ = s.set_nodelay(true);
-                    conns.spawn(handle(s));
+                    conns.spawn(handle(s, peer));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "echo: accept failed");
@@ -172,8 +225,11 @@ where
     }
 }
 
-async fn serve_tcp(l: TcpListener) {
-    accept_each(l, |mut s| async move {
+async fn serve_tcp(l: TcpListener, log: bool, drain: tokio::sync::watch::Receiver<bool>) {
+    accept_each(l, drain, move |mut s, peer| async move {
+        if log {
+            println!("tcp connection from {peer}");
+        }
         let (mut r, mut w) = s.split();
         if tokio::io::copy(&mut r, &mut w).await.is_ok() {
             let _ = w.shutdown().await;
@@ -206,18 +262,35 @@ async fn serve_udp(u: UdpSocket, name: Arc<str>) {
     }
 }
 
-async fn serve_http(l: TcpListener, name: Arc<str>) {
-    accept_each(l, move |s| {
+async fn serve_http(
+    l: TcpListener,
+    name: Arc<str>,
+    log: bool,
+    drain: tokio::sync::watch::Receiver<bool>,
+) {
+    let conn_drain = drain.clone();
+    accept_each(l, drain, move |s, peer| {
         let name = name.clone();
+        let mut drain = conn_drain.clone();
         async move {
             let svc = hyper::service::service_fn(move |req| {
                 let name = name.clone();
+                if log {
+                    println!("{} {} from {peer}", req.method(), req.uri());
+                }
                 async move { Ok::<_, Infallible>(respond(&req, &name)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
-                .serve_connection(TokioIo::new(s), svc)
-                .await;
+                .serve_connection(TokioIo::new(s), svc);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = async { drop(drain.wait_for(|d| *d).await) } => {}
+            }
+            // Draining: finish the request in flight, then close.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
         }
     })
     .await

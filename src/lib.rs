@@ -27,6 +27,10 @@
 //!   paced sync loop handing only the changed Services to the proxy and
 //!   cluster DNS, plus `/healthz` and `/metrics`; `node::register` keeps
 //!   its `Node` and heartbeat Lease, as the kubelet does.
+//! * [`kubelet`] — the node's pod agent: runs the Pods bound to it as
+//!   processes in their own network namespace and cgroup (a built-in
+//!   CNI: bridge, veth, podCIDR addresses), with probes, restarts,
+//!   graceful deletion and status, behind a small runtime trait.
 //! * [`proxy`] — Service proxying: the pure change tracker
 //!   (`proxy::tracker`: dirty Services → changed service ports) and two
 //!   backends applying those changes, [`proxy::userspace`] (tokio
@@ -48,6 +52,7 @@ pub mod cli;
 pub mod controllers;
 pub mod dns;
 pub mod echo;
+pub mod kubelet;
 pub mod metrics;
 pub mod model;
 pub mod node;

@@ -1688,7 +1688,7 @@ fn node_serves_cluster_dns_and_follows_changes() {
         "apiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec:\n  clusterIP: None\n  \
          selector: {app: db}\n  ports:\n  - {name: pg, port: 5432}\n---\n\
          apiVersion: v1\nkind: Pod\nmetadata: {name: db-0, labels: {app: db}}\nspec:\n  \
-         hostname: db-0\n  subdomain: db\n  containers:\n  - {name: pg, image: postgres}\n",
+         hostname: db-0\n  subdomain: db\n  nodeName: fake-node\n  containers:\n  - {name: pg, image: fairlead}\n",
     );
     dig_in(&node, &["db.default.svc.cluster.local"]).assert_negative("NXDOMAIN", "cluster.local.");
     node.set_pod("db-0", "10.244.0.5", true);

@@ -361,7 +361,9 @@ fn scale_down_and_up_converges() {
 
     // Down by deletion: pod b4 deleted.
     let t = Instant::now();
-    c.kubectl_ok(&["delete", "pod", B4.0, "--wait=false"]);
+    // (No kubelet runs these hand-made pods to finish a graceful
+    // deletion: delete at once.)
+    c.kubectl_ok(&["delete", "pod", B4.0, "--grace-period=0", "--force"]);
     c.wait_serving(http, &["b1", "b2", "b3"]);
     report.push(("pod b4 deleted, stops getting connections", t.elapsed()));
     assert_round_robin(&mut c, "ClusterIP (b4 out)", http, 30, &["b1", "b2", "b3"]);
@@ -460,7 +462,7 @@ fn established_connection_survives_endpoint_removal() {
     c.agent.close("fresh");
 
     // Its pod deleted altogether.
-    c.kubectl_ok(&["delete", "pod", "b1", "--wait=false"]);
+    c.kubectl_ok(&["delete", "pod", "b1", "--grace-period=0", "--force"]);
     let cluster = &c;
     poll("b1 gone from the slices", SETTLE, || {
         (!cluster.slice_endpoints("web").contains_key(BACKENDS[0].1)).then_some(())

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{pod_yaml, Cluster, SETTLE};
+use common::cluster::{Cluster, SETTLE};
 use common::server::poll;
 use serde_json::Value;
 
@@ -141,13 +141,21 @@ fn node_registers_heartbeats_and_gets_a_pod_cidr() {
     assert_eq!(cidr("node-d"), b, "node-b's block is free again");
 }
 
+/// A Pod no node is named for (it runs `sleep` once bound).
+fn unbound_pod(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  containers:\n  \
+         - {{name: c, image: fairlead, command: [sleep, \"600\"]}}\n"
+    )
+}
+
 /// Without a scheduler, `fairlead up` binds Pods to its node through
 /// `pods/binding`, which a scheduler would use; a bound Pod cannot be
 /// bound again, and a Binding without a target is invalid.
 #[test]
 fn up_binds_pods_to_its_node() {
     let c = Cluster::up("binding", &["--hostname-override", "node-a"]);
-    c.apply(&pod_yaml("p1", "web"));
+    c.apply(&unbound_pod("p1"));
     let pod = poll("p1 bound to node-a", SETTLE, || {
         let out = c.kubectl(&["get", "pod", "p1", "-o", "json"]);
         let v: Value = serde_json::from_slice(&out.stdout).ok()?;
@@ -165,7 +173,7 @@ fn up_binds_pods_to_its_node() {
     );
     // The binder sees Pods in order: once p2 (created after) is bound, it
     // has passed `other` by.
-    c.apply(&pod_yaml("p2", "web"));
+    c.apply(&unbound_pod("p2"));
     poll("p2 bound", SETTLE, || {
         let n = c.kubectl_ok(&["get", "pod", "p2", "-o", "jsonpath={.spec.nodeName}"]);
         (n.trim() == "node-a").then_some(())

@@ -45,6 +45,8 @@ async fn echo(name: &str) -> EchoServer {
         tcp_port: Some(0),
         udp_port: Some(0),
         bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        log_requests: false,
+        drain_timeout: std::time::Duration::from_secs(1),
     })
     .await
     .expect("echo server")

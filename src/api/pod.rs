@@ -136,6 +136,20 @@ fn container_errors(
     {
         errs.push(FieldError::required(format!("{at}.image"), ""));
     }
+    // Images are not fetched, so only the `fairlead` image has an
+    // entrypoint; every other container must say what it runs.
+    let has_command = c
+        .get("command")
+        .and_then(Value::as_array)
+        .is_some_and(|a| !a.is_empty());
+    let image = c.get("image").and_then(Value::as_str).unwrap_or("");
+    if !has_command && !image.is_empty() && !crate::kubelet::runtime::is_self_image(image) {
+        errs.push(FieldError::required(
+            format!("{at}.command"),
+            "images are not fetched on fairlead nodes, so a container needs a command \
+             (only the image \"fairlead\" has an entrypoint)",
+        ));
+    }
     for (j, p) in c
         .get("ports")
         .and_then(Value::as_array)
@@ -269,6 +283,7 @@ mod tests {
             fields(&errs),
             [
                 "spec.containers[0].name",
+                "spec.containers[0].command",
                 "spec.containers[0].ports[0].containerPort",
                 "spec.containers[0].ports[0].protocol",
                 "spec.containers[0].livenessProbe.periodSeconds",
@@ -283,7 +298,7 @@ mod tests {
             "{:#?}",
             errs.iter().map(|e| &e.message).collect::<Vec<_>>()
         );
-        assert!(errs[3]
+        assert!(errs[4]
             .message
             .contains("must be greater than or equal to 0"));
         assert_eq!(

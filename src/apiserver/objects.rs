@@ -427,9 +427,15 @@ impl Server {
             .pointer("/metadata/finalizers")
             .and_then(Value::as_array)
             .is_none_or(|f| f.is_empty());
+        // (A Pod in its grace period stays until its node deletes it.)
         let terminating = new
             .pointer("/metadata/deletionTimestamp")
-            .is_some_and(|v| !v.is_null());
+            .is_some_and(|v| !v.is_null())
+            && new
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+                == 0;
         if terminating && finalizers_empty && !opts.dry_run {
             let plan = alloc::plan_release(def, &old);
             let txn = plan.apply(
@@ -494,6 +500,30 @@ impl Server {
         preconditions: (Option<String>, Option<String>),
         dry_run: bool,
     ) -> Result<Value, ApiError> {
+        self.delete_object_with_grace(def, ns, name, preconditions, dry_run, None)
+            .await
+    }
+
+    /// [`Self::delete_object`] with DeleteOptions' `gracePeriodSeconds`.
+    /// A Pod that runs on a node (bound, not finished) is deleted
+    /// gracefully, as kube-apiserver does: it gets a `deletionTimestamp`
+    /// `grace` seconds ahead (default: its terminationGracePeriodSeconds)
+    /// and stays until its node has stopped it and deletes it with grace
+    /// 0. A second deletion may only shorten the grace period.
+    pub async fn delete_object_with_grace(
+        &self,
+        def: &'static ResourceDef,
+        ns: Option<&str>,
+        name: &str,
+        preconditions: (Option<String>, Option<String>),
+        dry_run: bool,
+        grace: Option<i64>,
+    ) -> Result<Value, ApiError> {
+        if grace.is_some_and(|g| g < 0) {
+            return Err(ApiError::bad_request(
+                "gracePeriodSeconds must be 0 or more",
+            ));
+        }
         let key = def.key(ns, name);
         loop {
             let Some(kv) = self.store.get(&key).await? else {
@@ -529,6 +559,34 @@ impl Server {
             let graceful = def.kind == Kind::Namespace || has_finalizers;
             if dry_run {
                 return Ok(obj);
+            }
+            if let Some(secs) = pod_grace(def, &obj, grace) {
+                let deadline = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(secs);
+                let marked = obj
+                    .pointer("/metadata/deletionTimestamp")
+                    .and_then(Value::as_str)
+                    .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+                // Already terminating, no sooner than asked: as it is.
+                if marked.is_some_and(|m| m <= deadline) {
+                    return Ok(obj);
+                }
+                let m = meta_mut(&mut obj);
+                m.insert(
+                    "deletionTimestamp".into(),
+                    json!(deadline.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()),
+                );
+                m.insert("deletionGracePeriodSeconds".into(), json!(secs));
+                let txn = Txn::new()
+                    .when(Compare::ModRevision(key.clone(), kv.mod_revision))
+                    .put(&key, encode(&obj));
+                match self.store.txn(txn).await? {
+                    TxnOutcome::Committed { revision, .. } => {
+                        meta_mut(&mut obj)
+                            .insert("resourceVersion".into(), json!(revision.to_string()));
+                        return Ok(obj);
+                    }
+                    TxnOutcome::Failed { .. } => continue,
+                }
             }
             if graceful {
                 if obj
@@ -737,4 +795,30 @@ impl Server {
         Ok(json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
             "status": "Success", "code": 201}))
     }
+}
+
+/// The grace period a Pod's deletion gets, or `None` when it is deleted at
+/// once: not a Pod, not bound to a node, finished, or grace 0.
+fn pod_grace(def: &ResourceDef, obj: &Value, asked: Option<i64>) -> Option<i64> {
+    if def.kind != Kind::Pod {
+        return None;
+    }
+    let bound = obj
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .is_some_and(|n| !n.is_empty());
+    let finished = matches!(
+        obj.pointer("/status/phase").and_then(Value::as_str),
+        Some("Succeeded" | "Failed")
+    );
+    if !bound || finished {
+        return None;
+    }
+    let secs = asked
+        .or_else(|| {
+            obj.pointer("/spec/terminationGracePeriodSeconds")
+                .and_then(Value::as_i64)
+        })
+        .unwrap_or(30);
+    (secs > 0).then_some(secs)
 }

@@ -529,8 +529,30 @@ impl Server {
                         .and_then(Value::as_str)
                         .map(String::from),
                 );
+                let grace = match opts_v.get("gracePeriodSeconds") {
+                    Some(v) if !v.is_null() => Some(v.as_i64().ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid DeleteOptions: gracePeriodSeconds must be an integer",
+                        )
+                    })?),
+                    _ => q
+                        .get("gracePeriodSeconds")
+                        .map(|g| {
+                            g.parse::<i64>().map_err(|_| {
+                                ApiError::bad_request(format!("invalid gracePeriodSeconds {g:?}"))
+                            })
+                        })
+                        .transpose()?,
+                };
                 let obj = self
-                    .delete_object(r.def, ns, r.name.as_deref().unwrap(), pre, dry_run)
+                    .delete_object_with_grace(
+                        r.def,
+                        ns,
+                        r.name.as_deref().unwrap(),
+                        pre,
+                        dry_run,
+                        grace,
+                    )
                     .await?;
                 Ok(json_response(200, &render(r.def, obj, out, &q), &[]))
             }

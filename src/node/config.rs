@@ -44,6 +44,16 @@ pub struct NodeConfig {
     pub node_ip: Option<IpAddr>,
     /// How often the node renews its Lease (`--node-status-update-frequency`).
     pub node_status_update_frequency: Duration,
+    /// Run the Pods bound to this node (`--run-pods`).
+    pub run_pods: bool,
+    /// Where pod state lives (`--data-dir`).
+    pub data_dir: std::path::PathBuf,
+    /// `--cluster-cidr`: the whole pod range.
+    pub cluster_cidr: crate::api::service::ServiceCidr,
+    /// `--pod-cidr` (`None`: the Node's spec.podCIDR).
+    pub pod_cidr: Option<crate::api::service::ServiceCidr>,
+    /// CrashLoopBackOff delays.
+    pub backoff: crate::kubelet::lifecycle::Backoff,
 }
 
 /// Cluster DNS settings of the node daemon.
@@ -90,6 +100,11 @@ impl Default for NodeConfig {
             register_node: true,
             node_ip: None,
             node_status_update_frequency: Duration::from_secs(10),
+            run_pods: true,
+            data_dir: std::path::PathBuf::from("/var/lib/fairlead"),
+            cluster_cidr: "10.244.0.0/16".parse().expect("a valid CIDR"),
+            pod_cidr: None,
+            backoff: crate::kubelet::lifecycle::Backoff::default(),
         }
     }
 }

@@ -308,12 +308,35 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
         None => None,
     };
     let started_at = jiff::Timestamp::now();
+    let facts = register::Facts::gather(&node_name, cfg.node_ip);
+    // The pods bound to this node (stops with this future).
+    let _pods = cfg.run_pods.then(|| {
+        let kcfg = crate::kubelet::KubeletConfig {
+            node_name: node_name.clone(),
+            data_dir: cfg.data_dir.clone(),
+            cluster_cidr: cfg.cluster_cidr,
+            pod_cidr: cfg.pod_cidr,
+            dns: cfg.dns.as_ref().and_then(|d| {
+                Some(crate::kubelet::env::ClusterDns {
+                    server: d.cluster_dns?.to_string(),
+                    domain: d.cluster_domain.clone(),
+                })
+            }),
+            host_ip: facts.internal_ip,
+            backoff: cfg.backoff,
+        };
+        let client = client.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = crate::kubelet::run(client, kcfg).await {
+                tracing::error!(error = %e, "the pod agent stopped");
+            }
+        }))
+    });
     // The Node and its Lease (stops with this future).
     let _register = cfg.register_node.then(|| {
-        let facts = register::Facts::gather(&node_name, cfg.node_ip);
         AbortOnDrop(tokio::spawn(register::run(
             client.clone(),
-            facts,
+            facts.clone(),
             cfg.node_status_update_frequency,
         )))
     });

@@ -139,6 +139,11 @@ impl Cluster {
             .expect("run fairlead")
     }
 
+    /// The data directory (`--data-dir` of `fairlead up`).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     pub fn log_path(&self, key: &str) -> PathBuf {
         self.dir.path().join(format!("{key}.log"))
     }
@@ -379,6 +384,18 @@ impl Drop for Cluster {
                 eprintln!("---- {key} log (tail) ----\n{}", self.log_tail(key));
             }
         }
+        // Pod processes run in their own sessions and outlive the node:
+        // stop the fairlead processes, then remove every pod (processes,
+        // cgroups, namespaces) the cluster started.
+        self.procs.clear();
+        let data = self.dir.path().display().to_string();
+        let _ = self
+            .ns
+            .command(FAIRLEAD)
+            .args(["node", "--cleanup", "--data-dir", &data])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -432,6 +449,12 @@ spec:
 /// A pod `name` with label `app: <app>` and the echo backend's container
 /// ports (`http` 8080, `tcp` 9000, `dns` 9053/UDP), as a YAML document
 /// starting with `---`.
+/// The node the hand-made pods of [`pod_yaml`] are bound to: no agent
+/// runs it, so their status is the test's own ([`Cluster::set_pod`]).
+pub const FAKE_NODE: &str = "fake-node";
+
+/// A Pod (label `app`) bound to [`FAKE_NODE`], whose IP and readiness the
+/// test sets by hand.
 pub fn pod_yaml(name: &str, app: &str) -> String {
     format!(
         r#"---
@@ -439,6 +462,7 @@ apiVersion: v1
 kind: Pod
 metadata: {{name: {name}, labels: {{app: {app}}}}}
 spec:
+  nodeName: {FAKE_NODE}
   containers:
   - name: echo
     image: fairlead

@@ -70,11 +70,16 @@ impl Netns {
         ns
     }
 
-    /// `program` to be run inside the namespace (`ip netns exec`, which
-    /// execs it in place: the child's pid is the program's).
+    /// `program` to be run inside the namespace (`nsenter --net`, which
+    /// execs it in place: the child's pid is the program's). Unlike `ip
+    /// netns exec` it keeps the host's mount namespace, as a node daemon
+    /// has it: the cgroup hierarchies under /sys/fs/cgroup, and pod
+    /// namespaces under /run/netns that the test can enter too.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program);
         cmd
     }
 

@@ -1,0 +1,263 @@
+//! The node agent's pod half (what the kubelet does): run the Pods bound
+//! to this node (`spec.nodeName`) and report their status.
+//!
+//! * [`run`] — wait for the node's pod CIDR, set up the pod network, then
+//!   watch this node's Pods and hand each to its own worker task;
+//!   leftovers of pods that no longer exist (namespaces, addresses,
+//!   cgroups, files) are removed once the first list is in.
+//! * [`pod`] — one pod's worker: sandbox, containers, restarts, probes,
+//!   graceful deletion, status.
+//! * [`lifecycle`] — the kubelet's rules as pure functions (restart
+//!   policy, CrashLoopBackOff, phase, conditions, the status object).
+//! * [`runtime`] — the container runtime trait and the process runtime.
+//! * [`network`] — the built-in CNI: bridge, veth, netns, IPAM, masquerade.
+//! * [`cgroup`] — a cgroup (v1 or v2) per pod with its limits.
+//! * [`probe`] — startup, readiness and liveness probes.
+//! * [`env`] — environment variables, `resolv.conf` and `hosts`.
+
+pub mod cgroup;
+pub mod env;
+pub mod lifecycle;
+pub mod network;
+pub mod pod;
+pub mod probe;
+pub mod runtime;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::Api;
+use kube::runtime::{watcher, WatchStreamExt};
+use tokio::sync::{mpsc, watch};
+
+use crate::api::service::ServiceCidr;
+use cgroup::Cgroups;
+use lifecycle::Backoff;
+use network::PodNetwork;
+use runtime::{ProcessRuntime, Runtime};
+
+/// Settings of the pod agent.
+#[derive(Clone, Debug)]
+pub struct KubeletConfig {
+    pub node_name: String,
+    /// Pod state (logs, resolv.conf, address allocations).
+    pub data_dir: PathBuf,
+    /// The whole pod range (`--cluster-cidr`): traffic leaving it is
+    /// masqueraded.
+    pub cluster_cidr: ServiceCidr,
+    /// `--pod-cidr`; `None`: the Node's `spec.podCIDR`, once node IPAM
+    /// has set it.
+    pub pod_cidr: Option<ServiceCidr>,
+    pub dns: Option<env::ClusterDns>,
+    /// The node's address (status.hostIP, hostNetwork pods' IP).
+    pub host_ip: IpAddr,
+    pub backoff: Backoff,
+}
+
+/// What every pod worker shares.
+pub struct Ctx {
+    client: kube::Client,
+    cfg: KubeletConfig,
+    net: Option<PodNetwork>,
+    cgroups: Cgroups,
+    runtime: Arc<dyn Runtime>,
+    /// The node's own resolv.conf (search domains and servers that pods
+    /// inherit).
+    host_resolv: String,
+}
+
+/// How often the agent looks for its Node's pod CIDR while it has none.
+const POD_CIDR_POLL: Duration = Duration::from_millis(500);
+
+async fn wait_for_pod_cidr(client: &kube::Client, node: &str) -> ServiceCidr {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut warned = false;
+    loop {
+        if let Ok(Some(n)) = nodes.get_opt(node).await {
+            if let Some(c) = n.spec.and_then(|s| s.pod_cidr).and_then(|c| c.parse().ok()) {
+                return c;
+            }
+        }
+        if !warned {
+            tracing::info!(
+                node,
+                "waiting for the node's pod CIDR (node IPAM in the controllers)"
+            );
+            warned = true;
+        }
+        tokio::time::sleep(POD_CIDR_POLL).await;
+    }
+}
+
+/// Run this node's pods until the future is dropped.
+pub async fn run(client: kube::Client, cfg: KubeletConfig) -> anyhow::Result<()> {
+    let pod_cidr = match cfg.pod_cidr {
+        Some(c) => c,
+        None => wait_for_pod_cidr(&client, &cfg.node_name).await,
+    };
+    let net = PodNetwork::new(pod_cidr, cfg.cluster_cidr, &cfg.data_dir);
+    let net = match net.ensure_node().await {
+        Ok(()) => Some(net),
+        Err(e) => {
+            tracing::warn!(error = %e, "no pod network: only hostNetwork pods can run");
+            None
+        }
+    };
+    tracing::info!(node = %cfg.node_name, pod_cidr = %pod_cidr, "running pods");
+    let node = cfg.node_name.clone();
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        net,
+        cgroups: Cgroups::detect(),
+        runtime: Arc::new(ProcessRuntime),
+        host_resolv: std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        cfg,
+    });
+    let api: Api<Pod> = Api::all(client);
+    let wc = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let mut events = std::pin::pin!(watcher(api, wc).default_backoff());
+    let mut workers: HashMap<String, watch::Sender<Option<Pod>>> = HashMap::new();
+    let mut listed: HashSet<String> = HashSet::new();
+    let (done_tx, mut done) = mpsc::unbounded_channel::<String>();
+    loop {
+        tokio::select! {
+            ev = events.next() => {
+                let Some(ev) = ev else { anyhow::bail!("the pod watch ended") };
+                match ev {
+                    Ok(watcher::Event::Init) => listed.clear(),
+                    Ok(watcher::Event::InitApply(p)) => {
+                        listed.insert(p.metadata.uid.clone().unwrap_or_default());
+                        dispatch(&ctx, &mut workers, &done_tx, p);
+                    }
+                    Ok(watcher::Event::Apply(p)) => dispatch(&ctx, &mut workers, &done_tx, p),
+                    Ok(watcher::Event::Delete(p)) => {
+                        if let Some(w) = workers.get(p.metadata.uid.as_deref().unwrap_or_default()) {
+                            w.send_replace(None);
+                        }
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        for (uid, w) in &workers {
+                            if !listed.contains(uid) {
+                                w.send_replace(None);
+                            }
+                        }
+                        let ctx = ctx.clone();
+                        let keep = listed.clone();
+                        tokio::spawn(async move { remove_leftovers(&ctx, &keep).await });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "watching this node's pods"),
+                }
+            }
+            Some(uid) = done.recv() => {
+                // A worker that ended while its pod was re-created under the
+                // same uid cannot happen (uids are unique); just forget it.
+                workers.remove(&uid);
+            }
+        }
+    }
+}
+
+/// Hand `pod` to its worker, starting one for a pod seen first.
+fn dispatch(
+    ctx: &Arc<Ctx>,
+    workers: &mut HashMap<String, watch::Sender<Option<Pod>>>,
+    done: &mpsc::UnboundedSender<String>,
+    pod: Pod,
+) {
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    if let Some(w) = workers.get(&uid) {
+        w.send_replace(Some(pod));
+        return;
+    }
+    let (tx, rx) = watch::channel(Some(pod));
+    workers.insert(uid.clone(), tx);
+    let (ctx, done) = (ctx.clone(), done.clone());
+    tokio::spawn(async move {
+        pod::run(ctx, rx).await;
+        let _ = done.send(uid);
+    });
+}
+
+/// Remove what pods that are not in `keep` left behind: their network
+/// namespaces, addresses, cgroups (and processes) and files.
+async fn remove_leftovers(ctx: &Ctx, keep: &HashSet<String>) {
+    let pods_dir = ctx.cfg.data_dir.join("pods");
+    let mut uids: HashSet<String> = std::fs::read_dir(&pods_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .collect();
+    if let Some(net) = &ctx.net {
+        uids.extend(net.allocations().into_iter().map(|(_, u)| u));
+    }
+    for uid in uids.difference(keep) {
+        tracing::info!(uid, "removing what a deleted pod left behind");
+        remove_pod_state(
+            ctx.cfg.data_dir.as_path(),
+            &ctx.cgroups,
+            ctx.net.as_ref(),
+            uid,
+        )
+        .await;
+    }
+}
+
+async fn remove_pod_state(
+    data_dir: &std::path::Path,
+    cgroups: &Cgroups,
+    net: Option<&PodNetwork>,
+    uid: &str,
+) {
+    let dir = data_dir.join("pods").join(uid);
+    // Without cgroups, the recorded container processes are all we know.
+    for e in std::fs::read_dir(dir.join("pids"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        runtime::kill_recorded(&e.path());
+    }
+    let cg = cgroups.pod(uid);
+    let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
+    if let Ok(n) = std::fs::read_to_string(dir.join("netns")) {
+        network::remove_netns(n.trim()).await;
+    }
+    if let Some(net) = net {
+        net.release(uid);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `fairlead node --cleanup`: every pod's processes, cgroup, namespace and
+/// files under `data_dir`, the address allocations, the bridge and the
+/// masquerade table.
+pub async fn cleanup(data_dir: &std::path::Path) {
+    let cgroups = Cgroups::detect();
+    let mut uids: HashSet<String> = std::fs::read_dir(data_dir.join("pods"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .collect();
+    // Allocations name their pods too (a pod whose directory is gone).
+    for e in std::fs::read_dir(data_dir.join("network").join("ips"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(u) = std::fs::read_to_string(e.path()) {
+            uids.insert(u.trim().to_string());
+        }
+    }
+    for uid in &uids {
+        remove_pod_state(data_dir, &cgroups, None, uid).await;
+    }
+    let _ = std::fs::remove_dir_all(data_dir.join("network"));
+    network::remove_node().await;
+}

@@ -1,0 +1,307 @@
+//! Pod networking: a minimal built-in CNI.
+//!
+//! ```text
+//!   node namespace                          pod namespace /run/netns/<name>
+//!   flbr0 (bridge, <gateway>/<podCIDR>) ── veth ── eth0 <pod ip>/32
+//!                                                      route <gateway> dev eth0
+//!                                                      default via <gateway>
+//!   nft table ip fairlead-pods:
+//!     postrouting: ip saddr <podCIDR> ip daddr != <cluster CIDR> masquerade
+//! ```
+//!
+//! Every pod (unless `hostNetwork`) gets a network namespace named under
+//! `/run/netns`, so `ip netns exec <name> ...` works for debugging, and a
+//! veth pair whose host end is a port of the node bridge. The pod's
+//! address is a /32 with the gateway (the bridge's address, the first of
+//! the node's podCIDR) as its only neighbour, so *all* pod traffic, even
+//! to a pod on the same bridge, is routed by the node: Service DNAT and
+//! its reverse always happen in the node's conntrack, with no need for
+//! `br_netfilter`. ICMP redirects are off on the bridge for the same
+//! reason.
+//!
+//! Addresses come from the node's podCIDR. Each allocation is a file
+//! `<data dir>/network/ips/<ip>` holding the pod's uid, created
+//! exclusively (as the host-local CNI plugin does), so a restarted agent
+//! knows which addresses are taken and by whom.
+//!
+//! The namespace and link plumbing runs `ip` (iproute2): two `ip -batch`
+//! calls per pod.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::api::service::ServiceCidr;
+
+/// The node bridge every pod's veth is a port of.
+pub const BRIDGE: &str = "flbr0";
+
+/// The nftables table that masquerades pod traffic leaving the cluster.
+pub const MASQ_TABLE: &str = "fairlead-pods";
+
+/// The node's pod network.
+pub struct PodNetwork {
+    pod_cidr: ServiceCidr,
+    cluster_cidr: ServiceCidr,
+    ips_dir: PathBuf,
+    /// Where the next allocation starts looking (round robin, so an
+    /// address is not handed out again right after it was released).
+    next: Mutex<u32>,
+}
+
+impl PodNetwork {
+    pub fn new(pod_cidr: ServiceCidr, cluster_cidr: ServiceCidr, data_dir: &Path) -> PodNetwork {
+        PodNetwork {
+            pod_cidr,
+            cluster_cidr,
+            ips_dir: data_dir.join("network").join("ips"),
+            next: Mutex::new(2),
+        }
+    }
+
+    pub fn pod_cidr(&self) -> ServiceCidr {
+        self.pod_cidr
+    }
+
+    /// The bridge's address, the pods' default gateway.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.pod_cidr.base + 1)
+    }
+
+    /// Set up the node side once: the bridge with the gateway address,
+    /// forwarding, and the masquerade rule.
+    pub async fn ensure_node(&self) -> Result<(), String> {
+        std::fs::create_dir_all(&self.ips_dir)
+            .map_err(|e| format!("creating {}: {e}", self.ips_dir.display()))?;
+        let exists = tokio::process::Command::new("ip")
+            .args(["link", "show", BRIDGE])
+            .output()
+            .await
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        let gw = format!("{}/{}", self.gateway(), self.pod_cidr.prefix);
+        let mut batch = String::new();
+        if !exists {
+            batch.push_str(&format!("link add {BRIDGE} type bridge\n"));
+        }
+        batch.push_str(&format!(
+            "addr replace {gw} dev {BRIDGE}\nlink set {BRIDGE} up\n"
+        ));
+        ip_batch(None, &batch).await?;
+        for (path, v) in [
+            ("/proc/sys/net/ipv4/ip_forward", "1"),
+            ("/proc/sys/net/ipv4/conf/all/send_redirects", "0"),
+            (
+                &format!("/proc/sys/net/ipv4/conf/{BRIDGE}/send_redirects") as &str,
+                "0",
+            ),
+        ] {
+            if let Err(e) = std::fs::write(path, v) {
+                tracing::warn!(path, error = %e, "setting a sysctl for pod networking");
+            }
+        }
+        let rules = format!(
+            "add table ip {MASQ_TABLE}\nflush table ip {MASQ_TABLE}\n\
+             add chain ip {MASQ_TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
+             add rule ip {MASQ_TABLE} postrouting ip saddr {} ip daddr != {} masquerade\n",
+            self.pod_cidr, self.cluster_cidr
+        );
+        if let Err(e) = run_stdin("nft", &["-f", "-"], &rules).await {
+            tracing::warn!(error = %e, "pod traffic leaving the cluster is not masqueraded");
+        }
+        Ok(())
+    }
+
+    /// The address held for pod `uid`, if any.
+    pub fn address_of(&self, uid: &str) -> Option<Ipv4Addr> {
+        std::fs::read_dir(&self.ips_dir)
+            .ok()?
+            .flatten()
+            .find(|e| std::fs::read_to_string(e.path()).is_ok_and(|s| s.trim() == uid))
+            .and_then(|e| e.file_name().to_str()?.parse().ok())
+    }
+
+    /// Allocate an address for pod `uid` (or return the one it holds).
+    pub fn allocate(&self, uid: &str) -> Result<Ipv4Addr, String> {
+        if let Some(ip) = self.address_of(uid) {
+            return Ok(ip);
+        }
+        let size = self.pod_cidr.size();
+        let mut next = self.next.lock().unwrap();
+        // Offsets 2..size-1: not the network, the gateway or broadcast.
+        let usable = size.saturating_sub(3);
+        for i in 0..usable {
+            let off = 2 + (*next - 2 + i) % usable;
+            let ip = Ipv4Addr::from(self.pod_cidr.base + off);
+            let path = self.ips_dir.join(ip.to_string());
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    f.write_all(uid.as_bytes())
+                        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+                    *next = 2 + (off - 2 + 1) % usable;
+                    return Ok(ip);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(format!("allocating a pod address: {e}")),
+            }
+        }
+        Err(format!(
+            "no free address left in the pod CIDR {}",
+            self.pod_cidr
+        ))
+    }
+
+    /// Release pod `uid`'s address.
+    pub fn release(&self, uid: &str) {
+        if let Some(ip) = self.address_of(uid) {
+            let _ = std::fs::remove_file(self.ips_dir.join(ip.to_string()));
+        }
+    }
+
+    /// Every (address, uid) allocation.
+    pub fn allocations(&self) -> Vec<(Ipv4Addr, String)> {
+        let Ok(rd) = std::fs::read_dir(&self.ips_dir) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter_map(|e| {
+                let ip = e.file_name().to_str()?.parse().ok()?;
+                let uid = std::fs::read_to_string(e.path()).ok()?;
+                Some((ip, uid.trim().to_string()))
+            })
+            .collect()
+    }
+
+    /// Create namespace `netns` with `ip` on its eth0, wired to the
+    /// bridge through veth `host_if`.
+    pub async fn add(&self, netns: &str, host_if: &str, ip: Ipv4Addr) -> Result<(), String> {
+        // A leftover of an earlier attempt would make `netns add` fail.
+        remove_netns(netns).await;
+        let _ = tokio::process::Command::new("ip")
+            .args(["link", "del", host_if])
+            .output()
+            .await;
+        ip_batch(
+            None,
+            &format!(
+                "netns add {netns}\n\
+                 link add {host_if} type veth peer name eth0 netns {netns}\n\
+                 link set {host_if} master {BRIDGE} up\n"
+            ),
+        )
+        .await?;
+        let gw = self.gateway();
+        ip_batch(
+            Some(netns),
+            &format!(
+                "link set lo up\n\
+                 addr add {ip}/32 dev eth0\n\
+                 link set eth0 up\n\
+                 route add {gw} dev eth0 scope link\n\
+                 route add default via {gw} dev eth0\n"
+            ),
+        )
+        .await
+    }
+}
+
+/// Remove a pod's namespace (its veth pair goes with it).
+pub async fn remove_netns(netns: &str) {
+    if Path::new("/run/netns").join(netns).exists() {
+        if let Err(e) = ip_batch(None, &format!("netns del {netns}\n")).await {
+            tracing::warn!(netns, error = %e, "removing a pod's network namespace");
+        }
+    }
+}
+
+/// Remove the node side: the bridge and the masquerade table.
+pub async fn remove_node() {
+    let _ = tokio::process::Command::new("ip")
+        .args(["link", "del", BRIDGE])
+        .output()
+        .await;
+    let _ = tokio::process::Command::new("nft")
+        .args(["delete", "table", "ip", MASQ_TABLE])
+        .output()
+        .await;
+}
+
+/// Run `ip [-n netns] -batch -` with `batch` on stdin.
+async fn ip_batch(netns: Option<&str>, batch: &str) -> Result<(), String> {
+    let mut args = Vec::new();
+    if let Some(n) = netns {
+        args.extend(["-n", n]);
+    }
+    args.extend(["-batch", "-"]);
+    run_stdin("ip", &args, batch).await
+}
+
+async fn run_stdin(prog: &str, args: &[&str], input: &str) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(prog)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running {prog}: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .await
+            .map_err(|e| format!("writing to {prog}: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("running {prog}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{prog} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocates_round_robin_and_never_twice() {
+        let d = tempfile::tempdir().unwrap();
+        let cidr: ServiceCidr = "10.244.3.0/29".parse().unwrap();
+        let net = PodNetwork::new(cidr, "10.244.0.0/16".parse().unwrap(), d.path());
+        std::fs::create_dir_all(&net.ips_dir).unwrap();
+        assert_eq!(net.gateway(), Ipv4Addr::new(10, 244, 3, 1));
+        let a = net.allocate("a").unwrap();
+        assert_eq!(a, Ipv4Addr::new(10, 244, 3, 2));
+        assert_eq!(
+            net.allocate("a").unwrap(),
+            a,
+            "the same pod keeps its address"
+        );
+        let b = net.allocate("b").unwrap();
+        assert_eq!(b, Ipv4Addr::new(10, 244, 3, 3));
+        net.release("a");
+        // Round robin: .4 next, not the just-released .2.
+        assert_eq!(net.allocate("c").unwrap(), Ipv4Addr::new(10, 244, 3, 4));
+        for uid in ["d", "e", "f"] {
+            net.allocate(uid).unwrap();
+        }
+        // .2 .. .6 taken (5 usable in a /29 without network, gateway,
+        // broadcast): full.
+        assert!(net.allocate("g").unwrap_err().contains("no free address"));
+        let mut held: Vec<String> = net.allocations().into_iter().map(|(_, u)| u).collect();
+        held.sort();
+        assert_eq!(held, ["b", "c", "d", "e", "f"]);
+    }
+}

@@ -1,0 +1,871 @@
+//! One pod's worker: a task that owns the pod on this node from its first
+//! sight to its deletion, as the kubelet's pod workers do.
+//!
+//! ```text
+//!  sandbox (netns + IP, resolv.conf/hosts, cgroup)
+//!    → start containers → run: exits, probe verdicts, back-off timers,
+//!                              pod updates
+//!    → deletionTimestamp: SIGTERM, wait the grace period, SIGKILL
+//!    → tear the sandbox down → delete the Pod object (grace 0)
+//! ```
+//!
+//! Everything that happens to a container arrives as an [`Event`] on one
+//! channel, tagged with the run it belongs to, so a late event of an
+//! earlier run is ignored. The rules (restart or not, after what back-off,
+//! phase, status) are the pure functions of [`super::lifecycle`]; the
+//! worker reports the status whenever it changes.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Container, Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+
+use super::cgroup::{Limits, PodCgroup};
+use super::env::{self, PodFacts};
+use super::lifecycle::{self, Condition, ContainerView, State};
+use super::probe::{self, Kind, Verdict};
+use super::runtime::{ContainerRun, Killer, Sandbox};
+use super::Ctx;
+
+/// How long a container killed for a failed liveness probe, or a pod
+/// whose object vanished, gets between SIGTERM and SIGKILL at most.
+const KILL_GRACE_CAP: Duration = Duration::from_secs(30);
+
+/// How often a failed status report or sandbox setup is retried.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// What happens to a container run.
+#[derive(Debug)]
+enum Event {
+    Exited { idx: usize, run: u64, code: i32 },
+    Probe { idx: usize, run: u64, v: Verdict },
+}
+
+/// One container of the pod.
+struct Slot {
+    spec: Container,
+    view: ContainerView,
+    /// The current run (events of other runs are stale).
+    run: u64,
+    killer: Option<Killer>,
+    started: Option<Instant>,
+    /// Consecutive failed runs, for the back-off.
+    failures: u32,
+    next_start: Option<Instant>,
+    restart_pending: bool,
+    probes: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Slot {
+    fn stop_probes(&mut self) {
+        for p in self.probes.drain(..) {
+            p.abort();
+        }
+    }
+}
+
+struct Worker {
+    ctx: Arc<Ctx>,
+    pod: Pod,
+    uid: String,
+    dir: PathBuf,
+    slots: Vec<Slot>,
+    conds: Vec<Condition>,
+    sandbox: Option<Sandbox>,
+    netns: Option<String>,
+    pod_ip: Option<IpAddr>,
+    start_time: Timestamp,
+    cgroup: PodCgroup,
+    oom_seen: u64,
+    tx: mpsc::Sender<Event>,
+    terminating: bool,
+    phase_override: Option<&'static str>,
+    reported: Option<Value>,
+    report_failed: bool,
+    /// Where the current containers' probes connect (set at start).
+    target: Option<probe::Target>,
+}
+
+fn policy(pod: &Pod) -> &str {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.restart_policy.as_deref())
+        .unwrap_or("Always")
+}
+
+fn name(pod: &Pod) -> &str {
+    pod.metadata.name.as_deref().unwrap_or_default()
+}
+
+fn namespace(pod: &Pod) -> &str {
+    pod.metadata.namespace.as_deref().unwrap_or("default")
+}
+
+fn terminal(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+/// The grace period of a pod marked for deletion.
+fn grace(pod: &Pod) -> Duration {
+    let secs = pod
+        .metadata
+        .deletion_grace_period_seconds
+        .or_else(|| pod.spec.as_ref()?.termination_grace_period_seconds)
+        .unwrap_or(30);
+    Duration::from_secs(secs.max(0) as u64)
+}
+
+/// Parse a Kubernetes quantity (`64Mi`, `1G`, `500m`, `0.5`) to a number
+/// of units (bytes or cores), as f64.
+pub fn quantity(q: &str) -> Option<f64> {
+    let q = q.trim();
+    let split = q.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(q.len());
+    let (num, suffix) = q.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0f64.powi(4),
+        _ => return None,
+    };
+    Some(n * mult)
+}
+
+/// The pod's limits: the sum over containers, unlimited if any is.
+fn limits(pod: &Pod) -> Limits {
+    let containers = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default();
+    let sum = |res: &str, scale: f64| -> Option<u64> {
+        let mut total = 0.0;
+        for c in containers {
+            let q = c.resources.as_ref()?.limits.as_ref()?.get(res)?;
+            total += quantity(&q.0)? * scale;
+        }
+        (!containers.is_empty()).then_some(total.ceil() as u64)
+    };
+    Limits {
+        memory_bytes: sum("memory", 1.0),
+        cpu_millis: sum("cpu", 1000.0),
+    }
+}
+
+/// Run the worker of the pod in `rx` until the pod is gone from this node.
+pub(super) async fn run(ctx: Arc<Ctx>, mut rx: watch::Receiver<Option<Pod>>) {
+    let Some(pod) = rx.borrow_and_update().clone() else {
+        return;
+    };
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let (tx, mut events) = mpsc::channel(64);
+    let slots = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| Slot {
+            view: ContainerView {
+                name: c.name.clone(),
+                image: c.image.clone().unwrap_or_default(),
+                state: State::Waiting {
+                    reason: "ContainerCreating".into(),
+                    message: None,
+                },
+                last: None,
+                restarts: 0,
+                ready: false,
+                started: false,
+                id: None,
+            },
+            spec: c,
+            run: 0,
+            killer: None,
+            started: None,
+            failures: 0,
+            next_start: Some(Instant::now()),
+            restart_pending: false,
+            probes: Vec::new(),
+        })
+        .collect();
+    let start_time = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.start_time.as_ref())
+        .map(|t| t.0)
+        .unwrap_or_else(Timestamp::now);
+    let mut w = Worker {
+        dir: ctx.cfg.data_dir.join("pods").join(&uid),
+        cgroup: ctx.cgroups.pod(&uid),
+        ctx,
+        uid,
+        pod,
+        slots,
+        conds: Vec::new(),
+        sandbox: None,
+        netns: None,
+        pod_ip: None,
+        start_time,
+        oom_seen: 0,
+        tx,
+        terminating: false,
+        phase_override: None,
+        reported: None,
+        report_failed: false,
+        target: None,
+    };
+    w.main(&mut rx, &mut events).await;
+}
+
+impl Worker {
+    async fn main(
+        &mut self,
+        rx: &mut watch::Receiver<Option<Pod>>,
+        events: &mut mpsc::Receiver<Event>,
+    ) {
+        // A pod that already ended is never run again; it only waits for
+        // its deletion.
+        if terminal(&self.pod) && self.pod.metadata.deletion_timestamp.is_none() {
+            loop {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+                let p = rx.borrow_and_update().clone();
+                match p {
+                    None => return self.teardown(true).await,
+                    Some(p) if p.metadata.deletion_timestamp.is_some() => {
+                        self.pod = p;
+                        self.teardown(false).await;
+                        return self.finalize().await;
+                    }
+                    Some(p) => self.pod = p,
+                }
+            }
+        }
+        // A sandbox from an earlier life of this agent is not adopted yet:
+        // clear it, so the pod starts clean.
+        self.teardown(false).await;
+        if self.pod.metadata.deletion_timestamp.is_some() {
+            return self.finalize().await;
+        }
+        loop {
+            match self.create_sandbox().await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(pod = %name(&self.pod), error = %e, "creating the pod sandbox");
+                    for s in &mut self.slots {
+                        s.view.state = State::Waiting {
+                            reason: "ContainerCreating".into(),
+                            message: Some(format!("failed to create pod sandbox: {e}")),
+                        };
+                    }
+                    self.report().await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(RETRY * 2) => {}
+                        r = rx.changed() => {
+                            let gone = r.is_err() || rx.borrow_and_update().is_none();
+                            let deleting = rx.borrow().as_ref().is_some_and(|p| p.metadata.deletion_timestamp.is_some());
+                            if gone || deleting {
+                                self.teardown(false).await;
+                                if deleting && !gone {
+                                    self.finalize().await;
+                                }
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.start_due().await;
+        self.report().await;
+        loop {
+            let due = self.slots.iter().filter_map(|s| s.next_start).min();
+            tokio::select! {
+                Some(ev) = events.recv() => self.handle(ev),
+                r = rx.changed() => {
+                    let p = if r.is_err() { None } else { rx.borrow_and_update().clone() };
+                    match p {
+                        None => {
+                            // The object is gone (force-deleted): stop now.
+                            self.terminate(Duration::from_secs(2), events).await;
+                            return self.teardown(true).await;
+                        }
+                        Some(p) => {
+                            let deleting = p.metadata.deletion_timestamp.is_some();
+                            self.pod = p;
+                            if deleting {
+                                let g = grace(&self.pod);
+                                self.terminate(g, events).await;
+                                self.report().await;
+                                self.teardown(false).await;
+                                return self.finalize().await;
+                            }
+                        }
+                    }
+                }
+                _ = sleep_until(due), if due.is_some() => self.start_due().await,
+                _ = tokio::time::sleep(RETRY), if self.report_failed => {}
+            }
+            self.report().await;
+        }
+    }
+
+    /// The pod's network namespace, files and cgroup.
+    async fn create_sandbox(&mut self) -> Result<(), String> {
+        std::fs::create_dir_all(self.dir.join("logs"))
+            .map_err(|e| format!("creating {}: {e}", self.dir.display()))?;
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let host_network = spec.host_network.unwrap_or(false);
+        let ctx = self.ctx.clone();
+        let (netns, ip) = if host_network {
+            (None, ctx.cfg.host_ip)
+        } else {
+            let net = ctx.net.as_ref().ok_or("the node has no pod CIDR yet")?;
+            let ip = net.allocate(&self.uid)?;
+            let ns_name = format!(
+                "fl-pod-{}-{}-{}",
+                namespace(&self.pod),
+                name(&self.pod),
+                &self.uid[..self.uid.len().min(8)]
+            );
+            let veth = format!("flv{}", &self.uid.replace('-', "")[..8.min(self.uid.len())]);
+            std::fs::write(self.dir.join("netns"), &ns_name).map_err(|e| e.to_string())?;
+            self.netns = Some(ns_name.clone());
+            net.add(&ns_name, &veth, ip).await?;
+            (Some(ns_name), IpAddr::V4(ip))
+        };
+        self.pod_ip = Some(ip);
+        let resolv = env::resolv_conf(&self.pod, ctx.cfg.dns.as_ref(), &ctx.host_resolv)
+            .map(|text| {
+                let p = self.dir.join("resolv.conf");
+                std::fs::write(&p, text).map(|_| p)
+            })
+            .transpose()
+            .map_err(|e| format!("writing resolv.conf: {e}"))?;
+        let hosts = if host_network {
+            None
+        } else {
+            let p = self.dir.join("hosts");
+            std::fs::write(&p, env::hosts(&self.pod, &ip.to_string()))
+                .map_err(|e| format!("writing hosts: {e}"))?;
+            Some(p)
+        };
+        self.cgroup.create(limits(&self.pod))?;
+        self.oom_seen = self.cgroup.oom_kills();
+        let hostname = (!host_network).then(|| {
+            spec.hostname
+                .clone()
+                .unwrap_or_else(|| name(&self.pod).to_string())
+        });
+        self.sandbox = Some(Sandbox {
+            netns: netns.map(|n| PathBuf::from("/run/netns").join(n)),
+            resolv_conf: resolv,
+            hosts,
+            hostname,
+            cgroup_procs: self.cgroup.procs_files(),
+        });
+        Ok(())
+    }
+
+    /// Start every container whose time has come.
+    async fn start_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].next_start.is_some_and(|t| t <= now))
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let services = self.services().await;
+        for i in due {
+            self.start(i, &services).await;
+        }
+    }
+
+    /// The Services whose variables containers get (`enableServiceLinks`:
+    /// the pod's namespace; always `kubernetes` in `default`).
+    async fn services(&self) -> Vec<Service> {
+        let ns = namespace(&self.pod).to_string();
+        let links = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.enable_service_links)
+            .unwrap_or(true);
+        let mut out = Vec::new();
+        if links {
+            match Api::<Service>::namespaced(self.ctx.client.clone(), &ns)
+                .list(&ListParams::default())
+                .await
+            {
+                Ok(l) => out.extend(l.items),
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing Services for pod environment variables")
+                }
+            }
+        }
+        if ns != "default" || !links {
+            if let Ok(Some(k)) = Api::<Service>::namespaced(self.ctx.client.clone(), "default")
+                .get_opt("kubernetes")
+                .await
+            {
+                out.retain(|s| s.metadata.name.as_deref() != Some("kubernetes"));
+                out.push(k);
+            }
+        }
+        out
+    }
+
+    async fn start(&mut self, idx: usize, services: &[Service]) {
+        let Some(sb) = self.sandbox.clone() else {
+            return;
+        };
+        let facts = PodFacts {
+            pod_ip: self.pod_ip.map(|i| i.to_string()).unwrap_or_default(),
+            host_ip: self.ctx.cfg.host_ip.to_string(),
+            node_name: self.ctx.cfg.node_name.clone(),
+        };
+        let pod = self.pod.clone();
+        let backoff = self.ctx.cfg.backoff;
+        let slot = &mut self.slots[idx];
+        slot.next_start = None;
+        let env = match env::container_env(&pod, &slot.spec, &facts, services) {
+            Ok(e) => e,
+            Err(e) => {
+                slot.failures += 1;
+                slot.view.state = State::Waiting {
+                    reason: "CreateContainerConfigError".into(),
+                    message: Some(e),
+                };
+                slot.next_start = Some(Instant::now() + backoff.delay(slot.failures + 1));
+                return;
+            }
+        };
+        let vars: std::collections::BTreeMap<String, String> = env.iter().cloned().collect();
+        let restarts = slot.view.restarts + u32::from(slot.restart_pending);
+        let log_dir = self.dir.join("logs").join(&slot.spec.name);
+        let _ = std::fs::create_dir_all(&log_dir);
+        let run = ContainerRun {
+            image: slot.view.image.clone(),
+            command: slot
+                .spec
+                .command
+                .iter()
+                .flatten()
+                .map(|s| env::expand(s, &vars))
+                .collect(),
+            args: slot
+                .spec
+                .args
+                .iter()
+                .flatten()
+                .map(|s| env::expand(s, &vars))
+                .collect(),
+            env: env.clone(),
+            working_dir: slot.spec.working_dir.clone(),
+            log: log_dir.join(format!("{restarts}.log")),
+        };
+        match self.ctx.runtime.start(&sb, &run).await {
+            Ok(mut running) => {
+                slot.run += 1;
+                slot.view.restarts = restarts;
+                slot.restart_pending = false;
+                slot.killer = Some(running.killer());
+                slot.view.id = Some(running.id());
+                if let Ok(pid) = running.id().parse::<i32>() {
+                    let pids = self.dir.join("pids");
+                    let _ = std::fs::create_dir_all(&pids);
+                    super::runtime::record_pid(&pids.join(&slot.spec.name), pid);
+                }
+                slot.started = Some(Instant::now());
+                slot.view.state = State::Running {
+                    started_at: Timestamp::now(),
+                };
+                let has_startup = slot.spec.startup_probe.is_some();
+                slot.view.started = !has_startup;
+                slot.view.ready = !has_startup && slot.spec.readiness_probe.is_none();
+                let (tx, run_id) = (self.tx.clone(), slot.run);
+                tokio::spawn(async move {
+                    let code = running.wait().await;
+                    let _ = tx
+                        .send(Event::Exited {
+                            idx,
+                            run: run_id,
+                            code,
+                        })
+                        .await;
+                });
+                tracing::info!(pod = %name(&pod), container = %slot.spec.name, restarts, "container started");
+                let target = probe::Target {
+                    ip: self.pod_ip.unwrap_or(self.ctx.cfg.host_ip),
+                    sandbox: sb,
+                    runtime: self.ctx.runtime.clone(),
+                    env,
+                };
+                if has_startup {
+                    spawn_probe(slot, idx, Kind::Startup, &target, &self.tx);
+                } else {
+                    spawn_probe(slot, idx, Kind::Readiness, &target, &self.tx);
+                    spawn_probe(slot, idx, Kind::Liveness, &target, &self.tx);
+                }
+                self.target = Some(target);
+            }
+            Err(msg) => {
+                tracing::warn!(pod = %name(&pod), container = %slot.spec.name, error = %msg, "container did not start");
+                slot.failures += 1;
+                slot.view.state = State::Waiting {
+                    reason: "RunContainerError".into(),
+                    message: Some(msg),
+                };
+                slot.next_start = Some(Instant::now() + backoff.delay(slot.failures + 1));
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Exited { idx, run, code } => self.exited(idx, run, code),
+            Event::Probe { idx, run, v } => self.probed(idx, run, v),
+        }
+    }
+
+    fn exited(&mut self, idx: usize, run: u64, code: i32) {
+        let backoff = self.ctx.cfg.backoff;
+        let ooms = self.cgroup.oom_kills();
+        let oom = ooms > self.oom_seen;
+        self.oom_seen = ooms;
+        let policy = policy(&self.pod).to_string();
+        let (pod_name, pod_ns, uid) = (
+            name(&self.pod).to_string(),
+            namespace(&self.pod).to_string(),
+            self.uid.clone(),
+        );
+        let terminating = self.terminating;
+        let slot = &mut self.slots[idx];
+        if run != slot.run || slot.killer.is_none() {
+            return;
+        }
+        slot.stop_probes();
+        slot.killer = None;
+        slot.view.ready = false;
+        slot.view.started = false;
+        let ran = slot.started.take().map(|s| s.elapsed()).unwrap_or_default();
+        if backoff.resets_after(ran) {
+            slot.failures = 0;
+        }
+        let started_at = match &slot.view.state {
+            State::Running { started_at } => Some(*started_at),
+            _ => None,
+        };
+        let term = State::Terminated {
+            exit_code: code,
+            reason: lifecycle::exit_reason(code, oom).into(),
+            message: None,
+            started_at,
+            finished_at: Timestamp::now(),
+            container_id: slot
+                .view
+                .id
+                .clone()
+                .map(|id| format!("{}://{id}", self.ctx.runtime.scheme())),
+        };
+        tracing::info!(pod = %pod_name, container = %slot.spec.name, code, oom, "container exited");
+        if terminating || !lifecycle::should_restart(&policy, code) {
+            slot.view.state = term;
+            return;
+        }
+        slot.failures += 1;
+        let delay = backoff.delay(slot.failures);
+        slot.view.last = Some(term.clone());
+        slot.restart_pending = true;
+        slot.view.state = if delay.is_zero() {
+            term
+        } else {
+            State::Waiting {
+                reason: "CrashLoopBackOff".into(),
+                message: Some(format!(
+                    "back-off {} restarting failed container={} pod={pod_name}_{pod_ns}({uid})",
+                    humantime(delay),
+                    slot.spec.name
+                )),
+            }
+        };
+        slot.next_start = Some(Instant::now() + delay);
+    }
+
+    fn probed(&mut self, idx: usize, run: u64, v: Verdict) {
+        let grace = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds)
+            .map(|s| Duration::from_secs(s.max(0) as u64))
+            .unwrap_or(KILL_GRACE_CAP)
+            .min(KILL_GRACE_CAP);
+        let pod_name = name(&self.pod).to_string();
+        let target = self.target.clone();
+        let tx = self.tx.clone();
+        let slot = &mut self.slots[idx];
+        if run != slot.run || slot.killer.is_none() || self.terminating {
+            return;
+        }
+        match (v.kind, v.ok) {
+            (Kind::Startup, true) => {
+                slot.view.started = true;
+                slot.view.ready = slot.spec.readiness_probe.is_none();
+                if let Some(t) = &target {
+                    spawn_probe(slot, idx, Kind::Readiness, t, &tx);
+                    spawn_probe(slot, idx, Kind::Liveness, t, &tx);
+                }
+            }
+            (Kind::Readiness, ok) => slot.view.ready = ok,
+            (kind, _) => {
+                tracing::info!(pod = %pod_name, container = %slot.spec.name, ?kind,
+                    "container failed its {} probe, will be restarted",
+                    if kind == Kind::Startup { "startup" } else { "liveness" });
+                slot.view.ready = false;
+                slot.stop_probes();
+                if let Some(k) = slot.killer.clone() {
+                    k.signal(libc::SIGTERM);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(grace).await;
+                        k.signal(libc::SIGKILL);
+                    });
+                }
+            }
+        }
+    }
+
+    /// SIGTERM every running container, wait up to `grace` for them to
+    /// end, then SIGKILL what is left (and everything in the cgroup).
+    async fn terminate(&mut self, grace: Duration, events: &mut mpsc::Receiver<Event>) {
+        self.terminating = true;
+        for s in &mut self.slots {
+            s.stop_probes();
+            s.view.ready = false;
+            s.next_start = None;
+            if let Some(k) = &s.killer {
+                k.signal(libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + grace;
+        let running = |w: &Worker| w.slots.iter().any(|s| s.killer.is_some());
+        while running(self) {
+            tokio::select! {
+                Some(ev) = events.recv() => self.handle(ev),
+                _ = tokio::time::sleep_until(deadline.into()) => break,
+            }
+        }
+        if running(self) {
+            for s in &self.slots {
+                if let Some(k) = &s.killer {
+                    k.signal(libc::SIGKILL);
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while running(self) {
+                tokio::select! {
+                    Some(ev) = events.recv() => self.handle(ev),
+                    _ = tokio::time::sleep_until(deadline.into()) => break,
+                }
+            }
+        }
+        // A pod being deleted reports Succeeded or Failed as its
+        // containers ended (the kubelet's rule for terminated pods).
+        for s in &mut self.slots {
+            if let State::Waiting { .. } = s.view.state {
+                if let Some(last) = s.view.last.clone() {
+                    s.view.state = last;
+                }
+            }
+        }
+    }
+
+    /// Remove the sandbox: processes left in the cgroup, the network
+    /// namespace and address, and with `files` the pod's directory.
+    async fn teardown(&mut self, files: bool) {
+        for e in std::fs::read_dir(self.dir.join("pids"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            super::runtime::kill_recorded(&e.path());
+            let _ = std::fs::remove_file(e.path());
+        }
+        let cgroup = self.cgroup.clone();
+        let _ = tokio::task::spawn_blocking(move || cgroup.destroy()).await;
+        let netns = self
+            .netns
+            .take()
+            .or_else(|| std::fs::read_to_string(self.dir.join("netns")).ok());
+        if let Some(n) = netns {
+            super::network::remove_netns(n.trim()).await;
+        }
+        if let Some(net) = &self.ctx.net {
+            net.release(&self.uid);
+        }
+        self.sandbox = None;
+        if files {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// Delete the Pod object for good (grace 0, this pod's uid only), then
+    /// its files.
+    async fn finalize(&mut self) {
+        let api: Api<Pod> = Api::namespaced(self.ctx.client.clone(), namespace(&self.pod));
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: Some(self.uid.clone()),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        for _ in 0..10 {
+            match api.delete(name(&self.pod), &dp).await {
+                Ok(_) => break,
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => break,
+                Err(e) => {
+                    tracing::warn!(pod = %name(&self.pod), error = %e, "deleting the pod object");
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// Send the status if it changed since the last report.
+    async fn report(&mut self) {
+        let now = Timestamp::now();
+        let views: Vec<ContainerView> = self.slots.iter().map(|s| s.view.clone()).collect();
+        lifecycle::update_conditions(&mut self.conds, &views, now);
+        let status = lifecycle::status(&lifecycle::PodView {
+            policy: policy(&self.pod),
+            pod_ip: self.pod_ip.map(|i| i.to_string()),
+            host_ip: self.ctx.cfg.host_ip.to_string(),
+            start_time: self.start_time,
+            qos: lifecycle::qos_class(&self.pod),
+            conditions: &self.conds,
+            containers: &views,
+            scheme: self.ctx.runtime.scheme(),
+            phase: self.phase_override,
+        });
+        if self.reported.as_ref() == Some(&status) {
+            self.report_failed = false;
+            return;
+        }
+        let api: Api<Pod> = Api::namespaced(self.ctx.client.clone(), namespace(&self.pod));
+        match api
+            .patch_status(
+                name(&self.pod),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await
+        {
+            Ok(_) => {
+                self.reported = Some(status);
+                self.report_failed = false;
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => self.report_failed = false,
+            Err(e) => {
+                tracing::warn!(pod = %name(&self.pod), error = %e, "reporting the pod's status");
+                self.report_failed = true;
+            }
+        }
+    }
+}
+
+fn spawn_probe(
+    slot: &mut Slot,
+    idx: usize,
+    kind: Kind,
+    t: &probe::Target,
+    tx: &mpsc::Sender<Event>,
+) {
+    let p = match kind {
+        Kind::Startup => slot.spec.startup_probe.clone(),
+        Kind::Readiness => slot.spec.readiness_probe.clone(),
+        Kind::Liveness => slot.spec.liveness_probe.clone(),
+    };
+    let Some(p) = p else { return };
+    let run = slot.run;
+    slot.probes.push(tokio::spawn(probe::run(
+        kind,
+        p,
+        slot.spec.clone(),
+        t.clone(),
+        tx.clone(),
+        move |v| Event::Probe { idx, run, v },
+    )));
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `10s`, `1m20s`, as the kubelet prints back-offs.
+fn humantime(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 60 {
+        format!("{}m{}s", s / 60, s % 60)
+    } else if s > 0 {
+        format!("{s}s")
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities() {
+        assert_eq!(quantity("64Mi"), Some(64.0 * 1024.0 * 1024.0));
+        assert_eq!(quantity("1G"), Some(1e9));
+        assert_eq!(quantity("500m"), Some(0.5));
+        assert_eq!(quantity("2"), Some(2.0));
+        assert_eq!(quantity("1.5Gi"), Some(1.5 * 1024.0 * 1024.0 * 1024.0));
+        assert_eq!(quantity("x"), None);
+        assert_eq!(quantity("5Q"), None);
+    }
+
+    #[test]
+    fn limits_sum_or_stay_unlimited() {
+        let pod: Pod = serde_json::from_value(json!({"spec": {"containers": [
+            {"name": "a", "resources": {"limits": {"memory": "64Mi", "cpu": "500m"}}},
+            {"name": "b", "resources": {"limits": {"memory": "32Mi"}}},
+        ]}}))
+        .unwrap();
+        assert_eq!(
+            limits(&pod),
+            Limits {
+                memory_bytes: Some(96 * 1024 * 1024),
+                cpu_millis: None
+            }
+        );
+    }
+}

@@ -1,0 +1,454 @@
+//! Pods that run: `fairlead up` runs the Pods bound to its node as
+//! processes in their own network namespaces (issue "Pods that run").
+//! Each test runs a whole cluster in a network namespace it creates; the
+//! pods' namespaces are created and removed by the node, and every test's
+//! cluster is cleaned up (`fairlead node --cleanup`) when it ends.
+//!
+//! Commands "inside a pod" enter the pod's network, mount and UTS
+//! namespaces through its container process (`nsenter -t <pid>`), so they
+//! see the pod's own `/etc/resolv.conf` and hostname.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::cluster::{counts, Cluster, SETTLE};
+use common::server::poll;
+use serde_json::Value;
+
+#[test]
+fn agent() {
+    common::netns::agent_main();
+}
+
+fn pod(c: &Cluster, ns: &str, name: &str) -> Option<Value> {
+    let out = c.kubectl(&["get", "pod", name, "-n", ns, "-o", "json"]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+/// Poll pod `name` until `pred` holds for it; the pod then.
+fn wait_pod(c: &Cluster, ns: &str, name: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    poll(&format!("pod {ns}/{name}: {what}"), SETTLE, || {
+        pod(c, ns, name).filter(|p| pred(p))
+    })
+}
+
+fn ready(p: &Value) -> bool {
+    p["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
+fn restarts(p: &Value) -> u64 {
+    p["status"]["containerStatuses"][0]["restartCount"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// The pid of the pod's (first) container, from its containerID.
+fn pid(p: &Value) -> i32 {
+    p["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .and_then(|id| id.strip_prefix("process://"))
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no running container: {p:#}"))
+}
+
+/// Run `args` inside the pod whose container is `pid`.
+fn in_pod(pid: i32, args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg("-t")
+        .arg(pid.to_string())
+        .args(["-n", "-m", "-u", "--"])
+        .args(args)
+        .output()
+        .expect("run nsenter");
+    assert!(
+        out.status.success(),
+        "{args:?} in the pod failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn echo_pod(name: &str, app: &str, extra: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: {app}}}}}\nspec:\n  \
+         containers:\n  - name: echo\n    image: fairlead\n    \
+         args: [echo, --http-port, \"8080\", --tcp-port, \"9000\", --log-requests]\n{extra}"
+    )
+}
+
+fn service(name: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  selector: {{app: {name}}}\n  \
+         ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: tcp, port: 9000, targetPort: 9000}}\n"
+    )
+}
+
+/// Acceptance 1: the demo's three pods run, the Service rotates over them
+/// exactly, and a pod resolves `web` through its search path with the real
+/// glibc resolver and with dig.
+#[test]
+fn demo_pods_serve_round_robin_and_resolve_names() {
+    let mut c = Cluster::up("pods-demo", &[]);
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.yaml");
+    c.kubectl_ok(&["apply", "-f", demo.to_str().unwrap()]);
+    let mut ips = Vec::new();
+    for name in ["web-1", "web-2", "web-3"] {
+        let p = wait_pod(&c, "demo", name, "Running and Ready", |p| {
+            p["status"]["phase"] == "Running" && ready(p)
+        });
+        let ip: IpAddr = p["status"]["podIP"].as_str().unwrap().parse().unwrap();
+        assert!(
+            ip.to_string().starts_with("10.244."),
+            "{ip} is not from the pod CIDR"
+        );
+        assert!(p["status"]["hostIP"].as_str().is_some(), "{p:#}");
+        ips.push(ip);
+    }
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 3, "every pod has its own address");
+    let wide = c.kubectl_ok(&["get", "pods", "-n", "demo", "-o", "wide"]);
+    assert_eq!(wide.matches("Running").count(), 3, "{wide}");
+
+    let svc = c.get_json(&["get", "svc", "web", "-n", "demo"]);
+    let cluster_ip: IpAddr = svc["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
+    let addr = SocketAddr::new(cluster_ip, 80);
+    c.wait_serving(addr, &["web-1", "web-2", "web-3"]);
+    let names = c.names_ok(addr, 300, None);
+    let n = counts(&names);
+    assert_eq!(
+        n,
+        BTreeMap::from([
+            ("web-1".to_string(), 100),
+            ("web-2".to_string(), 100),
+            ("web-3".to_string(), 100)
+        ]),
+        "exact round robin over the three pods"
+    );
+
+    // Inside web-1: its hostname, its resolv.conf, the Service variables,
+    // and `web` through the search path.
+    let p = pod(&c, "demo", "web-1").unwrap();
+    let pid = pid(&p);
+    assert_eq!(in_pod(pid, &["hostname"]).trim(), "web-1");
+    let resolv = in_pod(pid, &["cat", "/etc/resolv.conf"]);
+    assert!(
+        resolv.contains("search demo.svc.cluster.local svc.cluster.local cluster.local")
+            && resolv.contains("nameserver 10.96.0.10")
+            && resolv.contains("options ndots:5"),
+        "{resolv}"
+    );
+    let getent = in_pod(pid, &["getent", "hosts", "web"]);
+    assert_eq!(
+        getent.split_whitespace().next(),
+        Some(cluster_ip.to_string().as_str()),
+        "getent hosts web: {getent}"
+    );
+    let other = in_pod(pid, &["getent", "hosts", "kubernetes.default"]);
+    assert!(
+        other.starts_with("10.96.0.1 "),
+        "getent hosts kubernetes.default: {other}"
+    );
+    let dig = in_pod(pid, &["dig", "+short", "+search", "web"]);
+    assert_eq!(dig.trim(), cluster_ip.to_string(), "dig +search web");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(
+        environ.contains(&format!("WEB_SERVICE_HOST={cluster_ip}")),
+        "Service variables: {environ}"
+    );
+    assert!(
+        environ.contains("KUBERNETES_SERVICE_HOST=10.96.0.1"),
+        "{environ}"
+    );
+}
+
+/// Acceptance 2: a killed process is restarted; a failing liveness probe
+/// restarts the container; a failing readiness probe takes the pod out of
+/// its Service within two periods, and a passing one brings it back.
+#[test]
+fn pods_heal_and_follow_their_probes() {
+    let mut c = Cluster::up("pods-heal", &["--crash-loop-backoff", "1s"]);
+    let flags = tempfile::tempdir().unwrap();
+    let ready_flag = flags.path().join("ready");
+    let alive_flag = flags.path().join("alive");
+    std::fs::write(&ready_flag, "").unwrap();
+    std::fs::write(&alive_flag, "").unwrap();
+    let probes = format!(
+        "    readinessProbe: {{exec: {{command: [test, -e, {}]}}, periodSeconds: 1, failureThreshold: 1}}\n    \
+         livenessProbe: {{exec: {{command: [test, -e, {}]}}, periodSeconds: 1, failureThreshold: 2}}\n",
+        ready_flag.display(),
+        alive_flag.display()
+    );
+    c.apply(&(service("heal") + &echo_pod("h1", "heal", &probes) + &echo_pod("h2", "heal", "")));
+    let h1 = wait_pod(&c, "default", "h1", "Ready", ready);
+    wait_pod(&c, "default", "h2", "Ready", ready);
+    let addr = SocketAddr::new(c.cluster_ip("heal"), 80);
+    c.wait_serving(addr, &["h1", "h2"]);
+
+    // kill -9: restarted once, back in the Service.
+    let old = pid(&h1);
+    // SAFETY: kill(2) of the pod's own container process.
+    unsafe {
+        libc::kill(old, libc::SIGKILL);
+    }
+    let h1 = wait_pod(&c, "default", "h1", "restarted once and Ready", |p| {
+        restarts(p) == 1 && ready(p)
+    });
+    assert_ne!(pid(&h1), old, "a new process");
+    assert!(!alive(old));
+    c.wait_serving(addr, &["h1", "h2"]);
+
+    // Liveness fails twice: the container is restarted.
+    std::fs::remove_file(&alive_flag).unwrap();
+    wait_pod(
+        &c,
+        "default",
+        "h1",
+        "restarted by its liveness probe",
+        |p| restarts(p) == 2,
+    );
+    std::fs::write(&alive_flag, "").unwrap();
+    wait_pod(&c, "default", "h1", "Ready again", ready);
+
+    // Readiness fails: out of the Service within two periods.
+    let h1_ip = pod(&c, "default", "h1").unwrap()["status"]["podIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::remove_file(&ready_flag).unwrap();
+    let removed = Instant::now();
+    poll("h1 not ready in the slice", SETTLE, || {
+        (c.slice_endpoints("heal").get(&h1_ip) == Some(&false)).then_some(())
+    });
+    let took = removed.elapsed();
+    c.wait_serving(addr, &["h2"]);
+    assert!(
+        took < Duration::from_millis(2_000 + 1_500),
+        "readiness failure reached the slice after {took:?} (2 periods of 1 s, plus kubectl's own time)"
+    );
+    std::fs::write(&ready_flag, "").unwrap();
+    c.wait_serving(addr, &["h1", "h2"]);
+    assert_eq!(
+        restarts(&pod(&c, "default", "h1").unwrap()),
+        2,
+        "readiness never restarts"
+    );
+}
+
+/// Acceptance 3: a command that exits 1 crash-loops with growing delays,
+/// shown by kubectl; a command that does not exist waits with a clear
+/// message.
+#[test]
+fn crash_loops_back_off_and_missing_commands_say_why() {
+    let c = Cluster::up(
+        "pods-crash",
+        &[
+            "--crash-loop-backoff",
+            "1s",
+            "--crash-loop-max-backoff",
+            "8s",
+        ],
+    );
+    c.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: crash}\nspec:\n  containers:\n  \
+         - {name: c, image: busybox, command: [sh, -c, \"exit 1\"]}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: ghost}\nspec:\n  containers:\n  \
+         - {name: c, image: busybox, command: [/no/such/program]}\n",
+    );
+    // When each restart count was first seen.
+    let mut seen: BTreeMap<u64, Instant> = BTreeMap::new();
+    let mut shown_crash_loop = false;
+    let end = Instant::now() + SETTLE;
+    while seen.keys().max().copied().unwrap_or(0) < 4 {
+        assert!(Instant::now() < end, "restart counts seen: {seen:?}");
+        if let Some(p) = pod(&c, "default", "crash") {
+            seen.entry(restarts(&p)).or_insert_with(Instant::now);
+        }
+        if !shown_crash_loop {
+            let table = c.kubectl_ok(&["get", "pod", "crash"]);
+            shown_crash_loop = table.contains("CrashLoopBackOff");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let at = |n: u64| seen[&n];
+    let (d2, d3, d4) = (at(2) - at(1), at(3) - at(2), at(4) - at(3));
+    assert!(
+        d2 >= Duration::from_millis(700) && d3 > d2 && d4 > d3,
+        "delays must grow from the 1 s start: {d2:?} {d3:?} {d4:?}"
+    );
+    if !shown_crash_loop {
+        poll("kubectl shows CrashLoopBackOff", SETTLE, || {
+            c.kubectl_ok(&["get", "pod", "crash"])
+                .contains("CrashLoopBackOff")
+                .then_some(())
+        });
+    }
+    let ghost = wait_pod(&c, "default", "ghost", "waiting with a reason", |p| {
+        p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "RunContainerError"
+    });
+    let msg = ghost["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        msg.contains("/no/such/program") && msg.contains("not found"),
+        "{msg}"
+    );
+    assert_eq!(ghost["status"]["phase"], "Pending");
+}
+
+/// Acceptance 4: exceeding the memory limit is reported as OOMKilled.
+#[test]
+fn memory_limit_is_enforced_and_reported() {
+    let c = Cluster::up("pods-oom", &[]);
+    c.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: hog}\nspec:\n  restartPolicy: Never\n  containers:\n  \
+         - name: c\n    image: python\n    \
+         command: [python3, -c, \"x = b'x' * (256 * 1024 * 1024); print(len(x))\"]\n    \
+         resources: {limits: {memory: 64Mi}}\n",
+    );
+    let p = wait_pod(&c, "default", "hog", "terminated", |p| {
+        !p["status"]["containerStatuses"][0]["state"]["terminated"].is_null()
+    });
+    let t = &p["status"]["containerStatuses"][0]["state"]["terminated"];
+    assert_eq!(t["reason"], "OOMKilled", "{p:#}");
+    assert_eq!(t["exitCode"], 137);
+    assert_eq!(p["status"]["phase"], "Failed");
+}
+
+/// Acceptance 5: deleting a pod sends SIGTERM first; its open connection
+/// completes, new connections go elsewhere, and the object goes away once
+/// the process has ended.
+#[test]
+fn deleting_a_pod_drains_it_then_removes_it() {
+    let mut c = Cluster::up("pods-delete", &[]);
+    c.apply(&(service("drain") + &echo_pod("d1", "drain", "")));
+    let d1 = wait_pod(&c, "default", "d1", "Ready", ready);
+    let d1_uid = d1["metadata"]["uid"].as_str().unwrap().to_string();
+    let ip = c.cluster_ip("drain");
+    c.wait_serving(SocketAddr::new(ip, 80), &["d1"]);
+    // The only endpoint: this connection is d1's.
+    c.agent.open("inflight", SocketAddr::new(ip, 9000)).unwrap();
+    c.agent.echo_ok("inflight", "before", "connection to d1");
+    c.apply(&echo_pod("d2", "drain", ""));
+    wait_pod(&c, "default", "d2", "Ready", ready);
+    c.wait_serving(SocketAddr::new(ip, 80), &["d1", "d2"]);
+
+    c.kubectl_ok(&["delete", "pod", "d1", "--wait=false"]);
+    let log = c
+        .data_dir()
+        .join("pods")
+        .join(&d1_uid)
+        .join("logs/echo/0.log");
+    poll("d1 got SIGTERM (its echo drains)", SETTLE, || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.contains("draining"))
+            .map(|_| ())
+    });
+    let d1 = pod(&c, "default", "d1").expect("d1 stays while it drains");
+    assert!(!d1["metadata"]["deletionTimestamp"].is_null());
+    c.wait_serving(SocketAddr::new(ip, 80), &["d2"]);
+    let names = c.names_ok(SocketAddr::new(ip, 80), 20, None);
+    assert!(
+        names.iter().all(|n| n == "d2"),
+        "new connections reach d2 only: {names:?}"
+    );
+    c.agent
+        .echo_ok("inflight", "during", "the in-flight connection completes");
+    c.agent.close("inflight");
+    poll("d1 deleted once it ended", SETTLE, || {
+        let out = c.kubectl(&["get", "pod", "d1"]);
+        String::from_utf8_lossy(&out.stderr)
+            .contains("NotFound")
+            .then_some(())
+    });
+    assert!(pod(&c, "default", "d2").is_some());
+}
+
+/// Acceptance 8: `fairlead node --cleanup` leaves no pod process,
+/// namespace, veth, bridge, cgroup or masquerade table behind.
+#[test]
+fn cleanup_leaves_nothing_behind() {
+    let mut c = Cluster::up("pods-cleanup", &[]);
+    c.apply(
+        &(echo_pod("e1", "e", "")
+            + "---\napiVersion: v1\nkind: Pod\nmetadata: {name: s1}\nspec:\n  containers:\n  \
+               - {name: c, image: busybox, command: [sleep, \"600\"]}\n"),
+    );
+    let mut pids = Vec::new();
+    let mut uids = Vec::new();
+    for name in ["e1", "s1"] {
+        let p = wait_pod(&c, "default", name, "Running", |p| {
+            p["status"]["phase"] == "Running"
+        });
+        pids.push(pid(&p));
+        uids.push(p["metadata"]["uid"].as_str().unwrap().to_string());
+    }
+    let netns: Vec<String> = uids
+        .iter()
+        .map(|u| {
+            std::fs::read_to_string(c.data_dir().join("pods").join(u).join("netns"))
+                .expect("the pod's namespace is recorded")
+        })
+        .collect();
+    for n in &netns {
+        assert!(
+            Path::new("/run/netns").join(n).exists(),
+            "{n} exists while the pod runs"
+        );
+    }
+    let links = c.ns.run_ok("ip", &["-o", "link"]);
+    assert!(links.contains("flbr0") && links.contains("flv"), "{links}");
+
+    // The node goes away; its pods keep running until cleaned up.
+    c.proc("up").kill9();
+    assert!(pids.iter().all(|p| alive(*p)), "pods outlive the agent");
+    let data = c.data_dir().display().to_string();
+    let out = c.run(&["node", "--cleanup", "--data-dir", &data]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    poll("pod processes gone", SETTLE, || {
+        pids.iter().all(|p| !alive(*p)).then_some(())
+    });
+    for n in &netns {
+        assert!(!Path::new("/run/netns").join(n).exists(), "{n} left behind");
+    }
+    let links = c.ns.run_ok("ip", &["-o", "link"]);
+    assert!(
+        !links.contains("flbr0") && !links.contains("flv"),
+        "{links}"
+    );
+    let tables = c.ns.run_ok("nft", &["list", "tables"]);
+    assert!(!tables.contains("fairlead-pods"), "{tables}");
+    for u in &uids {
+        for h in ["memory", "cpu", "cpu,cpuacct", "."] {
+            let d = Path::new("/sys/fs/cgroup")
+                .join(h)
+                .join("fairlead")
+                .join(format!("pod{u}"));
+            assert!(!d.exists(), "{} left behind", d.display());
+        }
+        assert!(!c.data_dir().join("pods").join(u).exists());
+    }
+}
