@@ -181,6 +181,9 @@ pub struct NodeFlags {
     /// Longest CrashLoopBackOff delay.
     #[arg(long, default_value = "5m")]
     pub crash_loop_max_backoff: String,
+    /// Rotate a container's log file past this size (e.g. 10Mi).
+    #[arg(long, default_value = "10Mi")]
+    pub container_log_max_size: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -243,6 +246,14 @@ impl NodeFlags {
         cfg.register_node = self.register_node;
         cfg.run_pods = self.run_pods;
         cfg.pod_cidr = self.pod_cidr;
+        cfg.log_max_bytes = crate::kubelet::pod::quantity(&self.container_log_max_size)
+            .filter(|b| *b >= 1.0)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "invalid --container-log-max-size {:?}: expected a size such as 10Mi",
+                    self.container_log_max_size
+                )
+            })? as u64;
         cfg.backoff = crate::kubelet::lifecycle::Backoff {
             initial: parse_duration(&self.crash_loop_backoff).map_err(anyhow::Error::msg)?,
             max: parse_duration(&self.crash_loop_max_backoff).map_err(anyhow::Error::msg)?,
@@ -320,6 +331,35 @@ pub async fn client_from(path: &std::path::Path) -> anyhow::Result<kube::Client>
         .await
         .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", path.display()))?;
     Ok(kube::Client::try_from(cfg)?)
+}
+
+/// The cluster CA (PEM) a kubeconfig trusts for its current cluster.
+fn ca_from_kubeconfig(path: &std::path::Path) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let kc = kube::config::Kubeconfig::read_from(path).ok()?;
+    let ctx_name = kc.current_context.clone()?;
+    let ctx = kc
+        .contexts
+        .iter()
+        .find(|c| c.name == ctx_name)?
+        .context
+        .clone()?;
+    let cluster = kc
+        .clusters
+        .iter()
+        .find(|c| c.name == ctx.cluster)?
+        .cluster
+        .clone()?;
+    match (
+        &cluster.certificate_authority_data,
+        &cluster.certificate_authority,
+    ) {
+        (Some(d), _) => base64::engine::general_purpose::STANDARD
+            .decode(d.trim())
+            .ok(),
+        (None, Some(f)) => std::fs::read(f).ok(),
+        _ => None,
+    }
 }
 
 fn default_data_dir() -> PathBuf {
@@ -467,6 +507,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 client.clone(),
                 node_cfg.node_name(),
             ));
+            node_cfg.client_ca = ca_from_kubeconfig(&running.kubeconfig);
             let node = spawn_node(running.kubeconfig.clone(), node_cfg)?;
             println!("fairlead is up");
             println!("  kubeconfig: {}", running.kubeconfig.display());
@@ -507,6 +548,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut cfg = args.node.config()?;
             cfg.data_dir = args.data_dir.clone();
             cfg.cluster_cidr = args.cluster_cidr;
+            cfg.client_ca = ca_from_kubeconfig(args.client.path()?);
             let client = client_from(args.client.path()?).await?;
             tokio::select! {
                 _ = shutdown_signal() => Ok(()),

@@ -452,3 +452,84 @@ fn cleanup_leaves_nothing_behind() {
         assert!(!c.data_dir().join("pods").join(u).exists());
     }
 }
+
+/// Acceptance 6: `kubectl logs` (with `--tail`), `-f` while the pod serves
+/// requests, and `--previous` after a restart, through the API server's
+/// `pods/log` and the node's port 10250.
+#[test]
+fn kubectl_logs_follow_and_previous() {
+    let mut c = Cluster::up("pods-logs", &["--crash-loop-backoff", "1s"]);
+    c.apply(&(service("logs") + &echo_pod("l1", "logs", "")));
+    let p = wait_pod(&c, "default", "l1", "Ready", ready);
+    let http = SocketAddr::new(c.cluster_ip("logs"), 80);
+    c.wait_serving(http, &["l1"]);
+    let get = |c: &mut Cluster, msg: &str| {
+        let r = c.agent.http(http, &format!("/echo?msg={msg}"), 1, None);
+        assert!(matches!(&r[0], Ok((200, _))), "{r:?}");
+    };
+    get(&mut c, "first-request");
+    let logs = c.kubectl_ok(&["logs", "l1"]);
+    assert!(logs.contains("GET /echo?msg=first-request"), "{logs}");
+    let last = c.kubectl_ok(&["logs", "l1", "--tail", "1"]);
+    assert_eq!(last.lines().count(), 1, "{last}");
+    assert!(last.contains("first-request"), "{last}");
+
+    // -f: a request made while following shows up in the stream.
+    let mut follow = c
+        .kubectl_cmd(&["logs", "-f", "l1", "-c", "echo"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("kubectl logs -f");
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // Until the stream is open (it replays the file first), then the
+    // request.
+    let wait_line = |what: &str| {
+        let end = Instant::now() + SETTLE;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("kubectl logs -f never printed {what}"));
+            if line.contains(what) {
+                return;
+            }
+        }
+    };
+    wait_line("first-request");
+    get(&mut c, "while-following");
+    wait_line("while-following");
+    let _ = follow.kill();
+    let _ = follow.wait();
+
+    // --previous after a restart.
+    // SAFETY: kill(2) of the pod's own container process.
+    unsafe {
+        libc::kill(pid(&p), libc::SIGKILL);
+    }
+    wait_pod(&c, "default", "l1", "restarted", |p| {
+        restarts(p) == 1 && ready(p)
+    });
+    let previous = c.kubectl_ok(&["logs", "l1", "--previous"]);
+    assert!(previous.contains("while-following"), "{previous}");
+    let current = c.kubectl_ok(&["logs", "l1"]);
+    assert!(!current.contains("while-following"), "{current}");
+    // A pod without a node has no logs to give: a clear 400.
+    c.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: nowhere}\nspec:\n  schedulerName: none\n  containers:\n  - {name: c, image: fairlead}\n");
+    let out = c.kubectl(&["logs", "nowhere"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not have a host assigned"), "{err}");
+}

@@ -23,6 +23,7 @@ pub mod discovery;
 pub mod hooks;
 pub mod objects;
 pub mod openapi;
+pub mod podlogs;
 pub mod rest;
 pub mod table;
 pub mod tls;
@@ -98,6 +99,8 @@ pub struct Server {
     /// Watch events decoded (and encoded) once for every watch that
     /// receives them.
     decoded: Arc<watch::DecodedEvents>,
+    /// TLS for `pods/log` requests to nodes (port 10250).
+    kubelet_tls: Arc<rustls::ClientConfig>,
 }
 
 /// A started API server.
@@ -190,6 +193,7 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
     }
     let pki = tls::ensure_pki(&config.data_dir, &sans)?;
     let tls_config = tls::server_config(&pki)?;
+    let kubelet_tls = podlogs::kubelet_client_config(&config.data_dir)?;
     let tokens = match &config.token_auth_file {
         Some(p) => load_tokens(p)?,
         None => HashMap::new(),
@@ -224,6 +228,7 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
         }),
         tokens: Arc::new(tokens),
         decoded: Arc::new(watch::DecodedEvents::default()),
+        kubelet_tls,
     };
     server.bootstrap().await?;
     server.spawn_compactor();

@@ -148,7 +148,8 @@ fn route(path: &str) -> Result<Route, ApiError> {
     if let Some(s) = sub {
         let ok = (s == "status" && def.has_status)
             || (s == "finalize" && def.plural == "namespaces")
-            || (s == "binding" && def.plural == "pods");
+            || (s == "binding" && def.plural == "pods")
+            || (s == "log" && def.plural == "pods");
         if !ok {
             return Err(ApiError::path_not_found());
         }
@@ -412,6 +413,20 @@ impl Server {
                 ))
             }
         };
+        if r.sub.as_deref() == Some("log") {
+            if verb != "get" {
+                return Err(ApiError::method_not_allowed(
+                    "the server does not allow this method on the requested resource",
+                ));
+            }
+            return self
+                .pod_log(
+                    r.namespace.as_deref().unwrap_or("default"),
+                    r.name.as_deref().unwrap_or(""),
+                    &q,
+                )
+                .await;
+        }
         if r.sub.as_deref() == Some("binding") && verb != "create" {
             return Err(ApiError::method_not_allowed(
                 "the server does not allow this method on the requested resource",

@@ -104,6 +104,21 @@ impl Cgroups {
     }
 }
 
+impl Cgroups {
+    /// Remove the parent `fairlead` cgroups if no pod cgroup is left in
+    /// them (another node on this host may still have some).
+    pub fn remove_parents_if_empty(&self) {
+        let parents: Vec<&PathBuf> = match self {
+            Cgroups::V2(p) => vec![p],
+            Cgroups::V1 { memory, cpu } => std::iter::once(memory).chain(cpu.as_ref()).collect(),
+            Cgroups::None => Vec::new(),
+        };
+        for p in parents {
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
 /// One pod's cgroup, in one (v2) or two (v1 memory, cpu) hierarchies.
 #[derive(Clone, Debug)]
 pub struct PodCgroup {

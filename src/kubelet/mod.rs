@@ -14,6 +14,8 @@
 //! * [`cgroup`] — a cgroup (v1 or v2) per pod with its limits.
 //! * [`probe`] — startup, readiness and liveness probes.
 //! * [`env`] — environment variables, `resolv.conf` and `hosts`.
+//! * [`server`] — the HTTPS port 10250: container logs for `pods/log`,
+//!   and [`rotate_logs`] keeps each log file under a size.
 
 pub mod cgroup;
 pub mod env;
@@ -22,6 +24,7 @@ pub mod network;
 pub mod pod;
 pub mod probe;
 pub mod runtime;
+pub mod server;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -57,6 +60,12 @@ pub struct KubeletConfig {
     /// The node's address (status.hostIP, hostNetwork pods' IP).
     pub host_ip: IpAddr,
     pub backoff: Backoff,
+    /// The cluster CA (PEM): clients of port 10250 must hold a
+    /// certificate of it. `None`: the port is not served.
+    pub client_ca: Option<Vec<u8>>,
+    /// Rotate a container's log file past this size
+    /// (`--container-log-max-size`).
+    pub log_max_bytes: u64,
 }
 
 /// What every pod worker shares.
@@ -69,6 +78,38 @@ pub struct Ctx {
     /// The node's own resolv.conf (search domains and servers that pods
     /// inherit).
     host_resolv: String,
+}
+
+/// How often container logs are checked for rotation.
+const LOG_ROTATE_EVERY: Duration = Duration::from_secs(10);
+
+/// Rotate every container log under `pods_dir` larger than `max` bytes:
+/// copy it to `<file>.1` (replacing the older one) and truncate it. The
+/// container writes with O_APPEND, so it goes on at the new end.
+pub fn rotate_logs(pods_dir: &std::path::Path, max: u64) {
+    let Ok(pods) = std::fs::read_dir(pods_dir) else {
+        return;
+    };
+    for pod in pods.flatten() {
+        let Ok(containers) = std::fs::read_dir(pod.path().join("logs")) else {
+            continue;
+        };
+        for c in containers.flatten() {
+            let Ok(files) = std::fs::read_dir(c.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let p = f.path();
+                let big = p.extension().is_some_and(|e| e == "log")
+                    && f.metadata().is_ok_and(|m| m.len() > max);
+                if big && std::fs::copy(&p, p.with_extension("log.1")).is_ok() {
+                    if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&p) {
+                        let _ = file.set_len(0);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// How often the agent looks for its Node's pod CIDR while it has none.
@@ -109,6 +150,26 @@ pub async fn run(client: kube::Client, cfg: KubeletConfig) -> anyhow::Result<()>
         }
     };
     tracing::info!(node = %cfg.node_name, pod_cidr = %pod_cidr, "running pods");
+    match &cfg.client_ca {
+        Some(ca) => {
+            let names = vec![cfg.node_name.clone(), cfg.host_ip.to_string()];
+            let addr = std::net::SocketAddr::from(([0, 0, 0, 0], server::PORT));
+            if let Err(e) = server::spawn(addr, cfg.data_dir.clone(), ca, names).await {
+                tracing::warn!(error = %e, "no container logs: the kubelet port is not served");
+            }
+        }
+        None => tracing::warn!("no cluster CA in the kubeconfig: container logs are not served"),
+    }
+    {
+        let (dir, max) = (cfg.data_dir.join("pods"), cfg.log_max_bytes);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LOG_ROTATE_EVERY).await;
+                let dir = dir.clone();
+                let _ = tokio::task::spawn_blocking(move || rotate_logs(&dir, max)).await;
+            }
+        });
+    }
     let node = cfg.node_name.clone();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
@@ -259,5 +320,6 @@ pub async fn cleanup(data_dir: &std::path::Path) {
         remove_pod_state(data_dir, &cgroups, None, uid).await;
     }
     let _ = std::fs::remove_dir_all(data_dir.join("network"));
+    cgroups.remove_parents_if_empty();
     network::remove_node().await;
 }

@@ -60,6 +60,8 @@ struct Slot {
     next_start: Option<Instant>,
     restart_pending: bool,
     probes: Vec<tokio::task::JoinHandle<()>>,
+    /// The current run's log file.
+    log: Option<PathBuf>,
 }
 
 impl Slot {
@@ -203,6 +205,7 @@ pub(super) async fn run(ctx: Arc<Ctx>, mut rx: watch::Receiver<Option<Pod>>) {
             next_start: Some(Instant::now()),
             restart_pending: false,
             probes: Vec::new(),
+            log: None,
         })
         .collect();
     let start_time = pod
@@ -332,6 +335,12 @@ impl Worker {
     async fn create_sandbox(&mut self) -> Result<(), String> {
         std::fs::create_dir_all(self.dir.join("logs"))
             .map_err(|e| format!("creating {}: {e}", self.dir.display()))?;
+        // Which pod this is, for the log server.
+        std::fs::write(
+            self.dir.join("meta"),
+            format!("{}/{}\n", namespace(&self.pod), name(&self.pod)),
+        )
+        .map_err(|e| format!("writing the pod's meta file: {e}"))?;
         let spec = self.pod.spec.clone().unwrap_or_default();
         let host_network = spec.host_network.unwrap_or(false);
         let ctx = self.ctx.clone();
@@ -485,6 +494,7 @@ impl Worker {
         };
         match self.ctx.runtime.start(&sb, &run).await {
             Ok(mut running) => {
+                slot.log = Some(run.log.clone());
                 slot.run += 1;
                 slot.view.restarts = restarts;
                 slot.restart_pending = false;
@@ -567,6 +577,10 @@ impl Worker {
         slot.killer = None;
         slot.view.ready = false;
         slot.view.started = false;
+        // Tells a log follower that this run's output is complete.
+        if let Some(log) = slot.log.take() {
+            let _ = std::fs::write(log.with_extension("exited"), "");
+        }
         let ran = slot.started.take().map(|s| s.elapsed()).unwrap_or_default();
         if backoff.resets_after(ran) {
             slot.failures = 0;

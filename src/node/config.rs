@@ -54,6 +54,11 @@ pub struct NodeConfig {
     pub pod_cidr: Option<crate::api::service::ServiceCidr>,
     /// CrashLoopBackOff delays.
     pub backoff: crate::kubelet::lifecycle::Backoff,
+    /// The cluster CA (PEM, from the kubeconfig): who may read container
+    /// logs on port 10250.
+    pub client_ca: Option<Vec<u8>>,
+    /// `--container-log-max-size` in bytes.
+    pub log_max_bytes: u64,
 }
 
 /// Cluster DNS settings of the node daemon.
@@ -105,6 +110,8 @@ impl Default for NodeConfig {
             cluster_cidr: "10.244.0.0/16".parse().expect("a valid CIDR"),
             pod_cidr: None,
             backoff: crate::kubelet::lifecycle::Backoff::default(),
+            client_ca: None,
+            log_max_bytes: 10 * 1024 * 1024,
         }
     }
 }

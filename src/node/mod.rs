@@ -324,6 +324,8 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
             }),
             host_ip: facts.internal_ip,
             backoff: cfg.backoff,
+            client_ca: cfg.client_ca.clone(),
+            log_max_bytes: cfg.log_max_bytes,
         };
         let client = client.clone();
         AbortOnDrop(tokio::spawn(async move {
