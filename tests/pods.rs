@@ -533,3 +533,86 @@ fn kubectl_logs_follow_and_previous() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not have a host assigned"), "{err}");
 }
+
+/// Acceptance 7: the node restarts (kill -9 of `fairlead up`, then `up`
+/// again on the same data directory) while requests keep coming: the new
+/// agent adopts the running pods (same processes, same addresses, no
+/// restart) and no request fails.
+#[test]
+fn node_restart_under_load_adopts_running_pods() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let args = ["--proxy-mode", "nftables"];
+    let mut c = Cluster::up("pods-restart", &args);
+    // nftables mode needs a route that covers the Service range, as a
+    // node's default route does: through the pod bridge here.
+    poll("the pod bridge", SETTLE, || {
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", c.ns.name))
+            .args(["ip", "link", "show", "flbr0"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|_| ())
+    });
+    c.ns.run_ok("ip", &["route", "add", "10.96.0.0/12", "dev", "flbr0"]);
+    let probe = "    readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}\n";
+    c.apply(&(service("keep") + &echo_pod("k1", "keep", probe) + &echo_pod("k2", "keep", probe)));
+    let before: Vec<Value> = ["k1", "k2"]
+        .iter()
+        .map(|n| wait_pod(&c, "default", n, "Ready", ready))
+        .collect();
+    let http = SocketAddr::new(c.cluster_ip("keep"), 80);
+    c.wait_serving(http, &["k1", "k2"]);
+
+    // Load from a second client in the namespace until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loader = common::netns::Agent::start(&c.ns, "agent");
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0usize, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                for r in loader.names(http, 10, None) {
+                    match r {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(e),
+                    }
+                }
+            }
+            (ok, failed)
+        })
+    };
+    c.proc("up").kill9();
+    c.start_up(&args);
+    poll("both pods adopted", SETTLE, || {
+        let log = std::fs::read_to_string(c.log_path("up")).unwrap_or_default();
+        (log.matches("adopted the pod's running containers").count() >= 2).then_some(())
+    });
+    // A few more rounds through the restarted node, then stop the load.
+    c.names_ok(http, 40, None);
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.join().unwrap();
+    println!(
+        "requests during the node's restart: {ok} answered, {} failed",
+        failed.len()
+    );
+    assert!(ok > 0, "the load ran");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    for (name, old) in ["k1", "k2"].iter().zip(&before) {
+        let now = wait_pod(&c, "default", name, "Ready", ready);
+        assert_eq!(restarts(&now), 0, "{name} was not restarted");
+        assert_eq!(pid(&now), pid(old), "{name} keeps its process");
+        assert_eq!(
+            now["status"]["podIP"], old["status"]["podIP"],
+            "{name} keeps its address"
+        );
+    }
+    c.wait_serving(http, &["k1", "k2"]);
+}

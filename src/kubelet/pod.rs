@@ -16,7 +16,7 @@
 //! worker reports the status whenever it changes.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -262,40 +262,31 @@ impl Worker {
                 }
             }
         }
-        // A sandbox from an earlier life of this agent is not adopted yet:
-        // clear it, so the pod starts clean.
-        self.teardown(false).await;
+        // What an earlier life of this agent started keeps running: the
+        // same processes, address and namespace. Anything less is cleared,
+        // so the pod starts clean.
+        let adopted = self.adopt().await;
+        if !adopted {
+            self.teardown(false).await;
+        }
         if self.pod.metadata.deletion_timestamp.is_some() {
+            if adopted {
+                let left = self
+                    .pod
+                    .metadata
+                    .deletion_timestamp
+                    .as_ref()
+                    .map(|t| t.0.duration_since(Timestamp::now()))
+                    .and_then(|d| Duration::try_from(d).ok())
+                    .unwrap_or_default();
+                self.terminate(left, events).await;
+                self.report().await;
+                self.teardown(false).await;
+            }
             return self.finalize().await;
         }
-        loop {
-            match self.create_sandbox().await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(pod = %name(&self.pod), error = %e, "creating the pod sandbox");
-                    for s in &mut self.slots {
-                        s.view.state = State::Waiting {
-                            reason: "ContainerCreating".into(),
-                            message: Some(format!("failed to create pod sandbox: {e}")),
-                        };
-                    }
-                    self.report().await;
-                    tokio::select! {
-                        _ = tokio::time::sleep(RETRY * 2) => {}
-                        r = rx.changed() => {
-                            let gone = r.is_err() || rx.borrow_and_update().is_none();
-                            let deleting = rx.borrow().as_ref().is_some_and(|p| p.metadata.deletion_timestamp.is_some());
-                            if gone || deleting {
-                                self.teardown(false).await;
-                                if deleting && !gone {
-                                    self.finalize().await;
-                                }
-                                return;
-                            }
-                        }
-                    }
-                }
-            }
+        if !adopted && !self.create_sandbox_retrying(rx).await {
+            return;
         }
         self.start_due().await;
         self.report().await;
@@ -329,6 +320,204 @@ impl Worker {
             }
             self.report().await;
         }
+    }
+
+    /// Create the sandbox, retrying (and reporting why) until it works:
+    /// true; false if the pod went away meanwhile (then it is finished).
+    async fn create_sandbox_retrying(&mut self, rx: &mut watch::Receiver<Option<Pod>>) -> bool {
+        loop {
+            match self.create_sandbox().await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(pod = %name(&self.pod), error = %e, "creating the pod sandbox");
+                    for s in &mut self.slots {
+                        s.view.state = State::Waiting {
+                            reason: "ContainerCreating".into(),
+                            message: Some(format!("failed to create pod sandbox: {e}")),
+                        };
+                    }
+                    self.report().await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(RETRY * 2) => {}
+                        r = rx.changed() => {
+                            let gone = r.is_err() || rx.borrow_and_update().is_none();
+                            let deleting = rx.borrow().as_ref().is_some_and(|p| p.metadata.deletion_timestamp.is_some());
+                            if gone || deleting {
+                                self.teardown(false).await;
+                                if deleting && !gone {
+                                    self.finalize().await;
+                                }
+                                return false;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Take over the sandbox and containers an earlier agent left running
+    /// for this pod, with the status it reported (restart counts,
+    /// readiness, condition times). False when nothing of it runs.
+    async fn adopt(&mut self) -> bool {
+        let status = self.pod.status.clone().unwrap_or_default();
+        let reported = status.container_statuses.clone().unwrap_or_default();
+        let pids = self.dir.join("pids");
+        let live: Vec<Option<i32>> = self
+            .slots
+            .iter()
+            .map(|s| super::runtime::recorded_alive(&pids.join(&s.spec.name)))
+            .collect();
+        if reported.is_empty() || live.iter().all(Option::is_none) {
+            return false;
+        }
+        let host_network = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false);
+        let ctx = self.ctx.clone();
+        let (netns, ip) = if host_network {
+            (None, ctx.cfg.host_ip)
+        } else {
+            let Ok(n) = std::fs::read_to_string(self.dir.join("netns")) else {
+                return false;
+            };
+            let n = n.trim().to_string();
+            let ip = ctx.net.as_ref().and_then(|net| net.address_of(&self.uid));
+            match ip {
+                Some(ip) if Path::new("/run/netns").join(&n).exists() => (Some(n), IpAddr::V4(ip)),
+                _ => return false,
+            }
+        };
+        let existing = |f: &str| Some(self.dir.join(f)).filter(|p| p.exists());
+        let sandbox = Sandbox {
+            netns: netns.as_ref().map(|n| PathBuf::from("/run/netns").join(n)),
+            resolv_conf: existing("resolv.conf"),
+            hosts: existing("hosts"),
+            hostname: (!host_network).then(|| {
+                self.pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.hostname.clone())
+                    .unwrap_or_else(|| name(&self.pod).to_string())
+            }),
+            cgroup_procs: self.cgroup.procs_files(),
+        };
+        self.netns = netns;
+        self.pod_ip = Some(ip);
+        self.oom_seen = self.cgroup.oom_kills();
+        for c in status.conditions.iter().flatten() {
+            let type_ = match c.type_.as_str() {
+                "PodScheduled" => "PodScheduled",
+                "Initialized" => "Initialized",
+                "ContainersReady" => "ContainersReady",
+                "Ready" => "Ready",
+                _ => continue,
+            };
+            self.conds.push(Condition {
+                type_,
+                status: c.status == "True",
+                since: c
+                    .last_transition_time
+                    .as_ref()
+                    .map(|t| t.0)
+                    .unwrap_or_else(Timestamp::now),
+                reason: (c.status != "True").then_some("ContainersNotReady"),
+            });
+        }
+        let target = probe::Target {
+            ip,
+            sandbox: sandbox.clone(),
+            runtime: ctx.runtime.clone(),
+            env: Vec::new(),
+        };
+        let policy = policy(&self.pod).to_string();
+        for (idx, slot) in self.slots.iter_mut().enumerate() {
+            let Some(st) = reported.iter().find(|r| r.name == slot.spec.name) else {
+                continue;
+            };
+            slot.view.restarts = st.restart_count.max(0) as u32;
+            slot.view.last = st
+                .last_state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .map(|t| State::Terminated {
+                    exit_code: t.exit_code,
+                    reason: t.reason.clone().unwrap_or_else(|| "Error".into()),
+                    message: t.message.clone(),
+                    started_at: t.started_at.as_ref().map(|x| x.0),
+                    finished_at: t
+                        .finished_at
+                        .as_ref()
+                        .map(|x| x.0)
+                        .unwrap_or_else(Timestamp::now),
+                    container_id: t.container_id.clone(),
+                });
+            let logs = super::server::container_logs(&self.dir, &slot.spec.name);
+            let run_log = logs.and_then(|l| Some(l.dir.join(format!("{}.log", l.runs.last()?))));
+            match live[idx].map(|pid| ctx.runtime.adopt(&pid.to_string())) {
+                Some(Ok(mut running)) => {
+                    slot.run += 1;
+                    slot.killer = Some(running.killer());
+                    slot.view.id = Some(running.id());
+                    slot.started = Some(Instant::now());
+                    slot.next_start = None;
+                    slot.log = run_log;
+                    let started_at = st
+                        .state
+                        .as_ref()
+                        .and_then(|s| s.running.as_ref())
+                        .and_then(|r| r.started_at.as_ref())
+                        .map(|t| t.0)
+                        .unwrap_or_else(Timestamp::now);
+                    slot.view.state = State::Running { started_at };
+                    slot.view.ready = st.ready;
+                    slot.view.started = st.started.unwrap_or(true);
+                    let (tx, run_id) = (self.tx.clone(), slot.run);
+                    tokio::spawn(async move {
+                        let code = running.wait().await;
+                        let _ = tx
+                            .send(Event::Exited {
+                                idx,
+                                run: run_id,
+                                code,
+                            })
+                            .await;
+                    });
+                    if slot.view.started {
+                        spawn_probe(slot, idx, Kind::Readiness, &target, &self.tx);
+                        spawn_probe(slot, idx, Kind::Liveness, &target, &self.tx);
+                    } else {
+                        spawn_probe(slot, idx, Kind::Startup, &target, &self.tx);
+                    }
+                }
+                _ => {
+                    // It ended while no agent watched: how is not known.
+                    let term = State::Terminated {
+                        exit_code: super::runtime::UNKNOWN_EXIT,
+                        reason: "Error".into(),
+                        message: Some("ended while the node agent was not running".into()),
+                        started_at: None,
+                        finished_at: Timestamp::now(),
+                        container_id: st.container_id.clone(),
+                    };
+                    if lifecycle::should_restart(&policy, super::runtime::UNKNOWN_EXIT) {
+                        slot.view.last = Some(term.clone());
+                        slot.restart_pending = true;
+                        slot.next_start = Some(Instant::now());
+                    } else {
+                        slot.next_start = None;
+                    }
+                    slot.view.state = term;
+                }
+            }
+        }
+        self.target = Some(target);
+        self.sandbox = Some(sandbox);
+        tracing::info!(pod = %name(&self.pod), ip = %ip, "adopted the pod's running containers");
+        true
     }
 
     /// The pod's network namespace, files and cgroup.
@@ -816,6 +1005,9 @@ fn spawn_probe(
     t: &probe::Target,
     tx: &mpsc::Sender<Event>,
 ) {
+    // Readiness starts from what the container shows (failing for a new
+    // one); the others from passing.
+    let start_passing = kind != Kind::Readiness || slot.view.ready;
     let p = match kind {
         Kind::Startup => slot.spec.startup_probe.clone(),
         Kind::Readiness => slot.spec.readiness_probe.clone(),
@@ -825,6 +1017,7 @@ fn spawn_probe(
     let run = slot.run;
     slot.probes.push(tokio::spawn(probe::run(
         kind,
+        start_passing,
         p,
         slot.spec.clone(),
         t.clone(),

@@ -135,12 +135,14 @@ pub async fn check(p: &Probe, c: &Container, t: &Target) -> Result<(), String> {
 }
 
 /// Probe until the task is dropped, sending a [`Verdict`] on `tx` each
-/// time the result crosses its threshold. Readiness starts as failing (no
-/// verdict is sent for it), the others as passing. A startup probe stops
+/// time the result crosses its threshold, from `start_passing` (for a new
+/// container: readiness failing, the others passing; an adopted one keeps
+/// what it had). A startup probe stops
 /// after its first success; a liveness or startup probe after its first
 /// failure verdict (the container is about to be restarted).
 pub async fn run<T: Send>(
     kind: Kind,
+    start_passing: bool,
     p: Probe,
     c: Container,
     t: Target,
@@ -154,7 +156,7 @@ pub async fn run<T: Send>(
         p.initial_delay_seconds.unwrap_or(0).max(0) as u64,
     ))
     .await;
-    let mut passing = kind != Kind::Readiness;
+    let mut passing = start_passing;
     let (mut oks, mut fails) = (0u32, 0u32);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -71,6 +71,10 @@ pub trait Runtime: Send + Sync + 'static {
     /// Start a container in `sb`. The error is the message a Waiting
     /// `RunContainerError` status shows.
     async fn start(&self, sb: &Sandbox, c: &ContainerRun) -> Result<Box<dyn Running>, String>;
+    /// Take over a container that a previous agent started (its `id`),
+    /// if it still runs. Its exit code is not known when it ends (it is
+    /// not this process's child): `wait` then returns [`UNKNOWN_EXIT`].
+    fn adopt(&self, id: &str) -> Result<Box<dyn Running>, String>;
     /// Run `argv` in the sandbox (exec probes) with `env`, up to `timeout`;
     /// its exit code, or an error (not started, timed out).
     async fn exec(
@@ -103,18 +107,21 @@ pub fn record_pid(file: &std::path::Path, pid: i32) {
     }
 }
 
+/// The process recorded in `file`, if that very process still runs.
+pub fn recorded_alive(file: &std::path::Path) -> Option<i32> {
+    let s = std::fs::read_to_string(file).ok()?;
+    let mut it = s.split_whitespace().map(|x| x.parse::<u64>().ok());
+    let (Some(Some(pid)), Some(Some(ticks))) = (it.next(), it.next()) else {
+        return None;
+    };
+    let pid = pid as i32;
+    (start_ticks(pid) == Some(ticks)).then_some(pid)
+}
+
 /// SIGKILL the process group of the process recorded in `file`, if that
 /// very process still runs.
 pub fn kill_recorded(file: &std::path::Path) {
-    let Ok(s) = std::fs::read_to_string(file) else {
-        return;
-    };
-    let mut it = s.split_whitespace().map(|x| x.parse::<u64>().ok());
-    let (Some(Some(pid)), Some(Some(ticks))) = (it.next(), it.next()) else {
-        return;
-    };
-    let pid = pid as i32;
-    if start_ticks(pid) == Some(ticks) {
+    if let Some(pid) = recorded_alive(file) {
         // SAFETY: kill(2) of the recorded container's own process group
         // (it started its own session), checked to be the same process.
         unsafe {
@@ -157,6 +164,32 @@ pub fn argv(c: &ContainerRun) -> Result<Vec<String>, String> {
             .to_string();
     }
     Ok(argv)
+}
+
+/// The exit code reported for an adopted container that ended (the
+/// kernel only tells a process's parent how it ended).
+pub const UNKNOWN_EXIT: i32 = 255;
+
+/// A container process started by an earlier agent: watched through its
+/// pidfd, which becomes readable when the process ends.
+struct AdoptedProcess {
+    pid: i32,
+    fd: tokio::io::unix::AsyncFd<OwnedFd>,
+    killer: Killer,
+}
+
+#[async_trait]
+impl Running for AdoptedProcess {
+    fn id(&self) -> String {
+        self.pid.to_string()
+    }
+    fn killer(&self) -> Killer {
+        self.killer.clone()
+    }
+    async fn wait(&mut self) -> i32 {
+        let _ = self.fd.readable().await;
+        UNKNOWN_EXIT
+    }
 }
 
 /// Host processes in the pod's namespaces (see the module doc).
@@ -382,6 +415,35 @@ impl Runtime for ProcessRuntime {
             child,
             pid,
             killer: Killer::for_pid(pid),
+        }))
+    }
+
+    fn adopt(&self, id: &str) -> Result<Box<dyn Running>, String> {
+        let pid: i32 = id
+            .parse()
+            .map_err(|_| format!("not a process id: {id:?}"))?;
+        // SAFETY: pidfd_open takes a pid and flags; the result is a new fd
+        // or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+        if fd < 0 {
+            return Err(format!(
+                "process {pid}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: a fresh fd owned by nobody else.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let signal_fd = owned.try_clone().map_err(|e| e.to_string())?;
+        // SAFETY: the AsyncFd owns `owned`, which stays open (and the same
+        // fd) until the AsyncFd is dropped.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.to_string())?;
+        Ok(Box::new(AdoptedProcess {
+            pid,
+            fd,
+            killer: Killer(Arc::new(Some(signal_fd))),
         }))
     }
 

@@ -113,20 +113,21 @@ async fn container_log(data_dir: &Path, path: &str, query: &str) -> Response<Bod
             format!("container \"{container}\" in pod \"{pod}\" is waiting to start"),
         );
     };
-    let run =
-        if on("previous") {
-            match logs.runs.len().checked_sub(2).map(|i| logs.runs[i]) {
-                Some(r) => r,
-                None => return text(
+    let run = if on("previous") {
+        match logs.runs.len().checked_sub(2).map(|i| logs.runs[i]) {
+            Some(r) => r,
+            None => {
+                return text(
                     StatusCode::BAD_REQUEST,
                     format!(
                         "previous terminated container \"{container}\" in pod \"{pod}\" not found"
                     ),
-                ),
+                )
             }
-        } else {
-            *logs.runs.last().unwrap()
-        };
+        }
+    } else {
+        *logs.runs.last().unwrap()
+    };
     let file = logs.dir.join(format!("{run}.log"));
     let content = tokio::fs::read(&file).await.unwrap_or_default();
     let offset = content.len() as u64;
