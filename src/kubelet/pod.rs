@@ -318,6 +318,15 @@ impl Worker {
                 _ = sleep_until(due), if due.is_some() => self.start_due().await,
                 _ = tokio::time::sleep(RETRY), if self.report_failed => {}
             }
+            // A pod whose containers are all done for good (Succeeded or
+            // Failed) gives its sandbox back; its status keeps the IP.
+            let finished = self
+                .slots
+                .iter()
+                .all(|s| s.killer.is_none() && s.next_start.is_none());
+            if finished && self.sandbox.is_some() {
+                self.teardown(false).await;
+            }
             self.report().await;
         }
     }
