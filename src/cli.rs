@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Everything on one node: embedded store + API server + controllers +
-    /// node daemon. Prints the kubeconfig path and where things listen.
+    /// scheduler + node daemon. Prints the kubeconfig path and where things listen.
     Up(UpArgs),
     /// The Kubernetes-compatible API server alone.
     Apiserver(ApiServerArgs),
@@ -32,6 +32,8 @@ pub enum Command {
     Controllers(ControllersArgs),
     /// The node daemon: Service proxy (+ health and metrics endpoints).
     Node(NodeArgs),
+    /// The scheduler: binds Pods waiting for the default scheduler to nodes.
+    Scheduler(ClientArgs),
     /// A demo backend answering with its name (HTTP, TCP and UDP echo).
     Echo(crate::echo::EchoArgs),
 }
@@ -502,11 +504,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 None => "disabled".into(),
             };
-            // One node: Pods waiting for a scheduler are bound to it.
-            tokio::spawn(crate::controllers::binder::run(
-                client.clone(),
-                node_cfg.node_name(),
-            ));
+            tokio::spawn(crate::scheduler::run(client.clone()));
             node_cfg.client_ca = ca_from_kubeconfig(&running.kubeconfig);
             let node = spawn_node(running.kubeconfig.clone(), node_cfg)?;
             println!("fairlead is up");
@@ -540,6 +538,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Echo(args) => crate::echo::run(args).await,
+        Command::Scheduler(args) => {
+            let client = client_from(args.path()?).await?;
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = crate::scheduler::run(client) => {}
+            }
+            Ok(())
+        }
         Command::Node(args) if args.cleanup => {
             crate::kubelet::cleanup(&args.data_dir).await;
             crate::node::cleanup().await

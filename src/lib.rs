@@ -31,6 +31,8 @@
 //!   processes in their own network namespace and cgroup (a built-in
 //!   CNI: bridge, veth, podCIDR addresses), with probes, restarts,
 //!   graceful deletion and status, behind a small runtime trait.
+//! * [`scheduler`] — binds Pods to nodes through `pods/binding`: pure
+//!   filters and a score (`scheduler::filter`) over reflected Nodes and Pods.
 //! * [`proxy`] — Service proxying: the pure change tracker
 //!   (`proxy::tracker`: dirty Services → changed service ports) and two
 //!   backends applying those changes, [`proxy::userspace`] (tokio
@@ -57,4 +59,5 @@ pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod proxy;
+pub mod scheduler;
 pub mod store;

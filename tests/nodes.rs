@@ -171,7 +171,7 @@ fn up_binds_pods_to_its_node() {
         "apiVersion: v1\nkind: Pod\nmetadata: {name: other}\nspec:\n  schedulerName: mine\n  \
          containers:\n  - {name: c, image: fairlead}\n",
     );
-    // The binder sees Pods in order: once p2 (created after) is bound, it
+    // The scheduler takes Pods oldest first: once p2 (created after) is bound, it
     // has passed `other` by.
     c.apply(&unbound_pod("p2"));
     poll("p2 bound", SETTLE, || {
@@ -226,4 +226,86 @@ fn up_binds_pods_to_its_node() {
         "{err}"
     );
     assert!(!c.kubectl(&["get", "pod", "bad"]).status.success());
+}
+
+/// A Node object no agent runs, made Ready (with `allocatable`) through
+/// its status, as its kubelet would.
+fn fake_node(c: &Cluster, name: &str, spec: &str, labels: &str) {
+    c.apply(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{{labels}}}}}\nspec: {{{spec}}}\n"
+    ));
+    let status = r#"{"status":{"allocatable":{"cpu":"4","memory":"8Gi","pods":"110"},"capacity":{"cpu":"4","memory":"8Gi","pods":"110"},"conditions":[{"type":"Ready","status":"True","reason":"KubeletReady"}]}}"#;
+    c.kubectl_ok(&[
+        "patch",
+        "node",
+        name,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        status,
+    ]);
+}
+
+fn node_of(c: &Cluster, pod: &str) -> String {
+    c.kubectl_ok(&["get", "pod", pod, "-o", "jsonpath={.spec.nodeName}"])
+        .trim()
+        .to_string()
+}
+
+/// The scheduler of `fairlead up` filters nodes as kube-scheduler does
+/// (taints and tolerations, nodeSelector, cordon, resources) and explains
+/// a Pod that fits nowhere in its PodScheduled condition.
+#[test]
+fn scheduler_filters_nodes_and_explains_unschedulable_pods() {
+    let c = Cluster::up("scheduler", &["--hostname-override", "node-a"]);
+    fake_node(
+        &c,
+        "node-b",
+        "taints: [{key: dedicated, value: db, effect: NoSchedule}]",
+        "disk: ssd",
+    );
+    fake_node(&c, "node-c", "unschedulable: true", "disk: ssd");
+    poll("node-a registered", SETTLE, || {
+        node_json(&c, "node-a")
+            .filter(|n| condition(n, "Ready").is_some_and(|r| r["status"] == "True"))
+    });
+    c.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: db}\nspec:\n  nodeSelector: {disk: ssd}\n  \
+         tolerations: [{key: dedicated, operator: Equal, value: db, effect: NoSchedule}]\n  \
+         containers:\n  - {name: c, image: fairlead, command: [sleep, \"600\"]}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: plain}\nspec:\n  containers:\n  \
+         - {name: c, image: fairlead, command: [sleep, \"600\"]}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: huge}\nspec:\n  containers:\n  \
+         - {name: c, image: fairlead, command: [sleep, \"600\"], resources: {requests: {cpu: \"1000\"}}}\n",
+    );
+    poll("db and plain bound", SETTLE, || {
+        (!node_of(&c, "db").is_empty() && !node_of(&c, "plain").is_empty()).then_some(())
+    });
+    assert_eq!(
+        node_of(&c, "db"),
+        "node-b",
+        "the only ssd node it tolerates"
+    );
+    assert_eq!(
+        node_of(&c, "plain"),
+        "node-a",
+        "node-b is tainted, node-c cordoned"
+    );
+    let huge = poll("huge reported unschedulable", SETTLE, || {
+        let out = c.kubectl(&["get", "pod", "huge", "-o", "json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        condition(&v, "PodScheduled")
+            .filter(|s| s["reason"] == "Unschedulable")
+            .cloned()
+    });
+    assert_eq!(huge["status"], "False");
+    assert_eq!(
+        huge["message"],
+        "0/3 nodes are available: 1 Insufficient cpu, 1 node(s) had untolerated taint \
+         {dedicated: db}, 1 node(s) were unschedulable.",
+        "{huge:#}"
+    );
+    assert_eq!(node_of(&c, "huge"), "");
+    let table = c.kubectl_ok(&["get", "pod", "huge"]);
+    assert!(table.contains("Pending"), "{table}");
 }

@@ -25,7 +25,6 @@
 //! several `fairlead controllers` can run for availability. Everything they
 //! start stops when leadership is lost (see [`run_controllers`]).
 
-pub mod binder;
 pub mod endpointslice;
 pub mod leader;
 pub mod nodeipam;
