@@ -323,3 +323,34 @@ pub async fn cleanup(data_dir: &std::path::Path) {
     cgroups.remove_parents_if_empty();
     network::remove_node().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_keeps_one_older_file_and_empties_the_current() {
+        let d = tempfile::tempdir().unwrap();
+        let logs = d.path().join("uid-1/logs/c");
+        std::fs::create_dir_all(&logs).unwrap();
+        std::fs::write(logs.join("0.log"), "x".repeat(100)).unwrap();
+        std::fs::write(logs.join("1.log"), "small\n").unwrap();
+        std::fs::write(logs.join("0.exited"), "y".repeat(100)).unwrap();
+        rotate_logs(d.path(), 50);
+        assert_eq!(
+            std::fs::read_to_string(logs.join("0.log.1")).unwrap().len(),
+            100
+        );
+        assert_eq!(std::fs::metadata(logs.join("0.log")).unwrap().len(), 0);
+        assert_eq!(
+            std::fs::read_to_string(logs.join("1.log")).unwrap(),
+            "small\n"
+        );
+        assert!(!logs.join("1.log.1").exists());
+        assert_eq!(
+            std::fs::metadata(logs.join("0.exited")).unwrap().len(),
+            100,
+            "only logs rotate"
+        );
+    }
+}
