@@ -10,3 +10,4 @@ pub mod resources;
 pub mod selector;
 pub mod service;
 pub mod status;
+pub mod workload;

@@ -7,6 +7,7 @@
 //! (Service defaulting and IP allocation, namespace termination) hang off
 //! [`Kind`]. Adding a resource means adding a row.
 
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Endpoints, Event, Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -28,6 +29,8 @@ pub enum Kind {
     Event,
     EndpointSlice,
     Lease,
+    ReplicaSet,
+    Deployment,
 }
 
 /// One served resource. See the module docs.
@@ -166,6 +169,31 @@ const CONTAINER_LISTS: &[(&str, ListStrategy)] = &[
     ("status.containerStatuses", ListStrategy::Replace),
 ];
 
+/// [`CONTAINER_LISTS`] under a workload's `spec.template`.
+const TEMPLATE_LISTS: &[(&str, ListStrategy)] = &[
+    (
+        "spec.template.spec.containers",
+        ListStrategy::MergeByKey("name"),
+    ),
+    (
+        "spec.template.spec.initContainers",
+        ListStrategy::MergeByKey("name"),
+    ),
+    (
+        "spec.template.spec.containers.ports",
+        ListStrategy::MergeByKey("containerPort"),
+    ),
+    (
+        "spec.template.spec.containers.env",
+        ListStrategy::MergeByKey("name"),
+    ),
+    (
+        "spec.template.spec.volumes",
+        ListStrategy::MergeByKey("name"),
+    ),
+    ("spec.template.spec.tolerations", ListStrategy::Replace),
+];
+
 /// Every resource the API server serves.
 pub static RESOURCES: std::sync::LazyLock<Vec<ResourceDef>> = std::sync::LazyLock::new(|| {
     vec![
@@ -217,6 +245,14 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceDef>> = std::sync::LazyLoc
             namespaced: true, short_names: &[], categories: &[],
             has_status: false, create_on_update: true,
             field_selectors: &[], merge_keys: &[]),
+        def!(ReplicaSet, Kind::ReplicaSet, singular: "replicaset",
+            namespaced: true, short_names: &["rs"], categories: &["all"],
+            has_status: true, create_on_update: false,
+            field_selectors: &["status.replicas"], merge_keys: TEMPLATE_LISTS),
+        def!(Deployment, Kind::Deployment, singular: "deployment",
+            namespaced: true, short_names: &["deploy"], categories: &["all"],
+            has_status: true, create_on_update: false,
+            field_selectors: &[], merge_keys: TEMPLATE_LISTS),
     ]
 });
 

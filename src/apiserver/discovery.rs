@@ -9,7 +9,7 @@
 
 use serde_json::{json, Value};
 
-use crate::api::resources::{self, RESOURCES};
+use crate::api::resources::{self, Kind, RESOURCES};
 
 use super::Config;
 
@@ -126,6 +126,31 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
                 "kind": r.kind_name,
                 "verbs": ["get", "patch", "update"],
             }));
+        }
+        if matches!(r.kind, Kind::ReplicaSet | Kind::Deployment) {
+            list.push(json!({
+                "name": format!("{}/scale", r.plural),
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
+        if r.kind == Kind::Pod {
+            for (sub, kind, verbs) in [
+                ("binding", "Binding", &["create"][..]),
+                ("log", "Pod", &["get"][..]),
+            ] {
+                list.push(json!({
+                    "name": format!("pods/{sub}"),
+                    "singularName": "",
+                    "namespaced": true,
+                    "kind": kind,
+                    "verbs": verbs,
+                }));
+            }
         }
     }
     Some(json!({

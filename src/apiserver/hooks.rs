@@ -32,6 +32,8 @@ fn kind_errors(srv: &Server, def: &ResourceDef, obj: &Value) -> Vec<FieldError> 
     match def.kind {
         Kind::Service => service::validate_service(obj, &srv.config.service_cidr),
         Kind::Pod => crate::api::pod::validate_pod(obj),
+        Kind::ReplicaSet => crate::api::workload::validate_workload(obj, false),
+        Kind::Deployment => crate::api::workload::validate_workload(obj, true),
         Kind::EndpointSlice => {
             let mut errs = Vec::new();
             match obj.get("addressType").and_then(Value::as_str) {
@@ -97,6 +99,10 @@ pub fn before_create(srv: &Server, def: &ResourceDef, obj: &mut Value) -> Result
             obj["status"] = json!({"phase": "Pending"});
             crate::api::pod::default_pod(obj);
         }
+        Kind::ReplicaSet | Kind::Deployment => {
+            obj["status"] = json!({});
+            crate::api::workload::default_workload(obj, def.kind == Kind::Deployment);
+        }
         _ => {}
     }
     check(srv, def, obj)
@@ -134,6 +140,9 @@ pub fn before_update(
                 m.insert("labels".into(), json!({}));
             }
             m["labels"]["kubernetes.io/metadata.name"] = json!(name);
+        }
+        Kind::ReplicaSet | Kind::Deployment => {
+            crate::api::workload::default_workload(new, def.kind == Kind::Deployment);
         }
         _ => {}
     }

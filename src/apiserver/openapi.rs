@@ -959,7 +959,8 @@ mod tests {
         assert!(paths.contains_key("api/v1"));
         assert!(paths.contains_key("apis/discovery.k8s.io/v1"));
         assert!(document("/api/v1/").is_some());
-        assert!(document("apis/apps/v1").is_none());
+        assert!(document("apis/apps/v1").is_some());
+        assert!(document("apis/batch/v1").is_none());
     }
 
     #[test]

@@ -14,9 +14,9 @@ use serde_json::{json, Value};
 
 use crate::api::patch::{self, PatchError};
 use crate::api::protobuf;
-use crate::api::resources::{self, ResourceDef};
+use crate::api::resources::{self, Kind, ResourceDef};
 use crate::api::selector::{FieldSelector, LabelSelector};
-use crate::api::status::ApiError;
+use crate::api::status::{ApiError, FieldError};
 use crate::store::{ListOptions, Revision};
 
 use super::objects::{self, resource_ref, WriteOpts, Written};
@@ -149,7 +149,8 @@ fn route(path: &str) -> Result<Route, ApiError> {
         let ok = (s == "status" && def.has_status)
             || (s == "finalize" && def.plural == "namespaces")
             || (s == "binding" && def.plural == "pods")
-            || (s == "log" && def.plural == "pods");
+            || (s == "log" && def.plural == "pods")
+            || (s == "scale" && matches!(def.kind, Kind::ReplicaSet | Kind::Deployment));
         if !ok {
             return Err(ApiError::path_not_found());
         }
@@ -426,6 +427,9 @@ impl Server {
                     &q,
                 )
                 .await;
+        }
+        if r.sub.as_deref() == Some("scale") {
+            return self.scale(&r, verb, req, &opts_of(&q)).await;
         }
         if r.sub.as_deref() == Some("binding") && verb != "create" {
             return Err(ApiError::method_not_allowed(
@@ -1000,4 +1004,105 @@ async fn read_object(req: Request<Incoming>) -> Result<Value, ApiError> {
         ));
     }
     Ok(v)
+}
+
+/// Write options from the query (`dryRun`, `fieldValidation`).
+fn opts_of(q: &Query) -> WriteOpts {
+    WriteOpts {
+        dry_run: q.get("dryRun").is_some_and(|v| v == "All"),
+        field_validation: q
+            .get("fieldValidation")
+            .cloned()
+            .unwrap_or_else(|| "Warn".into()),
+    }
+}
+
+/// The `autoscaling/v1` Scale of a ReplicaSet or Deployment.
+fn scale_of(obj: &Value) -> Value {
+    let m = &obj["metadata"];
+    json!({
+        "apiVersion": "autoscaling/v1",
+        "kind": "Scale",
+        "metadata": {
+            "name": m["name"], "namespace": m["namespace"], "uid": m["uid"],
+            "resourceVersion": m["resourceVersion"], "creationTimestamp": m["creationTimestamp"],
+        },
+        "spec": {"replicas": obj["spec"]["replicas"].as_i64().unwrap_or(1)},
+        "status": {
+            "replicas": obj["status"]["replicas"].as_i64().unwrap_or(0),
+            "selector": crate::api::workload::selector_string(&obj["spec"]["selector"]),
+        },
+    })
+}
+
+impl Server {
+    /// `GET`, `PUT` and `PATCH` of `<workload>/scale`: the replicas as a
+    /// Scale, written back as a merge patch of `spec.replicas`.
+    async fn scale(
+        &self,
+        r: &ResourceRoute,
+        verb: &str,
+        req: Request<Incoming>,
+        opts: &WriteOpts,
+    ) -> Result<Response<Body>, ApiError> {
+        let ns = r.namespace.as_deref();
+        let name = r.name.as_deref().unwrap_or("");
+        let (obj, _) = self.get_object(r.def, ns, name).await?;
+        let current = scale_of(&obj);
+        let wanted = match verb {
+            "get" => return Ok(json_response(200, &current, &[])),
+            "update" => {
+                let body = read_body(req).await?;
+                serde_json::from_slice::<Value>(&body)
+                    .map_err(|e| ApiError::bad_request(format!("invalid Scale: {e}")))?
+            }
+            "patch" => {
+                let ct = content_type(&req);
+                let body = read_body(req).await?;
+                let patch: Value = serde_json::from_slice(&body)
+                    .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
+                let applied = if ct == "application/json-patch+json" {
+                    crate::api::patch::json_patch(&current, &patch)
+                } else {
+                    crate::api::patch::merge_patch(&current, &patch)
+                };
+                applied.map_err(|e| ApiError::bad_request(e.to_string()))?
+            }
+            _ => {
+                return Err(ApiError::method_not_allowed(
+                    "the server does not allow this method on the requested resource",
+                ))
+            }
+        };
+        let replicas = wanted["spec"]["replicas"].as_i64().ok_or_else(|| {
+            ApiError::invalid(
+                "Scale",
+                name,
+                vec![FieldError::required("spec.replicas", "")],
+            )
+        })?;
+        if replicas < 0 {
+            return Err(ApiError::invalid(
+                "Scale",
+                name,
+                vec![FieldError::invalid(
+                    "spec.replicas",
+                    replicas,
+                    "must be greater than or equal to 0",
+                )],
+            ));
+        }
+        let main = ResourceRoute {
+            def: r.def,
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+            sub: None,
+            watch_path: false,
+        };
+        let body = serde_json::to_vec(&json!({"spec": {"replicas": replicas}})).unwrap_or_default();
+        let Written { obj, warnings } = self
+            .patch(&main, "application/merge-patch+json", &body, opts)
+            .await?;
+        Ok(json_response(200, &scale_of(&obj), &warnings))
+    }
 }

@@ -199,6 +199,97 @@ const LEASE_COLUMNS: &[Column] = &[
     AGE,
 ];
 
+const REPLICA_SET_COLUMNS: &[Column] = &[
+    NAME,
+    int("Desired", 0, "Number of desired pods."),
+    int("Current", 0, "Number of actual replicas."),
+    int("Ready", 0, "Number of ready replicas."),
+    AGE,
+    wide("Containers", "Names of each container in the template."),
+    wide(
+        "Images",
+        "Images referenced by each container in the template.",
+    ),
+    wide("Selector", "Label selector for pods."),
+];
+
+const DEPLOYMENT_COLUMNS: &[Column] = &[
+    NAME,
+    col("Ready", "Number of the pod with ready state."),
+    int("Up-to-date", 0, "Total number of non-terminated pods targeted by this deployment that have the desired template spec."),
+    int("Available", 0, "Total number of available pods (ready for at least minReadySeconds) targeted by this deployment."),
+    AGE,
+    wide("Containers", "Names of each container in the template."),
+    wide("Images", "Images referenced by each container in the template."),
+    wide("Selector", "Label selector for pods."),
+];
+
+/// The wide columns of a workload: container names, images, selector.
+fn template_cells(obj: &Value) -> [Value; 3] {
+    let cs = list(&obj["spec"]["template"]["spec"]["containers"]);
+    let join = |k: &str| {
+        cs.iter()
+            .map(|c| str_of(&c[k]).to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let sel = &obj["spec"]["selector"];
+    let mut parts: Vec<String> = sel["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", str_of(v)))
+        .collect();
+    for e in list(&sel["matchExpressions"]) {
+        let vals: Vec<&str> = list(&e["values"]).iter().map(str_of).collect();
+        parts.push(format!(
+            "{} {} ({})",
+            str_of(&e["key"]),
+            str_of(&e["operator"]).to_lowercase(),
+            vals.join(",")
+        ));
+    }
+    [
+        text(join("name")),
+        text(join("image")),
+        text(parts.join(",")),
+    ]
+}
+
+fn count(v: &Value) -> i64 {
+    v.as_i64().unwrap_or(0)
+}
+
+fn replica_set_cells(obj: &Value) -> Vec<Value> {
+    let (spec, st) = (&obj["spec"], &obj["status"]);
+    let mut row = vec![
+        name(obj),
+        json!(spec["replicas"].as_i64().unwrap_or(1)),
+        json!(count(&st["replicas"])),
+        json!(count(&st["readyReplicas"])),
+        creation_age(obj),
+    ];
+    row.extend(template_cells(obj));
+    row
+}
+
+fn deployment_cells(obj: &Value) -> Vec<Value> {
+    let (spec, st) = (&obj["spec"], &obj["status"]);
+    let mut row = vec![
+        name(obj),
+        text(format!(
+            "{}/{}",
+            count(&st["readyReplicas"]),
+            spec["replicas"].as_i64().unwrap_or(1)
+        )),
+        json!(count(&st["updatedReplicas"])),
+        json!(count(&st["availableReplicas"])),
+        creation_age(obj),
+    ];
+    row.extend(template_cells(obj));
+    row
+}
+
 fn columns(kind: Kind) -> &'static [Column] {
     match kind {
         Kind::Namespace => NAMESPACE_COLUMNS,
@@ -209,6 +300,8 @@ fn columns(kind: Kind) -> &'static [Column] {
         Kind::Event => EVENT_COLUMNS,
         Kind::EndpointSlice => ENDPOINT_SLICE_COLUMNS,
         Kind::Lease => LEASE_COLUMNS,
+        Kind::ReplicaSet => REPLICA_SET_COLUMNS,
+        Kind::Deployment => DEPLOYMENT_COLUMNS,
     }
 }
 
@@ -248,6 +341,8 @@ pub fn cells(kind: Kind, obj: &Value) -> Vec<Value> {
             text(str_of(&obj["spec"]["holderIdentity"])),
             creation_age(obj),
         ],
+        Kind::ReplicaSet => replica_set_cells(obj),
+        Kind::Deployment => deployment_cells(obj),
     }
 }
 

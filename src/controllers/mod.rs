@@ -1,5 +1,7 @@
 //! Controllers: turn Services + Pods into EndpointSlices and legacy
-//! Endpoints, through the API server, with kube-rs's runtime.
+//! Endpoints, through the API server, with kube-rs's runtime; also node
+//! IPAM ([`nodeipam`]), ReplicaSets ([`replicaset`]) and the garbage
+//! collector ([`gc`]).
 //!
 //! ```text
 //!  watcher(Service) ─┐
@@ -26,8 +28,10 @@
 //! start stops when leadership is lost (see [`run_controllers`]).
 
 pub mod endpointslice;
+pub mod gc;
 pub mod leader;
 pub mod nodeipam;
+pub mod replicaset;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -412,6 +416,8 @@ pub async fn run(client: kube::Client, cfg: Config) {
         let c = c.clone();
         async move {
             let _ipam = ipam.map(|i| AbortOnDrop(tokio::spawn(nodeipam::run(c.clone(), i))));
+            let _rs = AbortOnDrop(tokio::spawn(replicaset::run(c.clone())));
+            let _gc = AbortOnDrop(tokio::spawn(gc::run(c.clone())));
             run_controllers(c, max).await
         }
     })
