@@ -178,3 +178,89 @@ fn invalid_replicasets_are_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("spec.replicas: Invalid value: -1"), "{err}");
 }
+
+fn rs_names(c: &Cluster) -> Vec<(String, i64)> {
+    let list = c.get_json(&["get", "rs", "-l", "app=web"]);
+    list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                r["spec"]["replicas"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+/// `kubectl create deployment`, `rollout status`, `set image` (a rolling
+/// update to a new ReplicaSet, the old one scaled to 0), `rollout
+/// history`, `scale`, `rollout restart`, and deletion taking the
+/// ReplicaSets and pods with it.
+#[test]
+fn deployment_rolls_out_updates_scales_and_is_collected() {
+    let c = Cluster::up("workloads-deploy", &[]);
+    c.kubectl_ok(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=fairlead",
+        "--replicas=3",
+        "--port=8080",
+        "--",
+        "fairlead",
+        "echo",
+        "--http-port",
+        "8080",
+    ]);
+    let rollout =
+        |c: &Cluster| c.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    assert!(rollout(&c).contains("successfully rolled out"));
+    let table = c.kubectl_ok(&["get", "deployment", "web"]);
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(&row[..4], ["web", "3/3", "3", "3"], "{table}");
+    let first = rs_names(&c);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(web_pods(&c).len(), 3);
+
+    c.kubectl_ok(&["set", "image", "deployment/web", "fairlead=fairlead:v2"]);
+    assert!(rollout(&c).contains("successfully rolled out"));
+    let sets = rs_names(&c);
+    assert_eq!(sets.len(), 2, "{sets:?}");
+    assert!(
+        sets.contains(&(first[0].0.clone(), 0)),
+        "the old set scaled to 0: {sets:?}"
+    );
+    let pods = c.get_json(&["get", "pods", "-l", "app=web"]);
+    let images: BTreeSet<&str> = pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .map(|p| p["spec"]["containers"][0]["image"].as_str().unwrap())
+        .collect();
+    assert_eq!(images, BTreeSet::from(["fairlead:v2"]));
+    let history = c.kubectl_ok(&["rollout", "history", "deployment/web"]);
+    assert!(
+        history.contains("1 ") && history.contains("2 "),
+        "{history}"
+    );
+
+    c.kubectl_ok(&["scale", "deployment", "web", "--replicas=1"]);
+    poll("scaled to 1", SETTLE, || {
+        (web_pods(&c).len() == 1).then_some(())
+    });
+    c.kubectl_ok(&["rollout", "restart", "deployment/web"]);
+    assert!(rollout(&c).contains("successfully rolled out"));
+    assert_eq!(rs_names(&c).len(), 3, "a restart is a new template");
+
+    c.kubectl_ok(&["delete", "deployment", "web"]);
+    poll("replicasets and pods collected", SETTLE, || {
+        (rs_names(&c).is_empty()
+            && c.get_json(&["get", "pods", "-l", "app=web"])["items"]
+                .as_array()
+                .is_some_and(|a| a.is_empty()))
+        .then_some(())
+    });
+}

@@ -347,11 +347,102 @@ static POD: Schema = Schema {
     ],
 };
 
+// ---- k8s.io.apimachinery.pkg.apis.meta.v1 (selectors) ----
+
+static LABEL_SELECTOR_REQUIREMENT: Schema = Schema {
+    name: "LabelSelectorRequirement",
+    fields: &[
+        f(1, "key", Ty::String),
+        f(2, "operator", Ty::String),
+        f(3, "values", Ty::RepeatedString),
+    ],
+};
+
+static LABEL_SELECTOR: Schema = Schema {
+    name: "LabelSelector",
+    fields: &[
+        f(1, "matchLabels", Ty::MapStringString),
+        f(
+            2,
+            "matchExpressions",
+            Ty::RepeatedMessage(&LABEL_SELECTOR_REQUIREMENT),
+        ),
+    ],
+};
+
+// ---- k8s.io.api.apps.v1 ----
+
+static POD_TEMPLATE_SPEC: Schema = Schema {
+    name: "PodTemplateSpec",
+    fields: &[
+        f(1, "metadata", Ty::Message(&OBJECT_META)),
+        f(2, "spec", Ty::Message(&POD_SPEC)),
+    ],
+};
+
+static ROLLING_UPDATE_DEPLOYMENT: Schema = Schema {
+    name: "RollingUpdateDeployment",
+    fields: &[
+        f(1, "maxUnavailable", Ty::IntOrString),
+        f(2, "maxSurge", Ty::IntOrString),
+    ],
+};
+
+static DEPLOYMENT_STRATEGY: Schema = Schema {
+    name: "DeploymentStrategy",
+    fields: &[
+        f(1, "type", Ty::String),
+        f(2, "rollingUpdate", Ty::Message(&ROLLING_UPDATE_DEPLOYMENT)),
+    ],
+};
+
+static DEPLOYMENT_SPEC: Schema = Schema {
+    name: "DeploymentSpec",
+    fields: &[
+        f(1, "replicas", Ty::OptInt32),
+        f(2, "selector", Ty::Message(&LABEL_SELECTOR)),
+        f(3, "template", Ty::Message(&POD_TEMPLATE_SPEC)),
+        f(4, "strategy", Ty::Message(&DEPLOYMENT_STRATEGY)),
+        f(5, "minReadySeconds", Ty::Int32),
+        f(6, "revisionHistoryLimit", Ty::OptInt32),
+        f(7, "paused", Ty::Bool),
+        f(9, "progressDeadlineSeconds", Ty::OptInt32),
+    ],
+};
+
+static DEPLOYMENT: Schema = Schema {
+    name: "Deployment",
+    fields: &[
+        f(1, "metadata", Ty::Message(&OBJECT_META)),
+        f(2, "spec", Ty::Message(&DEPLOYMENT_SPEC)),
+    ],
+};
+
+static REPLICA_SET_SPEC: Schema = Schema {
+    name: "ReplicaSetSpec",
+    fields: &[
+        f(1, "replicas", Ty::OptInt32),
+        f(2, "selector", Ty::Message(&LABEL_SELECTOR)),
+        f(3, "template", Ty::Message(&POD_TEMPLATE_SPEC)),
+        f(4, "minReadySeconds", Ty::Int32),
+    ],
+};
+
+static REPLICA_SET: Schema = Schema {
+    name: "ReplicaSet",
+    fields: &[
+        f(1, "metadata", Ty::Message(&OBJECT_META)),
+        f(2, "spec", Ty::Message(&REPLICA_SET_SPEC)),
+    ],
+};
+
 /// The kinds accepted as protobuf: `(apiVersion, kind, schema)`.
 pub static KINDS: &[(&str, &str, &Schema)] = &[
     ("v1", "Namespace", &NAMESPACE),
     ("v1", "Service", &SERVICE),
     ("v1", "Pod", &POD),
+    ("apps/v1", "Deployment", &DEPLOYMENT),
+    ("apps/v1", "ReplicaSet", &REPLICA_SET),
 ];
 
 /// The kinds accepted as protobuf, for messages: `v1 Namespace, v1 Service, ...`.

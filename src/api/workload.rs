@@ -73,8 +73,13 @@ pub fn default_workload(obj: &mut Value, deployment: bool) {
     };
     spec.entry("replicas").or_insert(json!(1));
     if deployment {
-        spec.entry("strategy")
-            .or_insert(json!({"type": "RollingUpdate"}));
+        let strategy = spec.entry("strategy").or_insert(json!({}));
+        if !strategy.is_object() {
+            *strategy = json!({});
+        }
+        if strategy.get("type").is_none_or(Value::is_null) {
+            strategy["type"] = json!("RollingUpdate");
+        }
         if spec["strategy"]["type"] == "RollingUpdate" {
             let ru = &mut spec["strategy"]["rollingUpdate"];
             if !ru.is_object() {

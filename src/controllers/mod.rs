@@ -1,7 +1,7 @@
 //! Controllers: turn Services + Pods into EndpointSlices and legacy
 //! Endpoints, through the API server, with kube-rs's runtime; also node
-//! IPAM ([`nodeipam`]), ReplicaSets ([`replicaset`]) and the garbage
-//! collector ([`gc`]).
+//! IPAM ([`nodeipam`]), Deployments ([`deployment`]), ReplicaSets
+//! ([`replicaset`]) and the garbage collector ([`gc`]).
 //!
 //! ```text
 //!  watcher(Service) ─┐
@@ -27,6 +27,7 @@
 //! several `fairlead controllers` can run for availability. Everything they
 //! start stops when leadership is lost (see [`run_controllers`]).
 
+pub mod deployment;
 pub mod endpointslice;
 pub mod gc;
 pub mod leader;
@@ -417,6 +418,7 @@ pub async fn run(client: kube::Client, cfg: Config) {
         async move {
             let _ipam = ipam.map(|i| AbortOnDrop(tokio::spawn(nodeipam::run(c.clone(), i))));
             let _rs = AbortOnDrop(tokio::spawn(replicaset::run(c.clone())));
+            let _deploy = AbortOnDrop(tokio::spawn(deployment::run(c.clone())));
             let _gc = AbortOnDrop(tokio::spawn(gc::run(c.clone())));
             run_controllers(c, max).await
         }
