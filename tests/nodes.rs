@@ -306,6 +306,16 @@ fn scheduler_filters_nodes_and_explains_unschedulable_pods() {
         "{huge:#}"
     );
     assert_eq!(node_of(&c, "huge"), "");
+    let events = poll("a FailedScheduling event", SETTLE, || {
+        let e = c.kubectl_ok(&[
+            "get",
+            "events",
+            "--field-selector",
+            "reason=FailedScheduling,involvedObject.name=huge",
+        ]);
+        e.contains("Insufficient cpu").then_some(e)
+    });
+    assert!(events.contains("Warning"), "{events}");
     let table = c.kubectl_ok(&["get", "pod", "huge"]);
     assert!(table.contains("Pending"), "{table}");
 }

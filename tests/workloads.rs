@@ -177,6 +177,17 @@ fn invalid_replicasets_are_refused() {
     let out = common::server::run_with_stdin(c.kubectl_cmd(&["apply", "-f", "-"]), &neg);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("spec.replicas: Invalid value: -1"), "{err}");
+    let stuck = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: stuck}\nspec:\n  \
+                 selector: {matchLabels: {app: s}}\n  strategy: {rollingUpdate: {maxSurge: 0, maxUnavailable: 0}}\n  \
+                 template:\n    metadata: {labels: {app: s}}\n    spec:\n      containers:\n      \
+                 - {name: c, image: fairlead, args: [echo, --http-port, \"8080\"]}\n";
+    let out = common::server::run_with_stdin(c.kubectl_cmd(&["apply", "-f", "-"]), stuck);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("spec.strategy.rollingUpdate.maxUnavailable: Invalid value: 0: may not be 0 when `maxSurge` is 0"),
+        "{err}"
+    );
 }
 
 fn rs_names(c: &Cluster) -> Vec<(String, i64)> {

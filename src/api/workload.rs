@@ -153,6 +153,22 @@ pub fn validate_workload(obj: &Value, deployment: bool) -> Vec<FieldError> {
         });
     }
     if deployment {
+        let ru = &spec["strategy"]["rollingUpdate"];
+        let zero = |v: &Value| match v {
+            Value::Number(n) => n.as_i64() == Some(0),
+            Value::String(s) => s == "0" || s == "0%",
+            _ => false,
+        };
+        if spec["strategy"]["type"] == "RollingUpdate"
+            && zero(&ru["maxUnavailable"])
+            && zero(&ru["maxSurge"])
+        {
+            errs.push(FieldError::invalid(
+                "spec.strategy.rollingUpdate.maxUnavailable",
+                &ru["maxUnavailable"],
+                "may not be 0 when `maxSurge` is 0",
+            ));
+        }
         match spec["strategy"]["type"].as_str() {
             Some("RollingUpdate") | Some("Recreate") | None => {}
             Some(t) => errs.push(FieldError::not_supported(
@@ -224,6 +240,13 @@ mod tests {
                 "spec.template.spec.restartPolicy",
                 "spec.template.spec.containers[0].command"
             ]
+        );
+        let mut stuck = d.clone();
+        stuck["spec"]["strategy"]["rollingUpdate"] = json!({"maxSurge": 0, "maxUnavailable": "0%"});
+        let errs = validate_workload(&stuck, true);
+        assert_eq!(
+            errs[0].message,
+            "spec.strategy.rollingUpdate.maxUnavailable: Invalid value: \"0%\": may not be 0 when `maxSurge` is 0"
         );
         let none = json!({"spec": {"template": {"spec": {"containers": [{"name": "c", "image": "fairlead"}]}}}});
         assert_eq!(validate_workload(&none, false)[0].field, "spec.selector");

@@ -9,7 +9,7 @@
 //! pod count, host ports). Pods bound in this pass count at once (the
 //! reflector may not show them yet). A Pod that fits nowhere gets
 //! `PodScheduled=False`, reason `Unschedulable`, with kube-scheduler's
-//! message, and is retried when Nodes or Pods change, or after
+//! message (also a `FailedScheduling` event), and is retried when Nodes or Pods change, or after
 //! [`RETRY`].
 
 pub mod filter;
@@ -140,6 +140,33 @@ pub fn plan(nodes: &[Arc<Node>], pods: &[Arc<Pod>]) -> (Vec<Decision>, Vec<Decis
     (bound, stuck)
 }
 
+/// A `FailedScheduling` Warning event on `pod` (what `kubectl describe
+/// pod` and `kubectl get events` show).
+async fn failed_scheduling_event(client: &kube::Client, pod: &Pod, msg: &str) {
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let now = jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let event = json!({
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": format!("{name}."), "namespace": ns},
+        "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": ns, "name": name,
+            "uid": pod.metadata.uid},
+        "reason": "FailedScheduling", "message": msg, "type": "Warning",
+        "source": {"component": "default-scheduler"},
+        "reportingComponent": "default-scheduler",
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+    });
+    let Ok(event) = serde_json::from_value::<k8s_openapi::api::core::v1::Event>(event) else {
+        return;
+    };
+    let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns);
+    if let Err(e) = api.create(&PostParams::default(), &event).await {
+        tracing::debug!(error = %e, "recording a FailedScheduling event");
+    }
+}
+
 /// Schedule until the future is dropped.
 pub async fn run(client: kube::Client) {
     let wake = Arc::new(Notify::new());
@@ -221,6 +248,7 @@ pub async fn run(client: kube::Client) {
             {
                 Ok(_) => {
                     tracing::info!(pod = %format!("{ns}/{name}"), reason = %msg, "pod unschedulable");
+                    failed_scheduling_event(&client, &pod, &msg).await;
                     reported.insert(uid, msg);
                 }
                 Err(e) => tracing::debug!(error = %e, "reporting an unschedulable pod"),
