@@ -5,38 +5,15 @@
 use serde_json::{json, Map, Value};
 
 use super::pod::{default_pod, validate_pod};
+use super::selector::LabelSelector;
 use super::status::FieldError;
 
-/// Whether the JSON LabelSelector `sel` selects `labels`. An empty
+/// Whether the JSON LabelSelector `sel` selects `labels`, judged by the
+/// API server's own label selector (from [`selector_string`]). An empty
 /// selector selects everything (callers that forbid it check first).
 pub fn selector_matches(sel: &Value, labels: &Map<String, Value>) -> bool {
-    let get = |k: &str| labels.get(k).and_then(Value::as_str);
-    let labels_ok = sel["matchLabels"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .all(|(k, v)| get(k) == v.as_str());
-    let exprs_ok = sel["matchExpressions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .all(|e| {
-            let key = e["key"].as_str().unwrap_or("");
-            let values: Vec<&str> = e["values"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
-            match e["operator"].as_str().unwrap_or("") {
-                "In" => get(key).is_some_and(|v| values.contains(&v)),
-                "NotIn" => get(key).is_none_or(|v| !values.contains(&v)),
-                "Exists" => get(key).is_some(),
-                "DoesNotExist" => get(key).is_none(),
-                _ => false,
-            }
-        });
-    labels_ok && exprs_ok
+    LabelSelector::parse(&selector_string(sel))
+        .is_ok_and(|s| s.matches(Some(&Value::Object(labels.clone()))))
 }
 
 /// The selector as a `labelSelector` query string (`a=b,c in (d,e)`).

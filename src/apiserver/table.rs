@@ -233,27 +233,8 @@ fn template_cells(obj: &Value) -> [Value; 3] {
             .collect::<Vec<_>>()
             .join(",")
     };
-    let sel = &obj["spec"]["selector"];
-    let mut parts: Vec<String> = sel["matchLabels"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={}", str_of(v)))
-        .collect();
-    for e in list(&sel["matchExpressions"]) {
-        let vals: Vec<&str> = list(&e["values"]).iter().map(str_of).collect();
-        parts.push(format!(
-            "{} {} ({})",
-            str_of(&e["key"]),
-            str_of(&e["operator"]).to_lowercase(),
-            vals.join(",")
-        ));
-    }
-    [
-        text(join("name")),
-        text(join("image")),
-        text(parts.join(",")),
-    ]
+    let selector = crate::api::workload::selector_string(&obj["spec"]["selector"]);
+    [text(join("name")), text(join("image")), text(selector)]
 }
 
 fn count(v: &Value) -> i64 {

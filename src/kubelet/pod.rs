@@ -30,7 +30,7 @@ use super::cgroup::{Limits, PodCgroup};
 use super::env::{self, PodFacts};
 use super::lifecycle::{self, Condition, ContainerView, State};
 use super::probe::{self, Kind, Verdict};
-use super::runtime::{ContainerRun, Killer, Sandbox};
+use super::runtime::{ContainerRun, Killer, Running, Sandbox};
 use super::Ctx;
 
 /// How long a container killed for a failed liveness probe, or a pod
@@ -467,7 +467,7 @@ impl Worker {
             let logs = super::server::container_logs(&self.dir, &slot.spec.name);
             let run_log = logs.and_then(|l| Some(l.dir.join(format!("{}.log", l.runs.last()?))));
             match live[idx].map(|pid| ctx.runtime.adopt(&pid.to_string())) {
-                Some(Ok(mut running)) => {
+                Some(Ok(running)) => {
                     slot.run += 1;
                     slot.killer = Some(running.killer());
                     slot.view.id = Some(running.id());
@@ -484,17 +484,7 @@ impl Worker {
                     slot.view.state = State::Running { started_at };
                     slot.view.ready = st.ready;
                     slot.view.started = st.started.unwrap_or(true);
-                    let (tx, run_id) = (self.tx.clone(), slot.run);
-                    tokio::spawn(async move {
-                        let code = running.wait().await;
-                        let _ = tx
-                            .send(Event::Exited {
-                                idx,
-                                run: run_id,
-                                code,
-                            })
-                            .await;
-                    });
+                    watch_exit(running, idx, slot.run, &self.tx);
                     if slot.view.started {
                         spawn_probe(slot, idx, Kind::Readiness, &target, &self.tx);
                         spawn_probe(slot, idx, Kind::Liveness, &target, &self.tx);
@@ -691,7 +681,7 @@ impl Worker {
             log: log_dir.join(format!("{restarts}.log")),
         };
         match self.ctx.runtime.start(&sb, &run).await {
-            Ok(mut running) => {
+            Ok(running) => {
                 slot.log = Some(run.log.clone());
                 slot.run += 1;
                 slot.view.restarts = restarts;
@@ -710,17 +700,7 @@ impl Worker {
                 let has_startup = slot.spec.startup_probe.is_some();
                 slot.view.started = !has_startup;
                 slot.view.ready = !has_startup && slot.spec.readiness_probe.is_none();
-                let (tx, run_id) = (self.tx.clone(), slot.run);
-                tokio::spawn(async move {
-                    let code = running.wait().await;
-                    let _ = tx
-                        .send(Event::Exited {
-                            idx,
-                            run: run_id,
-                            code,
-                        })
-                        .await;
-                });
+                watch_exit(running, idx, slot.run, &self.tx);
                 tracing::info!(pod = %name(&pod), container = %slot.spec.name, restarts, "container started");
                 let target = probe::Target {
                     ip: self.pod_ip.unwrap_or(self.ctx.cfg.host_ip),
@@ -1005,6 +985,15 @@ impl Worker {
             }
         }
     }
+}
+
+/// Report on `tx` when run `run` of container `idx` ends.
+fn watch_exit(mut running: Box<dyn Running>, idx: usize, run: u64, tx: &mpsc::Sender<Event>) {
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let code = running.wait().await;
+        let _ = tx.send(Event::Exited { idx, run, code }).await;
+    });
 }
 
 fn spawn_probe(
