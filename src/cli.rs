@@ -49,6 +49,8 @@ pub struct UpArgs {
     pub max_endpoints_per_slice: usize,
     #[command(flatten)]
     pub ipam: IpamFlags,
+    #[command(flatten)]
+    pub lifecycle: LifecycleFlags,
 }
 
 /// Where to find the API server.
@@ -80,6 +82,31 @@ pub struct ControllersArgs {
     pub leader_elect_retry_period: u64,
     #[command(flatten)]
     pub ipam: IpamFlags,
+    #[command(flatten)]
+    pub lifecycle: LifecycleFlags,
+}
+
+/// Node lifecycle flags, in kube-controller-manager's spelling.
+#[derive(Args, Debug, Clone)]
+pub struct LifecycleFlags {
+    /// How long a node may go without a heartbeat before it is Unknown
+    /// (and tainted unreachable), e.g. 40s.
+    #[arg(long, default_value = "40s")]
+    pub node_monitor_grace_period: String,
+    /// How often node heartbeats are checked, e.g. 5s.
+    #[arg(long, default_value = "5s")]
+    pub node_monitor_period: String,
+}
+
+impl LifecycleFlags {
+    fn config(&self) -> anyhow::Result<crate::controllers::nodelifecycle::Config> {
+        Ok(crate::controllers::nodelifecycle::Config {
+            grace: crate::node::config::parse_duration(&self.node_monitor_grace_period)
+                .map_err(anyhow::Error::msg)?,
+            period: crate::node::config::parse_duration(&self.node_monitor_period)
+                .map_err(anyhow::Error::msg)?,
+        })
+    }
 }
 
 /// Node IPAM flags, in kube-controller-manager's spelling.
@@ -305,6 +332,7 @@ impl ControllersArgs {
         Ok(crate::controllers::Config {
             max_endpoints_per_slice: self.max_endpoints_per_slice,
             ipam: self.ipam.config()?,
+            lifecycle: self.lifecycle.config()?,
             leader: crate::controllers::leader::LeaderConfig {
                 namespace: "kube-system".into(),
                 name: "fairlead-controllers".into(),
@@ -400,6 +428,14 @@ pub struct ApiServerArgs {
     /// Seconds between store compactions.
     #[arg(long, default_value_t = 300)]
     pub compaction_interval_seconds: u64,
+    /// tolerationSeconds of the not-ready:NoExecute toleration added to
+    /// every Pod that has none.
+    #[arg(long, default_value_t = 300)]
+    pub default_not_ready_toleration_seconds: i64,
+    /// tolerationSeconds of the unreachable:NoExecute toleration added to
+    /// every Pod that has none.
+    #[arg(long, default_value_t = 300)]
+    pub default_unreachable_toleration_seconds: i64,
 }
 
 impl ApiServerArgs {
@@ -412,6 +448,10 @@ impl ApiServerArgs {
             etcd_servers: self.etcd_servers.clone(),
             token_auth_file: self.token_auth_file.clone(),
             compaction_interval: Duration::from_secs(self.compaction_interval_seconds.max(1)),
+            default_toleration_seconds: (
+                self.default_not_ready_toleration_seconds,
+                self.default_unreachable_toleration_seconds,
+            ),
         }
     }
 }
@@ -489,6 +529,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 leader_elect_renew_deadline: 10,
                 leader_elect_retry_period: 2,
                 ipam: args.ipam.clone(),
+                lifecycle: args.lifecycle.clone(),
             };
             tokio::spawn(crate::controllers::run(client.clone(), ctrl.config()?));
             let metrics_addr = node_cfg.metrics_bind_address;

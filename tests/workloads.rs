@@ -275,3 +275,246 @@ fn deployment_rolls_out_updates_scales_and_is_collected() {
         .then_some(())
     });
 }
+
+const DEPLOYMENT: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  strategy: {rollingUpdate: {maxSurge: 1, maxUnavailable: 0}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 10
+      containers:
+      - name: echo
+        image: fairlead
+        args: [echo, --http-port, \"8080\", --drain-timeout, 3s]
+        env: [{name: VERSION, value: \"1\"}]
+        readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}
+        lifecycle: {preStop: {sleep: {seconds: 2}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+";
+
+/// Ready endpoints of Service web.
+fn ready_endpoints(c: &Cluster) -> usize {
+    c.slice_endpoints("web").values().filter(|r| **r).count()
+}
+
+/// Pods of app=web not being deleted, by the value of env VERSION.
+fn versions(c: &Cluster) -> Vec<String> {
+    let list = c.get_json(&["get", "pods", "-l", "app=web"]);
+    list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .map(|p| {
+            p["spec"]["containers"][0]["env"][0]["value"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect()
+}
+
+/// Acceptance 2 and 3: a deleted pod is replaced within 3 s while the
+/// Service keeps ≥ 2 ready endpoints; scale 3 → 10 → 1; a rolling update
+/// under continuous load loses no request (readiness probes, a preStop
+/// sleep and graceful termination); `rollout undo` goes back, reusing the
+/// old ReplicaSet.
+#[test]
+fn deployment_heals_scales_and_rolls_without_losing_requests() {
+    let mut c = Cluster::up("workloads-load", &[]);
+    c.apply(DEPLOYMENT);
+    let rollout =
+        |c: &Cluster| c.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    assert!(rollout(&c).contains("successfully rolled out"));
+    let addr = SocketAddr::new(c.cluster_ip("web"), 80);
+    let names: Vec<String> = web_pods(&c).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names.len(), 3);
+    let want: Vec<&str> = names.iter().map(String::as_str).collect();
+    c.wait_serving(addr, &want);
+
+    // Self-healing: the replacement is Ready (in the Service) within 3 s,
+    // and the Service never drops below 2 ready endpoints meanwhile.
+    let before: BTreeSet<String> = c.slice_endpoints("web").into_keys().collect();
+    let deleted_at = std::time::Instant::now();
+    c.kubectl_ok(&["delete", "pod", &names[0], "--wait=false"]);
+    let mut fewest = usize::MAX;
+    let healed = loop {
+        let eps = c.slice_endpoints("web");
+        let ready = eps.values().filter(|r| **r).count();
+        fewest = fewest.min(ready);
+        if eps.iter().any(|(ip, r)| *r && !before.contains(ip)) {
+            break deleted_at.elapsed();
+        }
+        assert!(
+            deleted_at.elapsed() < SETTLE,
+            "no replacement became ready: {eps:?}"
+        );
+    };
+    eprintln!("replacement ready in the Service after {healed:?}; fewest ready endpoints meanwhile: {fewest}");
+    assert!(fewest >= 2, "the Service fell to {fewest} ready endpoints");
+    assert!(
+        healed <= std::time::Duration::from_secs(3),
+        "replacement ready after {healed:?}"
+    );
+
+    // Scale 3 → 10 → 1.
+    c.kubectl_ok(&["scale", "deployment", "web", "--replicas=10"]);
+    assert!(rollout(&c).contains("successfully rolled out"));
+    poll("10 ready endpoints", SETTLE, || {
+        (ready_endpoints(&c) == 10).then_some(())
+    });
+    c.kubectl_ok(&["scale", "deployment", "web", "--replicas=1"]);
+    poll("1 pod left", SETTLE, || {
+        (web_pods(&c).len() == 1 && ready_endpoints(&c) == 1).then_some(())
+    });
+    c.kubectl_ok(&["scale", "deployment", "web", "--replicas=3"]);
+    assert!(rollout(&c).contains("successfully rolled out"));
+    poll("3 ready endpoints", SETTLE, || {
+        (ready_endpoints(&c) == 3).then_some(())
+    });
+
+    // A rolling update under continuous load: not one request fails.
+    let first_sets = rs_names(&c);
+    c.agent
+        .load_start("roll", addr, "/", std::time::Duration::from_secs(120));
+    c.kubectl_ok(&["set", "env", "deployment/web", "VERSION=2"]);
+    assert!(rollout(&c).contains("successfully rolled out"));
+    poll("only version 2 pods, the old ones gone", SETTLE, || {
+        let v = versions(&c);
+        let all = c.get_json(&["get", "pods", "-l", "app=web"])["items"]
+            .as_array()
+            .map_or(0, Vec::len);
+        (v.len() == 3 && all == 3 && v.iter().all(|v| v == "2")).then_some(())
+    });
+    let (ok, failed, errors) = c.agent.load_stop("roll");
+    eprintln!("rolling update under load: {ok} requests answered, {failed} failed {errors:?}");
+    assert_eq!(failed, 0, "requests failed during the rollout: {errors:?}");
+    assert!(ok > 100, "the load ran: {ok} requests");
+
+    // Undo goes back to version 1 through the first ReplicaSet.
+    c.kubectl_ok(&["rollout", "undo", "deployment/web"]);
+    assert!(rollout(&c).contains("successfully rolled out"));
+    poll("version 1 again", SETTLE, || {
+        let v = versions(&c);
+        (v.len() == 3 && v.iter().all(|v| v == "1")).then_some(())
+    });
+    let sets = rs_names(&c);
+    assert_eq!(sets.len(), 2, "undo reuses the old set: {sets:?}");
+    assert!(
+        sets.contains(&(first_sets[0].0.clone(), 3)),
+        "{first_sets:?} → {sets:?}"
+    );
+}
+
+/// Acceptance 4, second half: `--cascade=orphan` leaves the ReplicaSet
+/// and its pods (without owner references); `--cascade=foreground`
+/// deletes the pods before the ReplicaSet.
+#[test]
+fn orphan_and_foreground_deletion() {
+    let c = Cluster::up("workloads-orphan", &[]);
+    c.apply(&DEPLOYMENT.replace("replicas: 3", "replicas: 2"));
+    c.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    let pods_before: BTreeSet<String> = web_pods(&c).into_iter().map(|(n, _)| n).collect();
+    c.kubectl_ok(&["delete", "deployment", "web", "--cascade=orphan"]);
+    poll("the deployment gone", SETTLE, || {
+        (!c.kubectl(&["get", "deployment", "web"]).status.success()).then_some(())
+    });
+    let sets = c.get_json(&["get", "rs", "-l", "app=web"]);
+    let sets = sets["items"].as_array().unwrap();
+    assert_eq!(sets.len(), 1, "the ReplicaSet stays");
+    assert!(
+        sets[0]["metadata"]["ownerReferences"]
+            .as_array()
+            .is_none_or(|a| a.is_empty()),
+        "orphaned: {}",
+        sets[0]["metadata"]
+    );
+    let rs = sets[0]["metadata"]["name"].as_str().unwrap().to_string();
+    // The pods stay, still owned by the ReplicaSet, for a while after.
+    std::thread::sleep(3 * common::cluster::GC_PERIOD);
+    let pods_after: BTreeSet<String> = web_pods(&c).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(pods_before, pods_after);
+
+    c.kubectl_ok(&["delete", "rs", &rs, "--cascade=foreground", "--wait=false"]);
+    // The ReplicaSet waits, marked, while its pods go.
+    let marked = c.get_json(&["get", "rs", &rs]);
+    assert!(!marked["metadata"]["deletionTimestamp"].is_null());
+    assert!(
+        marked["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f == "foregroundDeletion")),
+        "{}",
+        marked["metadata"]
+    );
+    poll("pods and the ReplicaSet gone", SETTLE, || {
+        // The ReplicaSet first: if it is gone, the pods were already.
+        let rs_gone = !c.kubectl(&["get", "rs", &rs]).status.success();
+        let pods = c.get_json(&["get", "pods", "-l", "app=web"]);
+        let none = pods["items"].as_array().is_some_and(|a| a.is_empty());
+        // Never the ReplicaSet before its pods.
+        assert!(!rs_gone || none, "the ReplicaSet went before its pods");
+        (rs_gone && none).then_some(())
+    });
+}
+
+/// A rollout that cannot progress fails `kubectl rollout status` once
+/// progressDeadlineSeconds pass; a paused Deployment does not roll out a
+/// new template until resumed.
+#[test]
+fn progress_deadline_and_pause() {
+    let c = Cluster::up("workloads-deadline", &[]);
+    c.apply(
+        &DEPLOYMENT
+            .replace("replicas: 3", "replicas: 1\n  progressDeadlineSeconds: 2")
+            .replace("name: web}", "name: stuck}")
+            .replace("app: web", "app: stuck")
+            .replace("port: 8080}, periodSeconds", "port: 9999}, periodSeconds"),
+    );
+    let out = c.kubectl(&["rollout", "status", "deployment/stuck", "--timeout=60s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("deployment \"stuck\" exceeded its progress deadline"),
+        "{err}"
+    );
+    let cond = c.get_json(&["get", "deployment", "stuck"])["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Progressing")
+        .cloned()
+        .unwrap();
+    assert_eq!(cond["reason"], "ProgressDeadlineExceeded", "{cond}");
+
+    c.apply(&DEPLOYMENT.replace("replicas: 3", "replicas: 1"));
+    c.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    c.kubectl_ok(&["rollout", "pause", "deployment/web"]);
+    c.kubectl_ok(&["set", "env", "deployment/web", "VERSION=2"]);
+    // Paused: the new template waits (and says so).
+    poll("Progressing DeploymentPaused", SETTLE, || {
+        let d = c.get_json(&["get", "deployment", "web"]);
+        d["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .any(|c| c["reason"] == "DeploymentPaused")
+            .then_some(())
+    });
+    assert_eq!(rs_names(&c).len(), 1, "no new ReplicaSet while paused");
+    assert_eq!(versions(&c), ["1"]);
+    c.kubectl_ok(&["rollout", "resume", "deployment/web"]);
+    c.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    poll("version 2 after resume", SETTLE, || {
+        (versions(&c) == ["2"]).then_some(())
+    });
+}

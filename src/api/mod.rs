@@ -2,6 +2,7 @@
 //! `Status` errors, metadata rules, Service semantics, selectors and patches.
 //! All pure, so the rules are unit-tested without a server.
 
+pub mod disruption;
 pub mod meta;
 pub mod patch;
 pub mod pod;

@@ -68,6 +68,42 @@ pub fn default_pod(obj: &mut Value) {
     }
 }
 
+/// The taint a node gets when its Ready condition is False.
+pub const NOT_READY_TAINT: &str = "node.kubernetes.io/not-ready";
+/// The taint a node gets when it stops reporting (Ready Unknown).
+pub const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
+
+/// Give a new Pod NoExecute tolerations of the not-ready and unreachable
+/// taints for `(not_ready, unreachable)` seconds, unless it tolerates them
+/// already (kube-apiserver's DefaultTolerationSeconds admission): its
+/// pods leave a dead node after that long.
+pub fn default_tolerations(obj: &mut Value, (not_ready, unreachable): (i64, i64)) {
+    let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let tols = spec.entry("tolerations").or_insert_with(|| json!([]));
+    if !tols.is_array() {
+        *tols = json!([]);
+    }
+    let tols = tols.as_array_mut().expect("an array");
+    for (key, secs) in [
+        (NOT_READY_TAINT, not_ready),
+        (UNREACHABLE_TAINT, unreachable),
+    ] {
+        let has = tols.iter().any(|t| {
+            (t["key"] == key
+                || t["key"].as_str().is_none_or(str::is_empty) && t["operator"] == "Exists")
+                && (t["effect"] == "NoExecute" || t["effect"].as_str().is_none_or(str::is_empty))
+        });
+        if !has {
+            tols.push(
+                json!({"key": key, "operator": "Exists", "effect": "NoExecute",
+                "tolerationSeconds": secs}),
+            );
+        }
+    }
+}
+
 /// Every field error of a Pod (after [`default_pod`]).
 pub fn validate_pod(obj: &Value) -> Vec<FieldError> {
     let mut errs = Vec::new();

@@ -436,6 +436,40 @@ static REPLICA_SET: Schema = Schema {
     ],
 };
 
+// ---- k8s.io.api.policy.v1 ----
+
+static PRECONDITIONS: Schema = Schema {
+    name: "Preconditions",
+    fields: &[
+        f(1, "uid", Ty::OptString),
+        f(2, "resourceVersion", Ty::OptString),
+    ],
+};
+
+static DELETE_OPTIONS: Schema = Schema {
+    name: "DeleteOptions",
+    fields: &[
+        f(1, "gracePeriodSeconds", Ty::OptInt64),
+        f(2, "preconditions", Ty::Message(&PRECONDITIONS)),
+        f(3, "orphanDependents", Ty::OptBool),
+        f(4, "propagationPolicy", Ty::OptString),
+        f(5, "dryRun", Ty::RepeatedString),
+        f(
+            6,
+            "ignoreStoreReadErrorWithClusterBreakingPotential",
+            Ty::OptBool,
+        ),
+    ],
+};
+
+static EVICTION: Schema = Schema {
+    name: "Eviction",
+    fields: &[
+        f(1, "metadata", Ty::Message(&OBJECT_META)),
+        f(2, "deleteOptions", Ty::Message(&DELETE_OPTIONS)),
+    ],
+};
+
 /// The kinds accepted as protobuf: `(apiVersion, kind, schema)`.
 pub static KINDS: &[(&str, &str, &Schema)] = &[
     ("v1", "Namespace", &NAMESPACE),
@@ -443,6 +477,7 @@ pub static KINDS: &[(&str, &str, &Schema)] = &[
     ("v1", "Pod", &POD),
     ("apps/v1", "Deployment", &DEPLOYMENT),
     ("apps/v1", "ReplicaSet", &REPLICA_SET),
+    ("policy/v1", "Eviction", &EVICTION),
 ];
 
 /// The kinds accepted as protobuf, for messages: `v1 Namespace, v1 Service, ...`.

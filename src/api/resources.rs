@@ -11,6 +11,7 @@ use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Endpoints, Event, Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::{ListableResource, Resource as K8sResource};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -31,6 +32,7 @@ pub enum Kind {
     Lease,
     ReplicaSet,
     Deployment,
+    PodDisruptionBudget,
 }
 
 /// One served resource. See the module docs.
@@ -253,6 +255,10 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceDef>> = std::sync::LazyLoc
             namespaced: true, short_names: &["deploy"], categories: &["all"],
             has_status: true, create_on_update: false,
             field_selectors: &[], merge_keys: TEMPLATE_LISTS),
+        def!(PodDisruptionBudget, Kind::PodDisruptionBudget, singular: "poddisruptionbudget",
+            namespaced: true, short_names: &["pdb"], categories: &[],
+            has_status: true, create_on_update: false,
+            field_selectors: &[], merge_keys: &[]),
     ]
 });
 

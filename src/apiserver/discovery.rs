@@ -151,6 +151,17 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
                     "verbs": verbs,
                 }));
             }
+            // kubectl drain looks for this entry (group and version set)
+            // before it evicts instead of deleting.
+            list.push(json!({
+                "name": "pods/eviction",
+                "singularName": "",
+                "namespaced": true,
+                "group": "policy",
+                "version": "v1",
+                "kind": "Eviction",
+                "verbs": ["create"],
+            }));
         }
     }
     Some(json!({

@@ -34,6 +34,7 @@ fn kind_errors(srv: &Server, def: &ResourceDef, obj: &Value) -> Vec<FieldError> 
         Kind::Pod => crate::api::pod::validate_pod(obj),
         Kind::ReplicaSet => crate::api::workload::validate_workload(obj, false),
         Kind::Deployment => crate::api::workload::validate_workload(obj, true),
+        Kind::PodDisruptionBudget => crate::api::disruption::validate_pdb(obj),
         Kind::EndpointSlice => {
             let mut errs = Vec::new();
             match obj.get("addressType").and_then(Value::as_str) {
@@ -98,6 +99,7 @@ pub fn before_create(srv: &Server, def: &ResourceDef, obj: &mut Value) -> Result
         Kind::Pod => {
             obj["status"] = json!({"phase": "Pending"});
             crate::api::pod::default_pod(obj);
+            crate::api::pod::default_tolerations(obj, srv.config.default_toleration_seconds);
         }
         Kind::ReplicaSet | Kind::Deployment => {
             obj["status"] = json!({});

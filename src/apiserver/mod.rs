@@ -20,6 +20,7 @@
 
 pub mod alloc;
 pub mod discovery;
+pub mod eviction;
 pub mod hooks;
 pub mod objects;
 pub mod openapi;
@@ -60,6 +61,11 @@ pub struct Config {
     pub token_auth_file: Option<PathBuf>,
     /// How often old revisions are compacted away (Kubernetes: 5 minutes).
     pub compaction_interval: Duration,
+    /// Seconds of the `node.kubernetes.io/not-ready` and
+    /// `node.kubernetes.io/unreachable` NoExecute tolerations every new
+    /// Pod gets unless it has its own (kube-apiserver's
+    /// DefaultTolerationSeconds admission; 300 by default).
+    pub default_toleration_seconds: (i64, i64),
 }
 
 impl Config {

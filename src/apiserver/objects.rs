@@ -500,8 +500,12 @@ impl Server {
         preconditions: (Option<String>, Option<String>),
         dry_run: bool,
     ) -> Result<Value, ApiError> {
-        self.delete_object_with_grace(def, ns, name, preconditions, dry_run, None)
-            .await
+        let opts = DeleteOpts {
+            preconditions,
+            dry_run,
+            ..Default::default()
+        };
+        self.delete_object_with_grace(def, ns, name, opts).await
     }
 
     /// [`Self::delete_object`] with DeleteOptions' `gracePeriodSeconds`.
@@ -515,10 +519,14 @@ impl Server {
         def: &'static ResourceDef,
         ns: Option<&str>,
         name: &str,
-        preconditions: (Option<String>, Option<String>),
-        dry_run: bool,
-        grace: Option<i64>,
+        opts: DeleteOpts,
     ) -> Result<Value, ApiError> {
+        let DeleteOpts {
+            preconditions,
+            dry_run,
+            grace,
+            propagation,
+        } = opts;
         if grace.is_some_and(|g| g < 0) {
             return Err(ApiError::bad_request(
                 "gracePeriodSeconds must be 0 or more",
@@ -556,7 +564,11 @@ impl Server {
                 .pointer("/metadata/finalizers")
                 .and_then(Value::as_array)
                 .is_some_and(|f| !f.is_empty());
-            let graceful = def.kind == Kind::Namespace || has_finalizers;
+            // Orphan and Foreground hand the object to the garbage
+            // collector through a finalizer: it orphans or deletes the
+            // dependents, then removes the finalizer, which deletes it.
+            let gc_finalizer = propagation.finalizer();
+            let graceful = def.kind == Kind::Namespace || has_finalizers || gc_finalizer.is_some();
             if dry_run {
                 return Ok(obj);
             }
@@ -597,6 +609,18 @@ impl Server {
                 }
                 meta_mut(&mut obj).insert("deletionTimestamp".into(), json!(meta::now()));
                 meta_mut(&mut obj).insert("deletionGracePeriodSeconds".into(), json!(0));
+                if let Some(f) = gc_finalizer {
+                    let list = meta_mut(&mut obj)
+                        .entry("finalizers")
+                        .or_insert_with(|| json!([]));
+                    if !list.is_array() {
+                        *list = json!([]);
+                    }
+                    let list = list.as_array_mut().expect("an array");
+                    if !list.iter().any(|x| x == f) {
+                        list.push(json!(f));
+                    }
+                }
                 if def.kind == Kind::Namespace {
                     obj["status"]["phase"] = json!("Terminating");
                 }
@@ -821,4 +845,66 @@ fn pod_grace(def: &ResourceDef, obj: &Value, asked: Option<i64>) -> Option<i64> 
         })
         .unwrap_or(30);
     (secs > 0).then_some(secs)
+}
+
+/// DeleteOptions as [`Server::delete_object_with_grace`] takes them.
+#[derive(Clone, Debug, Default)]
+pub struct DeleteOpts {
+    /// uid and resourceVersion the object must still have.
+    pub preconditions: (Option<String>, Option<String>),
+    pub dry_run: bool,
+    /// `gracePeriodSeconds` (pods).
+    pub grace: Option<i64>,
+    pub propagation: Propagation,
+}
+
+/// DeleteOptions' `propagationPolicy`: what happens to an object's
+/// dependents (objects whose ownerReferences name it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Propagation {
+    /// Delete the object now; the garbage collector deletes the
+    /// dependents afterwards.
+    #[default]
+    Background,
+    /// The dependents are deleted first (finalizer `foregroundDeletion`).
+    Foreground,
+    /// The dependents lose their owner reference and stay (finalizer
+    /// `orphan`).
+    Orphan,
+}
+
+/// The finalizer of foreground deletion.
+pub const FOREGROUND_FINALIZER: &str = "foregroundDeletion";
+/// The finalizer of orphaning deletion.
+pub const ORPHAN_FINALIZER: &str = "orphan";
+
+impl Propagation {
+    /// From DeleteOptions (`propagationPolicy`, or the older
+    /// `orphanDependents`).
+    pub fn from_options(opts: &Value) -> Result<Propagation, ApiError> {
+        match opts.get("propagationPolicy").and_then(Value::as_str) {
+            Some("Background") => Ok(Propagation::Background),
+            Some("Foreground") => Ok(Propagation::Foreground),
+            Some("Orphan") => Ok(Propagation::Orphan),
+            Some(other) => Err(ApiError::invalid(
+                "DeleteOptions",
+                "",
+                vec![crate::api::status::FieldError::not_supported(
+                    "propagationPolicy",
+                    other,
+                    &["Foreground", "Background", "Orphan", "nil"],
+                )],
+            )),
+            None if opts.get("orphanDependents") == Some(&json!(true)) => Ok(Propagation::Orphan),
+            None => Ok(Propagation::Background),
+        }
+    }
+
+    fn finalizer(self) -> Option<&'static str> {
+        match self {
+            Propagation::Background => None,
+            Propagation::Foreground => Some(FOREGROUND_FINALIZER),
+            Propagation::Orphan => Some(ORPHAN_FINALIZER),
+        }
+    }
 }

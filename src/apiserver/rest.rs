@@ -19,7 +19,7 @@ use crate::api::selector::{FieldSelector, LabelSelector};
 use crate::api::status::{ApiError, FieldError};
 use crate::store::{ListOptions, Revision};
 
-use super::objects::{self, resource_ref, WriteOpts, Written};
+use super::objects::{self, resource_ref, DeleteOpts, Propagation, WriteOpts, Written};
 use super::{discovery, openapi, table, Identity, Server};
 
 /// Response body: whole JSON documents or a watch stream.
@@ -149,6 +149,7 @@ fn route(path: &str) -> Result<Route, ApiError> {
         let ok = (s == "status" && def.has_status)
             || (s == "finalize" && def.plural == "namespaces")
             || (s == "binding" && def.plural == "pods")
+            || (s == "eviction" && def.plural == "pods")
             || (s == "log" && def.plural == "pods")
             || (s == "scale" && matches!(def.kind, Kind::ReplicaSet | Kind::Deployment));
         if !ok {
@@ -431,7 +432,7 @@ impl Server {
         if r.sub.as_deref() == Some("scale") {
             return self.scale(&r, verb, req, &opts_of(&q)).await;
         }
-        if r.sub.as_deref() == Some("binding") && verb != "create" {
+        if matches!(r.sub.as_deref(), Some("binding" | "eviction")) && verb != "create" {
             return Err(ApiError::method_not_allowed(
                 "the server does not allow this method on the requested resource",
             ));
@@ -494,6 +495,17 @@ impl Server {
                         r.name.as_deref().unwrap_or(""),
                         body,
                         &opts,
+                    )
+                    .await?;
+                Ok(json_response(201, &status, &[]))
+            }
+            "create" if r.sub.as_deref() == Some("eviction") => {
+                let body = read_object(req).await?;
+                let status = self
+                    .evict(
+                        ns.unwrap_or_default(),
+                        r.name.as_deref().unwrap_or(""),
+                        body,
                     )
                     .await?;
                 Ok(json_response(201, &status, &[]))
@@ -563,14 +575,22 @@ impl Server {
                         })
                         .transpose()?,
                 };
+                let mut prop_opts = opts_v.clone();
+                if let Some(p) = q.get("propagationPolicy") {
+                    prop_opts["propagationPolicy"] = json!(p);
+                }
+                let propagation = Propagation::from_options(&prop_opts)?;
                 let obj = self
                     .delete_object_with_grace(
                         r.def,
                         ns,
                         r.name.as_deref().unwrap(),
-                        pre,
-                        dry_run,
-                        grace,
+                        DeleteOpts {
+                            preconditions: pre,
+                            dry_run,
+                            grace,
+                            propagation,
+                        },
                     )
                     .await?;
                 Ok(json_response(200, &render(r.def, obj, out, &q), &[]))

@@ -271,6 +271,40 @@ fn deployment_cells(obj: &Value) -> Vec<Value> {
     row
 }
 
+const PDB_COLUMNS: &[Column] = &[
+    NAME,
+    col(
+        "Min Available",
+        "The minimum number of pods that must be available.",
+    ),
+    col(
+        "Max Unavailable",
+        "The maximum number of pods that may be unavailable.",
+    ),
+    int(
+        "Allowed Disruptions",
+        0,
+        "Calculated number of pods that may be disrupted at this time.",
+    ),
+    AGE,
+];
+
+fn pdb_cells(obj: &Value) -> Vec<Value> {
+    let (spec, st) = (&obj["spec"], &obj["status"]);
+    let or_na = |v: &Value| match v {
+        Value::Null => text("N/A"),
+        Value::String(s) => text(s.clone()),
+        other => text(other.to_string()),
+    };
+    vec![
+        name(obj),
+        or_na(&spec["minAvailable"]),
+        or_na(&spec["maxUnavailable"]),
+        json!(count(&st["disruptionsAllowed"])),
+        creation_age(obj),
+    ]
+}
+
 fn columns(kind: Kind) -> &'static [Column] {
     match kind {
         Kind::Namespace => NAMESPACE_COLUMNS,
@@ -283,6 +317,7 @@ fn columns(kind: Kind) -> &'static [Column] {
         Kind::Lease => LEASE_COLUMNS,
         Kind::ReplicaSet => REPLICA_SET_COLUMNS,
         Kind::Deployment => DEPLOYMENT_COLUMNS,
+        Kind::PodDisruptionBudget => PDB_COLUMNS,
     }
 }
 
@@ -324,6 +359,7 @@ pub fn cells(kind: Kind, obj: &Value) -> Vec<Value> {
         ],
         Kind::ReplicaSet => replica_set_cells(obj),
         Kind::Deployment => deployment_cells(obj),
+        Kind::PodDisruptionBudget => pdb_cells(obj),
     }
 }
 

@@ -38,11 +38,37 @@ struct Ctx {
 /// kube's pod-template-hash alphabet (no vowels, no look-alikes).
 const SAFE: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
 
-/// The pod-template-hash of a template: FNV-1a over its JSON, spelled
-/// with [`SAFE`] characters.
+/// The value without nulls, empty objects and empty lists, at any depth:
+/// Go's encoding of a template cannot tell them from absent fields (a
+/// `resources: {}` that `kubectl rollout undo` sends back is the same
+/// template as none), so neither may the hash.
+fn without_empties(v: &Value) -> Option<Value> {
+    match v {
+        Value::Null => None,
+        Value::Object(m) => {
+            let m: serde_json::Map<String, Value> = m
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), without_empties(v)?)))
+                .collect();
+            (!m.is_empty()).then_some(Value::Object(m))
+        }
+        Value::Array(a) => {
+            let a: Vec<Value> = a
+                .iter()
+                .map(|v| without_empties(v).unwrap_or(json!({})))
+                .collect();
+            (!a.is_empty()).then_some(Value::Array(a))
+        }
+        other => Some(other.clone()),
+    }
+}
+
+/// The pod-template-hash of a template: FNV-1a over its JSON (without
+/// empty fields), spelled with [`SAFE`] characters.
 pub fn template_hash(template: &Value) -> String {
     let mut h: u32 = 0x811c9dc5;
-    for b in serde_json::to_vec(template).unwrap_or_default() {
+    let canonical = without_empties(template).unwrap_or(Value::Null);
+    for b in serde_json::to_vec(&canonical).unwrap_or_default() {
         h ^= b as u32;
         h = h.wrapping_mul(0x01000193);
     }
@@ -188,7 +214,36 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 rs
             }
         }
-        None if paused => return Ok(Action::requeue(Duration::from_secs(30))),
+        None if paused => {
+            // The new template waits for `rollout resume`; say so.
+            let paused_cond = dv["status"]["conditions"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(|c| c["reason"] == "DeploymentPaused"));
+            if !paused_cond {
+                let now = jiff::Timestamp::now()
+                    .strftime("%Y-%m-%dT%H:%M:%SZ")
+                    .to_string();
+                let mut conds: Vec<Value> = dv["status"]["conditions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|c| c["type"] != "Progressing")
+                    .collect();
+                conds.push(json!({"type": "Progressing", "status": "Unknown",
+                    "reason": "DeploymentPaused", "message": "Deployment is paused",
+                    "lastUpdateTime": now, "lastTransitionTime": now}));
+                Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+                    .patch_status(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"status": {"conditions": conds,
+                            "observedGeneration": d.metadata.generation}})),
+                    )
+                    .await?;
+            }
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
         None => {
             let mut template = spec["template"].clone();
             template["metadata"]["labels"][HASH_LABEL] = json!(hash);
@@ -286,72 +341,107 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string();
     let old_conds = &dv["status"]["conditions"];
-    let cond = |type_: &str, status: bool, reason: &str, message: String| {
-        let prev = old_conds
+    let prev_cond = |type_: &str| {
+        old_conds
             .as_array()
             .into_iter()
             .flatten()
-            .find(|c| c["type"] == type_);
-        let s = if status { "True" } else { "False" };
-        let since = prev
-            .filter(|c| c["status"] == s)
+            .find(|c| c["type"] == type_)
+            .cloned()
+    };
+    let cond = |type_: &str, status: &str, reason: &str, message: String, updated: &Value| {
+        let since = prev_cond(type_)
+            .filter(|c| c["status"] == status)
             .map(|c| c["lastTransitionTime"].clone())
             .unwrap_or_else(|| json!(now));
-        json!({"type": type_, "status": s, "reason": reason, "message": message,
-            "lastUpdateTime": now, "lastTransitionTime": since})
+        json!({"type": type_, "status": status, "reason": reason, "message": message,
+            "lastUpdateTime": updated, "lastTransitionTime": since})
     };
-    let new_name = new.metadata.name.clone().unwrap_or_default();
-    let conditions = json!([
-        if available >= want - max_unavailable {
-            cond(
-                "Available",
-                true,
-                "MinimumReplicasAvailable",
-                "Deployment has minimum availability.".into(),
-            )
-        } else {
-            cond(
-                "Available",
-                false,
-                "MinimumReplicasUnavailable",
-                "Deployment does not have minimum availability.".into(),
-            )
-        },
-        if complete {
-            cond(
-                "Progressing",
-                true,
-                "NewReplicaSetAvailable",
-                format!("ReplicaSet \"{new_name}\" has successfully progressed."),
-            )
-        } else {
-            cond(
-                "Progressing",
-                true,
-                "ReplicaSetUpdated",
-                format!("ReplicaSet \"{new_name}\" is progressing."),
-            )
-        },
-    ]);
-    let status = json!({
+    let mut status = json!({
         "observedGeneration": d.metadata.generation,
         "replicas": replicas,
         "updatedReplicas": updated,
         "readyReplicas": ready,
         "availableReplicas": available,
         "unavailableReplicas": (want - available).max(0),
-        "conditions": conditions,
     });
-    let differs = [
+    let numbers = [
         "observedGeneration",
         "replicas",
         "updatedReplicas",
         "readyReplicas",
         "availableReplicas",
         "unavailableReplicas",
-    ]
-    .iter()
-    .any(|k| dv["status"][k].as_i64().unwrap_or(0) != status[k].as_i64().unwrap_or(0))
+    ];
+    // Progress: any count moved (or the spec changed) since the last
+    // status; the Progressing condition's lastUpdateTime says when.
+    let progressed = numbers
+        .iter()
+        .any(|k| dv["status"][k].as_i64().unwrap_or(0) != status[k].as_i64().unwrap_or(0));
+    let last_progress = prev_cond("Progressing")
+        .filter(|_| !progressed)
+        .and_then(|c| c["lastUpdateTime"].as_str().map(String::from))
+        .unwrap_or_else(|| now.clone());
+    let deadline = spec["progressDeadlineSeconds"].as_i64().unwrap_or(600);
+    let stalled = last_progress
+        .parse::<jiff::Timestamp>()
+        .is_ok_and(|t| (jiff::Timestamp::now() - t).get_seconds() > deadline);
+    let new_name = new.metadata.name.clone().unwrap_or_default();
+    let progress_time = json!(last_progress);
+    let conditions = json!([
+        if available >= want - max_unavailable {
+            cond(
+                "Available",
+                "True",
+                "MinimumReplicasAvailable",
+                "Deployment has minimum availability.".into(),
+                &json!(now),
+            )
+        } else {
+            cond(
+                "Available",
+                "False",
+                "MinimumReplicasUnavailable",
+                "Deployment does not have minimum availability.".into(),
+                &json!(now),
+            )
+        },
+        if complete {
+            cond(
+                "Progressing",
+                "True",
+                "NewReplicaSetAvailable",
+                format!("ReplicaSet \"{new_name}\" has successfully progressed."),
+                &progress_time,
+            )
+        } else if paused {
+            cond(
+                "Progressing",
+                "Unknown",
+                "DeploymentPaused",
+                "Deployment is paused".into(),
+                &progress_time,
+            )
+        } else if stalled {
+            cond(
+                "Progressing",
+                "False",
+                "ProgressDeadlineExceeded",
+                format!("ReplicaSet \"{new_name}\" has timed out progressing."),
+                &progress_time,
+            )
+        } else {
+            cond(
+                "Progressing",
+                "True",
+                "ReplicaSetUpdated",
+                format!("ReplicaSet \"{new_name}\" is progressing."),
+                &progress_time,
+            )
+        },
+    ]);
+    status["conditions"] = conditions;
+    let differs = progressed
         || old_conds.as_array().map(|cs| {
             cs.iter()
                 .map(|c| (c["type"].clone(), c["reason"].clone()))
@@ -454,6 +544,9 @@ mod tests {
         let t = json!({"spec": {"containers": [{"name": "c", "image": "a"}]}});
         let h = template_hash(&t);
         assert_eq!(h, template_hash(&t));
+        let mut with_empty = t.clone();
+        with_empty["spec"]["containers"][0]["resources"] = json!({});
+        assert_eq!(h, template_hash(&with_empty), "empty fields do not count");
         assert_ne!(
             h,
             template_hash(&json!({"spec": {"containers": [{"name": "c", "image": "b"}]}}))

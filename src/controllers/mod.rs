@@ -1,7 +1,9 @@
 //! Controllers: turn Services + Pods into EndpointSlices and legacy
 //! Endpoints, through the API server, with kube-rs's runtime; also node
 //! IPAM ([`nodeipam`]), Deployments ([`deployment`]), ReplicaSets
-//! ([`replicaset`]) and the garbage collector ([`gc`]).
+//! ([`replicaset`]), the garbage collector ([`gc`]), node lifecycle and
+//! taint-based eviction ([`nodelifecycle`]) and PodDisruptionBudgets'
+//! status ([`disruption`]).
 //!
 //! ```text
 //!  watcher(Service) ─┐
@@ -28,10 +30,12 @@
 //! start stops when leadership is lost (see [`run_controllers`]).
 
 pub mod deployment;
+pub mod disruption;
 pub mod endpointslice;
 pub mod gc;
 pub mod leader;
 pub mod nodeipam;
+pub mod nodelifecycle;
 pub mod replicaset;
 
 use std::collections::HashMap;
@@ -45,6 +49,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, Controller, WatchStreamExt};
+use tokio::sync::Notify;
 
 use endpointslice::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
 
@@ -55,6 +60,7 @@ pub struct Config {
     /// Pod CIDRs for Nodes (`None`: `--allocate-node-cidrs=false`).
     pub ipam: Option<nodeipam::IpamConfig>,
     pub leader: leader::LeaderConfig,
+    pub lifecycle: nodelifecycle::Config,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -408,10 +414,40 @@ pub async fn run_controllers(client: kube::Client, max_endpoints_per_slice: usiz
         .await;
 }
 
+/// A reflector of every `K` (a cache to read with `state()`), whose every
+/// event wakes `wake`: the shape of the periodic controllers (scheduler,
+/// node lifecycle, disruption budgets) that look at whole sets at once.
+pub fn reflect<K>(api: Api<K>, wake: Arc<Notify>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            if let Err(e) = ev {
+                tracing::debug!(error = %e, "watch");
+            }
+            wake.notify_one();
+        }
+    });
+    reader
+}
+
 /// Run the controllers under leader election. Never returns.
 pub async fn run(client: kube::Client, cfg: Config) {
     let max = cfg.max_endpoints_per_slice;
     let ipam = cfg.ipam;
+    let lifecycle = cfg.lifecycle;
     let c = client.clone();
     leader::run(client, cfg.leader, move || {
         let c = c.clone();
@@ -420,6 +456,8 @@ pub async fn run(client: kube::Client, cfg: Config) {
             let _rs = AbortOnDrop(tokio::spawn(replicaset::run(c.clone())));
             let _deploy = AbortOnDrop(tokio::spawn(deployment::run(c.clone())));
             let _gc = AbortOnDrop(tokio::spawn(gc::run(c.clone())));
+            let _nodes = AbortOnDrop(tokio::spawn(nodelifecycle::run(c.clone(), lifecycle)));
+            let _pdb = AbortOnDrop(tokio::spawn(disruption::run(c.clone())));
             run_controllers(c, max).await
         }
     })

@@ -850,15 +850,51 @@ impl Worker {
     /// end, then SIGKILL what is left (and everything in the cgroup).
     async fn terminate(&mut self, grace: Duration, events: &mut mpsc::Receiver<Event>) {
         self.terminating = true;
+        let deadline = Instant::now() + grace;
         for s in &mut self.slots {
             s.stop_probes();
             s.view.ready = false;
             s.next_start = None;
+        }
+        // preStop hooks of running containers first, within the grace
+        // period (`sleep` gives proxies time to drop the pod's endpoints
+        // before it stops accepting).
+        let hooks: Vec<_> = self
+            .slots
+            .iter()
+            .filter(|s| s.killer.is_some())
+            .filter_map(|s| s.spec.lifecycle.as_ref()?.pre_stop.clone())
+            .map(|h| {
+                let runtime = self.ctx.runtime.clone();
+                let sandbox = self.sandbox.clone();
+                async move {
+                    if let Some(sl) = &h.sleep {
+                        tokio::time::sleep(Duration::from_secs(sl.seconds.max(0) as u64)).await;
+                    } else if let (Some(e), Some(sb)) = (&h.exec, &sandbox) {
+                        let argv = e.command.clone().unwrap_or_default();
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if let Err(err) = runtime.exec(sb, &argv, &[], left).await {
+                            tracing::info!(error = %err, "preStop hook failed");
+                        }
+                    }
+                }
+            })
+            .collect();
+        if !hooks.is_empty() {
+            let mut all = std::pin::pin!(futures::future::join_all(hooks));
+            loop {
+                tokio::select! {
+                    _ = &mut all => break,
+                    Some(ev) = events.recv() => self.handle(ev),
+                    _ = tokio::time::sleep_until(deadline.into()) => break,
+                }
+            }
+        }
+        for s in &mut self.slots {
             if let Some(k) = &s.killer {
                 k.signal(libc::SIGTERM);
             }
         }
-        let deadline = Instant::now() + grace;
         let running = |w: &Worker| w.slots.iter().any(|s| s.killer.is_some());
         while running(self) {
             tokio::select! {

@@ -58,6 +58,8 @@ pub struct Usage {
     pub requested: Resources,
     pub pods: usize,
     pub host_ports: BTreeSet<(String, i32, String)>,
+    /// Pods per controller (the uid of their `controller: true` owner).
+    pub owners: std::collections::HashMap<String, usize>,
 }
 
 impl Usage {
@@ -67,7 +69,20 @@ impl Usage {
         self.requested.memory += r.memory;
         self.pods += 1;
         self.host_ports.extend(host_ports(pod));
+        if let Some(uid) = controller_uid(pod) {
+            *self.owners.entry(uid.to_string()).or_default() += 1;
+        }
     }
+}
+
+/// The uid of the pod's controller (a ReplicaSet, ...), if any.
+pub fn controller_uid(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|r| r.controller == Some(true))
+        .map(|r| r.uid.as_str())
 }
 
 /// A node's allocatable resources and pod count.
@@ -84,7 +99,18 @@ fn allocatable(node: &Node) -> (Resources, f64) {
 }
 
 fn tolerates(tols: &[Toleration], key: &str, value: &str, effect: &str) -> bool {
-    tols.iter().any(|t| {
+    tolerations_of(tols, key, value, effect).next().is_some()
+}
+
+/// The tolerations among `tols` that tolerate the taint `key=value:effect`
+/// (the node lifecycle controller reads their `tolerationSeconds`).
+pub fn tolerations_of<'a>(
+    tols: &'a [Toleration],
+    key: &'a str,
+    value: &'a str,
+    effect: &'a str,
+) -> impl Iterator<Item = &'a Toleration> + 'a {
+    tols.iter().filter(move |t| {
         let effect_ok = t
             .effect
             .as_deref()
@@ -221,10 +247,27 @@ pub fn fits(pod: &Pod, node: &Node, usage: &Usage) -> Result<(), String> {
     Ok(())
 }
 
+/// Weight of spreading a controller's pods against LeastAllocated
+/// (kube-scheduler weighs PodTopologySpread 2, NodeResourcesFit 1).
+const SPREAD_WEIGHT: f64 = 2.0;
+
 /// How good a fit is (higher is better): the mean share of CPU and memory
-/// left free once the pod is there (kube-scheduler's LeastAllocated), with
-/// the pod count as a tie-breaker so equal nodes fill evenly.
+/// left free once the pod is there (kube-scheduler's LeastAllocated, 0 to
+/// 100), plus, for a pod with a controller, up to twice that for nodes
+/// with fewer of the same controller's pods (spreading replicas, as the
+/// default topology spread over hostnames does), with the pod count as a
+/// tie-breaker so equal nodes fill evenly.
 pub fn score(pod: &Pod, node: &Node, usage: &Usage) -> f64 {
+    let spread = controller_uid(pod)
+        .map(|uid| {
+            let same = usage.owners.get(uid).copied().unwrap_or(0) as f64;
+            SPREAD_WEIGHT * 100.0 / (1.0 + same)
+        })
+        .unwrap_or(0.0);
+    spread + resource_score(pod, node, usage)
+}
+
+fn resource_score(pod: &Pod, node: &Node, usage: &Usage) -> f64 {
     let (alloc, max_pods) = allocatable(node);
     let want = requests(pod);
     let free = |used: f64, cap: f64| {
@@ -404,6 +447,21 @@ mod tests {
         assert!(
             score(&cpu_pod("100m"), &n, &Usage::default()) > score(&cpu_pod("100m"), &n, &busy)
         );
+        // Replicas of one controller spread, even onto a busier node.
+        let replica = |cpu: &str| {
+            let mut p = cpu_pod(cpu);
+            p.metadata.owner_references = Some(vec![
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    uid: "rs-1".into(),
+                    controller: Some(true),
+                    ..Default::default()
+                },
+            ]);
+            p
+        };
+        let mut has_one = Usage::default();
+        has_one.add(&replica("100m"));
+        assert!(score(&replica("100m"), &n, &busy) > score(&replica("100m"), &n, &has_one));
         let reasons = BTreeMap::from([
             ("Insufficient cpu".to_string(), 1),
             ("node(s) were unschedulable".to_string(), 2),

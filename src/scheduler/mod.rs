@@ -18,11 +18,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{watcher, WatchStreamExt};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
@@ -51,32 +48,6 @@ fn finished(pod: &Pod) -> bool {
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Succeeded" | "Failed")
     )
-}
-
-fn reflect<K>(api: Api<K>, wake: Arc<Notify>) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(ev) = stream.next().await {
-            if let Err(e) = ev {
-                tracing::debug!(error = %e, "scheduler watch");
-            }
-            wake.notify_one();
-        }
-    });
-    reader
 }
 
 /// A Pod and a node name (a binding) or a message (why it fits nowhere).
@@ -140,9 +111,9 @@ pub fn plan(nodes: &[Arc<Node>], pods: &[Arc<Pod>]) -> (Vec<Decision>, Vec<Decis
     (bound, stuck)
 }
 
-/// A `FailedScheduling` Warning event on `pod` (what `kubectl describe
-/// pod` and `kubectl get events` show).
-async fn failed_scheduling_event(client: &kube::Client, pod: &Pod, msg: &str) {
+/// An event on `pod` from the scheduler (`Scheduled`, `FailedScheduling`:
+/// what `kubectl describe pod` and `kubectl get events` show).
+async fn pod_event(client: &kube::Client, pod: &Pod, ty: &str, reason: &str, msg: &str) {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let now = jiff::Timestamp::now()
@@ -153,7 +124,7 @@ async fn failed_scheduling_event(client: &kube::Client, pod: &Pod, msg: &str) {
         "metadata": {"generateName": format!("{name}."), "namespace": ns},
         "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": ns, "name": name,
             "uid": pod.metadata.uid},
-        "reason": "FailedScheduling", "message": msg, "type": "Warning",
+        "reason": reason, "message": msg, "type": ty,
         "source": {"component": "default-scheduler"},
         "reportingComponent": "default-scheduler",
         "firstTimestamp": now, "lastTimestamp": now, "count": 1,
@@ -163,15 +134,15 @@ async fn failed_scheduling_event(client: &kube::Client, pod: &Pod, msg: &str) {
     };
     let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns);
     if let Err(e) = api.create(&PostParams::default(), &event).await {
-        tracing::debug!(error = %e, "recording a FailedScheduling event");
+        tracing::debug!(error = %e, reason, "recording a scheduler event");
     }
 }
 
 /// Schedule until the future is dropped.
 pub async fn run(client: kube::Client) {
     let wake = Arc::new(Notify::new());
-    let nodes = reflect(Api::<Node>::all(client.clone()), wake.clone());
-    let pods = reflect(Api::<Pod>::all(client.clone()), wake.clone());
+    let nodes = crate::controllers::reflect(Api::<Node>::all(client.clone()), wake.clone());
+    let pods = crate::controllers::reflect(Api::<Pod>::all(client.clone()), wake.clone());
     // Bound in an earlier pass, not yet seen bound by the reflector.
     let mut assumed: HashMap<String, String> = HashMap::new();
     // The unschedulable message last written per pod uid.
@@ -218,6 +189,11 @@ pub async fn run(client: kube::Client) {
             {
                 Ok(_) => {
                     tracing::info!(pod = %format!("{ns}/{name}"), node = %node, "pod bound");
+                    let (c, p) = (client.clone(), pod.clone());
+                    let msg = format!("Successfully assigned {ns}/{name} to {node}");
+                    tokio::spawn(
+                        async move { pod_event(&c, &p, "Normal", "Scheduled", &msg).await },
+                    );
                     if let Some(uid) = &pod.metadata.uid {
                         assumed.insert(uid.clone(), node);
                         reported.remove(uid);
@@ -248,7 +224,7 @@ pub async fn run(client: kube::Client) {
             {
                 Ok(_) => {
                     tracing::info!(pod = %format!("{ns}/{name}"), reason = %msg, "pod unschedulable");
-                    failed_scheduling_event(&client, &pod, &msg).await;
+                    pod_event(&client, &pod, "Warning", "FailedScheduling", &msg).await;
                     reported.insert(uid, msg);
                 }
                 Err(e) => tracing::debug!(error = %e, "reporting an unschedulable pod"),

@@ -32,6 +32,9 @@ pub const FAIRLEAD: &str = env!("CARGO_BIN_EXE_fairlead");
 /// (generous: an upper bound, not an expectation).
 pub const SETTLE: Duration = Duration::from_secs(30);
 
+/// How often the garbage collector looks (`controllers::gc::PERIOD`).
+pub const GC_PERIOD: Duration = Duration::from_secs(1);
+
 /// The API server's port inside the namespace.
 pub const API_PORT: &str = "6443";
 

@@ -535,6 +535,69 @@ impl Agent {
     pub fn close(&mut self, id: &str) {
         self.call(json!({"op": "close", "id": id}));
     }
+
+    /// Start load `id`: HTTP GETs of `path` on fresh connections, one
+    /// after another, until [`Agent::load_stop`] or `max` has passed
+    /// (bounded in time; also at most [`LOAD_MAX_REQUESTS`]).
+    pub fn load_start(&mut self, id: &str, addr: SocketAddr, path: &str, max: Duration) {
+        let r = self.call(
+            json!({"op": "load_start", "id": id, "addr": addr.to_string(),
+            "path": path, "max_secs": max.as_secs_f64()}),
+        );
+        assert!(r["error"].is_null(), "load_start: {r}");
+    }
+
+    /// Stop load `id`: (requests answered 200, failures with their first
+    /// errors).
+    pub fn load_stop(&mut self, id: &str) -> (u64, u64, Vec<String>) {
+        let r = self.call(json!({"op": "load_stop", "id": id}));
+        assert!(r["error"].is_null(), "load_stop: {r}");
+        let errors = r["errors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.as_str().map(String::from))
+            .collect();
+        (
+            r["ok"].as_u64().unwrap_or(0),
+            r["failed"].as_u64().unwrap_or(0),
+            errors,
+        )
+    }
+}
+
+/// The most requests one load sends.
+pub const LOAD_MAX_REQUESTS: u64 = 200_000;
+
+/// Running loads of the agent: id → (stop flag, the thread).
+type Loads = HashMap<String, (Arc<AtomicBool>, JoinHandle<Value>)>;
+
+fn load_start(req: &Value, addr: SocketAddr, loads: &mut Loads) -> Value {
+    let stop = Arc::new(AtomicBool::new(false));
+    let path = req["path"].as_str().unwrap_or("/").to_string();
+    let max = Duration::from_secs_f64(req["max_secs"].as_f64().unwrap_or(60.0));
+    let flag = stop.clone();
+    let t = std::thread::spawn(move || {
+        let end = Instant::now() + max;
+        let (mut ok, mut failed, mut errors) = (0u64, 0u64, Vec::new());
+        while !flag.load(Ordering::Relaxed)
+            && Instant::now() < end
+            && ok + failed < LOAD_MAX_REQUESTS
+        {
+            match http_get(addr, &path, None) {
+                Ok((200, _)) => ok += 1,
+                other => {
+                    failed += 1;
+                    if errors.len() < 10 {
+                        errors.push(format!("{other:?}"));
+                    }
+                }
+            }
+        }
+        json!({"ok": ok, "failed": failed, "errors": errors})
+    });
+    loads.insert(req["id"].as_str().unwrap_or("").to_string(), (stop, t));
+    json!({})
 }
 
 impl Drop for Agent {
@@ -556,11 +619,12 @@ pub fn agent_main() {
         return;
     }
     let mut conns: HashMap<String, TcpStream> = HashMap::new();
+    let mut loads: Loads = HashMap::new();
     let stdin = std::io::stdin();
     for line in stdin.lock().lines() {
         let Ok(line) = line else { break };
         let reply = match serde_json::from_str::<Value>(&line) {
-            Ok(req) => handle(&req, &mut conns),
+            Ok(req) => handle(&req, &mut conns, &mut loads),
             Err(e) => json!({"error": format!("bad request: {e}")}),
         };
         let mut out = std::io::stdout().lock();
@@ -577,7 +641,7 @@ fn addr_of(req: &Value) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("bad addr in {req}"))
 }
 
-fn handle(req: &Value, conns: &mut HashMap<String, TcpStream>) -> Value {
+fn handle(req: &Value, conns: &mut HashMap<String, TcpStream>, loads: &mut Loads) -> Value {
     let addr = addr_of(req).ok();
     let need = |a: Option<SocketAddr>| a.ok_or_else(|| format!("bad addr in {req}"));
     let n = req["n"].as_u64().unwrap_or(1) as usize;
@@ -630,6 +694,14 @@ fn handle(req: &Value, conns: &mut HashMap<String, TcpStream>) -> Value {
             conns.remove(req["id"].as_str().unwrap_or(""));
             Ok(json!({}))
         }
+        "load_start" => need(addr).map(|a| load_start(req, a, loads)),
+        "load_stop" => match loads.remove(req["id"].as_str().unwrap_or("")) {
+            None => Err("no such load".to_string()),
+            Some((stop, t)) => {
+                stop.store(true, Ordering::Relaxed);
+                t.join().map_err(|_| "the load thread panicked".to_string())
+            }
+        },
         op => Err(format!("unknown op {op:?}")),
     };
     r.unwrap_or_else(|e| json!({ "error": e }))
