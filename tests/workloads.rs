@@ -518,3 +518,257 @@ fn progress_deadline_and_pause() {
         (versions(&c) == ["2"]).then_some(())
     });
 }
+
+/// Pods of app=web (not being deleted) per node name.
+fn pods_per_node(c: &Cluster) -> std::collections::BTreeMap<String, usize> {
+    let list = c.get_json(&["get", "pods", "-l", "app=web"]);
+    let mut out = std::collections::BTreeMap::new();
+    for p in list["items"].as_array().into_iter().flatten() {
+        if p["metadata"]["deletionTimestamp"].is_null() {
+            let node = p["spec"]["nodeName"].as_str().unwrap_or("").to_string();
+            *out.entry(node).or_default() += 1;
+        }
+    }
+    out
+}
+
+fn ready_replicas(c: &Cluster) -> i64 {
+    c.get_json(&["get", "deployment", "web"])["status"]["readyReplicas"]
+        .as_i64()
+        .unwrap_or(0)
+}
+
+fn node_ready(c: &Cluster, node: &str) -> String {
+    c.get_json(&["get", "node", node])["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Ready")
+        .and_then(|c| c["status"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+fn events_of(c: &Cluster, pod: &str) -> Vec<(String, String)> {
+    let list = c.get_json(&[
+        "get",
+        "events",
+        "--field-selector",
+        &format!("involvedObject.name={pod}"),
+    ]);
+    list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["reason"].as_str().unwrap_or("").to_string(),
+                e["message"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Acceptance 5 and 6 with two node agents, each in a namespace of its
+/// own: replicas spread; nodeSelector, taints and resource requests are
+/// honoured and an unschedulable pod's FailedScheduling event says why;
+/// `kubectl drain` evicts through the PodDisruptionBudget (blocked while
+/// it would break it); a stopped agent's node goes NotReady within the
+/// grace period, its endpoints turn not ready at once, and its pods come
+/// back on the other node after their toleration.
+#[test]
+fn two_nodes_schedule_drain_and_survive_a_lost_node() {
+    let c = Cluster::up_linked(
+        "workloads-nodes",
+        &[
+            "--hostname-override",
+            "node-a",
+            "--node-monitor-grace-period",
+            "4s",
+            "--node-monitor-period",
+            "500ms",
+            "--node-status-update-frequency",
+            "1s",
+        ],
+    );
+    let mut b = c.join_node("node-b", 2, &["--node-status-update-frequency", "1s"]);
+
+    // Spread: 4 replicas, 2 per node.
+    let tolerant = DEPLOYMENT.replace(
+        "      terminationGracePeriodSeconds: 10\n",
+        "      terminationGracePeriodSeconds: 10\n      tolerations:\n      \
+         - {key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 2}\n",
+    );
+    c.apply(&tolerant.replace("replicas: 3", "replicas: 4"));
+    c.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    let spread = pods_per_node(&c);
+    assert_eq!(
+        spread,
+        [("node-a".to_string(), 2), ("node-b".to_string(), 2)].into(),
+        "replicas spread across the nodes"
+    );
+
+    // nodeSelector, requests, taints: each honoured, each explained.
+    let pod = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n{spec}  containers:\n  \
+             - {{name: c, image: fairlead, args: [echo, --http-port, \"8080\"]}}\n"
+        )
+    };
+    c.apply(&pod(
+        "pinned",
+        "  nodeSelector: {kubernetes.io/hostname: node-b}\n",
+    ));
+    poll("pinned on node-b", SETTLE, || {
+        (c.get_json(&["get", "pod", "pinned"])["spec"]["nodeName"] == "node-b").then_some(())
+    });
+    c.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: greedy}}\nspec:\n  containers:\n  \
+         - {{name: c, image: fairlead, args: [echo], resources: {{requests: {{cpu: \"1000\"}}}}}}\n"
+    ));
+    let why = poll("greedy explained", SETTLE, || {
+        events_of(&c, "greedy")
+            .into_iter()
+            .find(|(r, _)| r == "FailedScheduling")
+            .map(|(_, m)| m)
+    });
+    assert_eq!(why, "0/2 nodes are available: 2 Insufficient cpu.");
+    c.kubectl_ok(&["taint", "nodes", "node-b", "dedicated=db:NoSchedule"]);
+    c.apply(&pod(
+        "intolerant",
+        "  nodeSelector: {kubernetes.io/hostname: node-b}\n",
+    ));
+    let why = poll("intolerant explained", SETTLE, || {
+        events_of(&c, "intolerant")
+            .into_iter()
+            .find(|(r, _)| r == "FailedScheduling")
+            .map(|(_, m)| m)
+    });
+    assert!(
+        why.starts_with("0/2 nodes are available: ")
+            && why.contains("1 node(s) had untolerated taint {dedicated: db}")
+            && why.contains("1 node(s) didn't match Pod's node affinity/selector"),
+        "{why}"
+    );
+    c.apply(&pod(
+        "tolerant",
+        "  nodeSelector: {kubernetes.io/hostname: node-b}\n  tolerations: [{key: dedicated, operator: Equal, value: db, effect: NoSchedule}]\n",
+    ));
+    poll("tolerant on node-b", SETTLE, || {
+        (c.get_json(&["get", "pod", "tolerant"])["spec"]["nodeName"] == "node-b").then_some(())
+    });
+    assert!(events_of(&c, "tolerant")
+        .iter()
+        .any(|(r, m)| r == "Scheduled" && m.ends_with("to node-b")));
+    c.kubectl_ok(&["taint", "nodes", "node-b", "dedicated-"]);
+    for p in ["pinned", "greedy", "intolerant", "tolerant"] {
+        c.kubectl_ok(&["delete", "pod", p, "--wait=false"]);
+    }
+
+    // Drain through a PodDisruptionBudget: refused while it would leave
+    // fewer than minAvailable, then one pod at a time.
+    c.apply(
+        "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata: {name: web}\nspec:\n  \
+         minAvailable: 4\n  selector: {matchLabels: {app: web}}\n",
+    );
+    poll("budget computed", SETTLE, || {
+        let p = c.get_json(&["get", "pdb", "web"]);
+        (p["status"]["currentHealthy"] == 4 && p["status"]["disruptionsAllowed"] == 0).then_some(())
+    });
+    let out = c.kubectl(&["drain", "node-b", "--ignore-daemonsets", "--timeout=4s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "drain broke the budget");
+    assert!(
+        err.contains("Cannot evict pod as it would violate the pod's disruption budget."),
+        "{err}"
+    );
+    assert_eq!(pods_per_node(&c)["node-b"], 2, "nothing evicted");
+    c.kubectl_ok(&[
+        "patch",
+        "pdb",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"minAvailable":3}}"#,
+    ]);
+    let out = c.kubectl(&["drain", "node-b", "--ignore-daemonsets", "--timeout=90s"]);
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{so}\n{se}");
+    assert!(so.contains("node/node-b drained"), "{so}");
+    assert_eq!(
+        pods_per_node(&c),
+        [("node-a".to_string(), 4)].into(),
+        "every replica moved to node-a"
+    );
+    assert_eq!(
+        c.get_json(&["get", "node", "node-b"])["spec"]["unschedulable"],
+        true
+    );
+    // The budget held: the second eviction had to wait for a replacement.
+    assert!(
+        se.contains("Cannot evict pod as it would violate the pod's disruption budget."),
+        "the second eviction waited for the budget: {se}"
+    );
+    c.kubectl_ok(&["uncordon", "node-b"]);
+    c.kubectl_ok(&["delete", "pdb", "web"]);
+
+    // Scale up: the new replicas go to the emptier node-b.
+    c.kubectl_ok(&["scale", "deployment", "web", "--replicas=6"]);
+    c.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    assert_eq!(pods_per_node(&c)["node-b"], 2, "{:?}", pods_per_node(&c));
+    let on_b: Vec<String> = c.get_json(&[
+        "get",
+        "pods",
+        "-l",
+        "app=web",
+        "--field-selector",
+        "spec.nodeName=node-b",
+    ])["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["status"]["podIP"].as_str().map(String::from))
+        .collect();
+    assert_eq!(on_b.len(), 2);
+
+    // node-b's agent stops: NotReady within the grace period, its
+    // endpoints not ready at once, its pods back on node-a after 2 s.
+    let stopped = std::time::Instant::now();
+    b.stop();
+    poll("node-b Unknown", SETTLE, || {
+        (node_ready(&c, "node-b") == "Unknown").then_some(())
+    });
+    let not_ready_after = stopped.elapsed();
+    let taints = c.get_json(&["get", "node", "node-b"])["spec"]["taints"].clone();
+    assert!(
+        taints.as_array().is_some_and(|t| t
+            .iter()
+            .any(|t| t["key"] == "node.kubernetes.io/unreachable" && t["effect"] == "NoExecute")),
+        "{taints}"
+    );
+    poll("node-b's endpoints not ready", SETTLE, || {
+        let eps = c.slice_endpoints("web");
+        on_b.iter()
+            .all(|ip| eps.get(ip) != Some(&true))
+            .then_some(())
+    });
+    let endpoints_after = stopped.elapsed();
+    poll("6 ready replicas on node-a", SETTLE, || {
+        (ready_replicas(&c) == 6 && pods_per_node(&c).get("node-a") == Some(&6)).then_some(())
+    });
+    let healed_after = stopped.elapsed();
+    eprintln!(
+        "node-b stopped: NotReady after {not_ready_after:?}, endpoints not ready after {endpoints_after:?}, replicas back after {healed_after:?}"
+    );
+    assert!(
+        not_ready_after < std::time::Duration::from_secs(4 + 3),
+        "NotReady within the 4 s grace period (+ a monitor period): {not_ready_after:?}"
+    );
+    assert!(
+        endpoints_after - not_ready_after < std::time::Duration::from_secs(2),
+        "endpoints left at once: {not_ready_after:?} → {endpoints_after:?}"
+    );
+}

@@ -402,6 +402,160 @@ impl Drop for Cluster {
     }
 }
 
+// ---- more nodes ---------------------------------------------------------------
+
+/// The API server's address on the links to [`Node`]s (on the cluster
+/// namespace's `lo`).
+pub const LINK_SERVER: &str = "10.250.0.1";
+
+impl Cluster {
+    /// `fairlead up` (process `up`) with its API server on
+    /// [`LINK_SERVER`], so node agents in other namespaces
+    /// ([`Cluster::join_node`]) reach it; `args` as for [`Cluster::up`].
+    pub fn up_linked(test: &str, args: &[&str]) -> Cluster {
+        let mut c = Cluster::empty(test);
+        c.ns.run_ok(
+            "ip",
+            &["addr", "add", &format!("{LINK_SERVER}/32"), "dev", "lo"],
+        );
+        let mut all = vec!["--bind-address", LINK_SERVER, "--node-ip", LINK_SERVER];
+        all.extend_from_slice(args);
+        c.start_up(&all);
+        c
+    }
+
+    /// A second node agent (`fairlead node --run-pods true`) named `name`
+    /// in a namespace of its own, linked to this one by a veth pair
+    /// (addresses `10.250.0.<index>` there, routes both ways), once its
+    /// Node is Ready. Needs [`Cluster::up_linked`].
+    pub fn join_node(&self, name: &str, index: u8, args: &[&str]) -> Node {
+        let ns = Netns::new();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("fairlead-{name}-"))
+            .tempdir()
+            .expect("temp dir");
+        let ip = format!("10.250.0.{index}");
+        let host_end = format!("fln{index}");
+        self.ns.run_ok(
+            "ip",
+            &[
+                "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+            ],
+        );
+        self.ns.run_ok("ip", &["link", "set", &host_end, "up"]);
+        self.ns.run_ok(
+            "ip",
+            &["route", "add", &format!("{ip}/32"), "dev", &host_end],
+        );
+        ns.run_ok("ip", &["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        ns.run_ok("ip", &["link", "set", "eth0", "up"]);
+        ns.run_ok(
+            "ip",
+            &["route", "add", &format!("{LINK_SERVER}/32"), "dev", "eth0"],
+        );
+        let mut node = Node {
+            proc: None,
+            name: name.to_string(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            kubeconfig: self.kubeconfig.clone(),
+            ip,
+            ns,
+            dir,
+        };
+        node.start();
+        poll(&format!("node {name} Ready"), SETTLE, || {
+            let n = self.get_json(&["get", "node", name]);
+            n["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                .then_some(())
+        });
+        node
+    }
+}
+
+/// A node agent of its own namespace (see [`Cluster::join_node`]).
+/// Dropping it stops the agent, removes its pods (`fairlead node
+/// --cleanup`) and deletes the namespace.
+pub struct Node {
+    proc: Option<Proc>,
+    pub name: String,
+    args: Vec<String>,
+    kubeconfig: PathBuf,
+    pub ip: String,
+    pub ns: Netns,
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// (Re)start the agent.
+    pub fn start(&mut self) {
+        let (kc, data) = (
+            self.kubeconfig.display().to_string(),
+            self.dir.path().display().to_string(),
+        );
+        let mut cmd = self.ns.command(FAIRLEAD);
+        cmd.args([
+            "node",
+            "--kubeconfig",
+            &kc,
+            "--data-dir",
+            &data,
+            "--run-pods",
+            "true",
+            "--hostname-override",
+            &self.name,
+            "--node-ip",
+            &self.ip,
+        ])
+        .args(&self.args)
+        .env("RUST_LOG", "info,fairlead=debug");
+        self.proc = Some(self.ns.spawn(cmd, &self.dir.path().join("node.log")));
+    }
+
+    /// Stop the agent (SIGTERM, as a service manager would); its pods'
+    /// processes keep running, as containers outlive a stopped kubelet.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            assert!(
+                p.stop(libc::SIGTERM, Duration::from_secs(10)),
+                "node agent did not stop"
+            );
+        }
+    }
+
+    /// The last lines of the agent's log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- node {} log (tail) ----\n{}",
+                self.name,
+                self.log_tail()
+            );
+        }
+        let data = self.dir.path().display().to_string();
+        let _ = self
+            .ns
+            .command(FAIRLEAD)
+            .args(["node", "--cleanup", "--data-dir", &data])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 // ---- objects ----------------------------------------------------------------
 
 /// Service `web` (NodePort; `http` 80 → the named container port,
