@@ -545,7 +545,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 None => "disabled".into(),
             };
-            tokio::spawn(crate::scheduler::run(client.clone()));
+            tokio::spawn(crate::scheduler::run_elected(client.clone()));
             node_cfg.client_ca = ca_from_kubeconfig(&running.kubeconfig);
             let node = spawn_node(running.kubeconfig.clone(), node_cfg)?;
             println!("fairlead is up");
@@ -583,7 +583,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = client_from(args.path()?).await?;
             tokio::select! {
                 _ = shutdown_signal() => {}
-                _ = crate::scheduler::run(client) => {}
+                _ = crate::scheduler::run_elected(client) => {}
             }
             Ok(())
         }

@@ -81,9 +81,7 @@ fn demo_apply_expected(verb: &str, overrides: &[(&str, &str)]) -> Vec<String> {
         "service/docs",
         "service/external-db",
         "endpointslice.discovery.k8s.io/external-db-1",
-        "pod/web-1",
-        "pod/web-2",
-        "pod/web-3",
+        "deployment.apps/web",
     ];
     let mut lines: Vec<String> = objects
         .iter()

@@ -99,16 +99,33 @@ fn service(name: &str) -> String {
     )
 }
 
-/// Acceptance 1: the demo's three pods run, the Service rotates over them
-/// exactly, and a pod resolves `web` through its search path with the real
-/// glibc resolver and with dig.
+/// Acceptance 1: the demo's three pods (its Deployment `web`) run, the
+/// Service rotates over them exactly, and a pod resolves `web` through its
+/// search path with the real glibc resolver and with dig.
 #[test]
 fn demo_pods_serve_round_robin_and_resolve_names() {
     let mut c = Cluster::up("pods-demo", &[]);
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.yaml");
     c.kubectl_ok(&["apply", "-f", demo.to_str().unwrap()]);
+    c.kubectl_ok(&[
+        "rollout",
+        "status",
+        "-n",
+        "demo",
+        "deployment/web",
+        "--timeout=60s",
+    ]);
+    let list = c.get_json(&["get", "pods", "-n", "demo", "-l", "app=web"]);
+    let mut names: Vec<String> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 3, "{names:?}");
     let mut ips = Vec::new();
-    for name in ["web-1", "web-2", "web-3"] {
+    for name in &names {
         let p = wait_pod(&c, "demo", name, "Running and Ready", |p| {
             p["status"]["phase"] == "Running" && ready(p)
         });
@@ -129,24 +146,24 @@ fn demo_pods_serve_round_robin_and_resolve_names() {
     let svc = c.get_json(&["get", "svc", "web", "-n", "demo"]);
     let cluster_ip: IpAddr = svc["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
     let addr = SocketAddr::new(cluster_ip, 80);
-    c.wait_serving(addr, &["web-1", "web-2", "web-3"]);
-    let names = c.names_ok(addr, 300, None);
-    let n = counts(&names);
+    let want: Vec<&str> = names.iter().map(String::as_str).collect();
+    c.wait_serving(addr, &want);
+    let served = c.names_ok(addr, 300, None);
+    let n = counts(&served);
     assert_eq!(
         n,
-        BTreeMap::from([
-            ("web-1".to_string(), 100),
-            ("web-2".to_string(), 100),
-            ("web-3".to_string(), 100)
-        ]),
+        names
+            .iter()
+            .map(|n| (n.clone(), 100))
+            .collect::<BTreeMap<_, _>>(),
         "exact round robin over the three pods"
     );
 
-    // Inside web-1: its hostname, its resolv.conf, the Service variables,
-    // and `web` through the search path.
-    let p = pod(&c, "demo", "web-1").unwrap();
+    // Inside the first pod: its hostname, its resolv.conf, the Service
+    // variables, and `web` through the search path.
+    let p = pod(&c, "demo", &names[0]).unwrap();
     let pid = pid(&p);
-    assert_eq!(in_pod(pid, &["hostname"]).trim(), "web-1");
+    assert_eq!(in_pod(pid, &["hostname"]).trim(), names[0]);
     let resolv = in_pod(pid, &["cat", "/etc/resolv.conf"]);
     assert!(
         resolv.contains("search demo.svc.cluster.local svc.cluster.local cluster.local")

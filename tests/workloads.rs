@@ -211,7 +211,7 @@ fn rs_names(c: &Cluster) -> Vec<(String, i64)> {
 /// ReplicaSets and pods with it.
 #[test]
 fn deployment_rolls_out_updates_scales_and_is_collected() {
-    let c = Cluster::up("workloads-deploy", &[]);
+    let mut c = Cluster::up("workloads-deploy", &[]);
     c.kubectl_ok(&[
         "create",
         "deployment",
@@ -233,7 +233,25 @@ fn deployment_rolls_out_updates_scales_and_is_collected() {
     assert_eq!(&row[..4], ["web", "3/3", "3", "3"], "{table}");
     let first = rs_names(&c);
     assert_eq!(first.len(), 1, "{first:?}");
-    assert_eq!(web_pods(&c).len(), 3);
+    let pods: Vec<String> = web_pods(&c).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(pods.len(), 3);
+    // `kubectl expose`: the Service round-robins over the three pods.
+    c.kubectl_ok(&[
+        "expose",
+        "deployment",
+        "web",
+        "--port=80",
+        "--target-port=8080",
+    ]);
+    let addr = SocketAddr::new(c.cluster_ip("web"), 80);
+    let want: Vec<&str> = pods.iter().map(String::as_str).collect();
+    c.wait_serving(addr, &want);
+    let served = common::cluster::counts(&c.names_ok(addr, 30, None));
+    assert_eq!(
+        served,
+        pods.iter().map(|p| (p.clone(), 10)).collect(),
+        "round robin over the deployment's pods"
+    );
 
     c.kubectl_ok(&["set", "image", "deployment/web", "fairlead=fairlead:v2"]);
     assert!(rollout(&c).contains("successfully rolled out"));
@@ -622,10 +640,10 @@ fn two_nodes_schedule_drain_and_survive_a_lost_node() {
     poll("pinned on node-b", SETTLE, || {
         (c.get_json(&["get", "pod", "pinned"])["spec"]["nodeName"] == "node-b").then_some(())
     });
-    c.apply(&format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: greedy}}\nspec:\n  containers:\n  \
-         - {{name: c, image: fairlead, args: [echo], resources: {{requests: {{cpu: \"1000\"}}}}}}\n"
-    ));
+    c.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: greedy}\nspec:\n  containers:\n  \
+         - {name: c, image: fairlead, args: [echo], resources: {requests: {cpu: \"1000\"}}}\n",
+    );
     let why = poll("greedy explained", SETTLE, || {
         events_of(&c, "greedy")
             .into_iter()

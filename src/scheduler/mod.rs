@@ -10,7 +10,9 @@
 //! reflector may not show them yet). A Pod that fits nowhere gets
 //! `PodScheduled=False`, reason `Unschedulable`, with kube-scheduler's
 //! message (also a `FailedScheduling` event), and is retried when Nodes or Pods change, or after
-//! [`RETRY`].
+//! [`RETRY`]. Scores prefer room (LeastAllocated) and, twice as much,
+//! nodes with fewer pods of the same controller (spreading replicas).
+//! Leader-elected ([`run_elected`]), as the controllers are.
 
 pub mod filter;
 
@@ -136,6 +138,27 @@ async fn pod_event(client: &kube::Client, pod: &Pod, ty: &str, reason: &str, msg
     if let Err(e) = api.create(&PostParams::default(), &event).await {
         tracing::debug!(error = %e, reason, "recording a scheduler event");
     }
+}
+
+/// [`run`] under leader election (the Lease `kube-system/fairlead-scheduler`),
+/// so several schedulers may run for availability and only one binds.
+/// Never returns.
+pub async fn run_elected(client: kube::Client) {
+    let identity = format!(
+        "{}_{}",
+        crate::node::NodeConfig::default().node_name(),
+        std::process::id()
+    );
+    let cfg = crate::controllers::leader::LeaderConfig {
+        namespace: "kube-system".into(),
+        name: "fairlead-scheduler".into(),
+        identity,
+        lease_duration: Duration::from_secs(15),
+        renew_deadline: Duration::from_secs(10),
+        retry_period: Duration::from_secs(2),
+    };
+    let c = client.clone();
+    crate::controllers::leader::run(client, cfg, move || run(c.clone())).await
 }
 
 /// Schedule until the future is dropped.
