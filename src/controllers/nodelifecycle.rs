@@ -285,6 +285,24 @@ pub async fn run(client: kube::Client, cfg: Config) {
                 *entry = (beat, Instant::now());
             }
             let silent = entry.1.elapsed() > cfg.grace;
+            let reported = node
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready"));
+            // A node that has registered but not yet posted its first
+            // status is neither ready nor lost: wait for its status (or
+            // for the grace period to pass without one).
+            if !reported && !silent {
+                taints.insert(
+                    name,
+                    node.spec
+                        .as_ref()
+                        .and_then(|s| s.taints.clone())
+                        .unwrap_or_default(),
+                );
+                continue;
+            }
             let mut ready = ready_status(&node).to_string();
             if silent && ready != "Unknown" {
                 match mark_unknown(&node_api, &node).await {

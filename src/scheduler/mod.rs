@@ -20,6 +20,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{json, Value};
@@ -192,66 +194,102 @@ pub async fn run(client: kube::Client) {
             }
         }
         let (bound, stuck) = plan(&node_list, &pod_list);
-        for (pod, node) in bound {
-            let ns = pod.metadata.namespace.clone().unwrap_or_default();
-            let name = pod.metadata.name.clone().unwrap_or_default();
-            let binding = json!({
-                "apiVersion": "v1", "kind": "Binding",
-                "metadata": {"name": name, "namespace": ns},
-                "target": {"apiVersion": "v1", "kind": "Node", "name": node},
-            });
-            let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-            match api
-                .create_subresource::<Value, Value>(
-                    "binding",
-                    &name,
-                    &PostParams::default(),
-                    &binding,
-                )
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(pod = %format!("{ns}/{name}"), node = %node, "pod bound");
-                    let (c, p) = (client.clone(), pod.clone());
-                    let msg = format!("Successfully assigned {ns}/{name} to {node}");
-                    tokio::spawn(
-                        async move { pod_event(&c, &p, "Normal", "Scheduled", &msg).await },
-                    );
-                    if let Some(uid) = &pod.metadata.uid {
-                        assumed.insert(uid.clone(), node);
-                        reported.remove(uid);
-                    }
-                }
-                Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, pod = %format!("{ns}/{name}"), "binding the pod")
-                }
+        // Bindings and reports go out concurrently (kube-scheduler binds
+        // asynchronously too): one at a time, a pass of 1,000 pods would
+        // wait on 1,000 round trips.
+        let bindings = futures::stream::iter(bound.into_iter().map(|(pod, node)| {
+            let client = client.clone();
+            async move {
+                let ok = bind(&client, &pod, &node).await;
+                (pod, node, ok)
+            }
+        }))
+        .buffer_unordered(IN_FLIGHT)
+        .collect::<Vec<_>>()
+        .await;
+        for (pod, node, ok) in bindings {
+            if let (true, Some(uid)) = (ok, &pod.metadata.uid) {
+                assumed.insert(uid.clone(), node);
+                reported.remove(uid);
             }
         }
-        for (pod, msg) in stuck {
-            let uid = pod.metadata.uid.clone().unwrap_or_default();
-            if reported.get(&uid) == Some(&msg) {
-                continue;
+        let fresh: Vec<Decision> = stuck
+            .into_iter()
+            .filter(|(p, msg)| reported.get(p.metadata.uid.as_deref().unwrap_or("")) != Some(msg))
+            .collect();
+        let reports = futures::stream::iter(fresh.into_iter().map(|(pod, msg)| {
+            let client = client.clone();
+            async move {
+                let ok = report_unschedulable(&client, &pod, &msg).await;
+                (pod, msg, ok)
             }
-            let ns = pod.metadata.namespace.clone().unwrap_or_default();
-            let name = pod.metadata.name.clone().unwrap_or_default();
-            let patch = json!({"status": {"conditions": [{
-                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                "message": msg, "lastProbeTime": null,
-                "lastTransitionTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
-            }]}});
-            let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-            match api
-                .patch_status(&name, &PatchParams::default(), &Patch::Strategic(patch))
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(pod = %format!("{ns}/{name}"), reason = %msg, "pod unschedulable");
-                    pod_event(&client, &pod, "Warning", "FailedScheduling", &msg).await;
-                    reported.insert(uid, msg);
-                }
-                Err(e) => tracing::debug!(error = %e, "reporting an unschedulable pod"),
+        }))
+        .buffer_unordered(IN_FLIGHT)
+        .collect::<Vec<_>>()
+        .await;
+        for (pod, msg, ok) in reports {
+            if ok {
+                reported.insert(pod.metadata.uid.clone().unwrap_or_default(), msg);
             }
+        }
+    }
+}
+
+/// Requests a pass keeps in flight.
+const IN_FLIGHT: usize = 16;
+
+/// Bind `pod` to `node` (`pods/binding`), with a `Scheduled` event.
+/// Whether it is bound now.
+async fn bind(client: &kube::Client, pod: &Pod, node: &str) -> bool {
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let binding = json!({
+        "apiVersion": "v1", "kind": "Binding",
+        "metadata": {"name": name, "namespace": ns},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+    });
+    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    match api
+        .create_subresource::<Value, Value>("binding", &name, &PostParams::default(), &binding)
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(pod = %format!("{ns}/{name}"), node = %node, "pod bound");
+            let msg = format!("Successfully assigned {ns}/{name} to {node}");
+            pod_event(client, pod, "Normal", "Scheduled", &msg).await;
+            true
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => false,
+        Err(e) => {
+            tracing::warn!(error = %e, pod = %format!("{ns}/{name}"), "binding the pod");
+            false
+        }
+    }
+}
+
+/// `PodScheduled=False` with the reason, and a `FailedScheduling` event.
+/// Whether it was written.
+async fn report_unschedulable(client: &kube::Client, pod: &Pod, msg: &str) -> bool {
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let patch = json!({"status": {"conditions": [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": msg, "lastProbeTime": null,
+        "lastTransitionTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    }]}});
+    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    match api
+        .patch_status(&name, &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(pod = %format!("{ns}/{name}"), reason = %msg, "pod unschedulable");
+            pod_event(client, pod, "Warning", "FailedScheduling", msg).await;
+            true
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "reporting an unschedulable pod");
+            false
         }
     }
 }
