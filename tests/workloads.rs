@@ -147,6 +147,16 @@ fn replicaset_keeps_scales_adopts_and_is_collected() {
     });
     assert!(adopted.iter().any(|(n, _)| n == "stray"), "{adopted:?}");
 
+    // Relabelled out of the selector, it is released and replaced.
+    c.kubectl_ok(&["label", "pod", "stray", "app=debug", "--overwrite"]);
+    poll("stray released and replaced", SETTLE, || {
+        let stray = c.get_json(&["get", "pod", "stray"]);
+        let released = stray["metadata"]["ownerReferences"]
+            .as_array()
+            .is_none_or(|r| r.is_empty());
+        (released && web_pods(&c).len() == 2).then_some(())
+    });
+
     // Deleting the ReplicaSet deletes its pods.
     c.kubectl_ok(&["delete", "rs", "web", "--wait=false"]);
     poll("pods collected", SETTLE, || {

@@ -10,6 +10,12 @@
 //! - **Orphan**: the finalizer `orphan`; here each dependent loses its
 //!   reference to the owner, then the finalizer goes. The dependents stay.
 //!
+//! Also here, as each pass sees every pod and ReplicaSet: a pod whose
+//! labels no longer match its ReplicaSet's selector is released (its
+//! controller reference dropped), so the set replaces it and it lives on
+//! by itself (`kubectl label pod <p> app=debug --overwrite`, to take a pod
+//! out for debugging).
+//!
 //! A pass every [`PERIOD`] lists the kinds that are dependents (Pods,
 //! ReplicaSets) before the kinds that are owners (ReplicaSets,
 //! Deployments): an owner of a listed dependent was created before it,
@@ -27,6 +33,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPo
 use kube::Resource;
 use serde_json::json;
 
+use crate::api::workload::selector_matches;
 use crate::apiserver::objects::{FOREGROUND_FINALIZER, ORPHAN_FINALIZER};
 
 /// How often the collector looks.
@@ -35,11 +42,13 @@ pub const PERIOD: Duration = Duration::from_secs(1);
 /// The kinds the collector handles, as dependents or owners.
 const KINDS: [&str; 3] = ["Pod", "ReplicaSet", "Deployment"];
 
-/// One object of a pass: its kind and metadata.
+/// One object of a pass: its kind and metadata (and a ReplicaSet's
+/// selector, as JSON).
 #[derive(Clone, Debug)]
 pub struct Obj {
     pub kind: &'static str,
     pub meta: ObjectMeta,
+    pub selector: Option<serde_json::Value>,
 }
 
 impl Obj {
@@ -80,8 +89,29 @@ pub fn plan(objs: &[Obj]) -> Vec<Action> {
             dependents.entry(r.uid.as_str()).or_default().push(i);
         }
     }
+    let selectors: HashMap<&str, &serde_json::Value> = objs
+        .iter()
+        .filter_map(|o| Some((o.uid(), o.selector.as_ref()?)))
+        .collect();
     let mut out = Vec::new();
     for (i, o) in objs.iter().enumerate() {
+        // A pod whose labels left its ReplicaSet's selector is released
+        // (its controller reference dropped), as the ReplicaSet
+        // controller does in Kubernetes; the set then replaces it.
+        let controller = o.refs().iter().find(|r| r.controller == Some(true));
+        if let Some((r, sel)) = controller.and_then(|r| Some((r, selectors.get(r.uid.as_str())?))) {
+            let labels: serde_json::Map<String, serde_json::Value> = o
+                .meta
+                .labels
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            if o.kind == "Pod" && !o.terminating() && !selector_matches(sel, &labels) {
+                out.push(Action::Unown(i, r.uid.clone()));
+                continue;
+            }
+        }
         let deps = dependents
             .get(o.uid())
             .map(Vec::as_slice)
@@ -115,7 +145,12 @@ pub fn plan(objs: &[Obj]) -> Vec<Action> {
     out
 }
 
-async fn list<K>(client: &kube::Client, kind: &'static str, out: &mut Vec<Obj>) -> bool
+async fn list<K>(
+    client: &kube::Client,
+    kind: &'static str,
+    selector: fn(&K) -> Option<serde_json::Value>,
+    out: &mut Vec<Obj>,
+) -> bool
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
 {
@@ -127,6 +162,7 @@ where
             out.extend(l.items.into_iter().map(|o| Obj {
                 kind,
                 meta: o.meta().clone(),
+                selector: selector(&o),
             }));
             true
         }
@@ -188,9 +224,14 @@ where
 async fn pass(client: &kube::Client) {
     let mut objs = Vec::new();
     // Dependents first (see the module docs).
-    if !(list::<Pod>(client, "Pod", &mut objs).await
-        && list::<ReplicaSet>(client, "ReplicaSet", &mut objs).await
-        && list::<Deployment>(client, "Deployment", &mut objs).await)
+    let rs_selector = |rs: &ReplicaSet| {
+        serde_json::to_value(&rs.spec.as_ref()?.selector)
+            .ok()
+            .filter(|s| !s.is_null())
+    };
+    if !(list::<Pod>(client, "Pod", |_| None, &mut objs).await
+        && list::<ReplicaSet>(client, "ReplicaSet", rs_selector, &mut objs).await
+        && list::<Deployment>(client, "Deployment", |_| None, &mut objs).await)
     {
         return;
     }
@@ -253,7 +294,22 @@ mod tests {
                 finalizers: finalizer.map(|f| vec![f.to_string()]),
                 ..Default::default()
             },
+            selector: None,
         }
+    }
+
+    #[test]
+    fn pods_that_leave_the_selector_are_released() {
+        let mut rs = obj("ReplicaSet", "rs", &[], None);
+        rs.selector = Some(serde_json::json!({"matchLabels": {"app": "web"}}));
+        let pod = |app: &str| {
+            let mut p = obj("Pod", "p", &["rs"], None);
+            p.meta.owner_references.as_mut().unwrap()[0].controller = Some(true);
+            p.meta.labels = Some([("app".to_string(), app.to_string())].into());
+            p
+        };
+        assert_eq!(plan(&[pod("web"), rs.clone()]), []);
+        assert_eq!(plan(&[pod("debug"), rs]), [Action::Unown(0, "rs".into())]);
     }
 
     #[test]
