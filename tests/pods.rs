@@ -579,16 +579,16 @@ fn node_restart_under_load_adopts_running_pods() {
     let mut c = Cluster::up("pods-restart", &args);
     // nftables mode needs a route that covers the Service range, as a
     // node's default route does: through the pod bridge here.
-    poll("the pod bridge", SETTLE, || {
+    // (Retried until the agent has created the bridge and set it up.)
+    poll("a Service route through the pod bridge", SETTLE, || {
         Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", c.ns.name))
-            .args(["ip", "link", "show", "flbr0"])
+            .args(["ip", "route", "add", "10.96.0.0/12", "dev", "flbr0"])
             .output()
             .ok()
             .filter(|o| o.status.success())
             .map(|_| ())
     });
-    c.ns.run_ok("ip", &["route", "add", "10.96.0.0/12", "dev", "flbr0"]);
     let probe = "    readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}\n";
     c.apply(&(service("keep") + &echo_pod("k1", "keep", probe) + &echo_pod("k2", "keep", probe)));
     let before: Vec<Value> = ["k1", "k2"]
