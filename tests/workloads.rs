@@ -762,6 +762,23 @@ fn two_nodes_schedule_drain_and_survive_a_lost_node() {
         .collect();
     assert_eq!(on_b.len(), 2);
 
+    // A pod that tolerates the outage for ever stays on node-b.
+    c.apply(&pod(
+        "survivor",
+        "  nodeSelector: {kubernetes.io/hostname: node-b}\n  \
+         tolerations: [{key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute}]\n",
+    ));
+    let pod_ready = |c: &Cluster, name: &str| {
+        c.get_json(&["get", "pod", name])["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    };
+    poll("survivor Ready", SETTLE, || {
+        pod_ready(&c, "survivor").then_some(())
+    });
+
     // node-b's agent stops: NotReady within the grace period, its
     // endpoints not ready at once, its pods back on node-a after 2 s.
     let stopped = std::time::Instant::now();
@@ -799,4 +816,25 @@ fn two_nodes_schedule_drain_and_survive_a_lost_node() {
         endpoints_after - not_ready_after < std::time::Duration::from_secs(2),
         "endpoints left at once: {not_ready_after:?} → {endpoints_after:?}"
     );
+    assert!(!pod_ready(&c, "survivor"), "marked not ready with its node");
+    assert_eq!(
+        c.get_json(&["get", "pod", "survivor"])["metadata"]["deletionTimestamp"],
+        Value::Null,
+        "tolerated for ever: not evicted"
+    );
+
+    // node-b comes back: Ready, untainted, and its agent posts the
+    // survivor's own status over the controller's.
+    b.start();
+    poll("node-b Ready and untainted", SETTLE, || {
+        let n = c.get_json(&["get", "node", "node-b"]);
+        let tainted = n["spec"]["taints"].as_array().is_some_and(|t| {
+            t.iter()
+                .any(|t| t["key"] == "node.kubernetes.io/unreachable")
+        });
+        (node_ready(&c, "node-b") == "True" && !tainted).then_some(())
+    });
+    poll("survivor Ready again", SETTLE, || {
+        pod_ready(&c, "survivor").then_some(())
+    });
 }

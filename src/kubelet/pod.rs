@@ -304,6 +304,12 @@ impl Worker {
                         }
                         Some(p) => {
                             let deleting = p.metadata.deletion_timestamp.is_some();
+                            // Someone else changed our status (the node
+                            // lifecycle controller marks pods of a silent
+                            // node not ready): post ours again.
+                            if ready_condition(&p) != self.reported.as_ref().and_then(reported_ready) {
+                                self.reported = None;
+                            }
                             self.pod = p;
                             if deleting {
                                 let g = grace(&self.pod);
@@ -1021,6 +1027,26 @@ impl Worker {
             }
         }
     }
+}
+
+/// The status of the Pod object's Ready condition.
+fn ready_condition(p: &Pod) -> Option<String> {
+    p.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.status.clone())
+}
+
+/// The status of the Ready condition in a status this agent posted.
+fn reported_ready(status: &serde_json::Value) -> Option<String> {
+    status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .and_then(|c| c["status"].as_str().map(String::from))
 }
 
 /// Report on `tx` when run `run` of container `idx` ends.
