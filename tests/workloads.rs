@@ -494,6 +494,23 @@ fn orphan_and_foreground_deletion() {
         assert!(!rs_gone || none, "the ReplicaSet went before its pods");
         (rs_gone && none).then_some(())
     });
+
+    // A collection DELETE takes DeleteOptions too: grace 0 removes a pod
+    // bound to a node no agent runs at once, instead of leaving it
+    // terminating.
+    c.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: ghost, labels: {app: ghost}}\nspec:\n  \
+         nodeName: nowhere\n  containers:\n  - {name: c, image: fairlead, args: [echo]}\n",
+    );
+    c.kubectl_ok(&[
+        "delete",
+        "--raw",
+        "/api/v1/namespaces/default/pods?labelSelector=app%3Dghost&gracePeriodSeconds=0",
+    ]);
+    assert!(
+        !c.kubectl(&["get", "pod", "ghost"]).status.success(),
+        "deleted at once"
+    );
 }
 
 /// A rollout that cannot progress fails `kubectl rollout status` once

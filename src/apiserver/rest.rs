@@ -539,63 +539,19 @@ impl Server {
             }
             "delete" => {
                 let body = read_body(req).await?;
-                let opts_v: Value = if body.is_empty() {
-                    json!({})
-                } else {
-                    serde_json::from_slice(&body)
-                        .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?
-                };
-                let dry_run = opts.dry_run
-                    || opts_v
-                        .get("dryRun")
-                        .and_then(Value::as_array)
-                        .is_some_and(|a| a.iter().any(|x| x == "All"));
-                let pre = (
-                    opts_v
-                        .pointer("/preconditions/uid")
-                        .and_then(Value::as_str)
-                        .map(String::from),
-                    opts_v
-                        .pointer("/preconditions/resourceVersion")
-                        .and_then(Value::as_str)
-                        .map(String::from),
-                );
-                let grace = match opts_v.get("gracePeriodSeconds") {
-                    Some(v) if !v.is_null() => Some(v.as_i64().ok_or_else(|| {
-                        ApiError::bad_request(
-                            "invalid DeleteOptions: gracePeriodSeconds must be an integer",
-                        )
-                    })?),
-                    _ => q
-                        .get("gracePeriodSeconds")
-                        .map(|g| {
-                            g.parse::<i64>().map_err(|_| {
-                                ApiError::bad_request(format!("invalid gracePeriodSeconds {g:?}"))
-                            })
-                        })
-                        .transpose()?,
-                };
-                let mut prop_opts = opts_v.clone();
-                if let Some(p) = q.get("propagationPolicy") {
-                    prop_opts["propagationPolicy"] = json!(p);
-                }
-                let propagation = Propagation::from_options(&prop_opts)?;
+                let delete = delete_opts(&q, &body, opts.dry_run)?;
                 let obj = self
-                    .delete_object_with_grace(
-                        r.def,
-                        ns,
-                        r.name.as_deref().unwrap(),
-                        DeleteOpts {
-                            preconditions: pre,
-                            dry_run,
-                            grace,
-                            propagation,
-                        },
-                    )
+                    .delete_object_with_grace(r.def, ns, r.name.as_deref().unwrap(), delete)
                     .await?;
                 Ok(json_response(200, &render(r.def, obj, out, &q), &[]))
             }
             "deletecollection" => {
+                let body = read_body(req).await?;
+                let delete = DeleteOpts {
+                    // Preconditions name one object: not for a collection.
+                    preconditions: (None, None),
+                    ..delete_opts(&q, &body, opts.dry_run)?
+                };
                 let list = self.list(r.def, ns, &q).await?;
                 let mut deleted = Vec::new();
                 for item in list.items {
@@ -605,7 +561,7 @@ impl Server {
                         .unwrap_or("");
                     let item_ns = item.pointer("/metadata/namespace").and_then(Value::as_str);
                     match self
-                        .delete_object(r.def, item_ns, name, (None, None), opts.dry_run)
+                        .delete_object_with_grace(r.def, item_ns, name, delete.clone())
                         .await
                     {
                         Ok(o) => deleted.push(o),
@@ -1024,6 +980,48 @@ async fn read_object(req: Request<Incoming>) -> Result<Value, ApiError> {
         ));
     }
     Ok(v)
+}
+
+/// DeleteOptions from a DELETE's body (JSON, may be empty) and query
+/// (`gracePeriodSeconds`, `propagationPolicy`): preconditions, dry run,
+/// grace period and propagation.
+fn delete_opts(q: &Query, body: &[u8], dry_run: bool) -> Result<DeleteOpts, ApiError> {
+    let mut v: Value = if body.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?
+    };
+    let dry_run = dry_run
+        || v.get("dryRun")
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.iter().any(|x| x == "All"));
+    let text = |p: &str| v.pointer(p).and_then(Value::as_str).map(String::from);
+    let preconditions = (
+        text("/preconditions/uid"),
+        text("/preconditions/resourceVersion"),
+    );
+    let grace = match v.get("gracePeriodSeconds") {
+        Some(g) if !g.is_null() => Some(g.as_i64().ok_or_else(|| {
+            ApiError::bad_request("invalid DeleteOptions: gracePeriodSeconds must be an integer")
+        })?),
+        _ => q
+            .get("gracePeriodSeconds")
+            .map(|g| {
+                g.parse::<i64>()
+                    .map_err(|_| ApiError::bad_request(format!("invalid gracePeriodSeconds {g:?}")))
+            })
+            .transpose()?,
+    };
+    if let Some(p) = q.get("propagationPolicy") {
+        v["propagationPolicy"] = json!(p);
+    }
+    Ok(DeleteOpts {
+        preconditions,
+        dry_run,
+        grace,
+        propagation: Propagation::from_options(&v)?,
+    })
 }
 
 /// Write options from the query (`dryRun`, `fieldValidation`).
