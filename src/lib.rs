@@ -14,11 +14,15 @@
 //!   defaulting/validation, label/field selectors, patches.
 //! * [`apiserver`] — the HTTPS server real kubectl talks to: TLS and
 //!   credentials, routing, the generic REST verbs over the resource table,
-//!   watch streams, discovery, OpenAPI, Service IP/NodePort allocation.
+//!   watch streams, discovery, OpenAPI, Service IP/NodePort allocation,
+//!   `pods/eviction` against PodDisruptionBudgets (`apiserver::eviction`).
 //! * [`controllers`] — EndpointSlices and legacy Endpoints from Services and
-//!   Pods (kube-rs runtime; a pure planner in `controllers::endpointslice`)
-//!   and node IPAM (a pod CIDR per Node, `controllers::nodeipam`), under
-//!   Lease leader election.
+//!   Pods (kube-rs runtime; a pure planner in `controllers::endpointslice`),
+//!   node IPAM (a pod CIDR per Node, `controllers::nodeipam`), ReplicaSets
+//!   and Deployments, the garbage collector (`controllers::gc`: Background,
+//!   Foreground, Orphan), node lifecycle and taint-based eviction
+//!   (`controllers::nodelifecycle`) and PodDisruptionBudget status
+//!   (`controllers::disruption`), under Lease leader election.
 //! * [`model`] — the node's lean view of Services, EndpointSlices and
 //!   Namespaces (only what the proxy and DNS need, strings interned) and
 //!   the watch cache that records which Services changed since the last
@@ -32,7 +36,8 @@
 //!   CNI: bridge, veth, podCIDR addresses), with probes, restarts,
 //!   graceful deletion and status, behind a small runtime trait.
 //! * [`scheduler`] — binds Pods to nodes through `pods/binding`: pure
-//!   filters and a score (`scheduler::filter`) over reflected Nodes and Pods.
+//!   filters and a score (`scheduler::filter`: room left, replicas spread)
+//!   over reflected Nodes and Pods, leader-elected.
 //! * [`proxy`] — Service proxying: the pure change tracker
 //!   (`proxy::tracker`: dirty Services → changed service ports) and two
 //!   backends applying those changes, [`proxy::userspace`] (tokio
@@ -46,7 +51,7 @@
 //! * [`echo`] — `fairlead echo`, a demo backend that answers with its name.
 //! * [`metrics`] — the process-wide Prometheus recorder.
 //! * [`cli`] — the `fairlead` command line (`up`, `apiserver`,
-//!   `controllers`, `node`, `echo`).
+//!   `controllers`, `scheduler`, `node`, `echo`).
 
 pub mod api;
 pub mod apiserver;
