@@ -556,3 +556,50 @@ pub fn pid_vm_kib(pid: u32, field: &str) -> u64 {
         })
         .unwrap_or(0)
 }
+
+// ---------------------------------------------------------------------------
+// Kubernetes clients (benches that start `fairlead up`)
+
+/// A client for `kubeconfig` once the API server answers a LIST, within
+/// `limit` (failing early if `up` exits).
+pub async fn api_client(kubeconfig: &Path, up: &mut Proc, limit: Duration) -> Result<kube::Client> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, ListParams};
+    let end = Instant::now() + limit;
+    loop {
+        up.check_running()?;
+        if let Ok(kc) = kube::config::Kubeconfig::read_from(kubeconfig) {
+            if let Ok(cfg) = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await {
+                let c = kube::Client::try_from(cfg)?;
+                let ok = Api::<Pod>::default_namespaced(c.clone())
+                    .list(&ListParams::default().limit(1))
+                    .await
+                    .is_ok();
+                if ok {
+                    return Ok(c);
+                }
+            }
+        }
+        if Instant::now() > end {
+            bail!("the API server did not answer within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether the pod's Ready condition is True.
+pub fn pod_ready(p: &k8s_openapi::api::core::v1::Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The `p` quantile (0..1] of `v` (sorted in place); NaN when empty.
+pub fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
+}

@@ -91,29 +91,6 @@ fn main() -> Result<()> {
     result
 }
 
-async fn client(kubeconfig: &Path, up: &mut Proc) -> Result<kube::Client> {
-    let end = Instant::now() + LIMIT;
-    loop {
-        up.check_running()?;
-        if let Ok(kc) = kube::config::Kubeconfig::read_from(kubeconfig) {
-            if let Ok(cfg) = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await {
-                let c = kube::Client::try_from(cfg)?;
-                let ok = Api::<Pod>::default_namespaced(c.clone())
-                    .list(&ListParams::default().limit(1))
-                    .await
-                    .is_ok();
-                if ok {
-                    return Ok(c);
-                }
-            }
-        }
-        if Instant::now() > end {
-            bail!("the API server did not answer within {LIMIT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn echo_pod(name: &str, labels: serde_json::Value) -> Pod {
     serde_json::from_value(json!({
         "metadata": {"name": name, "labels": labels},
@@ -125,17 +102,10 @@ fn echo_pod(name: &str, labels: serde_json::Value) -> Pod {
     .expect("a valid pod")
 }
 
-fn is_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 async fn wait_ready(pods: &Api<Pod>, name: &str) -> Result<()> {
     let end = Instant::now() + LIMIT;
     loop {
-        if pods.get(name).await.is_ok_and(|p| is_ready(&p)) {
+        if pods.get(name).await.is_ok_and(|p| common::pod_ready(&p)) {
             return Ok(());
         }
         if Instant::now() > end {
@@ -172,14 +142,6 @@ async fn wait_answer(addr: SocketAddr, name: &str) -> Result<()> {
     }
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
-}
-
 /// CPU seconds of `pid`'s threads named `fl-node*`.
 fn node_threads_cpu(pid: u32) -> f64 {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -201,7 +163,7 @@ async fn run(
     n: usize,
     burst: usize,
 ) -> Result<()> {
-    let c = client(&data.join("kubeconfig"), up).await?;
+    let c = common::api_client(&data.join("kubeconfig"), up, LIMIT).await?;
     let pods: Api<Pod> = Api::default_namespaced(c.clone());
     let svcs: Api<Service> = Api::default_namespaced(c.clone());
     let pp = PostParams::default();
@@ -291,7 +253,7 @@ async fn run(
         let list = pods
             .list(&ListParams::default().labels("bench=burst"))
             .await?;
-        if list.items.iter().filter(|p| is_ready(p)).count() == burst {
+        if list.items.iter().filter(|p| common::pod_ready(p)).count() == burst {
             break;
         }
         if Instant::now() > end {
@@ -310,9 +272,15 @@ async fn run(
     let cpu = (node_threads_cpu(pid) - cpu0) / w.as_secs_f64();
     let running = pods.list(&ListParams::default()).await?.items.len();
 
-    let (r50, r99) = (pct(&mut to_ready, 0.5), pct(&mut to_ready, 0.99));
-    let (a50, a99) = (pct(&mut to_reach, 0.5), pct(&mut to_reach, 0.99));
-    let (p50, p99) = (pct(&mut peer, 0.5), pct(&mut peer, 0.99));
+    let (r50, r99) = (
+        common::pct(&mut to_ready, 0.5),
+        common::pct(&mut to_ready, 0.99),
+    );
+    let (a50, a99) = (
+        common::pct(&mut to_reach, 0.5),
+        common::pct(&mut to_reach, 0.99),
+    );
+    let (p50, p99) = (common::pct(&mut peer, 0.5), common::pct(&mut peer, 0.99));
     println!("pod start, {n} pods one at a time (fairlead up, userspace mode):");
     println!("  create → Ready:                     p50 {r50:7.1} ms   p99 {r99:7.1} ms   (target p99 ≤ 1000 ms)");
     println!("  create → answering via its Service: p50 {a50:7.1} ms   p99 {a99:7.1} ms");

@@ -227,29 +227,6 @@ fn log_summary(log: &Path, label: &str) {
     }
 }
 
-async fn client(kubeconfig: &Path, up: &mut Proc) -> Result<kube::Client> {
-    let end = Instant::now() + LIMIT;
-    loop {
-        up.check_running()?;
-        if let Ok(kc) = kube::config::Kubeconfig::read_from(kubeconfig) {
-            if let Ok(cfg) = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await {
-                let c = kube::Client::try_from(cfg)?;
-                let ok = Api::<Pod>::default_namespaced(c.clone())
-                    .list(&ListParams::default().limit(1))
-                    .await
-                    .is_ok();
-                if ok {
-                    return Ok(c);
-                }
-            }
-        }
-        if Instant::now() > end {
-            bail!("the API server did not answer within {LIMIT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A task aborted when this is dropped.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
@@ -279,13 +256,6 @@ struct Seen {
 struct Tracker {
     seen: Arc<Mutex<HashMap<String, Seen>>>,
     _task: AbortOnDrop<()>,
-}
-
-fn is_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 fn is_unschedulable(p: &Pod) -> bool {
@@ -349,7 +319,7 @@ impl Tracker {
                         if is_running(&p) {
                             e.running.get_or_insert(now);
                         }
-                        if is_ready(&p) {
+                        if common::pod_ready(&p) {
                             e.ready.get_or_insert(now);
                         }
                     }
@@ -414,14 +384,6 @@ impl Tracker {
             tokio::time::sleep(POLL).await;
         }
     }
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
 fn ms(d: Duration) -> f64 {
@@ -665,7 +627,7 @@ fn spread(tracker: &Tracker, prefix: &str, names: &[String]) -> (usize, usize, u
 }
 
 async fn scheduler(up: &mut Proc, data: &Path, n: usize, k: usize) -> Result<()> {
-    let c = client(&data.join("kubeconfig"), up).await?;
+    let c = common::api_client(&data.join("kubeconfig"), up, LIMIT).await?;
     let nodes: Api<Node> = Api::all(c.clone());
     let leases: Api<Lease> = Api::namespaced(c.clone(), "kube-node-lease");
     let pods: Api<Pod> = Api::default_namespaced(c.clone());
@@ -746,7 +708,7 @@ async fn scheduler(up: &mut Proc, data: &Path, n: usize, k: usize) -> Result<()>
 
     let rate1 = n as f64 / all_bound.as_secs_f64();
     let rate2 = n as f64 / drained.as_secs_f64();
-    let (l50, l99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+    let (l50, l99) = (common::pct(&mut lat, 0.5), common::pct(&mut lat, 0.99));
     println!(
         "scheduler: {n} pods on {k} stand-in nodes (registered through the API, Ready, \
          Leases renewed by the bench every {}s; no kubelet, no process started):",
@@ -889,7 +851,7 @@ async fn by_hand(bin: &Path, n: usize) -> Result<Duration> {
 }
 
 async fn scale_up(up: &mut Proc, data: &Path, bin: &Path, n: usize) -> Result<()> {
-    let c = client(&data.join("kubeconfig"), up).await?;
+    let c = common::api_client(&data.join("kubeconfig"), up, LIMIT).await?;
     let nodes: Api<Node> = Api::all(c.clone());
     let deps: Api<Deployment> = Api::default_namespaced(c.clone());
     let pods: Api<Pod> = Api::default_namespaced(c.clone());
