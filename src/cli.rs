@@ -32,6 +32,12 @@ pub enum Command {
     Controllers(ControllersArgs),
     /// The node daemon: Service proxy (+ health and metrics endpoints).
     Node(NodeArgs),
+    /// Join this host to a cluster with a join token, then run the node
+    /// daemon as `system:node:<name>` (like `k3s agent`).
+    Join(JoinArgs),
+    /// Create, list and revoke join tokens (like `kubeadm token`).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// The scheduler: binds Pods waiting for the default scheduler to nodes.
     Scheduler(ClientArgs),
     /// A demo backend answering with its name (HTTP, TCP and UDP echo).
@@ -84,6 +90,13 @@ pub struct ControllersArgs {
     pub ipam: IpamFlags,
     #[command(flatten)]
     pub lifecycle: LifecycleFlags,
+    /// CA certificate (PEM) that signs node client certificates requested
+    /// through CertificateSigningRequests. With the key, enables the signer.
+    #[arg(long, requires = "cluster_signing_key_file")]
+    pub cluster_signing_cert_file: Option<PathBuf>,
+    /// CA private key (PEM) for `--cluster-signing-cert-file`.
+    #[arg(long, requires = "cluster_signing_cert_file")]
+    pub cluster_signing_key_file: Option<PathBuf>,
 }
 
 /// Node lifecycle flags, in kube-controller-manager's spelling.
@@ -234,6 +247,54 @@ pub struct NodeArgs {
     pub node: NodeFlags,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct JoinArgs {
+    /// An API server of the cluster, e.g. https://10.0.0.1:6443.
+    #[arg(long)]
+    pub server: String,
+    /// The join token (a server's <data-dir>/token, or `fairlead token create`).
+    #[arg(long, env = "FAIRLEAD_TOKEN", required_unless_present = "token_file")]
+    pub token: Option<String>,
+    /// A file holding the join token.
+    #[arg(long, conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// Directory for this node's kubeconfig and pod state.
+    #[arg(long, env = "FAIRLEAD_DATA_DIR", default_value_os_t = default_data_dir())]
+    pub data_dir: PathBuf,
+    /// The whole pod range; pod traffic leaving it is masqueraded.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pub cluster_cidr: ServiceCidr,
+    #[command(flatten)]
+    pub node: NodeFlags,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create a join token and print it.
+    Create {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// How long the token is valid (e.g. 24h, 30m; 0 = for ever).
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// What the token is for.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List join tokens (ids, expiry, description; never secrets).
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Revoke a join token by id.
+    Delete {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The token's id (its first 6 characters) or the whole token.
+        id: String,
+    },
+}
+
 impl NodeFlags {
     pub fn config(&self) -> anyhow::Result<crate::node::NodeConfig> {
         use crate::node::config::*;
@@ -333,6 +394,11 @@ impl ControllersArgs {
             max_endpoints_per_slice: self.max_endpoints_per_slice,
             ipam: self.ipam.config()?,
             lifecycle: self.lifecycle.config()?,
+            signer: self
+                .cluster_signing_cert_file
+                .clone()
+                .zip(self.cluster_signing_key_file.clone())
+                .map(|(ca_cert, ca_key)| crate::controllers::csr::Signer { ca_cert, ca_key }),
             leader: crate::controllers::leader::LeaderConfig {
                 namespace: "kube-system".into(),
                 name: "fairlead-controllers".into(),
@@ -508,6 +574,42 @@ async fn shutdown_signal() {
     }
 }
 
+async fn run_token(cmd: TokenCommand) -> anyhow::Result<()> {
+    match cmd {
+        TokenCommand::Create {
+            client,
+            ttl,
+            description,
+        } => {
+            let ttl = crate::node::config::parse_duration(&ttl).map_err(anyhow::Error::msg)?;
+            let ca = ca_from_kubeconfig(client.path()?).ok_or_else(|| {
+                anyhow::anyhow!("the kubeconfig has no certificate-authority-data")
+            })?;
+            let ca = String::from_utf8(ca)?;
+            let c = client_from(client.path()?).await?;
+            let ttl = (!ttl.is_zero()).then_some(ttl);
+            println!(
+                "{}",
+                crate::join::create_token(&c, &ca, ttl, &description).await?
+            );
+        }
+        TokenCommand::List { client } => {
+            let c = client_from(client.path()?).await?;
+            println!("{:<8} {:<22} DESCRIPTION", "ID", "EXPIRES");
+            for t in crate::join::list_tokens(&c).await? {
+                let expires = t.expires.unwrap_or_else(|| "<never>".into());
+                println!("{:<8} {:<22} {}", t.id, expires, t.description);
+            }
+        }
+        TokenCommand::Delete { client, id } => {
+            let c = client_from(client.path()?).await?;
+            crate::join::delete_token(&c, &id).await?;
+            println!("token {} deleted", id.split('.').next().unwrap_or(&id));
+        }
+    }
+    Ok(())
+}
+
 /// Run a parsed command line to completion.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // One TLS provider for the whole process (API server and clients).
@@ -519,6 +621,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             node_cfg.cluster_cidr = args.ipam.cluster_cidr;
             let running = apiserver::start(args.apiserver.config()).await?;
             let client = client_from(&running.kubeconfig).await?;
+            let (ca_cert, ca_key) = apiserver::tls::ca_files(&args.apiserver.data_dir);
             let ctrl = ControllersArgs {
                 client: ClientArgs {
                     kubeconfig: Some(running.kubeconfig.clone()),
@@ -530,6 +633,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 leader_elect_retry_period: 2,
                 ipam: args.ipam.clone(),
                 lifecycle: args.lifecycle.clone(),
+                cluster_signing_cert_file: Some(ca_cert),
+                cluster_signing_key_file: Some(ca_key),
             };
             tokio::spawn(crate::controllers::run(client.clone(), ctrl.config()?));
             let metrics_addr = node_cfg.metrics_bind_address;
@@ -546,6 +651,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 None => "disabled".into(),
             };
             tokio::spawn(crate::scheduler::run_elected(client.clone()));
+            let token_path = crate::join::ensure_server_token(
+                &client,
+                &args.apiserver.data_dir,
+                &running.server.ca_pem,
+            )
+            .await?;
             node_cfg.client_ca = ca_from_kubeconfig(&running.kubeconfig);
             let node = spawn_node(running.kubeconfig.clone(), node_cfg)?;
             println!("fairlead is up");
@@ -555,6 +666,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("  DNS:        {dns_line}");
             println!("  metrics:    http://{metrics_addr}/metrics (node), https://{}/metrics (API server)", running.addr);
             println!("  healthz:    http://{healthz_addr}/healthz");
+            println!(
+                "  join:       fairlead join --server https://{} --token \"$(cat {})\"",
+                running.addr,
+                token_path.display()
+            );
             println!(
                 "  try:        kubectl --kubeconfig {} get svc -A",
                 running.kubeconfig.display()
@@ -591,6 +707,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::kubelet::cleanup(&args.data_dir).await;
             crate::node::cleanup().await
         }
+        Command::Join(args) => {
+            let text = match (&args.token, &args.token_file) {
+                (Some(t), _) => t.clone(),
+                (None, Some(f)) => std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("reading --token-file {}: {e}", f.display()))?,
+                (None, None) => anyhow::bail!("--token or --token-file is required"),
+            };
+            let join = crate::api::token::JoinToken::parse(&text)
+                .map_err(|e| anyhow::anyhow!("invalid join token: {e}"))?;
+            let mut cfg = args.node.config()?;
+            cfg.data_dir = args.data_dir.clone();
+            cfg.cluster_cidr = args.cluster_cidr;
+            let kubeconfig = args.data_dir.join("kubeconfig");
+            if kubeconfig.exists() {
+                tracing::info!(path = %kubeconfig.display(), "already joined; using the node's kubeconfig");
+            } else {
+                crate::join::bootstrap(&args.server, &join, &cfg.node_name(), &kubeconfig).await?;
+                println!("joined {} as system:node:{}", args.server, cfg.node_name());
+                println!("  kubeconfig: {}", kubeconfig.display());
+            }
+            cfg.client_ca = ca_from_kubeconfig(&kubeconfig);
+            let client = client_from(&kubeconfig).await?;
+            tokio::select! {
+                _ = shutdown_signal() => Ok(()),
+                r = crate::node::run(client, cfg) => r,
+            }
+        }
+        Command::Token(cmd) => run_token(cmd).await,
         Command::Node(args) => {
             let mut cfg = args.node.config()?;
             cfg.data_dir = args.data_dir.clone();

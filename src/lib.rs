@@ -59,6 +59,7 @@ pub mod cli;
 pub mod controllers;
 pub mod dns;
 pub mod echo;
+pub mod join;
 pub mod kubelet;
 pub mod metrics;
 pub mod model;

@@ -11,4 +11,5 @@ pub mod resources;
 pub mod selector;
 pub mod service;
 pub mod status;
+pub mod token;
 pub mod workload;

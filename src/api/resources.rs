@@ -8,8 +8,9 @@
 //! [`Kind`]. Adding a resource means adding a row.
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Endpoints, Event, Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Event, Namespace, Node, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::{ListableResource, Resource as K8sResource};
@@ -33,6 +34,8 @@ pub enum Kind {
     ReplicaSet,
     Deployment,
     PodDisruptionBudget,
+    Secret,
+    CertificateSigningRequest,
 }
 
 /// One served resource. See the module docs.
@@ -259,6 +262,15 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceDef>> = std::sync::LazyLoc
             namespaced: true, short_names: &["pdb"], categories: &[],
             has_status: true, create_on_update: false,
             field_selectors: &[], merge_keys: &[]),
+        def!(Secret, Kind::Secret, singular: "secret",
+            namespaced: true, short_names: &[], categories: &[],
+            has_status: false, create_on_update: false,
+            field_selectors: &["type"], merge_keys: &[]),
+        def!(CertificateSigningRequest, Kind::CertificateSigningRequest,
+            singular: "certificatesigningrequest",
+            namespaced: false, short_names: &["csr"], categories: &[],
+            has_status: true, create_on_update: false,
+            field_selectors: &["spec.signerName"], merge_keys: &[]),
     ]
 });
 

@@ -35,6 +35,17 @@ fn kind_errors(srv: &Server, def: &ResourceDef, obj: &Value) -> Vec<FieldError> 
         Kind::ReplicaSet => crate::api::workload::validate_workload(obj, false),
         Kind::Deployment => crate::api::workload::validate_workload(obj, true),
         Kind::PodDisruptionBudget => crate::api::disruption::validate_pdb(obj),
+        Kind::CertificateSigningRequest => {
+            let mut errs = Vec::new();
+            let spec = &obj["spec"];
+            if spec["request"].as_str().is_none_or(str::is_empty) {
+                errs.push(FieldError::required("spec.request", ""));
+            }
+            if spec["signerName"].as_str().is_none_or(str::is_empty) {
+                errs.push(FieldError::required("spec.signerName", ""));
+            }
+            errs
+        }
         Kind::EndpointSlice => {
             let mut errs = Vec::new();
             match obj.get("addressType").and_then(Value::as_str) {
@@ -105,9 +116,31 @@ pub fn before_create(srv: &Server, def: &ResourceDef, obj: &mut Value) -> Result
             obj["status"] = json!({});
             crate::api::workload::default_workload(obj, def.kind == Kind::Deployment);
         }
+        Kind::Secret => fold_string_data(obj),
+        Kind::CertificateSigningRequest => {
+            // Only the signer sets the status.
+            obj["status"] = json!({});
+        }
         _ => {}
     }
     check(srv, def, obj)
+}
+
+/// A Secret's `stringData` is write-only convenience: merged into `data`
+/// (base64), over keys of the same name, and never stored.
+fn fold_string_data(obj: &mut Value) {
+    use base64::Engine;
+    let Some(Value::Object(strings)) = obj.as_object_mut().and_then(|o| o.remove("stringData"))
+    else {
+        return;
+    };
+    if !obj.get("data").is_some_and(Value::is_object) {
+        obj["data"] = json!({});
+    }
+    for (k, v) in strings {
+        let text = v.as_str().unwrap_or_default();
+        obj["data"][k] = json!(base64::engine::general_purpose::STANDARD.encode(text));
+    }
 }
 
 /// Defaulting and validation of a changed object (`old` is the stored one).
@@ -145,6 +178,11 @@ pub fn before_update(
         }
         Kind::ReplicaSet | Kind::Deployment => {
             crate::api::workload::default_workload(new, def.kind == Kind::Deployment);
+        }
+        Kind::Secret => fold_string_data(new),
+        Kind::CertificateSigningRequest => {
+            // The request and who made it never change.
+            new["spec"] = old.get("spec").cloned().unwrap_or(json!({}));
         }
         _ => {}
     }

@@ -19,6 +19,7 @@
 //! `kubernetes` Service, and starts the compactor.
 
 pub mod alloc;
+pub mod authz;
 pub mod discovery;
 pub mod eviction;
 pub mod hooks;
@@ -89,13 +90,6 @@ pub struct Identity {
     pub groups: Vec<String>,
 }
 
-impl Identity {
-    /// Members of `system:masters` may do anything; everyone else may read.
-    pub fn can_write(&self) -> bool {
-        self.groups.iter().any(|g| g == "system:masters")
-    }
-}
-
 /// Shared state of a running API server; cheap to clone.
 #[derive(Clone)]
 pub struct Server {
@@ -107,6 +101,8 @@ pub struct Server {
     decoded: Arc<watch::DecodedEvents>,
     /// TLS for `pods/log` requests to nodes (port 10250).
     kubelet_tls: Arc<rustls::ClientConfig>,
+    /// The cluster CA certificate (PEM), served at `/cacerts`.
+    pub ca_pem: Arc<str>,
 }
 
 /// A started API server.
@@ -178,6 +174,51 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     })
 }
 
+/// Where the cluster CA lives in the store (outside `/registry/`, so no
+/// API reaches it): JSON `{"cert": PEM, "key": PEM}`.
+const CA_STORE_KEY: &str = "/fairlead/pki/ca";
+
+/// Make every API server on one store use one CA, so a certificate any of
+/// them issued (kubeconfigs, nodes' client certificates) is trusted by
+/// all: the first server publishes its CA in the store, later ones install
+/// the published one in their data directory. With etcd this is how a new
+/// server joins: it needs the etcd endpoints, nothing copied by hand
+/// (whoever can read etcd owns the cluster anyway, as with kube-apiserver).
+async fn share_ca(store: &dyn Store, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    use crate::store::{Compare, Op, Txn, TxnOutcome};
+    let decode = |value: &[u8]| -> anyhow::Result<(String, String)> {
+        let v: serde_json::Value = serde_json::from_slice(value)?;
+        match (v["cert"].as_str(), v["key"].as_str()) {
+            (Some(c), Some(k)) => Ok((c.to_string(), k.to_string())),
+            _ => anyhow::bail!("{CA_STORE_KEY} in the store is not a CA"),
+        }
+    };
+    if let Some(kv) = store.get(CA_STORE_KEY).await? {
+        let (cert, key) = decode(&kv.value)?;
+        tls::install_ca(data_dir, &cert, &key)?;
+        return Ok(());
+    }
+    let (cert, key) = tls::ensure_ca(data_dir)?;
+    let value = serde_json::to_vec(&json!({"cert": cert, "key": key}))?;
+    let txn = Txn {
+        compares: vec![Compare::Absent(CA_STORE_KEY.into())],
+        ops: vec![Op::Put {
+            key: CA_STORE_KEY.into(),
+            value,
+        }],
+    };
+    if let TxnOutcome::Failed { .. } = store.txn(txn).await? {
+        // Another server published first: use its CA.
+        let kv = store
+            .get(CA_STORE_KEY)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("{CA_STORE_KEY} vanished from the store"))?;
+        let (cert, key) = decode(&kv.value)?;
+        tls::install_ca(data_dir, &cert, &key)?;
+    }
+    Ok(())
+}
+
 /// Start the API server: store, PKI, kubeconfig, bootstrap objects,
 /// compactor, and the HTTPS listener.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
@@ -197,6 +238,7 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
     if !config.bind_address.is_unspecified() {
         sans.push(config.bind_address.to_string());
     }
+    share_ca(store.as_ref(), &config.data_dir).await?;
     let pki = tls::ensure_pki(&config.data_dir, &sans)?;
     let tls_config = tls::server_config(&pki)?;
     let kubelet_tls = podlogs::kubelet_client_config(&config.data_dir)?;
@@ -222,7 +264,7 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
     tls::write_kubeconfig(
         &kubeconfig,
         &format!("https://{host}:{}", addr.port()),
-        &pki,
+        &pki.ca_cert_pem,
         &pki.admin_cert_pem,
         &pki.admin_key_pem,
     )?;
@@ -235,6 +277,7 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
         tokens: Arc::new(tokens),
         decoded: Arc::new(watch::DecodedEvents::default()),
         kubelet_tls,
+        ca_pem: pki.ca_cert_pem.clone().into(),
     };
     server.bootstrap().await?;
     server.spawn_compactor();

@@ -66,6 +66,8 @@ fn bytes_response(content_type: &'static str, body: &'static [u8]) -> Response<B
 enum Route {
     Version,
     Health,
+    /// The cluster CA, public (`/cacerts`, as k3s serves it).
+    CaCerts,
     Metrics,
     Api,
     Apis,
@@ -97,6 +99,7 @@ fn route(path: &str) -> Result<Route, ApiError> {
         ["version"] => return Ok(Route::Version),
         ["healthz" | "livez" | "readyz", ..] => return Ok(Route::Health),
         ["metrics"] => return Ok(Route::Metrics),
+        ["cacerts"] => return Ok(Route::CaCerts),
         ["api"] => return Ok(Route::Api),
         ["apis"] => return Ok(Route::Apis),
         ["openapi", "v3"] => return Ok(Route::OpenApiIndex),
@@ -327,16 +330,54 @@ impl Server {
         resp
     }
 
-    fn authenticate(&self, req: &Request<Incoming>, cert: Option<Identity>) -> Option<Identity> {
-        if let Some(token) = req
+    /// The requester: a bearer token (static or bootstrap) if one is
+    /// sent, else the verified client certificate. A bootstrap token that
+    /// fails says why (unknown, wrong secret, expired) in the 401, so a
+    /// joining host can print the reason.
+    async fn authenticate(
+        &self,
+        req: &Request<Incoming>,
+        cert: Option<Identity>,
+    ) -> Result<Identity, ApiError> {
+        let Some(token) = req
             .headers()
             .get(hyper::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-        {
-            return self.token_identity(token.trim());
+        else {
+            return cert.ok_or_else(ApiError::unauthorized);
+        };
+        let token = token.trim();
+        if let Some(ident) = self.token_identity(token) {
+            return Ok(ident);
         }
-        cert
+        if let Some(t) = crate::api::token::Token::parse(token) {
+            return self.bootstrap_identity(&t).await;
+        }
+        Err(ApiError::unauthorized())
+    }
+
+    /// Check a bootstrap token against its Secret in the store.
+    async fn bootstrap_identity(&self, t: &crate::api::token::Token) -> Result<Identity, ApiError> {
+        use crate::api::token;
+        let def = crate::api::resources::by_kind(crate::api::resources::Kind::Secret);
+        let key = def.key(Some(token::NAMESPACE), &t.secret_name());
+        let secret = match self.store.get(&key).await? {
+            Some(kv) => Some(super::objects::decode(&kv)?),
+            None => None,
+        };
+        let now = jiff::Timestamp::now().as_second();
+        match token::authenticate(t, secret.as_ref(), now) {
+            Ok((user, mut groups)) => {
+                groups.push("system:authenticated".into());
+                Ok(Identity { user, groups })
+            }
+            Err(why) => Err(ApiError::new(
+                401,
+                "Unauthorized",
+                format!("Unauthorized: {why}"),
+            )),
+        }
     }
 
     async fn dispatch(
@@ -353,9 +394,15 @@ impl Server {
             Ok(Route::Version) => return Ok(json_response(200, &discovery::version(), &[])),
             _ => {}
         }
-        let ident = self
-            .authenticate(&req, cert)
-            .ok_or_else(ApiError::unauthorized)?;
+        // The CA is public (k3s serves it at the same path), so a joining
+        // host can fetch it and check it against its token's hash.
+        if matches!(&route, Ok(Route::CaCerts)) {
+            let mut resp = Response::new(full(Bytes::from(self.ca_pem.to_string())));
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            return Ok(resp);
+        }
+        let ident = self.authenticate(&req, cert).await?;
         let route = route?;
         if req.method() != Method::GET && !matches!(route, Route::Resource(_)) {
             return Err(ApiError::method_not_allowed(
@@ -363,7 +410,7 @@ impl Server {
             ));
         }
         match route {
-            Route::Health | Route::Version => unreachable!("handled above"),
+            Route::Health | Route::Version | Route::CaCerts => unreachable!("handled above"),
             Route::Metrics => {
                 let mut resp = Response::new(full(crate::metrics::render()));
                 resp.headers_mut().insert(
@@ -437,7 +484,12 @@ impl Server {
                 "the server does not allow this method on the requested resource",
             ));
         }
-        if !matches!(verb, "get" | "list" | "watch") && !ident.can_write() {
+        let attrs = super::authz::Attributes {
+            verb,
+            resource: r.def.plural,
+            subresource: r.sub.as_deref(),
+        };
+        if !super::authz::allowed(&ident, attrs) {
             let ns = r
                 .namespace
                 .as_deref()
@@ -516,7 +568,12 @@ impl Server {
                         "create is not allowed on a subresource",
                     ));
                 }
-                let body = read_object(req).await?;
+                let mut body = read_object(req).await?;
+                if r.def.kind == crate::api::resources::Kind::CertificateSigningRequest {
+                    // Who asked is the server's to say, not the client's.
+                    body["spec"]["username"] = json!(ident.user);
+                    body["spec"]["groups"] = json!(ident.groups);
+                }
                 let Written { obj, warnings } = self.create_object(r.def, ns, body, &opts).await?;
                 Ok(json_response(201, &render(r.def, obj, out, &q), &warnings))
             }

@@ -305,6 +305,67 @@ fn pdb_cells(obj: &Value) -> Vec<Value> {
     ]
 }
 
+const SECRET_COLUMNS: &[Column] = &[
+    NAME,
+    col("Type", "The type of the secret."),
+    int("Data", 0, "The number of entries in the secret's data."),
+    AGE,
+];
+
+fn secret_cells(obj: &Value) -> Vec<Value> {
+    let data = obj["data"].as_object().map_or(0, |m| m.len());
+    vec![
+        name(obj),
+        text(str_of(&obj["type"])),
+        json!(data),
+        creation_age(obj),
+    ]
+}
+
+const CSR_COLUMNS: &[Column] = &[
+    NAME,
+    AGE,
+    col(
+        "SignerName",
+        "The name of the signer that the request is for.",
+    ),
+    col("Requestor", "The user who created the request."),
+    col(
+        "RequestedDuration",
+        "The requested lifetime of the certificate.",
+    ),
+    col("Condition", "Approval and issuance state of the request."),
+];
+
+/// kubectl's CSR condition text: `Approved,Issued`, `Denied`, `Pending`.
+fn csr_cells(obj: &Value) -> Vec<Value> {
+    let mut states: Vec<&str> = list(&obj["status"]["conditions"])
+        .iter()
+        .filter(|c| str_of(&c["status"]) != "False")
+        .map(|c| str_of(&c["type"]))
+        .collect();
+    if !obj["status"]["certificate"].is_null() {
+        states.push("Issued");
+    }
+    let condition = if states.is_empty() {
+        "Pending".to_string()
+    } else {
+        states.join(",")
+    };
+    let duration = match obj["spec"]["expirationSeconds"].as_i64() {
+        Some(s) => format!("{}s", s),
+        None => "<none>".into(),
+    };
+    vec![
+        name(obj),
+        creation_age(obj),
+        text(str_of(&obj["spec"]["signerName"])),
+        text(str_of(&obj["spec"]["username"])),
+        text(duration),
+        text(condition),
+    ]
+}
+
 fn columns(kind: Kind) -> &'static [Column] {
     match kind {
         Kind::Namespace => NAMESPACE_COLUMNS,
@@ -318,6 +379,8 @@ fn columns(kind: Kind) -> &'static [Column] {
         Kind::ReplicaSet => REPLICA_SET_COLUMNS,
         Kind::Deployment => DEPLOYMENT_COLUMNS,
         Kind::PodDisruptionBudget => PDB_COLUMNS,
+        Kind::Secret => SECRET_COLUMNS,
+        Kind::CertificateSigningRequest => CSR_COLUMNS,
     }
 }
 
@@ -360,6 +423,8 @@ pub fn cells(kind: Kind, obj: &Value) -> Vec<Value> {
         Kind::ReplicaSet => replica_set_cells(obj),
         Kind::Deployment => deployment_cells(obj),
         Kind::PodDisruptionBudget => pdb_cells(obj),
+        Kind::Secret => secret_cells(obj),
+        Kind::CertificateSigningRequest => csr_cells(obj),
     }
 }
 

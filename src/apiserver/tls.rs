@@ -173,6 +173,17 @@ pub fn ensure_pki(data_dir: &Path, sans: &[String]) -> Result<Pki, TlsError> {
     let roots = ca.root_store()?;
     let provider = provider();
 
+    // Names the current certificate covers are kept when it is re-issued:
+    // several API servers may share a data directory (or be given more
+    // addresses over time), and each must keep being verifiable.
+    let mut issue_sans: BTreeSet<San> = sans.iter().cloned().collect();
+    if let Some(pem) = read_optional(&paths.server_crt)? {
+        if let Ok(der) = CertificateDer::from_pem_slice(pem.as_bytes()) {
+            if let Ok((_, parsed)) = x509_parser::parse_x509_certificate(der.as_ref()) {
+                issue_sans.extend(cert_sans(&parsed));
+            }
+        }
+    }
     let (server_cert_pem, server_key_pem) = ensure_leaf(
         &paths.server_crt,
         &paths.server_key,
@@ -181,7 +192,10 @@ pub fn ensure_pki(data_dir: &Path, sans: &[String]) -> Result<Pki, TlsError> {
         || {
             let mut params = CertificateParams::default();
             params.distinguished_name = common_name("kube-apiserver");
-            params.subject_alt_names = sans.iter().map(San::to_rcgen).collect::<Result<_, _>>()?;
+            params.subject_alt_names = issue_sans
+                .iter()
+                .map(San::to_rcgen)
+                .collect::<Result<_, _>>()?;
             params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             ca.issue(params, None, "serving certificate")
@@ -218,6 +232,144 @@ pub fn issue_client_cert(
     let paths = PkiPaths::new(data_dir);
     let ca = Ca::load(&paths)?;
     ca.issue_client(user, groups)
+}
+
+/// `<data_dir>/pki/ca.crt` and `ca.key`: what the CSR signer signs with.
+pub fn ca_files(data_dir: &Path) -> (PathBuf, PathBuf) {
+    let paths = PkiPaths::new(data_dir);
+    (paths.ca_crt, paths.ca_key)
+}
+
+/// The cluster CA of `data_dir` as `(cert_pem, key_pem)`, creating it if
+/// neither file exists. Servers sharing one store publish this pair there,
+/// so they all sign with, and are trusted through, the same CA.
+pub fn ensure_ca(data_dir: &Path) -> Result<(String, String), TlsError> {
+    let paths = PkiPaths::new(data_dir);
+    create_private_dir(&paths.dir)?;
+    let ca = Ca::load_or_create(&paths)?;
+    let key = ca.key.as_ref().ok_or_else(|| TlsError::MissingCaKey {
+        path: paths.ca_key.clone(),
+    })?;
+    Ok((ca.cert_pem.clone(), key.serialize_pem()))
+}
+
+/// Make `data_dir` use the CA `(cert_pem, key_pem)` (the cluster's, from
+/// the store). Files already holding that CA are left alone. Leaf
+/// certificates of another CA are re-issued by [`ensure_pki`] because they
+/// no longer verify.
+pub fn install_ca(data_dir: &Path, cert_pem: &str, key_pem: &str) -> Result<(), TlsError> {
+    let paths = PkiPaths::new(data_dir);
+    create_private_dir(&paths.dir)?;
+    parse_cert_pem(&paths.ca_crt, cert_pem)?;
+    parse_signing_key(&paths.ca_key, key_pem)?;
+    if read_optional(&paths.ca_crt)?.as_deref() == Some(cert_pem)
+        && read_optional(&paths.ca_key)?.as_deref() == Some(key_pem)
+    {
+        return Ok(());
+    }
+    tracing::info!(dir = %paths.dir.display(), "installing the cluster CA from the store");
+    write_atomic(&paths.ca_key, key_pem.as_bytes(), 0o600)?;
+    write_atomic(&paths.ca_crt, cert_pem.as_bytes(), 0o644)?;
+    Ok(())
+}
+
+/// kubeadm's CA hash: lower-case hex SHA-256 of the certificate's
+/// SubjectPublicKeyInfo (what `--discovery-token-ca-cert-hash` holds).
+pub fn ca_hash(cert_pem: &str) -> Result<String, TlsError> {
+    let invalid = |reason: String| TlsError::InvalidPem {
+        what: "CA certificate",
+        reason,
+    };
+    let der =
+        CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| invalid(e.to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| invalid(e.to_string()))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
+    Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The subject of a PEM certificate signing request: `(CN, [O...])`.
+pub fn csr_subject(csr_pem: &str) -> Result<(String, Vec<String>), String> {
+    use x509_parser::prelude::FromDer;
+    let der = pem_der(csr_pem, "CERTIFICATE REQUEST")?;
+    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+        .map_err(|e| format!("unparsable certificate request: {e}"))?;
+    let subject = &csr.certification_request_info.subject;
+    let cn = subject
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let orgs = subject
+        .iter_organization()
+        .filter_map(|a| a.as_str().ok())
+        .map(String::from)
+        .collect();
+    Ok((cn, orgs))
+}
+
+fn pem_der(pem: &str, label: &str) -> Result<Vec<u8>, String> {
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let body = pem
+        .split_once(&begin)
+        .and_then(|(_, rest)| rest.split_once(&end))
+        .map(|(b, _)| b)
+        .ok_or_else(|| format!("no {label} PEM block"))?;
+    let b64: String = body.chars().filter(|c| !c.is_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| format!("bad PEM: {e}"))
+}
+
+/// Sign a client certificate for the key in `csr_pem` with the CA in
+/// `ca_cert`/`ca_key` (PEM files), authenticating as `user` in `groups`
+/// (as the CSR signer approved them), valid for `validity`. Only the key
+/// is taken from the request; every other field is the signer's.
+pub fn sign_client_csr(
+    (ca_cert, ca_key): (&Path, &Path),
+    csr_pem: &str,
+    user: &str,
+    groups: &[&str],
+    validity: Duration,
+) -> Result<String, TlsError> {
+    let generate = |reason: String| TlsError::Generate {
+        what: "client certificate".into(),
+        reason,
+    };
+    let paths = PkiPaths {
+        ca_crt: ca_cert.to_path_buf(),
+        ca_key: ca_key.to_path_buf(),
+        ..PkiPaths::new(Path::new("."))
+    };
+    let ca = Ca::load(&paths)?;
+    let ca_key = ca.key.as_ref().ok_or_else(|| TlsError::MissingCaKey {
+        path: paths.ca_key.clone(),
+    })?;
+    let der = pem_der(csr_pem, "CERTIFICATE REQUEST").map_err(generate)?;
+    let mut request = rcgen::CertificateSigningRequestParams::from_der(&der.into())
+        .map_err(|e| generate(format!("certificate request: {e}")))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = common_name(user);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    set_validity(&mut params, validity)?;
+    params.is_ca = IsCa::ExplicitNoCa;
+    let mut issuer_params = CertificateParams::default();
+    if let Some(id) = &ca.key_id {
+        issuer_params.key_identifier_method = KeyIdMethod::PreSpecified(id.clone());
+        params.use_authority_key_identifier_extension = true;
+    }
+    request.params = params;
+    let issuer = rcgen::Issuer::new(issuer_params, ca_key);
+    let cert = request
+        .signed_by(&issuer)
+        .map_err(|e| generate(e.to_string()))?;
+    let subject = encode_name(user, groups);
+    let der = replace_names_and_resign(cert.der(), &ca.subject_der, Some(&subject), ca_key)
+        .map_err(generate)?;
+    Ok(pem_encode("CERTIFICATE", &der))
 }
 
 /// Build the API server's rustls configuration from the cluster PKI.
@@ -278,7 +430,7 @@ pub fn server_config(pki: &Pki) -> Result<Arc<rustls::ServerConfig>, TlsError> {
 pub fn write_kubeconfig(
     path: &Path,
     server_url: &str,
-    pki: &Pki,
+    ca_pem: &str,
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<(), TlsError> {
@@ -290,7 +442,7 @@ pub fn write_kubeconfig(
             "name": "fairlead",
             "cluster": {
                 "server": server_url,
-                "certificate-authority-data": b64(&pki.ca_cert_pem),
+                "certificate-authority-data": b64(ca_pem),
             },
         }],
         "users": [{
@@ -1150,6 +1302,59 @@ mod tests {
     }
 
     #[test]
+    fn a_second_server_on_the_data_dir_keeps_the_first_ones_names() {
+        let dir = tempfile::tempdir().unwrap();
+        ensure_pki(dir.path(), &["10.0.0.1".into()]).unwrap();
+        let second = ensure_pki(dir.path(), &["10.0.0.2".into()]).unwrap();
+        let sans = sans_of(&second.server_cert_pem);
+        assert!(sans.contains(&San::Ip("10.0.0.1".parse().unwrap())));
+        assert!(sans.contains(&San::Ip("10.0.0.2".parse().unwrap())));
+        // Both now covered: the first server restarting changes nothing.
+        let again = ensure_pki(dir.path(), &["10.0.0.1".into()]).unwrap();
+        assert_eq!(again.server_cert_pem, second.server_cert_pem);
+    }
+
+    #[test]
+    fn signs_a_node_csr_as_the_approved_identity_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = ensure_pki(dir.path(), &[]).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = common_name("system:node:a");
+        params.subject_alt_names =
+            vec![rcgen::SanType::DnsName("evil.example".try_into().unwrap())];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        assert_eq!(csr_subject(&csr).unwrap().0, "system:node:a");
+        let (ca_crt, ca_key) = ca_files(dir.path());
+        let cert = sign_client_csr(
+            (&ca_crt, &ca_key),
+            &csr,
+            "system:node:a",
+            &["system:nodes"],
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let der = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        assert_eq!(
+            peer_identity(&[der.clone()]),
+            Some(("system:node:a".into(), vec!["system:nodes".into()]))
+        );
+        // The requested SAN is not carried over; the CA verifies it.
+        assert!(sans_of(&cert).is_empty());
+        let roots = Ca::load(&PkiPaths::new(dir.path()))
+            .unwrap()
+            .root_store()
+            .unwrap();
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+            .build()
+            .unwrap();
+        verifier
+            .verify_client_cert(&der, &[], UnixTime::now())
+            .unwrap();
+        assert_eq!(ca_hash(&pki.ca_cert_pem).unwrap().len(), 64);
+    }
+
+    #[test]
     fn repairs_missing_or_mismatched_files() {
         let dir = tempfile::tempdir().unwrap();
         let first = ensure_pki(dir.path(), &[]).unwrap();
@@ -1247,7 +1452,7 @@ mod tests {
         write_kubeconfig(
             &path,
             "https://127.0.0.1:6443",
-            &pki,
+            &pki.ca_cert_pem,
             &pki.admin_cert_pem,
             &pki.admin_key_pem,
         )
@@ -1289,7 +1494,7 @@ mod tests {
         write_kubeconfig(
             &path,
             "https://[::1]:6443",
-            &pki,
+            &pki.ca_cert_pem,
             &pki.admin_cert_pem,
             &pki.admin_key_pem,
         )

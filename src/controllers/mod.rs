@@ -29,6 +29,7 @@
 //! several `fairlead controllers` can run for availability. Everything they
 //! start stops when leadership is lost (see [`run_controllers`]).
 
+pub mod csr;
 pub mod deployment;
 pub mod disruption;
 pub mod endpointslice;
@@ -61,6 +62,8 @@ pub struct Config {
     pub ipam: Option<nodeipam::IpamConfig>,
     pub leader: leader::LeaderConfig,
     pub lifecycle: nodelifecycle::Config,
+    /// Signs node client certificates (`None`: no CA key here).
+    pub signer: Option<csr::Signer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -448,10 +451,13 @@ pub async fn run(client: kube::Client, cfg: Config) {
     let max = cfg.max_endpoints_per_slice;
     let ipam = cfg.ipam;
     let lifecycle = cfg.lifecycle;
+    let signer = cfg.signer;
     let c = client.clone();
     leader::run(client, cfg.leader, move || {
         let c = c.clone();
+        let signer = signer.clone();
         async move {
+            let _csr = signer.map(|s| AbortOnDrop(tokio::spawn(csr::run(c.clone(), s))));
             let _ipam = ipam.map(|i| AbortOnDrop(tokio::spawn(nodeipam::run(c.clone(), i))));
             let _rs = AbortOnDrop(tokio::spawn(replicaset::run(c.clone())));
             let _deploy = AbortOnDrop(tokio::spawn(deployment::run(c.clone())));

@@ -424,7 +424,7 @@ impl Cluster {
         c
     }
 
-    /// A second node agent (`fairlead node --run-pods true`) named `name`
+    /// A second node agent (`fairlead join ... --run-pods true`) named `name`
     /// in a namespace of its own, linked to this one by a veth pair
     /// (addresses `10.250.0.<index>` there, routes both ways), once its
     /// Node is Ready. Needs [`Cluster::up_linked`].
@@ -453,11 +453,19 @@ impl Cluster {
             "ip",
             &["route", "add", &format!("{LINK_SERVER}/32"), "dev", "eth0"],
         );
+        let kubeconfig = std::fs::read_to_string(&self.kubeconfig).expect("read kubeconfig");
+        let server = kubeconfig
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("server: "))
+            .expect("server in kubeconfig")
+            .trim()
+            .to_string();
         let mut node = Node {
             proc: None,
             name: name.to_string(),
             args: args.iter().map(|a| a.to_string()).collect(),
-            kubeconfig: self.kubeconfig.clone(),
+            server,
+            token_file: self.dir.path().join("token"),
             ip,
             ns,
             dir,
@@ -482,24 +490,29 @@ pub struct Node {
     proc: Option<Proc>,
     pub name: String,
     args: Vec<String>,
-    kubeconfig: PathBuf,
+    /// The API server's URL and the server's join token file.
+    server: String,
+    token_file: PathBuf,
     pub ip: String,
     pub ns: Netns,
     dir: tempfile::TempDir,
 }
 
 impl Node {
-    /// (Re)start the agent.
+    /// (Re)start the agent: `fairlead join` with the server's token (the
+    /// first start bootstraps the node's certificate, later ones reuse it).
     pub fn start(&mut self) {
-        let (kc, data) = (
-            self.kubeconfig.display().to_string(),
+        let (token, data) = (
+            self.token_file.display().to_string(),
             self.dir.path().display().to_string(),
         );
         let mut cmd = self.ns.command(FAIRLEAD);
         cmd.args([
-            "node",
-            "--kubeconfig",
-            &kc,
+            "join",
+            "--server",
+            &self.server,
+            "--token-file",
+            &token,
             "--data-dir",
             &data,
             "--run-pods",
