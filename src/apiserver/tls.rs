@@ -1336,7 +1336,7 @@ mod tests {
         .unwrap();
         let der = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
         assert_eq!(
-            peer_identity(&[der.clone()]),
+            peer_identity(std::slice::from_ref(&der)),
             Some(("system:node:a".into(), vec!["system:nodes".into()]))
         );
         // The requested SAN is not carried over; the CA verifies it.

@@ -28,7 +28,9 @@
 //! turn the node into a busy loop that starves whatever shares its CPUs.
 //!
 //! Beside the loop, [`register`] keeps this node's `Node` and its
-//! heartbeat Lease, as the kubelet does.
+//! heartbeat Lease, as the kubelet does, and [`routes`] routes the other
+//! nodes' podCIDRs via their InternalIPs (host-gw) where this node runs
+//! pods.
 //!
 //! The cache keeps its last state while the API server is unreachable (the
 //! watches retry with backoff and resume from their resourceVersion, or
@@ -38,6 +40,7 @@
 pub mod config;
 pub mod http;
 pub mod register;
+pub mod routes;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -334,6 +337,11 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
             }
         }))
     });
+    // Routes to the other nodes' pods, where this node runs the pod
+    // network (on a cluster with another CNI, that CNI routes).
+    let _routes = cfg
+        .run_pods
+        .then(|| AbortOnDrop(tokio::spawn(routes::run(client.clone(), node_name.clone()))));
     // The Node and its Lease (stops with this future).
     let _register = cfg.register_node.then(|| {
         AbortOnDrop(tokio::spawn(register::run(
@@ -582,6 +590,9 @@ pub async fn cleanup() -> anyhow::Result<()> {
     crate::proxy::nftables::cleanup(None, &cfg.table)
         .await
         .map_err(|e| anyhow::anyhow!("removing the nftables tables {}*: {e}", cfg.table))?;
+    routes::cleanup()
+        .await
+        .map_err(|e| anyhow::anyhow!("removing the pod routes: {e}"))?;
     for label in [DNS_LO_LABEL, crate::proxy::userspace::LO_LABEL] {
         let out = tokio::process::Command::new("ip")
             .args(["-4", "addr", "flush", "dev", "lo", "label", label])

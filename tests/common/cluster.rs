@@ -418,6 +418,20 @@ impl Cluster {
             "ip",
             &["addr", "add", &format!("{LINK_SERVER}/32"), "dev", "lo"],
         );
+        // nftables mode needs a route that covers the Service range, as a
+        // node's default route does (the route lookup precedes the DNAT).
+        c.ns.run_ok(
+            "ip",
+            &[
+                "route",
+                "add",
+                "10.96.0.0/12",
+                "dev",
+                "lo",
+                "src",
+                LINK_SERVER,
+            ],
+        );
         let mut all = vec!["--bind-address", LINK_SERVER, "--node-ip", LINK_SERVER];
         all.extend_from_slice(args);
         c.start_up(&all);
@@ -426,7 +440,8 @@ impl Cluster {
 
     /// A second node agent (`fairlead join ... --run-pods true`) named `name`
     /// in a namespace of its own, linked to this one by a veth pair
-    /// (addresses `10.250.0.<index>` there, routes both ways), once its
+    /// (addresses `10.250.0.<index>` there, routes both ways, its default
+    /// route via this one), once its
     /// Node is Ready. Needs [`Cluster::up_linked`].
     pub fn join_node(&self, name: &str, index: u8, args: &[&str]) -> Node {
         let ns = Netns::new();
@@ -453,6 +468,12 @@ impl Cluster {
             "ip",
             &["route", "add", &format!("{LINK_SERVER}/32"), "dev", "eth0"],
         );
+        // A real node has a default route; nftables mode needs one that
+        // covers the Service range (the route lookup precedes the DNAT).
+        ns.run_ok(
+            "ip",
+            &["route", "add", "default", "via", LINK_SERVER, "dev", "eth0"],
+        );
         let kubeconfig = std::fs::read_to_string(&self.kubeconfig).expect("read kubeconfig");
         let server = kubeconfig
             .lines()
@@ -472,7 +493,9 @@ impl Cluster {
         };
         node.start();
         poll(&format!("node {name} Ready"), SETTLE, || {
-            let n = self.get_json(&["get", "node", name]);
+            // Not found until the join has its certificate and registers.
+            let out = self.kubectl(&["get", "node", name, "-o", "json"]);
+            let n: Value = serde_json::from_slice(&out.stdout).ok()?;
             n["status"]["conditions"]
                 .as_array()?
                 .iter()
@@ -536,6 +559,21 @@ impl Node {
                 "node agent did not stop"
             );
         }
+    }
+
+    /// The kubeconfig `fairlead join` wrote (the node's own identity).
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    /// The node's data directory.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// The API server URL the node joined.
+    pub fn server(&self) -> &str {
+        &self.server
     }
 
     /// The last lines of the agent's log.
