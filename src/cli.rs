@@ -264,6 +264,10 @@ pub struct JoinArgs {
     /// The whole pod range; pod traffic leaving it is masqueraded.
     #[arg(long, default_value = "10.244.0.0/16")]
     pub cluster_cidr: ServiceCidr,
+    /// Port of the local load balancer to every API server (on 127.0.0.1,
+    /// as k3s's agent); 0 connects to --server directly.
+    #[arg(long, default_value_t = 6444)]
+    pub lb_server_port: u16,
     #[command(flatten)]
     pub node: NodeFlags,
 }
@@ -427,6 +431,55 @@ pub async fn client_from(path: &std::path::Path) -> anyhow::Result<kube::Client>
         .await
         .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", path.display()))?;
     Ok(kube::Client::try_from(cfg)?)
+}
+
+/// A client for `path`'s credentials that connects through the API server
+/// load balancer at `lb` (every server's certificate covers 127.0.0.1).
+async fn client_through(
+    path: &std::path::Path,
+    lb: std::net::SocketAddr,
+) -> anyhow::Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(path)
+        .map_err(|e| anyhow::anyhow!("reading kubeconfig {}: {e}", path.display()))?;
+    let mut cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", path.display()))?;
+    cfg.cluster_url = format!("https://{lb}").parse()?;
+    Ok(kube::Client::try_from(cfg)?)
+}
+
+/// The agent's load balancer to every API server, seeded with `--server`
+/// and the server of the node's kubeconfig.
+async fn start_api_lb(
+    args: &JoinArgs,
+    kubeconfig: &std::path::Path,
+) -> anyhow::Result<crate::node::apilb::ApiLb> {
+    let mut urls = vec![args.server.clone()];
+    if let Ok(kc) = kube::config::Kubeconfig::read_from(kubeconfig) {
+        urls.extend(
+            kc.clusters
+                .iter()
+                .filter_map(|c| c.cluster.as_ref()?.server.clone()),
+        );
+    }
+    let mut seeds = Vec::new();
+    for url in urls {
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--server {url}: {e}"))?;
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_matches(['[', ']'])
+            .to_string();
+        let port = uri.port_u16().unwrap_or(443);
+        match tokio::net::lookup_host((host, port)).await {
+            Ok(addrs) => seeds.extend(addrs),
+            Err(e) => tracing::warn!(server = %url, error = %e, "cannot resolve an API server"),
+        }
+    }
+    let bind = std::net::SocketAddr::from(([127, 0, 0, 1], args.lb_server_port));
+    crate::node::apilb::ApiLb::start(bind, &seeds, args.data_dir.join("apiservers.json")).await
 }
 
 /// The cluster CA (PEM) a kubeconfig trusts for its current cluster.
@@ -683,6 +736,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     Err(_) => anyhow::bail!("node daemon crashed"),
                 },
             }
+            running.leave().await;
             running.shutdown();
             Ok(())
         }
@@ -728,7 +782,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("  kubeconfig: {}", kubeconfig.display());
             }
             cfg.client_ca = ca_from_kubeconfig(&kubeconfig);
-            let client = client_from(&kubeconfig).await?;
+            let client = if args.lb_server_port == 0 {
+                client_from(&kubeconfig).await?
+            } else {
+                let lb = start_api_lb(&args, &kubeconfig).await?;
+                let client = client_through(&kubeconfig, lb.addr()).await?;
+                tokio::spawn(lb.follow(client.clone()));
+                client
+            };
             tokio::select! {
                 _ = shutdown_signal() => Ok(()),
                 r = crate::node::run(client, cfg) => r,
@@ -750,6 +811,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let running = apiserver::start(args.config()).await?;
             println!("kubeconfig: {}", running.kubeconfig.display());
             shutdown_signal().await;
+            running.leave().await;
             running.shutdown();
             Ok(())
         }

@@ -84,6 +84,32 @@ fn hosts_join_with_tokens_as_least_privileged_nodes() {
         "{table}"
     );
 
+    // The node reaches the API through its local balancer, which learned
+    // the servers from the `kubernetes` EndpointSlice (and keeps the list).
+    let known = poll("the balancer's server list", SETTLE, || {
+        std::fs::read_to_string(b.data_dir().join("apiservers.json")).ok()
+    });
+    assert_eq!(known.trim(), "[\"10.250.0.1:6443\"]");
+    let endpoints = c.kubectl_ok(&[
+        "get",
+        "endpoints",
+        "kubernetes",
+        "-o",
+        "jsonpath={.subsets[*].addresses[*].ip}",
+    ]);
+    assert_eq!(endpoints.trim(), "10.250.0.1");
+    let leases = c.kubectl_ok(&[
+        "-n",
+        "kube-system",
+        "get",
+        "leases",
+        "-l",
+        "apiserver.kubernetes.io/identity=kube-apiserver",
+        "-o",
+        "jsonpath={.items[*].spec.holderIdentity}",
+    ]);
+    assert_eq!(leases.trim(), "10.250.0.1:6443");
+
     // The node's identity: reads, may not delete Services or read Secrets.
     let as_node = |args: &[&str]| {
         b.ns.command("kubectl")
@@ -268,4 +294,164 @@ fn pods_across_nodes_nftables() {
 #[test]
 fn pods_across_nodes_userspace() {
     pods_across_nodes("userspace");
+}
+
+/// `kubectl` with kubeconfig `kc` inside namespace `ns`.
+fn kubectl_in(ns: &str, kc: &std::path::Path, args: &[&str]) -> Output {
+    std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "kubectl",
+            "--request-timeout=10s",
+            "--kubeconfig",
+        ])
+        .arg(kc)
+        .args(args)
+        .output()
+        .expect("run kubectl")
+}
+
+/// The addresses of the `kubernetes` Endpoints, as one string.
+fn api_endpoints(ns: &str, kc: &std::path::Path) -> Option<String> {
+    let out = kubectl_in(
+        ns,
+        kc,
+        &[
+            "get",
+            "endpoints",
+            "kubernetes",
+            "-o",
+            "jsonpath={.subsets[*].addresses[*].ip}",
+        ],
+    );
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Two API servers on one etcd: the `kubernetes` endpoints list both (each
+/// server's lease), an agent's local balancer learns both, and when the
+/// server the agent joined through dies (kill -9), the agent carries on
+/// through the other: a Service created there reaches its data plane, and
+/// the dead server leaves the endpoints when its lease expires.
+#[test]
+fn agents_follow_every_api_server() {
+    let mut c = Cluster::linked("xsrv");
+    const SECOND: &str = "10.250.0.3";
+    c.ns.run_ok("ip", &["addr", "add", &format!("{SECOND}/32"), "dev", "lo"]);
+    let etcd_dir = c.data_dir().join("etcd");
+    let mut etcd = c.ns.command("etcd");
+    etcd.arg(format!("--data-dir={}", etcd_dir.display()))
+        .args([
+            "--listen-client-urls=http://127.0.0.1:2379",
+            "--advertise-client-urls=http://127.0.0.1:2379",
+            "--listen-peer-urls=http://127.0.0.1:2380",
+            "--log-level=warn",
+        ]);
+    let _etcd = c.ns.spawn(etcd, &c.data_dir().join("etcd.log"));
+    let etcd = "http://127.0.0.1:2379";
+    let health: SocketAddr = "127.0.0.1:2379".parse().unwrap();
+    poll("etcd healthy", SETTLE, || {
+        matches!(&c.agent.http(health, "/health", 1, None)[0], Ok((200, _))).then_some(())
+    });
+    c.start_up_linked(&[
+        "--hostname-override",
+        "node-a",
+        "--proxy-mode",
+        "userspace",
+        "--etcd-servers",
+        etcd,
+    ]);
+    let ns = c.ns.name.clone();
+    let second_dir = c.data_dir().join("second");
+    let second_kc = second_dir.join("kubeconfig");
+    let sd = second_dir.display().to_string();
+    c.start(
+        "second",
+        &[
+            "apiserver",
+            "--data-dir",
+            &sd,
+            "--secure-port",
+            common::cluster::API_PORT,
+            "--bind-address",
+            SECOND,
+            "--etcd-servers",
+            etcd,
+        ],
+    );
+    poll("both servers in the kubernetes endpoints", SETTLE, || {
+        (api_endpoints(&ns, &second_kc).as_deref() == Some("10.250.0.1 10.250.0.3")).then_some(())
+    });
+
+    let b = c.join_node("node-b", 2, &["--proxy-mode", "userspace"]);
+    poll("the agent's balancer knows both servers", SETTLE, || {
+        let known = std::fs::read_to_string(b.data_dir().join("apiservers.json")).ok()?;
+        (known.trim() == "[\"10.250.0.1:6443\",\"10.250.0.3:6443\"]").then_some(())
+    });
+
+    // The server the agent joined through dies with its node and controllers.
+    c.proc("up").kill9();
+    let killed = std::time::Instant::now();
+    let mut echo = b.ns.command(FAIRLEAD);
+    echo.args([
+        "echo",
+        "--name",
+        "late",
+        "--http-port",
+        "9090",
+        "--bind",
+        "10.250.0.2",
+    ]);
+    let _echo = b.ns.spawn(echo, &b.data_dir().join("echo.log"));
+    let mut apply = std::process::Command::new("ip");
+    apply
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            "kubectl",
+            "apply",
+            "-f",
+            "-",
+            "--kubeconfig",
+        ])
+        .arg(&second_kc);
+    let apply = common::server::run_with_stdin(
+        apply,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: late}\nspec:\n  ports: [{name: http, port: 80, targetPort: 9090}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: late-1\n  labels: {kubernetes.io/service-name: late}\n\
+         addressType: IPv4\nendpoints: [{addresses: [10.250.0.2], conditions: {ready: true}}]\nports: [{name: http, port: 9090, protocol: TCP}]\n",
+    );
+    assert!(apply.status.success(), "{apply:?}");
+    let ip = kubectl_in(
+        &ns,
+        &second_kc,
+        &["get", "svc", "late", "-o", "jsonpath={.spec.clusterIP}"],
+    );
+    let ip: std::net::IpAddr = String::from_utf8_lossy(&ip.stdout)
+        .trim()
+        .parse()
+        .expect("a ClusterIP");
+    let mut b_agent = Agent::start(&b.ns, "agent");
+    let got = poll(
+        "the agent serves a Service created through the other server",
+        SETTLE,
+        || {
+            b_agent.names(SocketAddr::new(ip, 80), 1, None)[0]
+                .clone()
+                .ok()
+        },
+    );
+    assert_eq!(got, "late");
+    eprintln!("served {:?} after the kill", killed.elapsed());
+    // The dead server's lease expires (15 s) and the live one drops it.
+    poll(
+        "the dead server leaves the endpoints",
+        Duration::from_secs(40),
+        || (api_endpoints(&ns, &second_kc).as_deref() == Some(SECOND)).then_some(()),
+    );
+    eprintln!("endpoints updated {:?} after the kill", killed.elapsed());
 }

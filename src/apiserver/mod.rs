@@ -21,6 +21,7 @@
 pub mod alloc;
 pub mod authz;
 pub mod discovery;
+pub mod endpoints;
 pub mod eviction;
 pub mod hooks;
 pub mod objects;
@@ -114,6 +115,13 @@ pub struct Running {
 }
 
 impl Running {
+    /// Stop announcing this server in the `kubernetes` endpoints, so
+    /// clients move to the other servers now rather than when its lease
+    /// expires (a clean stop; a crash is noticed by the lease).
+    pub async fn leave(&self) {
+        let leave = endpoints::leave(&self.server);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), leave).await;
+    }
     /// Stop accepting connections.
     pub fn shutdown(&self) {
         self.accept.abort();
@@ -280,6 +288,8 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
         ca_pem: pki.ca_cert_pem.clone().into(),
     };
     server.bootstrap().await?;
+    server.reconcile_endpoints().await;
+    server.spawn_endpoint_reconciler();
     server.spawn_compactor();
     let acceptor = TlsAcceptor::from(tls_config);
     let srv = server.clone();
@@ -354,46 +364,24 @@ impl Server {
                 Err(e) => anyhow::bail!("bootstrapping namespace {name}: {}", e.message),
             }
         }
-        let ip = self.config.advertise_address().to_string();
+        // The `kubernetes` Service; its endpoints (every live API server)
+        // are kept by the endpoint reconciler (`endpoints.rs`).
         let port = self.config.secure_port;
-        let objects = [
-            (
-                Kind::Service,
-                json!({"metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
-                       "spec": {"clusterIP": self.config.service_cidr.first().to_string(),
-                                "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}]}}),
-            ),
-            (
-                Kind::Endpoints,
-                json!({"metadata": {"name": "kubernetes", "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
-                       "subsets": [{"addresses": [{"ip": ip}], "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}]}),
-            ),
-            (
-                Kind::EndpointSlice,
-                json!({"metadata": {"name": "kubernetes", "labels": {"kubernetes.io/service-name": "kubernetes", "endpointslice.kubernetes.io/managed-by": "fairlead-apiserver"}},
-                       "addressType": "IPv4",
-                       "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
-                       "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}),
-            ),
-        ];
-        for (kind, obj) in objects {
-            let def = resources::by_kind(kind);
-            match self
-                .create_object(def, Some("default"), obj.clone(), &opts)
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if e.code == 409 => {
-                    // Keep the endpoints pointing at the current address
-                    // (the port may change between runs).
-                    if kind != Kind::Service {
-                        let _ = self
-                            .update_object(def, Some("default"), "kubernetes", obj, None, &opts)
-                            .await;
-                    }
-                }
-                Err(e) => anyhow::bail!("bootstrapping {}: {}", def.plural, e.message),
-            }
+        let svc = json!({"metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
+               "spec": {"clusterIP": self.config.service_cidr.first().to_string(),
+                        "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}]}});
+        match self
+            .create_object(
+                resources::by_kind(Kind::Service),
+                Some("default"),
+                svc,
+                &opts,
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.code == 409 => {}
+            Err(e) => anyhow::bail!("bootstrapping the kubernetes Service: {}", e.message),
         }
         // The cluster DNS Service: every node daemon serves its IP itself,
         // so proxies must leave it alone (service-proxy-name label).

@@ -37,6 +37,7 @@
 //! list again and drop what was deleted meanwhile), so traffic keeps
 //! flowing with the last known endpoints.
 
+pub mod apilb;
 pub mod config;
 pub mod http;
 pub mod register;

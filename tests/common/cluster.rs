@@ -413,7 +413,15 @@ impl Cluster {
     /// [`LINK_SERVER`], so node agents in other namespaces
     /// ([`Cluster::join_node`]) reach it; `args` as for [`Cluster::up`].
     pub fn up_linked(test: &str, args: &[&str]) -> Cluster {
-        let mut c = Cluster::empty(test);
+        let mut c = Cluster::linked(test);
+        c.start_up_linked(args);
+        c
+    }
+
+    /// The namespace of [`Cluster::up_linked`] with nothing running yet:
+    /// [`LINK_SERVER`] on `lo` and a route for the Service range.
+    pub fn linked(test: &str) -> Cluster {
+        let c = Cluster::empty(test);
         c.ns.run_ok(
             "ip",
             &["addr", "add", &format!("{LINK_SERVER}/32"), "dev", "lo"],
@@ -432,10 +440,14 @@ impl Cluster {
                 LINK_SERVER,
             ],
         );
+        c
+    }
+
+    /// `fairlead up` on [`LINK_SERVER`] in a [`Cluster::linked`] namespace.
+    pub fn start_up_linked(&mut self, args: &[&str]) {
         let mut all = vec!["--bind-address", LINK_SERVER, "--node-ip", LINK_SERVER];
         all.extend_from_slice(args);
-        c.start_up(&all);
-        c
+        self.start_up(&all);
     }
 
     /// A second node agent (`fairlead join ... --run-pods true`) named `name`
