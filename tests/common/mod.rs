@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod lab;
 pub mod netns;
 pub mod python;
 pub mod scenarios;
