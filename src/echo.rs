@@ -4,7 +4,8 @@
 //! proxied request reached.
 //!
 //! * HTTP/1.1 (keep-alive): `GET /` and `GET /hostname` → the name;
-//!   `GET /echo?msg=M` → `M`; `GET /bytes?n=N` → `N` bytes (with a
+//!   `GET /echo?msg=M` → `M`; `GET /clientip` → the client address it
+//!   sees; `GET /bytes?n=N` → `N` bytes (with a
 //!   Content-Length, streamed in 64 KiB chunks, for throughput tests).
 //! * TCP: echoes everything back on the same connection; when the client
 //!   half-closes, the echo finishes and closes its side too.
@@ -278,7 +279,7 @@ async fn serve_http(
                 if log {
                     println!("{} {} from {peer}", req.method(), req.uri());
                 }
-                async move { Ok::<_, Infallible>(respond(&req, &name)) }
+                async move { Ok::<_, Infallible>(respond(&req, &name, peer)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
@@ -315,13 +316,19 @@ fn query_param(req: &Request<hyper::body::Incoming>, key: &str) -> Option<String
         .map(|(_, v)| v.into_owned())
 }
 
-fn respond(req: &Request<hyper::body::Incoming>, name: &str) -> Response<EchoBody> {
+fn respond(
+    req: &Request<hyper::body::Incoming>,
+    name: &str,
+    peer: std::net::SocketAddr,
+) -> Response<EchoBody> {
     if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
     match req.uri().path() {
         "/" | "/hostname" => text(StatusCode::OK, name.to_string()),
         "/echo" => text(StatusCode::OK, query_param(req, "msg").unwrap_or_default()),
+        // Who the backend sees: whether a proxy kept the client's address.
+        "/clientip" => text(StatusCode::OK, peer.ip().to_string()),
         "/bytes" => match query_param(req, "n").map(|n| n.parse::<u64>()) {
             Some(Ok(n)) => {
                 let mut r = Response::new(Either::Right(Repeat { left: n }));

@@ -146,6 +146,9 @@ pub struct ServiceView {
     pub internal_local: bool,
     /// `externalTrafficPolicy: Local`.
     pub external_local: bool,
+    /// `spec.healthCheckNodePort` of a LoadBalancer Service with
+    /// `externalTrafficPolicy: Local` (served by [`crate::node::svchealth`]).
+    pub health_check_node_port: Option<u16>,
     pub publish_not_ready_addresses: bool,
     /// `spec.externalName` as written (DNS parses it).
     pub external_name: Option<Arc<str>>,
@@ -286,6 +289,14 @@ impl ServiceView {
             affinity_timeout,
             internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
             external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+            health_check_node_port: spec
+                .health_check_node_port
+                .filter(|_| {
+                    type_ == ServiceType::LoadBalancer
+                        && spec.external_traffic_policy.as_deref() == Some("Local")
+                })
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p > 0),
             publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
             external_name: spec.external_name.as_deref().map(Arc::from),
         })

@@ -455,3 +455,123 @@ fn agents_follow_every_api_server() {
     );
     eprintln!("endpoints updated {:?} after the kill", killed.elapsed());
 }
+
+const LOCAL: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: local}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: local}}
+  template:
+    metadata: {labels: {app: local}}
+    spec:
+      nodeSelector: {kubernetes.io/hostname: node-b}
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: echo
+        image: fairlead
+        args: [echo, --http-port, \"8080\"]
+        readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: local}
+  ports: [{port: 80, targetPort: 8080}]
+";
+
+/// `externalTrafficPolicy: Local` across nodes: the health-check nodePort
+/// answers 200 on the node with the endpoint and 503 on the other, with
+/// kube-proxy's body; the node with the endpoint serves its NodePort with
+/// the client's own address kept (nftables; a userspace proxy cannot keep
+/// it), and the other node does not serve it at all.
+fn external_local(mode: &str) {
+    let mut c = Cluster::up_linked(
+        &format!("xlocal-{mode}"),
+        &["--hostname-override", "node-a", "--proxy-mode", mode],
+    );
+    let b = c.join_node("node-b", 2, &["--proxy-mode", mode]);
+    c.apply(LOCAL);
+    c.kubectl_ok(&["rollout", "status", "deployment/local", "--timeout=60s"]);
+    let svc = c.get_json(&["get", "service", "local"]);
+    let health = svc["spec"]["healthCheckNodePort"]
+        .as_u64()
+        .expect("a healthCheckNodePort") as u16;
+    let node_port = svc["spec"]["ports"][0]["nodePort"]
+        .as_u64()
+        .expect("a nodePort") as u16;
+    assert_ne!(health, node_port);
+    let on_a = SocketAddr::new("10.250.0.1".parse().unwrap(), health);
+    let on_b = SocketAddr::new("10.250.0.2".parse().unwrap(), health);
+    let answer = |c: &mut Cluster, to: SocketAddr, status: u16, local: u64| {
+        poll(&format!("{to} answers {status}"), SETTLE, || {
+            let Ok((got, body)) = c.agent.http(to, "/", 1, None).remove(0) else {
+                return None;
+            };
+            let body: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (got == status && body["localEndpoints"] == local).then_some(body)
+        })
+    };
+    let body = answer(&mut c, on_b, 200, 1);
+    assert_eq!(
+        body,
+        serde_json::json!({"service": {"namespace": "default", "name": "local"},
+                           "localEndpoints": 1, "serviceProxyHealthy": true})
+    );
+    answer(&mut c, on_a, 503, 0);
+
+    let mut b_agent = Agent::start(&b.ns, "agent");
+    let via_b = SocketAddr::new("10.250.0.2".parse().unwrap(), node_port);
+    let seen = poll("node-b serves its NodePort", SETTLE, || {
+        match c.agent.http(via_b, "/clientip", 1, None).remove(0) {
+            Ok((200, ip)) => Some(ip),
+            _ => None,
+        }
+    });
+    if mode == "nftables" {
+        assert_eq!(seen, "10.250.0.1", "the client's address is kept");
+    }
+    let via_a = SocketAddr::new("10.250.0.1".parse().unwrap(), node_port);
+    let got = b_agent.http(via_a, "/clientip", 1, None).remove(0);
+    assert!(
+        !matches!(got, Ok((200, _))),
+        "node-a has no local endpoint and must not serve its NodePort: {got:?}"
+    );
+    // The ClusterIP (internal policy Cluster) still reaches node-b's pod.
+    let cluster_ip = SocketAddr::new(c.cluster_ip("local"), 80);
+    assert_eq!(c.names_ok(cluster_ip, 2, None).len(), 2);
+
+    // The endpoint goes away: node-b's health check turns 503.
+    c.kubectl_ok(&["scale", "deployment/local", "--replicas=0"]);
+    answer(&mut c, on_b, 503, 0);
+    // A Service that no longer needs one gives its port back.
+    c.kubectl_ok(&[
+        "patch",
+        "service",
+        "local",
+        "-p",
+        "{\"spec\":{\"externalTrafficPolicy\":\"Cluster\"}}",
+    ]);
+    let svc = c.get_json(&["get", "service", "local"]);
+    assert!(svc["spec"]["healthCheckNodePort"].is_null(), "{svc}");
+    poll("the health check port closes", SETTLE, || {
+        c.agent
+            .http(on_b, "/", 1, None)
+            .remove(0)
+            .is_err()
+            .then_some(())
+    });
+}
+
+#[test]
+fn external_traffic_policy_local_nftables() {
+    external_local("nftables");
+}
+
+#[test]
+fn external_traffic_policy_local_userspace() {
+    external_local("userspace");
+}

@@ -421,6 +421,27 @@ pub fn wants_node_ports(svc: &Value) -> bool {
                 .unwrap_or(true))
 }
 
+/// Whether a Service gets a `healthCheckNodePort`: a LoadBalancer with
+/// `externalTrafficPolicy: Local` (kube-apiserver's rule).
+pub fn wants_health_check_node_port(svc: &Value) -> bool {
+    service_type(svc) == "LoadBalancer"
+        && svc
+            .pointer("/spec/externalTrafficPolicy")
+            .and_then(Value::as_str)
+            == Some("Local")
+}
+
+/// The `healthCheckNodePort` a Service holds.
+pub fn held_health_check_node_port(svc: &Value) -> Option<u16> {
+    if !wants_health_check_node_port(svc) {
+        return None;
+    }
+    svc.pointer("/spec/healthCheckNodePort")
+        .and_then(Value::as_u64)
+        .filter(|p| *p > 0)
+        .and_then(|p| u16::try_from(p).ok())
+}
+
 /// The ClusterIP a Service holds (None when headless, ExternalName or unset).
 pub fn held_ip(svc: &Value) -> Option<Ipv4Addr> {
     if !wants_cluster_ip(svc) {
@@ -429,22 +450,22 @@ pub fn held_ip(svc: &Value) -> Option<Ipv4Addr> {
     spec_str(svc, "clusterIP")?.parse().ok()
 }
 
-/// The NodePorts a Service holds.
+/// The NodePorts a Service holds, its `healthCheckNodePort` included
+/// (one range, one allocator, as in kube-apiserver).
 pub fn held_node_ports(svc: &Value) -> Vec<u16> {
-    if !wants_node_ports(svc) {
-        return Vec::new();
-    }
-    let mut out: Vec<u16> = svc
-        .pointer("/spec/ports")
-        .and_then(Value::as_array)
-        .map(|ps| {
-            ps.iter()
+    let mut out: Vec<u16> = Vec::new();
+    if wants_node_ports(svc) {
+        out.extend(
+            svc.pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
                 .filter_map(|p| p.get("nodePort").and_then(Value::as_u64))
                 .filter(|n| *n > 0)
-                .map(|n| n as u16)
-                .collect()
-        })
-        .unwrap_or_default();
+                .map(|n| n as u16),
+        );
+    }
+    out.extend(held_health_check_node_port(svc));
     // Two ports of different protocols may share one NodePort.
     out.sort_unstable();
     out.dedup();
@@ -466,6 +487,21 @@ mod tests {
 
     fn cidr() -> ServiceCidr {
         "10.96.0.0/12".parse().unwrap()
+    }
+
+    #[test]
+    fn health_check_node_port_only_for_local_load_balancers() {
+        let lb = serde_json::json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": 30500, "ports": [{"port": 80, "nodePort": 30080}]}});
+        assert_eq!(held_health_check_node_port(&lb), Some(30500));
+        assert_eq!(held_node_ports(&lb), vec![30080, 30500]);
+        let mut cluster = lb.clone();
+        cluster["spec"]["externalTrafficPolicy"] = "Cluster".into();
+        assert_eq!(held_health_check_node_port(&cluster), None);
+        assert_eq!(held_node_ports(&cluster), vec![30080]);
+        let mut node_port = lb.clone();
+        node_port["spec"]["type"] = "NodePort".into();
+        assert!(!wants_health_check_node_port(&node_port));
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct Plan {
     pub dynamic_ip: bool,
     /// Port indices whose nodePort was picked by us.
     pub dynamic_ports: Vec<usize>,
+    /// The healthCheckNodePort was picked by us.
+    pub dynamic_health_port: bool,
 }
 
 impl Plan {
@@ -104,6 +106,11 @@ pub fn clear_dynamic(plan: &Plan, obj: &mut Value) {
         if let Some(p) = obj.pointer_mut(&format!("/spec/ports/{i}")) {
             p["nodePort"] = Value::Null;
             p.as_object_mut().unwrap().remove("nodePort");
+        }
+    }
+    if plan.dynamic_health_port {
+        if let Some(s) = obj["spec"].as_object_mut() {
+            s.remove("healthCheckNodePort");
         }
     }
 }
@@ -220,9 +227,29 @@ async fn plan(srv: &Server, old: Option<&Value>, obj: &mut Value) -> Result<Plan
             }
         }
     }
+    // The health check port of a LoadBalancer with local traffic policy.
+    if !service::wants_health_check_node_port(obj) {
+        if let Some(s) = obj["spec"].as_object_mut() {
+            s.remove("healthCheckNodePort");
+        }
+    } else if service::held_health_check_node_port(obj).is_none() {
+        let used = service::held_node_ports(obj);
+        let port = pick_port(srv, &used).await?;
+        obj["spec"]["healthCheckNodePort"] = json!(port);
+        plan.dynamic_health_port = true;
+    }
+    let health = service::held_health_check_node_port(obj);
     let old_ports = old.map(service::held_node_ports).unwrap_or_default();
     let new_ports = service::held_node_ports(obj);
     for p in &new_ports {
+        if Some(*p) == health && !old_ports.contains(p) {
+            plan.claims.push((
+                port_key(*p),
+                "spec.healthCheckNodePort".into(),
+                !plan.dynamic_health_port,
+            ));
+            continue;
+        }
         if !old_ports.contains(p) {
             let idx = obj["spec"]["ports"]
                 .as_array()

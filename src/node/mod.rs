@@ -30,7 +30,9 @@
 //! Beside the loop, [`register`] keeps this node's `Node` and its
 //! heartbeat Lease, as the kubelet does, and [`routes`] routes the other
 //! nodes' podCIDRs via their InternalIPs (host-gw) where this node runs
-//! pods.
+//! pods. [`svchealth`] serves kube-proxy's per-Service health checks
+//! (`healthCheckNodePort`), updated with the dirty Services like the proxy;
+//! [`apilb`] is the joined agent's load balancer to every API server.
 //!
 //! The cache keeps its last state while the API server is unreachable (the
 //! watches retry with backoff and resume from their resourceVersion, or
@@ -42,6 +44,7 @@ pub mod config;
 pub mod http;
 pub mod register;
 pub mod routes;
+pub mod svchealth;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -376,6 +379,7 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
 
     let mut cache = Cache::new();
     let mut tracker = ProxyTracker::new();
+    let mut service_health = svchealth::ServiceHealth::new(&node_name);
     let mut listed: Vec<Kind> = Vec::new();
     let mut pacer = Pacer::new(cfg.min_sync_period, Instant::now());
     // A sync is owed even without changes (a retry after a failure).
@@ -431,6 +435,7 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
         let started = Instant::now();
         let dirty = cache.take_dirty();
         let changes = tracker.update(&cache, &dirty.services);
+        service_health.update(&cache, &dirty.services);
         if let Some(dns) = &dns {
             apply_dns(dns, &cache, &dirty);
         }
