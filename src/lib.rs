@@ -8,21 +8,28 @@
 //! * [`store`] — the key-value store under the API server, with etcd's
 //!   semantics (revisions, compare-and-swap transactions, watch from a
 //!   revision, compaction). Two backends: [`store::embedded`] (SQLite in the
-//!   data directory, the default) and [`store::etcd`].
+//!   data directory, the default) and [`store::etcd`] (one client per member,
+//!   failing over between them).
 //! * [`api`] — Kubernetes rules that do not need HTTP: the resource table
 //!   that drives the whole server, `Status` errors, metadata rules, Service
-//!   defaulting/validation, label/field selectors, patches.
+//!   defaulting/validation, label/field selectors, patches, bootstrap
+//!   (join) tokens (`api::token`), protobuf request bodies.
 //! * [`apiserver`] — the HTTPS server real kubectl talks to: TLS and
 //!   credentials, routing, the generic REST verbs over the resource table,
 //!   watch streams, discovery, OpenAPI, Service IP/NodePort allocation,
-//!   `pods/eviction` against PodDisruptionBudgets (`apiserver::eviction`).
+//!   `pods/eviction` against PodDisruptionBudgets (`apiserver::eviction`),
+//!   the least-privilege authorizer (`apiserver::authz`), and the
+//!   `kubernetes` Service's endpoints kept from one Lease per live server
+//!   (`apiserver::endpoints`).
 //! * [`controllers`] — EndpointSlices and legacy Endpoints from Services and
 //!   Pods (kube-rs runtime; a pure planner in `controllers::endpointslice`),
 //!   node IPAM (a pod CIDR per Node, `controllers::nodeipam`), ReplicaSets
 //!   and Deployments, the garbage collector (`controllers::gc`: Background,
 //!   Foreground, Orphan), node lifecycle and taint-based eviction
-//!   (`controllers::nodelifecycle`) and PodDisruptionBudget status
-//!   (`controllers::disruption`), under Lease leader election.
+//!   (`controllers::nodelifecycle`), PodDisruptionBudget status
+//!   (`controllers::disruption`) and node certificates from
+//!   CertificateSigningRequests (`controllers::csr`), under Lease leader
+//!   election.
 //! * [`model`] — the node's lean view of Services, EndpointSlices and
 //!   Namespaces (only what the proxy and DNS need, strings interned) and
 //!   the watch cache that records which Services changed since the last
@@ -30,7 +37,13 @@
 //! * [`node`] — the node daemon: watches feeding the [`model::Cache`], a
 //!   paced sync loop handing only the changed Services to the proxy and
 //!   cluster DNS, plus `/healthz` and `/metrics`; `node::register` keeps
-//!   its `Node` and heartbeat Lease, as the kubelet does.
+//!   its `Node` and heartbeat Lease, as the kubelet does; `node::routes`
+//!   routes other nodes' podCIDRs (host-gw); `node::svchealth` serves
+//!   healthCheckNodePorts; `node::apilb` is a joined agent's load balancer
+//!   to every API server.
+//! * [`join`] — joining hosts: join tokens (create, list, revoke), CA
+//!   discovery checked by its hash, the CSR bootstrap to a node
+//!   certificate (`fairlead join`, `fairlead token`).
 //! * [`kubelet`] — the node's pod agent: runs the Pods bound to it as
 //!   processes in their own network namespace and cgroup (a built-in
 //!   CNI: bridge, veth, podCIDR addresses), with probes, restarts,
@@ -51,7 +64,7 @@
 //! * [`echo`] — `fairlead echo`, a demo backend that answers with its name.
 //! * [`metrics`] — the process-wide Prometheus recorder.
 //! * [`cli`] — the `fairlead` command line (`up`, `apiserver`,
-//!   `controllers`, `scheduler`, `node`, `echo`).
+//!   `controllers`, `scheduler`, `node`, `join`, `token`, `echo`).
 
 pub mod api;
 pub mod apiserver;

@@ -865,3 +865,41 @@ fn imperative_create_commands() {
     let ip = jsonpath(&f, &["svc", "imp-svc", "-n", "imp"], "{.spec.clusterIP}");
     assert!(in_service_range(&ip), "{ip}");
 }
+
+/// ConfigMaps and Secrets the way users make them: `kubectl create
+/// configmap|secret` (sent as protobuf), read back as kubectl shows them.
+#[test]
+fn configmaps_and_secrets_from_kubectl_create() {
+    let f = Fairlead::start(&[]);
+    let out = f.kubectl(&[
+        "create",
+        "configmap",
+        "settings",
+        "--from-literal=mode=fast",
+        "--from-literal=level=3",
+    ]);
+    assert!(out.status.success(), "create configmap: {}", stderr(&out));
+    assert_eq!(
+        jsonpath(&f, &["cm", "settings"], "{.data.mode} {.data.level}"),
+        "fast 3"
+    );
+    let table = parse_table(&stdout(&f.kubectl(&["get", "configmaps"])));
+    assert_eq!(table.cell("settings", "DATA"), "2");
+
+    let out = f.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "creds",
+        "--from-literal=user=admin",
+    ]);
+    assert!(out.status.success(), "create secret: {}", stderr(&out));
+    // "admin", base64-encoded, as the API stores secret data.
+    assert_eq!(
+        jsonpath(&f, &["secret", "creds"], "{.type} {.data.user}"),
+        "Opaque YWRtaW4="
+    );
+    let table = parse_table(&stdout(&f.kubectl(&["get", "secrets"])));
+    assert_eq!(table.cell("creds", "TYPE"), "Opaque");
+    assert_eq!(table.cell("creds", "DATA"), "1");
+}

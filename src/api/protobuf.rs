@@ -76,6 +76,8 @@ pub enum Ty {
     Message(&'static Schema),
     /// `map<string, string>`: repeated `{key = 1, value = 2}` entries.
     MapStringString,
+    /// `map<string, bytes>`: the values base64-encoded, as in JSON.
+    MapStringBytes,
     RepeatedString,
     RepeatedMessage(&'static Schema),
     /// `intstr.IntOrString {type = 1, intVal = 2, strVal = 3}` → number or
@@ -151,6 +153,29 @@ static NAMESPACE: Schema = Schema {
         f(1, "metadata", Ty::Message(&OBJECT_META)),
         f(2, "spec", Ty::Message(&NAMESPACE_SPEC)),
         f(3, "status", Ty::Message(&NAMESPACE_STATUS)),
+    ],
+};
+
+// ---- k8s.io.api.core.v1: ConfigMap, Secret ----
+
+static CONFIG_MAP: Schema = Schema {
+    name: "ConfigMap",
+    fields: &[
+        f(1, "metadata", Ty::Message(&OBJECT_META)),
+        f(2, "data", Ty::MapStringString),
+        f(3, "binaryData", Ty::MapStringBytes),
+        f(4, "immutable", Ty::OptBool),
+    ],
+};
+
+static SECRET: Schema = Schema {
+    name: "Secret",
+    fields: &[
+        f(1, "metadata", Ty::Message(&OBJECT_META)),
+        f(2, "data", Ty::MapStringBytes),
+        f(3, "type", Ty::String),
+        f(4, "stringData", Ty::MapStringString),
+        f(5, "immutable", Ty::OptBool),
     ],
 };
 
@@ -474,6 +499,8 @@ static EVICTION: Schema = Schema {
 pub static KINDS: &[(&str, &str, &Schema)] = &[
     ("v1", "Namespace", &NAMESPACE),
     ("v1", "Service", &SERVICE),
+    ("v1", "ConfigMap", &CONFIG_MAP),
+    ("v1", "Secret", &SECRET),
     ("v1", "Pod", &POD),
     ("apps/v1", "Deployment", &DEPLOYMENT),
     ("apps/v1", "ReplicaSet", &REPLICA_SET),
@@ -855,6 +882,12 @@ fn decode_field(
             let (k, v) = map_entry(b)?;
             object(obj, name).insert(k, Value::String(v));
         }
+        (Ty::MapStringBytes, Wire::Bytes(b)) => {
+            use base64::Engine as _;
+            let (k, v) = map_entry_bytes(b)?;
+            let v = base64::engine::general_purpose::STANDARD.encode(v);
+            object(obj, name).insert(k, Value::String(v));
+        }
         (Ty::IntOrString, Wire::Bytes(b)) => {
             let v = int_or_string(b)?;
             let keep = !v.is_null();
@@ -892,11 +925,27 @@ fn ty_name(ty: Ty) -> &'static str {
         Ty::Bool | Ty::OptBool => "bool",
         Ty::Message(s) | Ty::RepeatedMessage(s) => s.name,
         Ty::MapStringString => "map<string, string>",
+        Ty::MapStringBytes => "map<string, bytes>",
         Ty::RepeatedString => "repeated string",
         Ty::IntOrString => "IntOrString",
         Ty::Time => "Time",
         Ty::Unsupported => "message",
     }
+}
+
+/// A `map<string, bytes>` entry `{key = 1, value = 2}`.
+fn map_entry_bytes(b: &[u8]) -> Result<(String, Vec<u8>), String> {
+    let (mut k, mut v) = (String::new(), Vec::new());
+    let mut r = Reader::new(b);
+    while let Some((n, w)) = r.next_field()? {
+        match (n, w) {
+            (1, Wire::Bytes(b)) => k = utf8(b)?.to_owned(),
+            (2, Wire::Bytes(b)) => v = b.to_vec(),
+            (1 | 2, w) => return Err(format!("map entry field {n}: unexpected {}", w.name())),
+            _ => {}
+        }
+    }
+    Ok((k, v))
 }
 
 /// A `map<string, string>` entry `{key = 1, value = 2}`.
@@ -1359,15 +1408,27 @@ mod tests {
     }
 
     #[test]
+    fn secret_data_is_base64_as_in_json() {
+        let entry = |k: &str, v: &[u8]| Msg::new().str(1, k).bytes(2, v);
+        let secret = Msg::new()
+            .msg(2, entry("user", b"admin"))
+            .msg(2, entry("raw", &[0, 255]))
+            .str(3, "Opaque");
+        let v = decode_object(&envelope("v1", "Secret", &secret)).unwrap();
+        assert_eq!(v["data"], json!({"user": "YWRtaW4=", "raw": "AP8="}));
+        assert_eq!(v["type"], "Opaque");
+    }
+
+    #[test]
     fn unsupported_kinds() {
         for (v, k) in [
-            ("v1", "ConfigMap"),
+            ("v1", "PersistentVolume"),
             ("apps/v1", "Service"),
             ("", "Namespace"),
         ] {
             let e = decode_object(&envelope(v, k, &Msg::new())).unwrap_err();
             assert!(
-                matches!(&e, DecodeError::Unsupported(m) if m.contains("v1 Namespace, v1 Service, v1 Pod")),
+                matches!(&e, DecodeError::Unsupported(m) if m.contains("v1 Namespace, v1 Service, v1 ConfigMap, v1 Secret, v1 Pod")),
                 "{e}"
             );
         }

@@ -10,7 +10,9 @@
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Endpoints, Event, Namespace, Node, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Endpoints, Event, Namespace, Node, Pod, Secret, Service,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::{ListableResource, Resource as K8sResource};
@@ -35,6 +37,7 @@ pub enum Kind {
     Deployment,
     PodDisruptionBudget,
     Secret,
+    ConfigMap,
     CertificateSigningRequest,
 }
 
@@ -266,6 +269,10 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceDef>> = std::sync::LazyLoc
             namespaced: true, short_names: &[], categories: &[],
             has_status: false, create_on_update: false,
             field_selectors: &["type"], merge_keys: &[]),
+        def!(ConfigMap, Kind::ConfigMap, singular: "configmap",
+            namespaced: true, short_names: &["cm"], categories: &[],
+            has_status: false, create_on_update: false,
+            field_selectors: &[], merge_keys: &[]),
         def!(CertificateSigningRequest, Kind::CertificateSigningRequest,
             singular: "certificatesigningrequest",
             namespaced: false, short_names: &["csr"], categories: &[],

@@ -126,10 +126,20 @@ pub fn before_create(srv: &Server, def: &ResourceDef, obj: &mut Value) -> Result
     check(srv, def, obj)
 }
 
-/// A Secret's `stringData` is write-only convenience: merged into `data`
-/// (base64), over keys of the same name, and never stored.
+/// A Secret's `type` defaults to `Opaque`; its `stringData` is write-only
+/// convenience: merged into `data` (base64), over keys of the same name,
+/// and never stored.
 fn fold_string_data(obj: &mut Value) {
     use base64::Engine;
+    // kube-apiserver's default type.
+    if obj
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .is_empty()
+    {
+        obj["type"] = json!("Opaque");
+    }
     let Some(Value::Object(strings)) = obj.as_object_mut().and_then(|o| o.remove("stringData"))
     else {
         return;

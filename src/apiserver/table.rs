@@ -322,6 +322,22 @@ fn secret_cells(obj: &Value) -> Vec<Value> {
     ]
 }
 
+const CONFIG_MAP_COLUMNS: &[Column] = &[
+    NAME,
+    int(
+        "Data",
+        0,
+        "The number of entries in the config map's data and binaryData.",
+    ),
+    AGE,
+];
+
+fn config_map_cells(obj: &Value) -> Vec<Value> {
+    let data = obj["data"].as_object().map_or(0, |m| m.len())
+        + obj["binaryData"].as_object().map_or(0, |m| m.len());
+    vec![name(obj), json!(data), creation_age(obj)]
+}
+
 const CSR_COLUMNS: &[Column] = &[
     NAME,
     AGE,
@@ -380,6 +396,7 @@ fn columns(kind: Kind) -> &'static [Column] {
         Kind::Deployment => DEPLOYMENT_COLUMNS,
         Kind::PodDisruptionBudget => PDB_COLUMNS,
         Kind::Secret => SECRET_COLUMNS,
+        Kind::ConfigMap => CONFIG_MAP_COLUMNS,
         Kind::CertificateSigningRequest => CSR_COLUMNS,
     }
 }
@@ -424,6 +441,7 @@ pub fn cells(kind: Kind, obj: &Value) -> Vec<Value> {
         Kind::Deployment => deployment_cells(obj),
         Kind::PodDisruptionBudget => pdb_cells(obj),
         Kind::Secret => secret_cells(obj),
+        Kind::ConfigMap => config_map_cells(obj),
         Kind::CertificateSigningRequest => csr_cells(obj),
     }
 }

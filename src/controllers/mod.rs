@@ -2,8 +2,9 @@
 //! Endpoints, through the API server, with kube-rs's runtime; also node
 //! IPAM ([`nodeipam`]), Deployments ([`deployment`]), ReplicaSets
 //! ([`replicaset`]), the garbage collector ([`gc`]), node lifecycle and
-//! taint-based eviction ([`nodelifecycle`]) and PodDisruptionBudgets'
-//! status ([`disruption`]).
+//! taint-based eviction ([`nodelifecycle`]), PodDisruptionBudgets'
+//! status ([`disruption`]) and the approval and signing of nodes'
+//! certificate requests ([`csr`]).
 //!
 //! ```text
 //!  watcher(Service) ─┐
