@@ -319,3 +319,46 @@ fn scheduler_filters_nodes_and_explains_unschedulable_pods() {
     let table = c.kubectl_ok(&["get", "pod", "huge"]);
     assert!(table.contains("Pending"), "{table}");
 }
+
+/// nftables mode on a node with no route that covers the Service range
+/// (no default route): the daemon says so once at start, with the fix; on
+/// a node with such a route it stays quiet.
+#[test]
+fn nftables_mode_warns_without_a_service_route() {
+    const WARNING: &str = "no route covers the Service range";
+    let c = Cluster::up(
+        "noroute",
+        &["--proxy-mode", "nftables", "--run-pods", "false"],
+    );
+    let log = c.log_path("up");
+    poll("the missing-route warning", SETTLE, || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains(WARNING).then_some(())
+    });
+    drop(c);
+
+    let c = Cluster::empty("route");
+    c.ns.run_ok("ip", &["addr", "add", "10.0.0.1/32", "dev", "lo"]);
+    c.ns.run_ok(
+        "ip",
+        &[
+            "route",
+            "add",
+            "10.96.0.0/12",
+            "dev",
+            "lo",
+            "src",
+            "10.0.0.1",
+        ],
+    );
+    let mut c = c;
+    c.start_up(&["--proxy-mode", "nftables", "--run-pods", "false"]);
+    // The check runs right after the first sync, which healthz waits for;
+    // a served ClusterIP-less cluster still has the kubernetes Service.
+    poll("the first sync", SETTLE, || {
+        let text = std::fs::read_to_string(c.log_path("up")).ok()?;
+        text.contains("synced").then_some(())
+    });
+    let text = std::fs::read_to_string(c.log_path("up")).unwrap();
+    assert!(!text.contains(WARNING), "{text}");
+}

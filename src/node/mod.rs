@@ -384,6 +384,9 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
     let mut pacer = Pacer::new(cfg.min_sync_period, Instant::now());
     // A sync is owed even without changes (a retry after a failure).
     let mut retry_at: Option<Instant> = None;
+    // nftables mode: checked once, after the first sync (see
+    // `warn_if_no_service_route`).
+    let mut route_checked = cfg.proxy_mode != ProxyMode::Nftables;
     let mut next_verify = Instant::now() + cfg.sync_period;
     loop {
         let ready = listed.len() == 3;
@@ -474,10 +477,46 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
             took = ?took,
             "synced"
         );
+        if !route_checked {
+            route_checked = true;
+            warn_if_no_service_route(&cache);
+        }
         pacer.synced(started, Instant::now());
         retry_at = incomplete.then(|| Instant::now() + SYNC_RETRY);
         next_verify = Instant::now() + cfg.sync_period;
     }
+}
+
+/// In nftables mode a connection from the node itself to a ClusterIP is
+/// routed before the output hook rewrites its destination, so the node
+/// needs a route that covers the Service range (a default route does), as
+/// with kube-proxy. Without one such connections fail with "network
+/// unreachable": say so once, at start, instead of leaving users to guess.
+fn warn_if_no_service_route(cache: &Cache) {
+    let Some(ip) = cache
+        .services()
+        .filter(|(_, v)| v.is_proxied())
+        .find_map(|(_, v)| v.cluster_ips.first().copied())
+    else {
+        return;
+    };
+    tokio::spawn(async move {
+        let out = tokio::process::Command::new("ip")
+            .args(["route", "get", &ip.to_string()])
+            .output()
+            .await;
+        if let Ok(out) = out {
+            if !out.status.success() {
+                tracing::warn!(
+                    cluster_ip = %ip,
+                    error = %String::from_utf8_lossy(&out.stderr).trim(),
+                    "no route covers the Service range: connections from this node to ClusterIPs \
+                     will fail in nftables mode; add a default route or a route for the Service \
+                     range (e.g. `ip route add 10.96.0.0/12 dev eth0`)"
+                );
+            }
+        }
+    });
 }
 
 /// Aborts a spawned task when dropped.
