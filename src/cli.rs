@@ -532,6 +532,11 @@ pub struct ApiServerArgs {
     /// Address the API server listens on.
     #[arg(long, default_value = "127.0.0.1")]
     pub bind_address: IpAddr,
+    /// Address this server publishes to the cluster (the `kubernetes`
+    /// endpoints, which agents balance over, and its certificate's names);
+    /// default: --bind-address, or 127.0.0.1 when that is 0.0.0.0.
+    #[arg(long)]
+    pub advertise_address: Option<IpAddr>,
     /// HTTPS port of the API server (0 = any free port).
     #[arg(long, default_value_t = 6443)]
     pub secure_port: u16,
@@ -562,6 +567,7 @@ impl ApiServerArgs {
         apiserver::Config {
             data_dir: self.data_dir.clone(),
             bind_address: self.bind_address,
+            advertise_address: self.advertise_address,
             secure_port: self.secure_port,
             service_cidr: self.service_cluster_ip_range,
             etcd_servers: self.etcd_servers.clone(),

@@ -362,3 +362,29 @@ fn nftables_mode_warns_without_a_service_route() {
     let text = std::fs::read_to_string(c.log_path("up")).unwrap();
     assert!(!text.contains(WARNING), "{text}");
 }
+
+/// `--advertise-address` is what the cluster is told: the `kubernetes`
+/// endpoints and the API server's Lease carry it, while the local
+/// kubeconfig keeps using the address the server listens on.
+#[test]
+fn advertise_address_is_published() {
+    let c = Cluster::up("advertise", &["--advertise-address", "10.9.9.9"]);
+    let ips = c.kubectl_ok(&[
+        "get",
+        "endpoints",
+        "kubernetes",
+        "-o",
+        "jsonpath={.subsets[*].addresses[*].ip}",
+    ]);
+    assert_eq!(ips.trim(), "10.9.9.9");
+    let holder = c.kubectl_ok(&[
+        "-n",
+        "kube-system",
+        "get",
+        "lease",
+        "apiserver-10-9-9-9",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    assert_eq!(holder.trim(), "10.9.9.9:6443");
+}

@@ -55,6 +55,9 @@ pub struct Config {
     /// PKI, kubeconfig and the embedded database live here.
     pub data_dir: PathBuf,
     pub bind_address: IpAddr,
+    /// `--advertise-address`: what the cluster is told (see
+    /// [`Config::advertise_address`]).
+    pub advertise_address: Option<IpAddr>,
     pub secure_port: u16,
     pub service_cidr: ServiceCidr,
     /// Empty: the embedded store. Otherwise etcd endpoints.
@@ -73,7 +76,9 @@ pub struct Config {
 impl Config {
     /// The address clients (and the `kubernetes` Endpoints) use.
     pub fn advertise_address(&self) -> IpAddr {
-        if self.bind_address.is_unspecified() {
+        if let Some(ip) = self.advertise_address {
+            ip
+        } else if self.bind_address.is_unspecified() {
             IpAddr::from([127, 0, 0, 1])
         } else {
             self.bind_address
@@ -264,7 +269,14 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
             )
         })?;
     let addr = listener.local_addr()?;
-    let host = match config.advertise_address() {
+    // The local kubeconfig uses the address the server listens on, which
+    // is reachable from here even when the advertised one is not.
+    let local = if config.bind_address.is_unspecified() {
+        config.advertise_address()
+    } else {
+        config.bind_address
+    };
+    let host = match local {
         IpAddr::V6(v6) => format!("[{v6}]"),
         v4 => v4.to_string(),
     };
