@@ -603,3 +603,89 @@ pub fn pct(v: &mut [f64], p: f64) -> f64 {
     }
     v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
 }
+
+// ---------------------------------------------------------------------------
+// Probes through a Service (netprog, multinode)
+
+/// A probe's connect, and then its exchange, give up after this long.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// What a new connection to a ClusterIP got.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// An HTTP 200 from the backend of this name.
+    Answer(String),
+    /// Connection refused (RST to the SYN).
+    Refused,
+    /// Accepted, then reset or closed without an answer.
+    Reset,
+    /// No connection within [`PROBE_TIMEOUT`].
+    ConnectTimeout,
+    /// Connected, but no answer within [`PROBE_TIMEOUT`].
+    AnswerTimeout,
+    Error(String),
+}
+
+impl Outcome {
+    /// The outcome without the details (for counting).
+    pub fn kind(&self) -> String {
+        match self {
+            Outcome::Answer(b) => format!("answer {b}"),
+            Outcome::Error(e) => format!("error ({e})"),
+            o => format!("{o:?}").to_lowercase(),
+        }
+    }
+
+    pub fn answer(&self) -> Option<&str> {
+        match self {
+            Outcome::Answer(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+/// One new connection to `addr`: `GET /` with `Connection: close`.
+pub async fn probe(addr: SocketAddr) -> Outcome {
+    use std::io::ErrorKind;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connect = tokio::net::TcpStream::connect(addr);
+    let conn = match tokio::time::timeout(PROBE_TIMEOUT, connect).await {
+        Err(_) => return Outcome::ConnectTimeout,
+        Ok(Err(e)) if e.kind() == ErrorKind::ConnectionRefused => return Outcome::Refused,
+        Ok(Err(e)) => return Outcome::Error(e.to_string()),
+        Ok(Ok(c)) => c,
+    };
+    let exchange = async move {
+        let mut c = conn;
+        c.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        c.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, exchange).await {
+        Err(_) => Outcome::AnswerTimeout,
+        Ok(Err(e))
+            if matches!(
+                e.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
+            ) =>
+        {
+            Outcome::Reset
+        }
+        Ok(Err(e)) => Outcome::Error(e.to_string()),
+        Ok(Ok(buf)) if buf.is_empty() => Outcome::Reset,
+        Ok(Ok(buf)) => {
+            let text = String::from_utf8_lossy(&buf);
+            match text.split_once("\r\n\r\n") {
+                Some((head, body)) if head.starts_with("HTTP/1.1 200") => {
+                    Outcome::Answer(body.trim().to_string())
+                }
+                _ => Outcome::Error(format!(
+                    "unexpected reply {:?}",
+                    &text[..text.len().min(80)]
+                )),
+            }
+        }
+    }
+}

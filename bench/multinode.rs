@@ -115,7 +115,10 @@ use tokio::net::TcpStream;
 use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinSet;
 
-use common::{env_u64, fairlead_bin, loadavg, machine_ticks, print_rows, stat_cpu, Netns, Proc};
+use common::{
+    env_u64, fairlead_bin, loadavg, machine_ticks, print_rows, probe, stat_cpu, Netns, Outcome,
+    Proc,
+};
 
 /// `scripts/lab` of this repository.
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/lab");
@@ -142,8 +145,6 @@ const ETCD_VALUE_BYTES: usize = 512;
 
 /// One probe (connection) started this often per host.
 const PROBE_EVERY: Duration = Duration::from_millis(1);
-/// A probe's connect, and then its exchange, give up after this long.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
 /// Most probes in flight at once per host.
 const MAX_INFLIGHT: usize = 256;
 /// Longest one measured change may take before the round fails.
@@ -763,29 +764,6 @@ fn cluster_ip(svc: &Service) -> Result<Ipv4Addr> {
 // ---------------------------------------------------------------------------
 // Probes
 
-/// What a new connection to a ClusterIP got.
-#[derive(Debug, Clone, PartialEq)]
-enum Outcome {
-    /// An HTTP 200 whose body is this name.
-    Answer(String),
-    Refused,
-    /// Accepted, then reset or closed without an answer.
-    Reset,
-    ConnectTimeout,
-    AnswerTimeout,
-    Error(String),
-}
-
-impl Outcome {
-    fn kind(&self) -> String {
-        match self {
-            Outcome::Answer(b) => format!("answer {b}"),
-            Outcome::Error(e) => format!("error ({e})"),
-            o => format!("{o:?}").to_lowercase(),
-        }
-    }
-}
-
 /// What a probe loop waits for.
 #[derive(Debug, Clone, Copy)]
 enum Want {
@@ -805,50 +783,6 @@ impl Want {
 
 struct Probe {
     end: Instant,
-}
-
-/// One new connection to `addr`: `GET /` with `Connection: close`.
-async fn probe(addr: SocketAddr) -> Outcome {
-    use std::io::ErrorKind;
-    let conn = match tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(addr)).await {
-        Err(_) => return Outcome::ConnectTimeout,
-        Ok(Err(e)) if e.kind() == ErrorKind::ConnectionRefused => return Outcome::Refused,
-        Ok(Err(e)) => return Outcome::Error(e.to_string()),
-        Ok(Ok(c)) => c,
-    };
-    let exchange = async move {
-        let mut c = conn;
-        c.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut buf = Vec::new();
-        c.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
-    };
-    match tokio::time::timeout(PROBE_TIMEOUT, exchange).await {
-        Err(_) => Outcome::AnswerTimeout,
-        Ok(Err(e))
-            if matches!(
-                e.kind(),
-                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
-            ) =>
-        {
-            Outcome::Reset
-        }
-        Ok(Err(e)) => Outcome::Error(e.to_string()),
-        Ok(Ok(buf)) if buf.is_empty() => Outcome::Reset,
-        Ok(Ok(buf)) => {
-            let text = String::from_utf8_lossy(&buf);
-            match text.split_once("\r\n\r\n") {
-                Some((head, body)) if head.starts_with("HTTP/1.1 200") => {
-                    Outcome::Answer(body.trim().to_string())
-                }
-                _ => Outcome::Error(format!(
-                    "unexpected reply {:?}",
-                    &text[..text.len().min(80)]
-                )),
-            }
-        }
-    }
 }
 
 /// Start a probe of `addr` every [`PROBE_EVERY`] (overlapping, at most

@@ -170,8 +170,8 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::task::JoinSet;
 
 use common::{
-    env_u64, fairlead_bin, free_port, loadavg, machine_ticks, mib, pid_vm_kib, stat_cpu, Netns,
-    Proc,
+    env_u64, fairlead_bin, free_port, loadavg, machine_ticks, mib, pid_vm_kib, probe, stat_cpu,
+    Netns, Outcome, Proc,
 };
 
 /// The first line of a failure, at most 100 characters (for a table cell;
@@ -208,8 +208,6 @@ const DEFAULT_MIN_SYNC: Duration = Duration::ZERO;
 
 /// One probe (connection) started this often.
 const PROBE_EVERY: Duration = Duration::from_millis(1);
-/// A probe's connect, and then its exchange, give up after this long.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
 /// Most probes in flight at once.
 const MAX_INFLIGHT: usize = 256;
 /// How long one measured change may take before the trial fails.
@@ -1741,88 +1739,10 @@ fn gcd(a: usize, b: usize) -> usize {
 // ---------------------------------------------------------------------------
 // Probes
 
-/// What a new connection to a ClusterIP got.
-#[derive(Debug, Clone, PartialEq)]
-enum Outcome {
-    /// An HTTP 200 from the backend of this name.
-    Answer(String),
-    /// Connection refused (RST to the SYN).
-    Refused,
-    /// Accepted, then reset or closed without an answer.
-    Reset,
-    /// No connection within [`PROBE_TIMEOUT`].
-    ConnectTimeout,
-    /// Connected, but no answer within [`PROBE_TIMEOUT`].
-    AnswerTimeout,
-    Error(String),
-}
-
-impl Outcome {
-    /// The outcome without the details (for counting).
-    fn kind(&self) -> String {
-        match self {
-            Outcome::Answer(b) => format!("answer {b}"),
-            Outcome::Error(e) => format!("error ({e})"),
-            o => format!("{o:?}").to_lowercase(),
-        }
-    }
-
-    fn answer(&self) -> Option<&str> {
-        match self {
-            Outcome::Answer(b) => Some(b),
-            _ => None,
-        }
-    }
-}
-
 struct Probe {
     start: Instant,
     end: Instant,
     outcome: Outcome,
-}
-
-/// One new connection to `addr`: `GET /` with `Connection: close`.
-async fn probe(addr: SocketAddr) -> Outcome {
-    use std::io::ErrorKind;
-    let conn = match tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(addr)).await {
-        Err(_) => return Outcome::ConnectTimeout,
-        Ok(Err(e)) if e.kind() == ErrorKind::ConnectionRefused => return Outcome::Refused,
-        Ok(Err(e)) => return Outcome::Error(e.to_string()),
-        Ok(Ok(c)) => c,
-    };
-    let exchange = async move {
-        let mut c = conn;
-        c.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut buf = Vec::new();
-        c.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
-    };
-    match tokio::time::timeout(PROBE_TIMEOUT, exchange).await {
-        Err(_) => Outcome::AnswerTimeout,
-        Ok(Err(e))
-            if matches!(
-                e.kind(),
-                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
-            ) =>
-        {
-            Outcome::Reset
-        }
-        Ok(Err(e)) => Outcome::Error(e.to_string()),
-        Ok(Ok(buf)) if buf.is_empty() => Outcome::Reset,
-        Ok(Ok(buf)) => {
-            let text = String::from_utf8_lossy(&buf);
-            match text.split_once("\r\n\r\n") {
-                Some((head, body)) if head.starts_with("HTTP/1.1 200") => {
-                    Outcome::Answer(body.trim().to_string())
-                }
-                _ => Outcome::Error(format!(
-                    "unexpected reply {:?}",
-                    &text[..text.len().min(80)]
-                )),
-            }
-        }
-    }
 }
 
 /// Start a probe of `addr` every `every` (overlapping, at most
