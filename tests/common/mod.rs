@@ -28,163 +28,41 @@ const START_DEADLINE: Duration = Duration::from_secs(30);
 const PORT_ATTEMPTS: usize = 5;
 
 /// A private single-member etcd for one test, so tests can check exact
-/// revisions, compact, and crash it without disturbing each other. Killed and
-/// reaped on drop; its data directory is removed with it.
+/// revisions, compact, and crash it without disturbing each other: a
+/// one-member [`EtcdCluster`]. Killed and reaped on drop; its data directory
+/// is removed with it.
 pub struct Etcd {
     /// The client URL (`http://127.0.0.1:<port>`), for `EtcdStore::connect`.
     pub endpoint: String,
-    peer: String,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
+    cluster: EtcdCluster,
 }
 
 impl Etcd {
     /// Start etcd on free loopback ports with a fresh data directory and
     /// wait until it reports healthy.
     pub fn start() -> Etcd {
-        let bin = etcd_bin();
-        for attempt in 1..=PORT_ATTEMPTS {
-            let client = free_port();
-            let mut peer = free_port();
-            while peer == client {
-                peer = free_port();
-            }
-            let mut etcd = Etcd {
-                endpoint: format!("http://127.0.0.1:{client}"),
-                peer: format!("http://127.0.0.1:{peer}"),
-                dir: tempfile::Builder::new()
-                    .prefix("fairlead-etcd-")
-                    .tempdir()
-                    .expect("create etcd temp dir"),
-                child: None,
-            };
-            match etcd.spawn(&bin) {
-                Ok(()) => return etcd,
-                // Someone took a port: start over with new ports and a fresh
-                // data directory (the failed one is dropped).
-                Err(why) if attempt < PORT_ATTEMPTS && why.contains("address already in use") => {}
-                Err(why) => panic!("etcd did not start: {why}"),
-            }
+        let cluster = EtcdCluster::start(1);
+        Etcd {
+            endpoint: cluster.endpoint(0).to_string(),
+            cluster,
         }
-        unreachable!("the last attempt returns or panics")
     }
 
     /// Crash etcd (SIGKILL, no chance to flush) and reap it. Committed writes
     /// must survive: etcd fsyncs before acknowledging.
     pub fn kill9(&mut self) {
-        self.stop();
+        self.cluster.kill(0);
     }
 
     /// Start etcd again on the same data directory and ports (after
     /// [`Etcd::kill9`], or to bounce a running one).
     pub fn restart(&mut self) {
-        self.stop();
-        let bin = etcd_bin();
-        // The old listening sockets are gone with the process, but give the
-        // kernel a few tries in case a port is briefly unavailable.
-        let mut last = String::new();
-        for _ in 0..PORT_ATTEMPTS {
-            match self.spawn(&bin) {
-                Ok(()) => return,
-                Err(why) if why.contains("address already in use") => {
-                    self.stop();
-                    last = why;
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(why) => panic!("etcd did not restart: {why}"),
-            }
-        }
-        panic!("etcd did not restart: {last}");
+        self.cluster.restart(0);
     }
 
     /// The directory holding etcd's data and log.
     pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("etcd.log")
-    }
-
-    fn spawn(&mut self, bin: &Path) -> Result<(), String> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("open etcd log");
-        let log_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
-        let child = Command::new(bin)
-            .arg("--name=fairlead-test")
-            .arg(format!("--data-dir={}", self.data_dir().display()))
-            .arg(format!("--listen-client-urls={}", self.endpoint))
-            .arg(format!("--advertise-client-urls={}", self.endpoint))
-            .arg(format!("--listen-peer-urls={}", self.peer))
-            .arg(format!("--initial-advertise-peer-urls={}", self.peer))
-            .arg(format!("--initial-cluster=fairlead-test={}", self.peer))
-            .arg("--initial-cluster-state=new")
-            // Progress notifications every second instead of every 10 min,
-            // so tests of watch bookmarks finish quickly.
-            .arg("--experimental-watch-progress-notify-interval=1s")
-            .arg("--logger=zap")
-            .arg("--log-level=warn")
-            .arg("--log-outputs=stderr")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log handle"))
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
-        self.child = Some(child);
-        let deadline = Instant::now() + START_DEADLINE;
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.child = None;
-                return Err(format!(
-                    "etcd exited with {status}; log:\n{}",
-                    self.log_since(log_offset)
-                ));
-            }
-            if self.healthy() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                self.stop();
-                return Err(format!(
-                    "etcd not healthy after {START_DEADLINE:?}; log:\n{}",
-                    self.log_since(log_offset)
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// etcd's `/health` says the member has a leader and serves requests.
-    fn healthy(&self) -> bool {
-        etcd_healthy(&self.endpoint)
-    }
-
-    fn log_since(&self, offset: u64) -> String {
-        log_since(&self.log_path(), offset)
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.stop();
+        self.cluster.members[0].dir.path()
     }
 }
 
