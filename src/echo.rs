@@ -3,7 +3,7 @@
 //! image. Each server reports its `--name`, which shows which endpoint a
 //! proxied request reached.
 //!
-//! * HTTP/1.1 (keep-alive): `GET /` and `GET /hostname` → the name;
+//! * HTTP/1.1 (keep-alive) and HTTP/2 cleartext (prior knowledge): `GET /` and `GET /hostname` → the name;
 //!   `GET /echo?msg=M` → `M`; `GET /clientip` → the client address it
 //!   sees; `GET /bytes?n=N` → `N` bytes (with a
 //!   Content-Length, streamed in 64 KiB chunks, for throughput tests).
@@ -25,7 +25,7 @@ use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::{JoinHandle, JoinSet};
@@ -281,9 +281,10 @@ async fn serve_http(
                 }
                 async move { Ok::<_, Infallible>(respond(&req, &name, peer)) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(s), svc);
+            // HTTP/1.1 (keep-alive) or HTTP/2 with prior knowledge (h2c),
+            // whichever the client speaks.
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(s), svc);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => return,

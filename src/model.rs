@@ -124,6 +124,8 @@ pub struct ServicePortView {
     pub port: i32,
     /// Set and non-zero.
     pub node_port: Option<u16>,
+    /// `appProtocol`, when it selects per-request balancing.
+    pub app_protocol: Option<crate::proxy::AppProtocol>,
 }
 
 /// What the node needs of a Service.
@@ -273,6 +275,10 @@ impl ServiceView {
                     .node_port
                     .filter(|n| (1..=65535).contains(n))
                     .map(|n| n as u16),
+                app_protocol: p
+                    .app_protocol
+                    .as_deref()
+                    .and_then(crate::proxy::AppProtocol::parse),
             })
             .collect();
         Some(ServiceView {

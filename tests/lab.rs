@@ -823,6 +823,7 @@ fn faults(lab: &Lab, web: &Web, f: &mut Findings) {
     load.stop();
     dns.stop();
     writer.looper.stop();
+    incomplete_connections(lab, web, f);
 
     // The counts, per window.
     for w in &windows {
@@ -835,6 +836,9 @@ fn faults(lab: &Lab, web: &Web, f: &mut Findings) {
             secs(w.to - w.from),
             w.bound
         ));
+        if failed > 0 {
+            f.note(format!("  failed requests: {why:?}"));
+        }
         f.check(
             failed <= w.bound,
             format!(
@@ -878,4 +882,51 @@ fn faults(lab: &Lab, web: &Web, f: &mut Findings) {
         lost.is_empty(),
         format!("acknowledged writes lost: {lost:?}"),
     );
+}
+
+/// Diagnostics: a1's connections to the Service that never completed
+/// (conntrack keeps one without a reply for its SYN_SENT timeout, 120 s):
+/// to which endpoint each was sent and about when, so a failed request
+/// names the endpoint it went to. (The age is exact for SYN_SENT only.)
+fn incomplete_connections(lab: &Lab, web: &Web, f: &mut Findings) {
+    let Ok(out) = lab
+        .command("a1", "conntrack")
+        .args(["-L", "-p", "tcp", "--orig-dst", &web.cluster_ip.to_string()])
+        .output()
+    else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let incomplete = |l: &&str| !l.contains("[ASSURED]");
+    if text.lines().any(|l| incomplete(&l)) {
+        let nodes = lab.get_json(&["get", "nodes"]);
+        let cidrs: Vec<String> = nodes["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| format!("{} {}", n["metadata"]["name"], n["spec"]["podCIDR"]))
+            .collect();
+        f.note(format!("pod CIDRs: {}", cidrs.join(", ")));
+    }
+    // e.g. "tcp 6 117 SYN_SENT src=.. dst=<ClusterIP> sport=.. dport=80
+    // [UNREPLIED] src=<endpoint> dst=.. sport=8080 dport=.. mark=0 use=1"
+    let mut ages: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for line in text.lines().filter(incomplete) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let left = fields.get(2).and_then(|t| t.parse::<u64>().ok());
+        let endpoint = fields.iter().filter_map(|w| w.strip_prefix("src=")).nth(1);
+        let state = fields.get(3).copied().unwrap_or("?");
+        ages.entry(format!("{} ({state})", endpoint.unwrap_or("?")))
+            .or_default()
+            .push(120u64.saturating_sub(left.unwrap_or(120)));
+    }
+    for (endpoint, mut ago) in ages {
+        ago.sort();
+        f.note(format!(
+            "a1: {} incomplete connection(s) to endpoint {endpoint}, {}-{} s ago",
+            ago.len(),
+            ago[0],
+            ago[ago.len() - 1]
+        ));
+    }
 }

@@ -570,3 +570,38 @@ fn restart_keeps_connections_and_does_not_rebuild_the_table() {
             .collect::<String>()
     );
 }
+
+// ---- endpoint churn under load -----------------------------------------------------------
+
+/// New connections keep being answered while the Service's endpoints come
+/// and go (N grows and shrinks, a new map and rule each time): every
+/// endpoint ever in the rules is alive, so not one request may fail.
+#[test]
+fn endpoint_churn_under_load_fails_no_request() {
+    let Some(mut c) = nft_up("nft-churn") else {
+        return;
+    };
+    c.ready_backends(&BACKENDS);
+    c.apply(&pod_yaml(B4.0, "web"));
+    c.echo(B4.0, B4.1);
+    let http = SocketAddr::new(c.cluster_ip("web"), 80);
+    c.wait_serving(http, &["b1", "b2", "b3"]);
+    c.agent
+        .load_start("churn", http, "/", Duration::from_secs(120));
+    for _ in 0..8 {
+        c.set_pod(B4.0, B4.1, true);
+        c.wait_serving(http, &["b1", "b2", "b3", "b4"]);
+        c.set_pod("b3", BACKENDS[2].1, false);
+        c.wait_serving(http, &["b1", "b2", "b4"]);
+        c.set_pod("b3", BACKENDS[2].1, true);
+        c.set_pod(B4.0, B4.1, false);
+        c.wait_serving(http, &["b1", "b2", "b3"]);
+    }
+    let (ok, failed, errors) = c.agent.load_stop("churn");
+    println!("churn: {ok} requests answered, {failed} failed");
+    assert!(ok > 100, "the load ran: {ok}");
+    assert_eq!(
+        failed, 0,
+        "requests failed during endpoint churn: {errors:?}"
+    );
+}

@@ -68,6 +68,18 @@ impl PodNetwork {
         Ipv4Addr::from(self.pod_cidr.base + 1)
     }
 
+    /// The bridge's MAC address, set once and for all: a bridge without
+    /// one takes the lowest MAC of its ports, so it changes whenever a pod's
+    /// veth joins or leaves, and every pod whose ARP entry for the gateway
+    /// still holds the old one sends its packets (replies to Service
+    /// clients among them) into the void until that entry is probed again,
+    /// seconds later. Locally administered `0a:58` + the gateway's IPv4
+    /// address, as the CNI bridge plugin derives pod MACs.
+    pub fn bridge_mac(&self) -> String {
+        let [a, b, c, d] = self.gateway().octets();
+        format!("0a:58:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+    }
+
     /// Set up the node side once: the bridge with the gateway address,
     /// forwarding, and the masquerade rule.
     pub async fn ensure_node(&self) -> Result<(), String> {
@@ -85,7 +97,8 @@ impl PodNetwork {
             batch.push_str(&format!("link add {BRIDGE} type bridge\n"));
         }
         batch.push_str(&format!(
-            "addr replace {gw} dev {BRIDGE}\nlink set {BRIDGE} up\n"
+            "link set {BRIDGE} address {}\naddr replace {gw} dev {BRIDGE}\nlink set {BRIDGE} up\n",
+            self.bridge_mac()
         ));
         ip_batch(None, &batch).await?;
         for (path, v) in [

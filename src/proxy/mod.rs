@@ -50,6 +50,31 @@ impl Protocol {
     }
 }
 
+/// The HTTP protocol a TCP service port opts into with the standard
+/// `appProtocol` field: its requests are then balanced one by one
+/// (`userspace::l7`) instead of one connection at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AppProtocol {
+    /// `kubernetes.io/h2c` or `grpc`: HTTP/2 over cleartext to the
+    /// endpoints, one multiplexed connection each.
+    H2c,
+    /// `http` or `kubernetes.io/http`: HTTP/1.1 to the endpoints, a
+    /// keep-alive pool each.
+    Http1,
+}
+
+impl AppProtocol {
+    /// The L7 mode an `appProtocol` value selects; None (plain L4) for
+    /// every other value, as for none.
+    pub fn parse(s: &str) -> Option<AppProtocol> {
+        match s {
+            "kubernetes.io/h2c" | "grpc" => Some(AppProtocol::H2c),
+            "http" | "kubernetes.io/http" => Some(AppProtocol::Http1),
+            _ => None,
+        }
+    }
+}
+
 /// Identity of one port of one Service (kube-proxy's ServicePortName).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServicePortName {
@@ -89,6 +114,8 @@ pub struct ServicePortInfo {
     pub node_port: Option<u16>,
     /// `spec.externalIPs` and LoadBalancer ingress IPs.
     pub external_ips: Vec<IpAddr>,
+    /// Per-request balancing (`appProtocol`, TCP ports only).
+    pub app_protocol: Option<AppProtocol>,
     /// `sessionAffinity: ClientIP` with its timeout.
     pub affinity_timeout: Option<Duration>,
     /// `internalTrafficPolicy: Local`.

@@ -290,6 +290,19 @@ impl Drop for Lab {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("{}", self.log_tails());
+            // Whole logs outlive the lab, for a closer look.
+            let keep =
+                Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("lab-{}-logs", self.name));
+            for host in self.hosts() {
+                let to = keep.join(&host);
+                if std::fs::create_dir_all(&to).is_ok() {
+                    for comp in ["etcd", "fairlead"] {
+                        let f = format!("{comp}.log");
+                        let _ = std::fs::copy(self.host_dir(&host).join(&f), to.join(&f));
+                    }
+                }
+            }
+            eprintln!("lab logs kept in {}", keep.display());
         }
         let out = self.script("down", &[]);
         if !out.status.success() {

@@ -34,6 +34,7 @@ pub fn info(cluster_ip: &str, port: u16, endpoints: Vec<Endpoint>) -> ServicePor
         port,
         node_port: None,
         external_ips: vec![],
+        app_protocol: None,
         affinity_timeout: None,
         internal_local: false,
         external_local: false,

@@ -17,6 +17,7 @@
 
 mod addrs;
 pub use addrs::LO_LABEL;
+mod l7;
 mod routes;
 mod sys;
 mod tcp;

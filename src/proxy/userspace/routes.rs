@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use metrics::{Counter, Gauge};
+use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::watch;
 
-use crate::proxy::{ServicePortInfo, ServicePortName};
+use crate::proxy::{AppProtocol, ServicePortInfo, ServicePortName};
 
 /// Which frontend a connection came in on; selects the traffic policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -72,6 +72,8 @@ pub(crate) struct EndpointLife {
     /// Role bits of the current table it is in (0 = removed).
     member: AtomicU8,
     state: watch::Sender<Removal>,
+    /// Its HTTP connections, for a port balanced per request.
+    pub(crate) upstream: super::l7::Upstream,
 }
 
 impl EndpointLife {
@@ -81,6 +83,7 @@ impl EndpointLife {
             backoff_until: AtomicU64::new(0),
             member: AtomicU8::new(0),
             state: watch::Sender::new(Removal::Live),
+            upstream: Default::default(),
         }
     }
 
@@ -160,9 +163,15 @@ pub(crate) struct Routes {
     internal: EndpointSet,
     external: EndpointSet,
     affinity: Option<Duration>,
+    /// Balance each request instead of each connection.
+    app: Option<AppProtocol>,
 }
 
 impl Routes {
+    pub(crate) fn app_protocol(&self) -> Option<AppProtocol> {
+        self.app
+    }
+
     pub(crate) fn set(&self, role: Role) -> &EndpointSet {
         match role {
             Role::Internal => &self.internal,
@@ -183,6 +192,11 @@ pub(crate) struct SvcMetrics {
     pub(crate) connect_errors: Counter,
     pub(crate) udp_flows: Gauge,
     pub(crate) bind_errors: Counter,
+    /// L7 ports: request latency (until the response head), and request
+    /// counters by response code, registered on first use of a code.
+    http_duration: Histogram,
+    http_requests: Mutex<HashMap<u16, Counter>>,
+    svc: String,
 }
 
 impl SvcMetrics {
@@ -195,8 +209,23 @@ impl SvcMetrics {
             bytes_down: metrics::counter!("fairlead_proxy_bytes_total", "service" => svc.clone(), "direction" => "downstream"),
             connect_errors: metrics::counter!("fairlead_proxy_backend_connect_errors_total", "service" => svc.clone()),
             udp_flows: metrics::gauge!("fairlead_proxy_udp_flows", "service" => svc.clone()),
-            bind_errors: metrics::counter!("fairlead_proxy_bind_errors_total", "service" => svc),
+            bind_errors: metrics::counter!("fairlead_proxy_bind_errors_total", "service" => svc.clone()),
+            http_duration: metrics::histogram!("fairlead_proxy_http_request_duration_seconds", "service" => svc.clone()),
+            http_requests: Mutex::new(HashMap::new()),
+            svc,
         }
+    }
+
+    /// One L7 request answered with `code`, started at `started`.
+    pub(crate) fn http_response(&self, code: u16, started: Instant) {
+        self.http_duration.record(started.elapsed().as_secs_f64());
+        let mut m = self.http_requests.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(code)
+            .or_insert_with(|| {
+                metrics::counter!("fairlead_proxy_http_requests_total",
+                    "service" => self.svc.clone(), "code" => code.to_string())
+            })
+            .increment(1);
     }
 }
 
@@ -343,6 +372,7 @@ impl EndpointTable {
             internal: set(&internal, &old.internal),
             external: set(&external, &old.external),
             affinity: info.affinity_timeout,
+            app: info.app_protocol,
         };
         rt.swap_routes(routes);
     }
@@ -429,6 +459,7 @@ mod tests {
             port: 80,
             node_port: None,
             external_ips: vec![],
+            app_protocol: None,
             affinity_timeout: None,
             internal_local: false,
             external_local: false,

@@ -46,7 +46,7 @@ pub(crate) async fn accept_loop(
 }
 
 /// Decrements the active-connections gauge however the connection ends.
-struct Active<'a>(&'a Gauge);
+pub(crate) struct Active<'a>(pub(crate) &'a Gauge);
 
 impl Drop for Active<'_> {
     fn drop(&mut self) {
@@ -100,6 +100,9 @@ async fn connect_upstream(
 }
 
 async fn serve(client: TcpStream, peer: SocketAddr, rt: Arc<ServiceRuntime>, role: Role) {
+    if let Some(app) = rt.routes().app_protocol() {
+        return super::l7::serve(client, peer, rt, role, app).await;
+    }
     let _ = client.set_nodelay(true);
     let Some((upstream, ep)) = connect_upstream(&rt, role, peer).await else {
         // No endpoint, or none reachable: refuse.
