@@ -266,6 +266,7 @@ fn info(cluster_ip: SocketAddr, endpoints: Vec<Endpoint>) -> ServicePortInfo {
         port: cluster_ip.port(),
         node_port: None,
         external_ips: vec![],
+        app_protocol: None,
         affinity_timeout: None,
         internal_local: false,
         external_local: false,

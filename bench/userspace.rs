@@ -347,6 +347,7 @@ impl InProcessProxy {
             port: SERVICE_PORT,
             node_port: None,
             external_ips: vec![],
+            app_protocol: None,
             affinity_timeout: None,
             internal_local: false,
             external_local: false,

@@ -78,6 +78,7 @@ fn info(cluster_ip: IpAddr, port: u16, mut eps: Vec<Endpoint>) -> ServicePortInf
         port,
         node_port: None,
         external_ips: vec![],
+        app_protocol: None,
         affinity_timeout: None,
         internal_local: false,
         external_local: false,

@@ -57,6 +57,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use tokio::sync::mpsc;
 
 use crate::model::{Cache, Dirty, Kind};
+use crate::proxy::l7redirect::L7Redirect;
 use crate::proxy::nftables::{NftablesConfig, NftablesProxy};
 use crate::proxy::tracker::ProxyTracker;
 use crate::proxy::userspace::{UserspaceConfig, UserspaceProxy};
@@ -298,24 +299,35 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
     let node_name = cfg.node_name();
     http::spawn_metrics(cfg.metrics_bind_address).await?;
     http::spawn_healthz(cfg.healthz_bind_address, health.clone()).await?;
+    let facts = register::Facts::gather(&node_name, cfg.node_ip);
     let proxy = match cfg.proxy_mode {
         ProxyMode::Userspace => Backend::Userspace(UserspaceProxy::new(UserspaceConfig {
             node_name: node_name.clone(),
             nodeport_addresses: cfg.nodeport_addresses.clone(),
             ..UserspaceConfig::default()
         })),
-        ProxyMode::Nftables => Backend::Nftables(NftablesProxy::new(NftablesConfig {
-            node_name: node_name.clone(),
-            nodeport_addresses: cfg.nodeport_addresses.clone(),
-            ..NftablesConfig::default()
-        })),
+        ProxyMode::Nftables => Backend::Nftables(
+            NftablesProxy::new(NftablesConfig {
+                node_name: node_name.clone(),
+                nodeport_addresses: cfg.nodeport_addresses.clone(),
+                ..NftablesConfig::default()
+            }),
+            // appProtocol ports: the node's own L7 proxy, on its address.
+            Box::new(L7Side {
+                redirect: std::sync::Mutex::new(L7Redirect::new(facts.internal_ip, &node_name)),
+                proxy: UserspaceProxy::new(UserspaceConfig {
+                    node_name: node_name.clone(),
+                    manage_addresses: false,
+                    ..UserspaceConfig::default()
+                }),
+            }),
+        ),
     };
     let dns = match &cfg.dns {
         Some(d) => Some(start_dns(d).await?),
         None => None,
     };
     let started_at = jiff::Timestamp::now();
-    let facts = register::Facts::gather(&node_name, cfg.node_ip);
     // The pods bound to this node (stops with this future).
     let _pods = cfg.run_pods.then(|| {
         let kcfg = crate::kubelet::KubeletConfig {
@@ -596,7 +608,15 @@ async fn start_dns(d: &config::DnsSettings) -> anyhow::Result<crate::dns::DnsSer
 /// state.
 enum Backend {
     Userspace(UserspaceProxy),
-    Nftables(NftablesProxy),
+    /// The ruleset, and the L7 proxy its `appProtocol` ports are sent to
+    /// (`proxy::l7redirect`).
+    Nftables(NftablesProxy, Box<L7Side>),
+}
+
+/// nftables mode's userspace half: per-request balancing.
+struct L7Side {
+    redirect: std::sync::Mutex<L7Redirect>,
+    proxy: UserspaceProxy,
 }
 
 impl Backend {
@@ -605,7 +625,7 @@ impl Backend {
     async fn verify(&self) -> Result<(), String> {
         match self {
             Backend::Userspace(_) => Ok(()),
-            Backend::Nftables(p) => p.verify().await.map(|_| ()).map_err(|e| e.to_string()),
+            Backend::Nftables(p, _) => p.verify().await.map(|_| ()).map_err(|e| e.to_string()),
         }
     }
 
@@ -618,11 +638,25 @@ impl Backend {
                 .await
                 .map(|s| s.bind_errors > 0 || s.address_errors > 0)
                 .map_err(|e| e.to_string()),
-            Backend::Nftables(p) => p
-                .apply(changes)
-                .await
-                .map(|_| false)
-                .map_err(|e| e.to_string()),
+            Backend::Nftables(p, side) => {
+                let (nft, l7) = side
+                    .redirect
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .split(changes);
+                // Listeners first, so the ruleset never sends traffic to
+                // one that is not there yet.
+                let l7_incomplete = if l7.is_empty() {
+                    false
+                } else {
+                    let s = side.proxy.apply(&l7).await.map_err(|e| e.to_string())?;
+                    s.bind_errors > 0
+                };
+                p.apply(&nft)
+                    .await
+                    .map(|_| l7_incomplete)
+                    .map_err(|e| e.to_string())
+            }
         }
     }
 }

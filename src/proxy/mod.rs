@@ -15,6 +15,7 @@
 //! backends, so each side is testable alone.
 
 pub mod conntrack;
+pub mod l7redirect;
 pub mod nftables;
 pub mod tracker;
 pub mod userspace;

@@ -93,7 +93,9 @@ pub(crate) async fn serve(
     }
 }
 
-/// Why a request was not answered by an endpoint.
+/// Why a request was not answered by an endpoint. (Returned once per
+/// failed try, so its size does not matter.)
+#[allow(clippy::large_enum_variant)]
 enum SendError {
     /// It never reached the endpoint: try the next one with it.
     Unsent(Request<Incoming>, String),
