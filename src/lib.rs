@@ -58,7 +58,10 @@
 //!   Services one rule in a shared bucket chain, so a change's kernel cost
 //!   stays bounded, one atomic transaction per sync),
 //!   plus [`proxy::conntrack`] (deleting stale UDP conntrack entries when
-//!   endpoints go away).
+//!   endpoints go away). Ports with `appProtocol` h2c/grpc/http are
+//!   balanced per request by the userspace proxy's L7 path (`l7`); in
+//!   nftables mode [`proxy::l7redirect`] sends them to that path on the
+//!   node.
 //! * [`dns`] — cluster DNS per the Kubernetes DNS spec: a record index
 //!   updated per changed Service, a UDP/TCP server, a forwarding cache.
 //! * [`echo`] — `fairlead echo`, a demo backend that answers with its name.

@@ -54,9 +54,10 @@ const MAX_IDLE_PER_ENDPOINT: usize = 64;
 /// sends it.
 #[derive(Default)]
 pub(crate) struct Upstream {
-    /// HTTP/2: one connection, every stream on it. The lock is held while
-    /// connecting, so concurrent requests share the new connection.
-    h2: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
+    /// HTTP/2: one connection, every stream on it.
+    h2: std::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
+    /// Held while connecting, so concurrent requests share the new one.
+    h2_connecting: tokio::sync::Mutex<()>,
     /// HTTP/1.1: idle connections, each ready for its next request.
     h1: std::sync::Mutex<Vec<http1::SendRequest<Incoming>>>,
 }
@@ -184,27 +185,17 @@ async fn send_h2(
     // A cached connection may turn out closed (the endpoint restarted, or
     // sent GOAWAY): then one fresh one.
     for _ in 0..2 {
-        let mut sender = {
-            let mut slot = ep.upstream.h2.lock().await;
-            match slot.as_ref() {
-                Some(s) if !s.is_closed() => s.clone(),
-                _ => {
-                    *slot = None;
-                    let tcp = match connect(ep, rt).await {
-                        Ok(t) => t,
+        let mut sender = match live_h2(ep) {
+            Some(s) => s,
+            None => {
+                let _connecting = ep.upstream.h2_connecting.lock().await;
+                match live_h2(ep) {
+                    // Another request connected meanwhile.
+                    Some(s) => s,
+                    None => match connect_h2(ep, rt).await {
+                        Ok(s) => s,
                         Err(e) => return Err(SendError::Unsent(req, e)),
-                    };
-                    let (s, conn) = match http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                        .await
-                    {
-                        Ok(x) => x,
-                        Err(e) => {
-                            return Err(SendError::Unsent(req, format!("HTTP/2 handshake: {e}")))
-                        }
-                    };
-                    tokio::spawn(conn);
-                    *slot = Some(s.clone());
-                    s
+                    },
                 }
             }
         };
@@ -213,7 +204,7 @@ async fn send_h2(
             Err(mut e) => match e.take_message() {
                 Some(r) => {
                     req = r;
-                    let mut slot = ep.upstream.h2.lock().await;
+                    let mut slot = lock(&ep.upstream.h2);
                     if slot.as_ref().is_some_and(|s| s.is_closed()) {
                         *slot = None;
                     }
@@ -225,6 +216,32 @@ async fn send_h2(
     Err(SendError::Unsent(req, "HTTP/2 connection closed".into()))
 }
 
+/// A new HTTP/2 connection to the endpoint, kept for the next requests.
+async fn connect_h2(
+    ep: &EndpointLife,
+    rt: &ServiceRuntime,
+) -> Result<http2::SendRequest<Incoming>, String> {
+    let tcp = connect(ep, rt).await?;
+    let (s, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    tokio::spawn(conn);
+    *lock(&ep.upstream.h2) = Some(s.clone());
+    Ok(s)
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The endpoint's HTTP/2 connection, if it has a live one.
+fn live_h2(ep: &EndpointLife) -> Option<http2::SendRequest<Incoming>> {
+    lock(&ep.upstream.h2)
+        .as_ref()
+        .filter(|s| !s.is_closed())
+        .cloned()
+}
+
 async fn send_h1(
     ep: &Arc<EndpointLife>,
     mut req: Request<Incoming>,
@@ -232,7 +249,7 @@ async fn send_h1(
 ) -> Result<Response<Incoming>, SendError> {
     loop {
         let idle = {
-            let mut pool = ep.upstream.h1.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pool = lock(&ep.upstream.h1);
             std::iter::from_fn(|| pool.pop()).find(|s| s.is_ready())
         };
         let (mut sender, fresh) = match idle {
@@ -257,7 +274,7 @@ async fn send_h1(
                 let ep = ep.clone();
                 tokio::spawn(async move {
                     if sender.ready().await.is_ok() {
-                        let mut pool = ep.upstream.h1.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut pool = lock(&ep.upstream.h1);
                         if pool.len() < MAX_IDLE_PER_ENDPOINT {
                             pool.push(sender);
                         }
@@ -343,6 +360,14 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 /// authority for HTTP/2.
 fn prepare(mut req: Request<Incoming>, app: AppProtocol) -> Request<Incoming> {
     strip_hop_by_hop(req.headers_mut());
+    // From an HTTP/2 client to an HTTP/2 endpoint: already in shape.
+    if app == AppProtocol::H2c
+        && req.version() == hyper::Version::HTTP_2
+        && req.uri().scheme().is_some()
+        && req.uri().authority().is_some()
+    {
+        return req;
+    }
     let authority = req
         .uri()
         .authority()
@@ -389,16 +414,18 @@ fn prepare(mut req: Request<Incoming>, app: AppProtocol) -> Request<Incoming> {
 /// Remove the headers that describe one hop, not the message (RFC 9110
 /// section 7.6.1), keeping `te: trailers` (gRPC needs it).
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let listed: Vec<String> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect();
-    for name in listed {
-        h.remove(name.as_str());
+    if h.contains_key(header::CONNECTION) {
+        let listed: Vec<String> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect();
+        for name in listed {
+            h.remove(name.as_str());
+        }
     }
     for name in [
         header::CONNECTION,
@@ -411,16 +438,15 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
     h.remove("keep-alive");
     h.remove("proxy-connection");
-    let trailers = h
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
+    if let Some(te) = h.get(header::TE) {
+        let trailers = te.to_str().is_ok_and(|v| {
             v.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
         });
-    h.remove(header::TE);
-    if trailers {
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.remove(header::TE);
+        if trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
 }
 

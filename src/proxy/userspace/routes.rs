@@ -195,6 +195,8 @@ pub(crate) struct SvcMetrics {
     /// L7 ports: request latency (until the response head), and request
     /// counters by response code, registered on first use of a code.
     http_duration: Histogram,
+    /// Code 200, the common case, without the map's lock.
+    http_ok: Counter,
     http_requests: Mutex<HashMap<u16, Counter>>,
     svc: String,
 }
@@ -211,6 +213,8 @@ impl SvcMetrics {
             udp_flows: metrics::gauge!("fairlead_proxy_udp_flows", "service" => svc.clone()),
             bind_errors: metrics::counter!("fairlead_proxy_bind_errors_total", "service" => svc.clone()),
             http_duration: metrics::histogram!("fairlead_proxy_http_request_duration_seconds", "service" => svc.clone()),
+            http_ok: metrics::counter!("fairlead_proxy_http_requests_total",
+                "service" => svc.clone(), "code" => "200"),
             http_requests: Mutex::new(HashMap::new()),
             svc,
         }
@@ -219,6 +223,10 @@ impl SvcMetrics {
     /// One L7 request answered with `code`, started at `started`.
     pub(crate) fn http_response(&self, code: u16, started: Instant) {
         self.http_duration.record(started.elapsed().as_secs_f64());
+        if code == 200 {
+            self.http_ok.increment(1);
+            return;
+        }
         let mut m = self.http_requests.lock().unwrap_or_else(|e| e.into_inner());
         m.entry(code)
             .or_insert_with(|| {
