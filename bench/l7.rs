@@ -45,6 +45,12 @@ const PORT: u16 = 80;
 const BACKENDS: usize = 3;
 
 fn main() -> Result<()> {
+    // As in the `fairlead` binary: a subscriber, info and up (without one,
+    // every span of the HTTP/2 library goes through `log`).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(std::io::stderr)
+        .init();
     let requests = env_u64("FAIRLEAD_BENCH_REQUESTS", 100_000)?.max(1000);
     let (h2load, haproxy) = tools()?;
     let fairlead = fairlead_bin()?;
