@@ -5,7 +5,8 @@
 //!
 //! * HTTP/1.1 (keep-alive) and HTTP/2 cleartext (prior knowledge): `GET /` and `GET /hostname` → the name;
 //!   `GET /echo?msg=M` → `M`; `GET /clientip` → the client address it
-//!   sees; `GET /bytes?n=N` → `N` bytes (with a
+//!   sees; `GET /upgrade` with an `Upgrade` header → `101`, then the
+//!   connection echoes bytes; `GET /bytes?n=N` → `N` bytes (with a
 //!   Content-Length, streamed in 64 KiB chunks, for throughput tests).
 //! * TCP: echoes everything back on the same connection; when the client
 //!   half-closes, the echo finishes and closes its side too.
@@ -274,17 +275,22 @@ async fn serve_http(
         let name = name.clone();
         let mut drain = conn_drain.clone();
         async move {
-            let svc = hyper::service::service_fn(move |req| {
+            let svc = hyper::service::service_fn(move |mut req| {
                 let name = name.clone();
                 if log {
                     println!("{} {} from {peer}", req.method(), req.uri());
                 }
-                async move { Ok::<_, Infallible>(respond(&req, &name, peer)) }
+                if req.uri().path() == "/upgrade"
+                    && req.headers().contains_key(hyper::header::UPGRADE)
+                {
+                    return std::future::ready(Ok::<_, Infallible>(upgrade_to_echo(&mut req)));
+                }
+                std::future::ready(Ok::<_, Infallible>(respond(&req, &name, peer)))
             });
             // HTTP/1.1 (keep-alive) or HTTP/2 with prior knowledge (h2c),
             // whichever the client speaks.
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(s), svc);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(s), svc);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => return,
@@ -296,6 +302,27 @@ async fn serve_http(
         }
     })
     .await
+}
+
+/// `GET /upgrade` with an `Upgrade` header: `101 Switching Protocols` to
+/// that protocol, after which the connection echoes bytes (as a WebSocket
+/// server would carry frames: no HTTP any more).
+fn upgrade_to_echo(req: &mut Request<hyper::body::Incoming>) -> Response<EchoBody> {
+    let proto = req.headers()[hyper::header::UPGRADE].clone();
+    let on = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        if let Ok(up) = on.await {
+            let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    });
+    let mut r = text(StatusCode::SWITCHING_PROTOCOLS, "");
+    r.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    r.headers_mut().insert(hyper::header::UPGRADE, proto);
+    r
 }
 
 type EchoBody = Either<Full<Bytes>, Repeat>;

@@ -221,6 +221,40 @@ impl L7 {
     }
 }
 
+/// `GET /upgrade` with `Upgrade: echo` to `addr`, then "ping pong" through
+/// the upgraded connection: what came back.
+fn upgrade_and_echo(addr: SocketAddr) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))
+        .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(
+        b"GET /upgrade HTTP/1.1\r\nHost: l7\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = s
+            .read(&mut b)
+            .map_err(|e| format!("reading the head: {e}"))?;
+        if n == 0 {
+            return Err(format!("closed: {}", String::from_utf8_lossy(&head)));
+        }
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    if !head.starts_with("HTTP/1.1 101") {
+        return Err(format!("not switched: {head}"));
+    }
+    s.write_all(b"ping pong").map_err(|e| e.to_string())?;
+    let mut got = vec![0u8; 9];
+    s.read_exact(&mut got)
+        .map_err(|e| format!("reading the echo: {e}"))?;
+    Ok(String::from_utf8_lossy(&got).into_owned())
+}
+
 fn even(n: usize) -> BTreeMap<String, usize> {
     BACKENDS.iter().map(|b| (b.0.to_string(), n)).collect()
 }
@@ -240,6 +274,12 @@ fn http_balanced_per_request(mode: &str) {
     let (names, connects) = l7.one_connection("h1", 300, &["--http1.1"]);
     assert_eq!(connects, 1, "one keep-alive connection ({mode})");
     assert_eq!(counts(&names), even(100), "HTTP/1.1 per request ({mode})");
+
+    // An HTTP/1.1 upgrade through the L7 port: 101, then bytes both ways
+    // on the same connection (as a WebSocket would).
+    let h1 = SocketAddr::new(l7.c.cluster_ip("h1"), 80);
+    let echoed = l7.c.ns.enter(move || upgrade_and_echo(h1));
+    assert_eq!(echoed.as_deref(), Ok("ping pong"), "upgrade ({mode})");
 
     // 5. No appProtocol: per connection, so one connection sees one
     // backend.
