@@ -689,3 +689,79 @@ pub async fn probe(addr: SocketAddr) -> Outcome {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// The userspace proxy in process (userspace, l7)
+
+/// The userspace proxy on its own 2-worker runtime (what `fairlead node`
+/// gets on a 2-core machine) with the process-wide Prometheus recorder,
+/// serving one service port `frontend` → `backends`; shut down on drop.
+pub struct InProcessProxy {
+    rt: tokio::runtime::Runtime,
+    proxy: fairlead::proxy::userspace::UserspaceProxy,
+}
+
+impl InProcessProxy {
+    /// Threads are named `thread` (≤ 15 bytes: the kernel's `comm`), for
+    /// [`threads_cpu`]. `app`: per-request balancing, or L4.
+    pub fn start(
+        frontend: SocketAddr,
+        backends: &[SocketAddr],
+        thread: &str,
+        app: Option<fairlead::proxy::AppProtocol>,
+    ) -> Result<InProcessProxy> {
+        use fairlead::proxy::userspace::{UserspaceConfig, UserspaceProxy};
+        use fairlead::proxy::{Endpoint, Protocol, ProxyState, ServicePortInfo, ServicePortName};
+        fairlead::metrics::init();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(thread)
+            .enable_all()
+            .build()?;
+        let proxy = UserspaceProxy::new(UserspaceConfig {
+            node_name: "bench-node".into(),
+            manage_addresses: false,
+            ..UserspaceConfig::default()
+        });
+        let name = ServicePortName {
+            namespace: "default".into(),
+            name: "echo".into(),
+            port: "".into(),
+            protocol: Protocol::Tcp,
+        };
+        let mut endpoints: Vec<Endpoint> = backends
+            .iter()
+            .map(|a| Endpoint {
+                addr: *a,
+                ready: true,
+                serving: true,
+                terminating: false,
+                node_name: Some("bench-node".into()),
+            })
+            .collect();
+        endpoints.sort();
+        let info = ServicePortInfo {
+            cluster_ips: vec![frontend.ip()],
+            port: frontend.port(),
+            node_port: None,
+            external_ips: vec![],
+            app_protocol: app,
+            affinity_timeout: None,
+            internal_local: false,
+            external_local: false,
+            endpoints,
+        };
+        let state: ProxyState = [(name, std::sync::Arc::new(info))].into_iter().collect();
+        let stats = rt.block_on(proxy.sync(&state))?;
+        if stats.listeners_opened != 1 || stats.bind_errors != 0 {
+            anyhow::bail!("fairlead proxy did not bind {frontend}: {stats:?}");
+        }
+        Ok(InProcessProxy { rt, proxy })
+    }
+}
+
+impl Drop for InProcessProxy {
+    fn drop(&mut self) {
+        self.rt.block_on(self.proxy.shutdown());
+    }
+}

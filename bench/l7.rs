@@ -26,18 +26,16 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use common::{apt_install, env_u64, fairlead_bin, free_port, pct, print_rows, which, Proc};
-use fairlead::proxy::userspace::{UserspaceConfig, UserspaceProxy};
-use fairlead::proxy::{
-    AppProtocol, Endpoint, Protocol, ProxyState, ServicePortInfo, ServicePortName,
+use common::{
+    apt_install, env_u64, fairlead_bin, free_port, pct, print_rows, which, InProcessProxy, Proc,
 };
+use fairlead::proxy::AppProtocol;
 
 const FAIRLEAD_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 57);
 const HAPROXY_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 58);
@@ -74,7 +72,12 @@ fn main() -> Result<()> {
         wait_listening(*a)?;
     }
 
-    let proxy = InProcessProxy::start(&addrs)?;
+    let proxy = InProcessProxy::start(
+        SocketAddr::from((FAIRLEAD_IP, PORT)),
+        &addrs,
+        "fl-proxy",
+        Some(AppProtocol::H2c),
+    )?;
     let cfg = dir.path().join("haproxy.cfg");
     let ha_addr = SocketAddr::from((HAPROXY_IP, PORT));
     std::fs::write(&cfg, haproxy_config(ha_addr, &addrs))?;
@@ -221,66 +224,4 @@ fn haproxy_config(listen: SocketAddr, backends: &[SocketAddr]) -> String {
         c.push_str(&format!("    server b{} {b} proto h2\n", i + 1));
     }
     c
-}
-
-/// The userspace proxy on its own 2-worker runtime; shut down on drop.
-struct InProcessProxy {
-    rt: tokio::runtime::Runtime,
-    proxy: UserspaceProxy,
-}
-
-impl InProcessProxy {
-    fn start(backends: &[SocketAddr]) -> Result<InProcessProxy> {
-        fairlead::metrics::init();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("fl-proxy")
-            .enable_all()
-            .build()?;
-        let proxy = UserspaceProxy::new(UserspaceConfig {
-            node_name: "bench-node".into(),
-            manage_addresses: false,
-            ..UserspaceConfig::default()
-        });
-        let name = ServicePortName {
-            namespace: "default".into(),
-            name: "h2".into(),
-            port: "".into(),
-            protocol: Protocol::Tcp,
-        };
-        let mut endpoints: Vec<Endpoint> = backends
-            .iter()
-            .map(|a| Endpoint {
-                addr: *a,
-                ready: true,
-                serving: true,
-                terminating: false,
-                node_name: Some("bench-node".into()),
-            })
-            .collect();
-        endpoints.sort();
-        let info = ServicePortInfo {
-            cluster_ips: vec![IpAddr::V4(FAIRLEAD_IP)],
-            port: PORT,
-            node_port: None,
-            external_ips: vec![],
-            app_protocol: Some(AppProtocol::H2c),
-            affinity_timeout: None,
-            internal_local: false,
-            external_local: false,
-            endpoints,
-        };
-        let state: ProxyState = [(name, Arc::new(info))].into_iter().collect();
-        let stats = rt.block_on(proxy.sync(&state))?;
-        if stats.listeners_opened != 1 {
-            bail!("fairlead did not bind {FAIRLEAD_IP}:{PORT}: {stats:?}");
-        }
-        Ok(InProcessProxy { rt, proxy })
-    }
-}
-
-impl Drop for InProcessProxy {
-    fn drop(&mut self) {
-        self.rt.block_on(self.proxy.shutdown());
-    }
 }

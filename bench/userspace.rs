@@ -55,16 +55,13 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use common::{
     apt_install, env_u64, fairlead_bin, free_port, http_get, machine_ticks, print_rows, stat_cpu,
-    threads_cpu, wait_http_ready, which, Proc, WrkResult, WrkSpec,
+    threads_cpu, wait_http_ready, which, InProcessProxy, Proc, WrkResult, WrkSpec,
 };
-use fairlead::proxy::userspace::{UserspaceConfig, UserspaceProxy};
-use fairlead::proxy::{Endpoint, Protocol, ProxyState, ServicePortInfo, ServicePortName};
 
 /// fairlead's "ClusterIP" (local on `lo` like all of 127.0.0.0/8).
 const FAIRLEAD_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 55);
@@ -125,8 +122,8 @@ fn main() -> Result<()> {
     );
 
     // fairlead, in process.
-    let proxy = InProcessProxy::start(&backend_addrs)?;
     let fairlead_addr = SocketAddr::new(IpAddr::V4(FAIRLEAD_IP), SERVICE_PORT);
+    let proxy = InProcessProxy::start(fairlead_addr, &backend_addrs, PROXY_THREAD, None)?;
 
     // HAProxy.
     let haproxy_addr = SocketAddr::new(IpAddr::V4(HAPROXY_IP), SERVICE_PORT);
@@ -305,68 +302,6 @@ fn haproxy_config(listen: SocketAddr, backends: &[SocketAddr]) -> String {
 
 // ---------------------------------------------------------------------------
 // The proxy under test
-
-/// The userspace proxy on its own 2-worker runtime; shut down on drop.
-struct InProcessProxy {
-    rt: tokio::runtime::Runtime,
-    proxy: UserspaceProxy,
-}
-
-impl InProcessProxy {
-    fn start(backends: &[SocketAddr]) -> Result<InProcessProxy> {
-        fairlead::metrics::init();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name(PROXY_THREAD)
-            .enable_all()
-            .build()?;
-        let proxy = UserspaceProxy::new(UserspaceConfig {
-            node_name: "bench-node".into(),
-            manage_addresses: false,
-            ..UserspaceConfig::default()
-        });
-        let name = ServicePortName {
-            namespace: "default".into(),
-            name: "echo".into(),
-            port: "".into(),
-            protocol: Protocol::Tcp,
-        };
-        let mut endpoints: Vec<Endpoint> = backends
-            .iter()
-            .map(|a| Endpoint {
-                addr: *a,
-                ready: true,
-                serving: true,
-                terminating: false,
-                node_name: Some("bench-node".into()),
-            })
-            .collect();
-        endpoints.sort();
-        let info = ServicePortInfo {
-            cluster_ips: vec![IpAddr::V4(FAIRLEAD_IP)],
-            port: SERVICE_PORT,
-            node_port: None,
-            external_ips: vec![],
-            app_protocol: None,
-            affinity_timeout: None,
-            internal_local: false,
-            external_local: false,
-            endpoints,
-        };
-        let state: ProxyState = [(name, Arc::new(info))].into_iter().collect();
-        let stats = rt.block_on(proxy.sync(&state))?;
-        if stats.listeners_opened != 1 || stats.bind_errors != 0 {
-            bail!("fairlead proxy did not bind {FAIRLEAD_IP}:{SERVICE_PORT}: {stats:?}");
-        }
-        Ok(InProcessProxy { rt, proxy })
-    }
-}
-
-impl Drop for InProcessProxy {
-    fn drop(&mut self) {
-        self.rt.block_on(self.proxy.shutdown());
-    }
-}
 
 /// `fairlead_proxy_*` counters of this process, as a sanity check.
 fn print_metrics() {

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 
-use super::routes::{drain_deadline, EndpointLife, Role, ServiceRuntime};
+use super::routes::{drain_deadline, EndpointLife, Role, Routes, ServiceRuntime};
 
 /// Relay buffer per direction. Lives inside the connection's task.
 const BUF: usize = 64 * 1024;
@@ -77,13 +77,13 @@ async fn connect(addr: SocketAddr, rt: &ServiceRuntime) -> io::Result<TcpStream>
 /// (at most one try per endpoint). Failed endpoints back off.
 async fn connect_upstream(
     rt: &ServiceRuntime,
+    routes: &Routes,
     role: Role,
     peer: SocketAddr,
 ) -> Option<(TcpStream, Arc<EndpointLife>)> {
-    let routes = rt.routes();
     let tries = routes.set(role).len();
     for _ in 0..tries {
-        let ep = rt.choose(&routes, role, peer.ip(), Instant::now())?;
+        let ep = rt.choose(routes, role, peer.ip(), Instant::now())?;
         match connect(ep.addr, rt).await {
             Ok(s) => {
                 ep.mark_ok();
@@ -100,11 +100,18 @@ async fn connect_upstream(
 }
 
 async fn serve(client: TcpStream, peer: SocketAddr, rt: Arc<ServiceRuntime>, role: Role) {
-    if let Some(app) = rt.routes().app_protocol() {
+    // One look at the table per connection: per-request (L7) or not, and
+    // the endpoint.
+    let routes = rt.routes();
+    if let Some(app) = routes.app_protocol() {
+        drop(routes);
         return super::l7::serve(client, peer, rt, role, app).await;
     }
     let _ = client.set_nodelay(true);
-    let Some((upstream, ep)) = connect_upstream(&rt, role, peer).await else {
+    let connected = connect_upstream(&rt, &routes, role, peer).await;
+    // (Not kept for the connection's life: a later table replaces it.)
+    drop(routes);
+    let Some((upstream, ep)) = connected else {
         // No endpoint, or none reachable: refuse.
         reset(&client);
         return;
