@@ -581,25 +581,35 @@ impl ApiServerArgs {
     }
 }
 
-/// How much lower the node daemon's threads run than the control plane's
-/// in `fairlead up` (a nice value: CPU goes to API requests first when
-/// both want it).
-const UP_NODE_NICE: i32 = 10;
+/// How much lower the node loop's thread runs than everything else in
+/// `fairlead up` (a nice value, the lowest priority there is short of
+/// `SCHED_IDLE`, which could starve it outright).
+const UP_NODE_LOOP_NICE: i32 = 19;
 
 /// Run the node daemon of `fairlead up` on its own runtime and threads, so
 /// that its work (a first sync of 30,000 Services, a flood of changes)
 /// never queues behind or ahead of API requests on the control plane's
-/// workers, and at a lower CPU priority. Its result arrives on the
-/// returned channel.
+/// workers. Its result arrives on the returned channel.
+///
+/// CPU priorities: the node loop (`node::run_from`'s own future: decoding
+/// the watched objects, the model, programming the proxy and the DNS
+/// index) runs on `fl-node-main` at [`UP_NODE_LOOP_NICE`], so that when
+/// the API server and the loop both want the CPU (a bulk load through the
+/// API) the API requests go first and the loop catches up after; it also
+/// watches the API server's store directly (`node::Source::Store`), so its
+/// watches cost the API server nothing to serve. The runtime's workers
+/// carry the data path (the userspace proxy's connections, DNS answers)
+/// and the pods' agent at the normal priority: a data plane is never
+/// deprioritized against anything.
 fn spawn_node(
     kubeconfig: PathBuf,
     cfg: crate::node::NodeConfig,
+    store: std::sync::Arc<dyn crate::store::Store>,
 ) -> anyhow::Result<tokio::sync::oneshot::Receiver<anyhow::Result<()>>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .thread_name("fl-node")
         .enable_all()
-        .on_thread_start(lower_priority)
         .build()?;
     std::thread::Builder::new()
         .name("fl-node-main".into())
@@ -607,20 +617,20 @@ fn spawn_node(
             lower_priority();
             let r = rt.block_on(async move {
                 let client = client_from(&kubeconfig).await?;
-                crate::node::run(client, cfg).await
+                crate::node::run_from(client, cfg, crate::node::Source::Store(store)).await
             });
             let _ = tx.send(r);
         })?;
     Ok(rx)
 }
 
-/// Lower this thread's CPU priority by [`UP_NODE_NICE`].
+/// Lower this thread's CPU priority to [`UP_NODE_LOOP_NICE`].
 fn lower_priority() {
     // SAFETY: setpriority on this thread's own id; no memory is shared
     // with the call.
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, UP_NODE_NICE);
+        libc::setpriority(libc::PRIO_PROCESS, tid, UP_NODE_LOOP_NICE);
     }
 }
 
@@ -717,7 +727,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             node_cfg.client_ca = ca_from_kubeconfig(&running.kubeconfig);
-            let node = spawn_node(running.kubeconfig.clone(), node_cfg)?;
+            let node = spawn_node(
+                running.kubeconfig.clone(),
+                node_cfg,
+                running.server.store.clone(),
+            )?;
             println!("fairlead is up");
             println!("  kubeconfig: {}", running.kubeconfig.display());
             println!("  API server: https://{}", running.addr);

@@ -38,7 +38,6 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::Response;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::api::resources::ResourceDef;
 use crate::api::status::ApiError;
@@ -450,7 +449,7 @@ impl Server {
                 }
             }
         });
-        let stream = ReceiverStream::new(rx).map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
+        let stream = coalesced(rx).map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
         let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -458,9 +457,55 @@ impl Server {
     }
 }
 
+/// At most this many bytes of watch lines go out as one body frame.
+const COALESCE_BYTES: usize = 64 * 1024;
+
+/// The watch lines of `rx` as body frames, each holding every line that
+/// was already waiting when the connection asked for data (up to
+/// [`COALESCE_BYTES`]). Nothing waits for more: a line alone goes out at
+/// once. Under a burst of writes (a bulk load fans out several events
+/// per store commit to every watcher) this turns one socket write, one
+/// wake-up and one read on the client per event into one per burst.
+fn coalesced(rx: mpsc::Receiver<Bytes>) -> impl futures::Stream<Item = Bytes> {
+    futures::stream::unfold(rx, |mut rx| async move {
+        let first = rx.recv().await?;
+        let mut more = match rx.try_recv() {
+            Ok(b) => b,
+            Err(_) => return Some((first, rx)),
+        };
+        let mut buf = bytes::BytesMut::with_capacity((first.len() + more.len()) * 2);
+        buf.extend_from_slice(&first);
+        loop {
+            buf.extend_from_slice(&more);
+            if buf.len() >= COALESCE_BYTES {
+                break;
+            }
+            match rx.try_recv() {
+                Ok(b) => more = b,
+                Err(_) => break,
+            }
+        }
+        Some((buf.freeze(), rx))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn coalesced_sends_waiting_lines_together_and_a_lone_line_at_once() {
+        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        let mut s = std::pin::pin!(coalesced(rx));
+        tx.send(Bytes::from_static(b"a\n")).await.unwrap();
+        tx.send(Bytes::from_static(b"b\n")).await.unwrap();
+        tx.send(Bytes::from_static(b"c\n")).await.unwrap();
+        assert_eq!(s.next().await.unwrap(), Bytes::from_static(b"a\nb\nc\n"));
+        tx.send(Bytes::from_static(b"d\n")).await.unwrap();
+        assert_eq!(s.next().await.unwrap(), Bytes::from_static(b"d\n"));
+        drop(tx);
+        assert!(s.next().await.is_none());
+    }
 
     fn kv(value: &str) -> KeyValue {
         KeyValue {

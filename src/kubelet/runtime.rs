@@ -314,6 +314,10 @@ impl Prepared {
         // prepared before the fork; no allocation, no locks.
         unsafe {
             check(libc::setsid())?;
+            // A container runs at the default CPU priority, whatever the
+            // thread that started it had (`fairlead up` lowers its node's
+            // sync thread). Best effort: raising it back needs CAP_SYS_NICE.
+            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
             for fd in &self.cgroups {
                 check(libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) as libc::c_int)?;
             }

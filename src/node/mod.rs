@@ -49,6 +49,7 @@ pub mod svchealth;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::api::resources::Kind as ResourceKind;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -70,6 +71,8 @@ enum Update {
     Service(Box<watcher::Event<Service>>),
     Slice(Box<watcher::Event<EndpointSlice>>),
     Namespace(Box<watcher::Event<Namespace>>),
+    /// From [`Source::Store`], not decoded yet.
+    Stored(ResourceKind, Stored),
 }
 
 /// How many watch events may wait for the node loop (the watches pause
@@ -114,6 +117,153 @@ fn watch<K>(
     });
 }
 
+/// Where the node's Service, EndpointSlice and Namespace watches come
+/// from.
+#[derive(Clone)]
+pub enum Source {
+    /// The API server, through the node's client (every standalone node).
+    Api,
+    /// The store of the API server running in the same process (`fairlead
+    /// up`), read directly. The node then costs the control plane no watch
+    /// serving (no TLS, HTTP framing or socket writes per event for its
+    /// busiest watches, nor the matching reads here): a bulk load through
+    /// `up` pays for the node's own work and little else. The events are
+    /// the same as through the API (the stored objects, the same list then
+    /// watch from the list's revision, a relist when history is compacted).
+    Store(Arc<dyn crate::store::Store>),
+}
+
+/// [`watch`]'s counterpart for [`Source::Store`]: list `kind`'s keys, then
+/// watch them from the list's revision, into `tx` as stored bytes (the
+/// node loop decodes them: in `fairlead up` that loop runs at a low CPU
+/// priority, and decoding is most of a watch's work); errors (a compacted
+/// revision, a store that is down) list again after a backoff, as kube's
+/// watcher does.
+fn watch_store(
+    store: Arc<dyn crate::store::Store>,
+    kind: ResourceKind,
+    tx: mpsc::Sender<Update>,
+    metric: &'static str,
+) {
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let send = |e: Stored| {
+                metrics::counter!(metric).increment(1);
+                tx.send(Update::Stored(kind, e))
+            };
+            match store_round(&*store, kind, send, &mut backoff).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, kind = metric, "store watch error (relisting)")
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    });
+}
+
+/// One list-then-watch of [`watch_store`]: `Ok` when the receiver is
+/// gone, `Err` when the watch must start over.
+async fn store_round<F, Fut>(
+    store: &dyn crate::store::Store,
+    kind: ResourceKind,
+    send: F,
+    backoff: &mut Duration,
+) -> Result<(), String>
+where
+    F: Fn(Stored) -> Fut,
+    Fut: std::future::Future<Output = Result<(), mpsc::error::SendError<Update>>>,
+{
+    use crate::store::{EventKind, WatchItem};
+    let prefix = crate::api::resources::by_kind(kind).prefix(None);
+    let page = store.list_all(&prefix).await.map_err(|e| e.to_string())?;
+    *backoff = Duration::from_millis(100);
+    let mut w = store
+        .watch(&prefix, page.revision)
+        .await
+        .map_err(|e| e.to_string())?;
+    let initial = std::iter::once(Stored::Init)
+        .chain(page.kvs.into_iter().map(Stored::InitApply))
+        .chain(std::iter::once(Stored::InitDone));
+    for e in initial {
+        if send(e).await.is_err() {
+            return Ok(());
+        }
+    }
+    while let Some(item) = w.next().await {
+        let e = match item.map_err(|e| e.to_string())? {
+            WatchItem::Progress(_) => continue,
+            WatchItem::Event(ev) if ev.kind == EventKind::Put => Stored::Apply(ev.kv),
+            WatchItem::Event(ev) => Stored::Delete(ev.kv),
+        };
+        if send(e).await.is_err() {
+            return Ok(());
+        }
+    }
+    Err("the store's watch ended".into())
+}
+
+/// A [`Source::Store`] event, as stored (decoded by the node loop).
+enum Stored {
+    Init,
+    InitApply(crate::store::KeyValue),
+    Apply(crate::store::KeyValue),
+    /// The last value (embedded store) or none (etcd): only the key counts.
+    Delete(crate::store::KeyValue),
+    InitDone,
+}
+
+impl Stored {
+    /// The watch event this is, as kube's watcher gives it; `None` for an
+    /// object that does not decode (skipped with a warning).
+    fn decode<K>(self, kind: ResourceKind) -> Option<watcher::Event<K>>
+    where
+        K: kube::Resource<DynamicType = ()> + Default + serde::de::DeserializeOwned,
+    {
+        use watcher::Event as E;
+        let prefix = || crate::api::resources::by_kind(kind).prefix(None);
+        Some(match self {
+            Stored::Init => E::Init,
+            Stored::InitDone => E::InitDone,
+            Stored::InitApply(kv) => E::InitApply(stored_object(&prefix(), &kv, false)?),
+            Stored::Apply(kv) => E::Apply(stored_object(&prefix(), &kv, false)?),
+            Stored::Delete(kv) => E::Delete(stored_object(&prefix(), &kv, true)?),
+        })
+    }
+}
+
+/// The object stored at `kv`. A deletion needs only the name, so one whose
+/// last value is gone (etcd's delete events carry none) is named from its
+/// key. A value that does not decode is skipped with a warning.
+fn stored_object<K>(prefix: &str, kv: &crate::store::KeyValue, deleted: bool) -> Option<K>
+where
+    K: kube::Resource<DynamicType = ()> + Default + serde::de::DeserializeOwned,
+{
+    match serde_json::from_slice::<K>(&kv.value) {
+        Ok(o) => return Some(o),
+        Err(_) if deleted && kv.value.is_empty() => {}
+        Err(e) => {
+            tracing::warn!(key = %kv.key, error = %e, "a stored object does not decode; skipped");
+            if !deleted {
+                return None;
+            }
+        }
+    }
+    let rest = kv.key.strip_prefix(prefix)?;
+    let mut o = K::default();
+    let m = o.meta_mut();
+    match rest.split_once('/') {
+        Some((ns, name)) => {
+            m.namespace = Some(ns.to_string());
+            m.name = Some(name.to_string());
+        }
+        None => m.name = Some(rest.to_string()),
+    }
+    Some(o)
+}
+
 /// Apply one watch event to the cache; returns the kind whose initial list
 /// just completed, if any.
 fn apply_update(cache: &mut Cache, u: Update) -> Option<Kind> {
@@ -125,6 +275,15 @@ fn apply_update(cache: &mut Cache, u: Update) -> Option<Kind> {
         )
     }
     let (kind, init) = match u {
+        Update::Stored(kind, e) => {
+            let u = match kind {
+                ResourceKind::Service => Update::Service(Box::new(e.decode(kind)?)),
+                ResourceKind::EndpointSlice => Update::Slice(Box::new(e.decode(kind)?)),
+                ResourceKind::Namespace => Update::Namespace(Box::new(e.decode(kind)?)),
+                _ => return None,
+            };
+            return apply_update(cache, u);
+        }
         Update::Service(e) => match *e {
             E::Apply(o) | E::InitApply(o) => {
                 cache.apply_service(&o);
@@ -294,6 +453,12 @@ fn observe_programming_latency(trigger_times: &[jiff::Timestamp], since: jiff::T
 
 /// Run the node daemon until the process ends.
 pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
+    run_from(client, cfg, Source::Api).await
+}
+
+/// [`run`], with the Service, EndpointSlice and Namespace watches from
+/// `source`.
+pub async fn run_from(client: kube::Client, cfg: NodeConfig, source: Source) -> anyhow::Result<()> {
     crate::metrics::init();
     let health = Arc::new(Mutex::new(Health::default()));
     let node_name = cfg.node_name();
@@ -367,24 +532,41 @@ pub async fn run(client: kube::Client, cfg: NodeConfig) -> anyhow::Result<()> {
         )))
     });
     let (tx, mut rx) = mpsc::channel(EVENT_BUFFER);
-    watch(
-        Api::<Service>::all(client.clone()),
-        tx.clone(),
-        |e| Update::Service(Box::new(e)),
-        "kubeproxy_sync_proxy_rules_service_changes_total",
-    );
-    watch(
-        Api::<EndpointSlice>::all(client.clone()),
-        tx.clone(),
-        |e| Update::Slice(Box::new(e)),
-        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
-    );
-    watch(
-        Api::<Namespace>::all(client),
-        tx,
-        |e| Update::Namespace(Box::new(e)),
-        "fairlead_node_namespace_changes_total",
-    );
+    const SERVICES: &str = "kubeproxy_sync_proxy_rules_service_changes_total";
+    const SLICES: &str = "kubeproxy_sync_proxy_rules_endpoint_changes_total";
+    const NAMESPACES: &str = "fairlead_node_namespace_changes_total";
+    match source {
+        Source::Api => {
+            watch(
+                Api::<Service>::all(client.clone()),
+                tx.clone(),
+                |e| Update::Service(Box::new(e)),
+                SERVICES,
+            );
+            watch(
+                Api::<EndpointSlice>::all(client.clone()),
+                tx.clone(),
+                |e| Update::Slice(Box::new(e)),
+                SLICES,
+            );
+            watch(
+                Api::<Namespace>::all(client),
+                tx,
+                |e| Update::Namespace(Box::new(e)),
+                NAMESPACES,
+            );
+        }
+        Source::Store(store) => {
+            watch_store(store.clone(), ResourceKind::Service, tx.clone(), SERVICES);
+            watch_store(
+                store.clone(),
+                ResourceKind::EndpointSlice,
+                tx.clone(),
+                SLICES,
+            );
+            watch_store(store, ResourceKind::Namespace, tx, NAMESPACES);
+        }
+    }
     // Present from the start, as 0.
     metrics::counter!("fairlead_node_synced_service_ports_total").increment(0);
     tracing::info!(node = %node_name, mode = ?cfg.proxy_mode, "node daemon running");
@@ -690,6 +872,105 @@ pub async fn cleanup() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `fairlead up`'s node reads the store directly: the list, then the
+    /// changes after it, reach the cache as they would through the API,
+    /// other resources' keys stay out, and a deletion is named from its key
+    /// when its value is gone (etcd's delete events carry none).
+    #[tokio::test]
+    async fn store_source_lists_then_follows_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn crate::store::Store> = Arc::new(
+            crate::store::embedded::EmbeddedStore::open(&dir.path().join("db"))
+                .await
+                .unwrap(),
+        );
+        let svc = |ns: &str, name: &str, ip: &str| {
+            serde_json::to_vec(&serde_json::json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"namespace": ns, "name": name},
+                "spec": {"clusterIP": ip, "ports": [{"port": 80, "protocol": "TCP"}]},
+            }))
+            .unwrap()
+        };
+        let key = |ns: &str, name: &str| crate::model::ObjectKey::new(ns, name);
+        store
+            .create("/registry/services/a/web", svc("a", "web", "10.96.0.5"))
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .create("/registry/configmaps/a/web", b"{}".to_vec())
+            .await
+            .unwrap()
+            .unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        watch_store(
+            store.clone(),
+            ResourceKind::Service,
+            tx,
+            "test_store_source_events",
+        );
+        let mut cache = Cache::new();
+        // Init, the one Service, InitDone: the initial list is complete.
+        let mut done = None;
+        for _ in 0..3 {
+            let u = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .unwrap();
+            done = apply_update(&mut cache, u.unwrap());
+        }
+        assert_eq!(done, Some(Kind::Service));
+        assert_eq!(cache.service_count(), 1);
+        assert!(cache.service(&key("a", "web")).is_some());
+
+        async fn next(rx: &mut mpsc::Receiver<Update>) -> Update {
+            let f = tokio::time::timeout(Duration::from_secs(10), rx.recv());
+            f.await
+                .expect("an event within 10 s")
+                .expect("the watch runs")
+        }
+        store
+            .create("/registry/services/b/db", svc("b", "db", "10.96.0.6"))
+            .await
+            .unwrap()
+            .unwrap();
+        apply_update(&mut cache, next(&mut rx).await);
+        assert!(cache.service(&key("b", "db")).is_some());
+        store
+            .delete("/registry/services/a/web", None)
+            .await
+            .unwrap()
+            .unwrap();
+        apply_update(&mut cache, next(&mut rx).await);
+        assert!(cache.service(&key("a", "web")).is_none());
+        assert_eq!(cache.service_count(), 1);
+
+        // A delete event without the last value still names the object.
+        let gone = crate::store::KeyValue {
+            key: "/registry/services/b/db".into(),
+            value: Vec::new(),
+            create_revision: 1,
+            mod_revision: 2,
+        };
+        apply_update(
+            &mut cache,
+            Update::Stored(ResourceKind::Service, Stored::Delete(gone)),
+        );
+        assert_eq!(cache.service_count(), 0);
+        // A value that does not decode is skipped, not applied.
+        let bad = crate::store::KeyValue {
+            key: "/registry/services/c/x".into(),
+            value: b"{not json".to_vec(),
+            create_revision: 3,
+            mod_revision: 3,
+        };
+        apply_update(
+            &mut cache,
+            Update::Stored(ResourceKind::Service, Stored::Apply(bad)),
+        );
+        assert_eq!(cache.service_count(), 0);
+    }
 
     #[test]
     fn pacer_bursts_then_spaces_syncs() {
