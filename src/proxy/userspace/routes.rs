@@ -190,6 +190,8 @@ pub(crate) struct SvcMetrics {
     /// Endpoint → client bytes.
     pub(crate) bytes_down: Counter,
     pub(crate) connect_errors: Counter,
+    /// Bytes of either direction moved by `splice(2)` (bulk transfers).
+    pub(crate) spliced: Counter,
     pub(crate) udp_flows: Gauge,
     pub(crate) bind_errors: Counter,
     /// L7 ports: request latency (until the response head), and request
@@ -210,6 +212,7 @@ impl SvcMetrics {
             bytes_up: metrics::counter!("fairlead_proxy_bytes_total", "service" => svc.clone(), "direction" => "upstream"),
             bytes_down: metrics::counter!("fairlead_proxy_bytes_total", "service" => svc.clone(), "direction" => "downstream"),
             connect_errors: metrics::counter!("fairlead_proxy_backend_connect_errors_total", "service" => svc.clone()),
+            spliced: metrics::counter!("fairlead_proxy_spliced_bytes_total", "service" => svc.clone()),
             udp_flows: metrics::gauge!("fairlead_proxy_udp_flows", "service" => svc.clone()),
             bind_errors: metrics::counter!("fairlead_proxy_bind_errors_total", "service" => svc.clone()),
             http_duration: metrics::histogram!("fairlead_proxy_http_request_duration_seconds", "service" => svc.clone()),
