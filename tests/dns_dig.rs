@@ -606,6 +606,27 @@ fn cluster_ip_service_a_aaaa_srv_ptr() {
     );
 }
 
+/// RFC 8482: ANY at a cluster name gets one synthesized HINFO, not every
+/// record there (a headless Service's addresses); a missing name is still
+/// NXDOMAIN.
+#[test]
+fn any_gets_a_minimal_answer() {
+    let (dns, _up) = fixture();
+    for name in [
+        "db.default.svc.cluster.local",
+        "web.default.svc.cluster.local",
+    ] {
+        let r = dns.dig(&[name, "ANY"]);
+        assert_eq!(r.status(), "NOERROR", "{}", r.raw);
+        assert_eq!(r.answer.len(), 1, "one record:\n{}", r.raw);
+        assert_eq!(r.answers("HINFO"), vec!["\"rfc8482\" \"\""], "{}", r.raw);
+        assert!(r.additional.iter().all(|a| a.rtype == "OPT"), "{}", r.raw);
+        assert!(r.flags.contains("aa"), "{}", r.raw);
+    }
+    dns.dig(&["nope.default.svc.cluster.local", "ANY"])
+        .assert_negative("NXDOMAIN", "cluster.local.");
+}
+
 #[test]
 fn headless_service_records() {
     let (dns, up) = fixture();

@@ -124,7 +124,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, HINFO, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -1251,6 +1251,15 @@ impl Index {
         name.set_fqdn(true);
         for _ in 0..MAX_CNAME_HOPS {
             match self.step(&name, qtype) {
+                Step::Records(recs) if qtype == RecordType::ANY && !recs.is_empty() => {
+                    // RFC 8482: not every record at the name (a headless
+                    // Service's hundreds of addresses, an amplifier), but
+                    // one synthesized HINFO saying why.
+                    let mut hinfo = recs[0].clone();
+                    hinfo.data = RData::HINFO(HINFO::new("RFC8482".into(), String::new()));
+                    out.answers.push(hinfo);
+                    return Resolution::Zone(out);
+                }
                 Step::Records(recs) => {
                     out.additionals = self.additionals_for(&recs);
                     out.answers.extend(recs);
