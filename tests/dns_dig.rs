@@ -1496,6 +1496,66 @@ fn tcp_exchange(s: &mut TcpStream, packet: &[u8]) -> std::io::Result<Vec<u8>> {
 
 // ---- acceptance 5: TCP and truncation ------------------------------------------------
 
+/// A flood of idle TCP connections from one client: past its share
+/// (`max_tcp_per_client`) the server closes them at once; UDP keeps
+/// answering, another client's TCP query gets through, and the client gets
+/// TCP back once its connections close.
+#[test]
+fn tcp_flood_from_one_client_leaves_udp_and_other_clients_served() {
+    let up = Upstream::start();
+    let dns = Dns::start(vec![up.addr], |c| c.max_tcp_per_client = 8);
+    dns.update(&fixture_services(), &fixture_slices(), &["default"]);
+    let flood: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(dns.addr).unwrap())
+        .collect();
+    for s in &flood {
+        s.set_nonblocking(true).unwrap();
+    }
+    // Closed by the server: EOF. Still open: nothing to read.
+    let closed = |flood: &[TcpStream]| {
+        flood
+            .iter()
+            .filter(|s| {
+                let mut r: &TcpStream = s;
+                matches!(r.read(&mut [0u8; 1]), Ok(0))
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while closed(&flood) < 32 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(closed(&flood), 32, "all but the client's 8 closed");
+
+    let udp = dns.dig(&["web.default.svc.cluster.local", "A"]);
+    assert_eq!(udp.answers("A"), vec!["10.96.0.20"], "{}", udp.raw);
+    let other = dns.dig(&[
+        "-b",
+        "127.0.0.2",
+        "+tcp",
+        "web.default.svc.cluster.local",
+        "A",
+    ]);
+    assert_eq!(other.answers("A"), vec!["10.96.0.20"], "{}", other.raw);
+    let mine = dns.dig(&["+tcp", "+tries=1", "web.default.svc.cluster.local", "A"]);
+    assert!(
+        mine.answers("A").is_empty(),
+        "over its share:\n{}",
+        mine.raw
+    );
+
+    drop(flood);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let again = dns.dig(&["+tcp", "+tries=1", "web.default.svc.cluster.local", "A"]);
+        if again.answers("A") == vec!["10.96.0.20"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no TCP back:\n{}", again.raw);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn tcp_queries() {
     let (dns, _up) = fixture();

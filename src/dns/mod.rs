@@ -85,6 +85,9 @@ pub struct DnsConfig {
     pub tcp_idle_timeout: Duration,
     /// Open TCP connections; more are closed at once.
     pub max_tcp_connections: usize,
+    /// Open TCP connections from one client address; more from it are
+    /// closed at once, so one client cannot take every connection.
+    pub max_tcp_per_client: usize,
     /// Forwarded queries in flight; more get REFUSED (CoreDNS
     /// `max_concurrent`).
     pub max_concurrent_forwards: usize,
@@ -106,6 +109,7 @@ impl Default for DnsConfig {
             max_udp_payload: 1232,
             tcp_idle_timeout: Duration::from_secs(10),
             max_tcp_connections: 1024,
+            max_tcp_per_client: 64,
             max_concurrent_forwards: 1000,
             udp_workers: std::thread::available_parallelism()
                 .map_or(1, |n| n.get())
@@ -222,6 +226,8 @@ impl DnsServer {
             tcp_idle_timeout: cfg.tcp_idle_timeout,
             forwards: Arc::new(Semaphore::new(cfg.max_concurrent_forwards.max(1))),
             tcp_connections: Arc::new(Semaphore::new(cfg.max_tcp_connections.max(1))),
+            tcp_clients: Default::default(),
+            max_tcp_per_client: cfg.max_tcp_per_client.max(1),
             zone_label: Arc::from(zone.to_ascii()),
         });
         let mut tasks = Vec::new();

@@ -65,6 +65,9 @@ pub struct Shared {
     pub forwards: Arc<Semaphore>,
     /// Bounds open TCP connections.
     pub tcp_connections: Arc<Semaphore>,
+    /// Open TCP connections per client address (entries at 0 removed).
+    pub tcp_clients: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    pub max_tcp_per_client: usize,
     /// `zone` metric label of in-zone requests (`cluster.local.`).
     pub zone_label: Arc<str>,
 }
@@ -485,7 +488,36 @@ pub async fn udp_worker(sock: Arc<UdpSocket>, shared: Arc<Shared>, server: Arc<s
     }
 }
 
-/// Accept TCP connections (bounded); each is served by its own task.
+/// One of a client address's TCP connections, counted while it lives.
+struct ClientSlot(Arc<Shared>, std::net::IpAddr);
+
+impl ClientSlot {
+    /// A slot for `ip`, unless it already holds `max_tcp_per_client`.
+    fn take(shared: &Arc<Shared>, ip: std::net::IpAddr) -> Option<ClientSlot> {
+        let mut clients = shared.tcp_clients.lock().unwrap_or_else(|e| e.into_inner());
+        let n = clients.entry(ip).or_insert(0);
+        if *n >= shared.max_tcp_per_client {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot(shared.clone(), ip))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut clients = self.0.tcp_clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = clients.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                clients.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Accept TCP connections (bounded in all and per client address); each is
+/// served by its own task.
 pub async fn tcp_acceptor(listener: TcpListener, shared: Arc<Shared>, server: Arc<str>) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -501,11 +533,15 @@ pub async fn tcp_acceptor(listener: TcpListener, shared: Arc<Shared>, server: Ar
             metrics::counter!("fairlead_dns_dropped_total", "reason" => "tcp_limit").increment(1);
             continue;
         };
-        let shared = shared.clone();
+        let Some(client) = ClientSlot::take(&shared, peer.ip()) else {
+            metrics::counter!("fairlead_dns_dropped_total", "reason" => "tcp_client_limit")
+                .increment(1);
+            continue;
+        };
         let server = server.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            tcp_connection(stream, peer, &shared, &server).await;
+            tcp_connection(stream, peer, &client.0, &server).await;
         });
     }
 }
