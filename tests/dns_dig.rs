@@ -987,6 +987,28 @@ fn updates_are_served_at_once() {
 
 // ---- acceptance 3: forwarding ---------------------------------------------------
 
+/// RFC 8767 serve-stale: once a cached answer's TTL has passed and no
+/// upstream answers, the expired answer is served with a 30 s TTL; a name
+/// never seen gets SERVFAIL within the forward timeout.
+#[test]
+fn stale_answers_are_served_when_the_upstream_is_down() {
+    let mut up = Upstream::start();
+    // Cache answers for at most 1 s, so they expire during the test.
+    let dns = Dns::start(vec![up.addr], |c| c.cache_max_ttl = Duration::from_secs(1));
+    let r = dns.dig(&["outside.example", "A"]);
+    assert_eq!(r.answers("A"), vec!["192.0.2.1"], "{}", r.raw);
+    up.stop();
+    // Past the TTL (a wait for time itself, not for an event).
+    std::thread::sleep(Duration::from_millis(1500));
+    let stale = dns.dig(&["outside.example", "A"]);
+    assert_eq!(stale.status(), "NOERROR", "{}", stale.raw);
+    assert_eq!(stale.answers("A"), vec!["192.0.2.1"], "{}", stale.raw);
+    assert_eq!(stale.answer[0].ttl, 30, "the stale TTL: {}", stale.raw);
+    let never = dns.dig(&["never.example", "A"]);
+    assert_eq!(never.status(), "SERVFAIL", "{}", never.raw);
+    assert!(never.elapsed < PROMPTLY, "took {:?}", never.elapsed);
+}
+
 #[test]
 fn forwarding_to_the_upstream_and_servfail_when_it_is_down() {
     let (dns, mut up) = fixture();
@@ -1013,6 +1035,34 @@ fn forwarding_to_the_upstream_and_servfail_when_it_is_down() {
         1,
         "upstream SOA: {}",
         nx.raw
+    );
+    // RFC 2308: negative answers are cached (for the SOA's minimum, here
+    // 30 s): asking again, NXDOMAIN or NODATA, does not reach the upstream.
+    let nodata = dns.dig(&["outside.example", "AAAA"]);
+    assert_eq!(nodata.status(), "NOERROR", "{}", nodata.raw);
+    assert!(nodata.answer.is_empty(), "{}", nodata.raw);
+    let again = dns.dig(&["missing.example", "A"]);
+    assert_eq!(again.status(), "NXDOMAIN", "{}", again.raw);
+    assert_eq!(data_of(&again.authority, "SOA").len(), 1, "{}", again.raw);
+    let again = dns.dig(&["outside.example", "AAAA"]);
+    assert_eq!(again.status(), "NOERROR", "{}", again.raw);
+    let asked_for = |name: &str, t: RecordType| {
+        up.seen()
+            .iter()
+            .filter(|(n, q)| n == name && *q == t)
+            .count()
+    };
+    assert_eq!(
+        asked_for("missing.example.", RecordType::A),
+        1,
+        "{:?}",
+        up.seen()
+    );
+    assert_eq!(
+        asked_for("outside.example.", RecordType::AAAA),
+        1,
+        "{:?}",
+        up.seen()
     );
     let asked = up.seen().len();
 

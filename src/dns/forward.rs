@@ -7,7 +7,9 @@
 //! Upstreams are tried in turn within one overall deadline, those that
 //! recently failed last, so a dead upstream costs one attempt per
 //! [`DOWN_FOR`] rather than one per query; when none answers the caller gets
-//! an error (SERVFAIL to the client), never a hang.
+//! an expired answer still cached (serve-stale, RFC 8767, for [`STALE_FOR`]
+//! with a [`STALE_TTL`] TTL) or an error (SERVFAIL to the client), never a
+//! hang.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -26,6 +28,20 @@ pub const DOWN_FOR: Duration = Duration::from_secs(5);
 /// The shortest time one upstream attempt gets (when several share the
 /// deadline).
 const MIN_ATTEMPT: Duration = Duration::from_millis(400);
+
+/// How long an expired answer is kept to serve when no upstream answers
+/// (RFC 8767 serve-stale; CoreDNS `serve_stale`'s default).
+const STALE_FOR: Duration = Duration::from_secs(3600);
+
+/// The TTL of a stale answer (RFC 8767's recommendation).
+const STALE_TTL: u32 = 30;
+
+/// A cache lookup's result.
+enum Cached {
+    Fresh(UpstreamAnswer),
+    /// Expired: to serve only when no upstream answers.
+    Stale(UpstreamAnswer),
+}
 
 /// EDNS payload size we advertise upstream.
 const UPSTREAM_PAYLOAD: u16 = 1232;
@@ -94,11 +110,20 @@ impl UpstreamAnswer {
     }
 
     fn aged(&self, secs: u32) -> UpstreamAnswer {
+        self.map_ttl(|t| t.saturating_sub(secs))
+    }
+
+    /// Every record with TTL `ttl` (a stale answer's).
+    fn with_ttl(&self, ttl: u32) -> UpstreamAnswer {
+        self.map_ttl(|_| ttl)
+    }
+
+    fn map_ttl(&self, f: impl Fn(u32) -> u32) -> UpstreamAnswer {
         let age = |v: &Vec<Record>| -> Vec<Record> {
             v.iter()
                 .map(|r| {
                     let mut r = r.clone();
-                    r.ttl = r.ttl.saturating_sub(secs);
+                    r.ttl = f(r.ttl);
                     r
                 })
                 .collect()
@@ -193,15 +218,30 @@ impl Forwarder {
             dnssec_ok: flags.dnssec_ok,
             checking_disabled: flags.checking_disabled,
         };
-        if let Some(hit) = self.cached(&key) {
-            let kind = if hit.is_denial() { "denial" } else { "success" };
-            metrics::counter!("coredns_cache_hits_total", "server" => self.server.clone(), "type" => kind)
-                .increment(1);
-            return Ok(hit);
-        }
+        let stale = match self.cached(&key) {
+            Some(Cached::Fresh(hit)) => {
+                let kind = if hit.is_denial() { "denial" } else { "success" };
+                metrics::counter!("coredns_cache_hits_total", "server" => self.server.clone(), "type" => kind)
+                    .increment(1);
+                return Ok(hit);
+            }
+            Some(Cached::Stale(old)) => Some(old),
+            None => None,
+        };
         metrics::counter!("coredns_cache_misses_total", "server" => self.server.clone())
             .increment(1);
-        let answer = self.exchange_any(query, flags).await?;
+        let answer = match (self.exchange_any(query, flags).await, stale) {
+            (Ok(a), _) => a,
+            // RFC 8767: no upstream answered, but an expired answer is
+            // still known: serve it, with a short TTL.
+            (Err(e), Some(old)) => {
+                tracing::debug!(error = %e, name = %query.name(), "serving a stale answer");
+                metrics::counter!("coredns_cache_served_stale_total", "server" => self.server.clone())
+                    .increment(1);
+                return Ok(old);
+            }
+            (Err(e), None) => return Err(e),
+        };
         if let Some(ttl) = answer.cache_ttl() {
             let ttl = ttl.min(self.max_ttl);
             if ttl > 0 {
@@ -211,23 +251,26 @@ impl Forwarder {
         Ok(answer)
     }
 
-    fn cached(&self, key: &CacheKey) -> Option<UpstreamAnswer> {
+    fn cached(&self, key: &CacheKey) -> Option<Cached> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         let entry = cache.get(key)?;
         let now = Instant::now();
-        if now >= entry.expires {
+        if now >= entry.expires + STALE_FOR {
             cache.remove(key);
             return None;
         }
+        if now >= entry.expires {
+            return Some(Cached::Stale(entry.answer.with_ttl(STALE_TTL)));
+        }
         let age = now.duration_since(entry.stored).as_secs() as u32;
-        Some(entry.answer.aged(age))
+        Some(Cached::Fresh(entry.answer.aged(age)))
     }
 
     fn store(&self, key: CacheKey, answer: UpstreamAnswer, ttl: Duration) {
         let now = Instant::now();
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= self.capacity {
-            cache.retain(|_, e| e.expires > now);
+            cache.retain(|_, e| e.expires + STALE_FOR > now);
             if cache.len() >= self.capacity {
                 // Evict an arbitrary tenth (hash order).
                 let evict: Vec<CacheKey> =
@@ -508,7 +551,7 @@ mod tests {
         };
         let ans = answer(ResponseCode::NoError, vec![], vec![]);
         f.store(key("Example.COM."), ans.clone(), Duration::from_secs(5));
-        assert_eq!(f.cached(&key("example.com.")), Some(ans.clone()));
+        assert!(matches!(f.cached(&key("example.com.")), Some(Cached::Fresh(a)) if a == ans));
         for i in 0..50 {
             f.store(key(&format!("n{i}.")), ans.clone(), Duration::from_secs(5));
         }
