@@ -223,35 +223,34 @@ impl Stored {
         K: kube::Resource<DynamicType = ()> + Default + serde::de::DeserializeOwned,
     {
         use watcher::Event as E;
-        let prefix = || crate::api::resources::by_kind(kind).prefix(None);
         Some(match self {
             Stored::Init => E::Init,
             Stored::InitDone => E::InitDone,
-            Stored::InitApply(kv) => E::InitApply(stored_object(&prefix(), &kv, false)?),
-            Stored::Apply(kv) => E::Apply(stored_object(&prefix(), &kv, false)?),
-            Stored::Delete(kv) => E::Delete(stored_object(&prefix(), &kv, true)?),
+            Stored::InitApply(kv) => E::InitApply(stored_object(&kv)?),
+            Stored::Apply(kv) => E::Apply(stored_object(&kv)?),
+            Stored::Delete(kv) => E::Delete(
+                serde_json::from_slice(&kv.value).unwrap_or_else(|_| named_from_key(kind, &kv.key)),
+            ),
         })
     }
 }
 
-/// The object stored at `kv`. A deletion needs only the name, so one whose
-/// last value is gone (etcd's delete events carry none) is named from its
-/// key. A value that does not decode is skipped with a warning.
-fn stored_object<K>(prefix: &str, kv: &crate::store::KeyValue, deleted: bool) -> Option<K>
+/// The object stored at `kv`; one that does not decode is skipped with a
+/// warning.
+fn stored_object<K: serde::de::DeserializeOwned>(kv: &crate::store::KeyValue) -> Option<K> {
+    serde_json::from_slice(&kv.value)
+        .map_err(|e| tracing::warn!(key = %kv.key, error = %e, "a stored object does not decode; skipped"))
+        .ok()
+}
+
+/// A deleted object whose last value is gone (etcd's delete events carry
+/// none): a deletion needs only the namespace and name, from its key.
+fn named_from_key<K>(kind: ResourceKind, key: &str) -> K
 where
-    K: kube::Resource<DynamicType = ()> + Default + serde::de::DeserializeOwned,
+    K: kube::Resource<DynamicType = ()> + Default,
 {
-    match serde_json::from_slice::<K>(&kv.value) {
-        Ok(o) => return Some(o),
-        Err(_) if deleted && kv.value.is_empty() => {}
-        Err(e) => {
-            tracing::warn!(key = %kv.key, error = %e, "a stored object does not decode; skipped");
-            if !deleted {
-                return None;
-            }
-        }
-    }
-    let rest = kv.key.strip_prefix(prefix)?;
+    let prefix = crate::api::resources::by_kind(kind).prefix(None);
+    let rest = key.strip_prefix(&prefix).unwrap_or(key);
     let mut o = K::default();
     let m = o.meta_mut();
     match rest.split_once('/') {
@@ -261,7 +260,7 @@ where
         }
         None => m.name = Some(rest.to_string()),
     }
-    Some(o)
+    o
 }
 
 /// Apply one watch event to the cache; returns the kind whose initial list
