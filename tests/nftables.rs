@@ -975,7 +975,14 @@ fn shards_partial_syncs_adoption_and_cleanup() {
             .block_on(proxy.sync(&state))
             .unwrap_or_else(|e| panic!("step {step} (seed {seed}): {e}"));
         assert_eq!(stats.fallbacks, 0, "step {step} (seed {seed}): {stats:?}");
-        most = most.max(our_tables(&ns, "fairlead").len());
+        let tables = our_tables(&ns, "fairlead").len();
+        // Growing sizes the tables for twice the service ports: 1, 4, 16
+        // tables, never the 2 or 8 of doubling.
+        assert!(
+            tables.is_power_of_two() && tables.trailing_zeros() % 2 == 0,
+            "step {step} (seed {seed}): {tables} tables"
+        );
+        most = most.max(tables);
         rt.block_on(fairlead::proxy::nftables::cleanup(
             Some(&ns.name),
             "reference",

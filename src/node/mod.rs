@@ -82,8 +82,14 @@ const EVENT_BUFFER: usize = 512;
 
 /// A sync of at least this many service ports hands freed memory back to
 /// the kernel afterwards (the first sync builds everything at once; glibc
-/// keeps freed heap pages otherwise, and RSS would stay at that peak).
+/// keeps freed heap pages otherwise, and RSS would stay at that peak)...
 const TRIM_AFTER_PORTS: usize = 1000;
+
+/// ...once syncs have been quiet this long: during a bulk load most syncs
+/// are that large, and `malloc_trim` after each one cost the whole
+/// process (it locks each allocator arena while it walks it, stalling API
+/// requests for up to ~300 ms, and the pages it returns fault back in).
+const TRIM_WHEN_QUIET: Duration = Duration::from_secs(1);
 
 /// Forward a watch of `api` into `tx`, wrapped by `wrap`, counting events
 /// under `metric`. Errors are retried with backoff.
@@ -581,6 +587,8 @@ pub async fn run_from(client: kube::Client, cfg: NodeConfig, source: Source) -> 
     // `warn_if_no_service_route`).
     let mut route_checked = cfg.proxy_mode != ProxyMode::Nftables;
     let mut next_verify = Instant::now() + cfg.sync_period;
+    // When to hand freed memory back (see `TRIM_WHEN_QUIET`).
+    let mut trim_at: Option<Instant> = None;
     loop {
         let ready = listed.len() == 3;
         let dirty = cache.has_dirty();
@@ -617,6 +625,11 @@ pub async fn run_from(client: kube::Client, cfg: NodeConfig, source: Source) -> 
                 continue;
             }
             _ = sleep_until(due), if due.is_some() => {}
+            _ = sleep_until(trim_at), if trim_at.is_some() && !dirty => {
+                trim_at = None;
+                release_free_memory();
+                continue;
+            }
             _ = tokio::time::sleep_until(next_verify.into()), if ready && !dirty && retry_at.is_none() => {
                 next_verify = Instant::now() + cfg.sync_period;
                 if let Err(e) = proxy.verify().await {
@@ -654,7 +667,7 @@ pub async fn run_from(client: kube::Client, cfg: NodeConfig, source: Source) -> 
         };
         let took = started.elapsed();
         if changes.len() >= TRIM_AFTER_PORTS {
-            release_free_memory();
+            trim_at = Some(Instant::now() + TRIM_WHEN_QUIET);
         }
         metrics::histogram!("kubeproxy_sync_proxy_rules_duration_seconds")
             .record(took.as_secs_f64());

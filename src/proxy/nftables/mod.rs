@@ -39,7 +39,8 @@
 //! are spread over K tables by a hash of their name ([`ruleset::shard_of`];
 //! K a power of two, grown by recreating the tables when the average
 //! table would hold more than [`NftablesConfig::shard_size`] service
-//! ports): one change re-validates one table of at most a few thousand.
+//! ports, to the K that fits twice as many): one change re-validates one
+//! table of at most a few thousand.
 //! Each shard table has its own NAT base chains at the same hooks; NAT
 //! chains only see a connection's first packet, and the first table whose
 //! dispatch map knows the destination DNATs it (the other tables' chains
@@ -106,6 +107,10 @@ pub struct NftablesConfig {
 /// The default [`NftablesConfig::shard_size`]: one change then
 /// re-validates at most a few thousand service ports' chains (a few ms).
 pub const DEFAULT_SHARD_SIZE: usize = 1024;
+
+/// When the tables grow, they are sized for this many times the service
+/// ports they will hold (see [`NftablesProxy::apply`]).
+const GROWTH_HEADROOM: usize = 2;
 
 /// Most tables (the number of hooks a new connection may pass).
 pub const MAX_SHARDS: u32 = 64;
@@ -343,6 +348,10 @@ impl NftablesProxy {
             .count();
         let after = g.model.service_count() + added - stats.services_removed;
         let grow = self.cfg.shards_for(after) > g.model.shards();
+        // Growing recreates every table: size them for twice as many
+        // service ports (K x4 rather than x2), so that a cluster loading
+        // Services from zero rebuilds ~1/3 of what it adds, not all of it.
+        let grown = self.cfg.shards_for(after.saturating_mul(GROWTH_HEADROOM));
         if !g.needs_full && !grow {
             if changes.is_empty() {
                 return Ok(stats);
@@ -410,9 +419,12 @@ impl NftablesProxy {
                 tracing::info!(
                     services = after,
                     from = g.model.shards(),
-                    to = self.cfg.shards_for(after),
+                    to = grown,
                     "more Services than the tables are sized for; recreating them with more shards"
                 );
+            }
+            if grow {
+                g.model.set_shards(grown);
             }
             g.needs_full = true;
         }
