@@ -1009,6 +1009,65 @@ fn stale_answers_are_served_when_the_upstream_is_down() {
     assert!(never.elapsed < PROMPTLY, "took {:?}", never.elapsed);
 }
 
+/// Forwarded queries in flight are bounded: past `max_concurrent_forwards`
+/// a query gets SERVFAIL at once, without reaching an upstream, while the
+/// earlier ones still wait for theirs.
+#[test]
+fn forwards_past_the_limit_get_servfail_at_once() {
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dns = Dns::start(vec![silent.local_addr().unwrap()], |c| {
+        c.max_concurrent_forwards = 1;
+        // Longer than PROMPTLY, shorter than dig's own wait.
+        c.forward_timeout = Duration::from_secs(5);
+    });
+    let addr = dns.addr;
+    let first = std::thread::spawn(move || dig(addr, &["first.example", "A"]));
+    // The first query is in flight once the upstream has it.
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let (n, _) = silent
+        .recv_from(&mut buf)
+        .expect("the first query upstream");
+    let q = Message::from_vec(&buf[..n]).expect("a DNS query");
+    assert_eq!(
+        q.queries[0].name().to_ascii().to_lowercase(),
+        "first.example."
+    );
+    let second = dns.dig(&["second.example", "A"]);
+    assert_eq!(second.status(), "SERVFAIL", "{}", second.raw);
+    assert!(second.elapsed < PROMPTLY, "took {:?}", second.elapsed);
+    // Only the first reached the upstream.
+    silent
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    while let Ok((n, _)) = silent.recv_from(&mut buf) {
+        let q = Message::from_vec(&buf[..n]).expect("a DNS query");
+        assert_eq!(
+            q.queries[0].name().to_ascii().to_lowercase(),
+            "first.example.",
+            "{q:?}"
+        );
+    }
+    let first = first.join().unwrap();
+    assert_eq!(first.status(), "SERVFAIL", "{}", first.raw);
+    // The slot is free again: the next query is forwarded (and times out).
+    let third = std::thread::spawn(move || dig(addr, &["third.example", "A"]));
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let (n, _) = silent
+        .recv_from(&mut buf)
+        .expect("the third query upstream");
+    let q = Message::from_vec(&buf[..n]).expect("a DNS query");
+    assert_eq!(
+        q.queries[0].name().to_ascii().to_lowercase(),
+        "third.example."
+    );
+    assert_eq!(third.join().unwrap().status(), "SERVFAIL");
+}
+
 #[test]
 fn forwarding_to_the_upstream_and_servfail_when_it_is_down() {
     let (dns, mut up) = fixture();

@@ -979,7 +979,7 @@ fn shards_partial_syncs_adoption_and_cleanup() {
         // Growing sizes the tables for twice the service ports: 1, 4, 16
         // tables, never the 2 or 8 of doubling.
         assert!(
-            tables.is_power_of_two() && tables.trailing_zeros() % 2 == 0,
+            tables.is_power_of_two() && tables.trailing_zeros().is_multiple_of(2),
             "step {step} (seed {seed}): {tables} tables"
         );
         most = most.max(tables);

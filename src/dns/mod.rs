@@ -88,8 +88,8 @@ pub struct DnsConfig {
     /// Open TCP connections from one client address; more from it are
     /// closed at once, so one client cannot take every connection.
     pub max_tcp_per_client: usize,
-    /// Forwarded queries in flight; more get REFUSED (CoreDNS
-    /// `max_concurrent`).
+    /// Forwarded queries in flight; more get SERVFAIL at once (CoreDNS
+    /// `max_concurrent`, which answers REFUSED).
     pub max_concurrent_forwards: usize,
     /// UDP receive loops per listen address (default: one per core, ≤ 4).
     pub udp_workers: usize,

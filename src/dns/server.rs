@@ -6,7 +6,10 @@
 //! can answer, drops what must be dropped and returns errors; only queries
 //! that need an upstream become a [`Pending`] that a spawned task
 //! [`complete`]s (bounded by `max_concurrent_forwards`, beyond which the
-//! client gets REFUSED like CoreDNS's `max_concurrent`).
+//! client gets SERVFAIL at once, counted like CoreDNS's `max_concurrent`
+//! in `coredns_forward_max_concurrent_rejects_total`: a flood of queries
+//! for names no upstream answers costs a bounded number of tasks, not
+//! memory that grows with it).
 //!
 //! Validation (nothing a client sends can panic or stall a worker):
 //! shorter than a header or a response (QR set): dropped; opcode other than
@@ -171,19 +174,73 @@ fn observe(
     rcode: ResponseCode,
     started: Instant,
 ) {
-    // Labels share the Arc'd strings: no allocation per query.
-    let server = metrics::SharedString::from(server.clone());
-    let zone = metrics::SharedString::from(zone.clone());
-    metrics::counter!("coredns_dns_requests_total",
-        "server" => server.clone(), "zone" => zone.clone(), "proto" => proto.label(),
-        "family" => fam, "type" => qtype)
-    .increment(1);
-    metrics::counter!("coredns_dns_responses_total",
-        "server" => server.clone(), "zone" => zone.clone(), "rcode" => rcode_label(rcode))
-    .increment(1);
-    metrics::histogram!("coredns_dns_request_duration_seconds",
-        "server" => server, "zone" => zone, "type" => qtype)
-    .record(started.elapsed().as_secs_f64());
+    let key = HandleKey {
+        server: server.clone(),
+        zone: zone.clone(),
+        proto: proto.label(),
+        fam,
+        qtype,
+        rcode: rcode_label(rcode),
+    };
+    let h = HANDLES.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(h) = cache.get(&key) {
+            return h.clone();
+        }
+        let h = key.register();
+        cache.insert(key, h.clone());
+        h
+    });
+    h.requests.increment(1);
+    h.responses.increment(1);
+    h.duration.record(started.elapsed().as_secs_f64());
+}
+
+/// The label set of one reply's request metrics.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct HandleKey {
+    server: Arc<str>,
+    zone: Arc<str>,
+    proto: &'static str,
+    fam: &'static str,
+    qtype: &'static str,
+    rcode: &'static str,
+}
+
+/// The handles of one label set's request metrics.
+#[derive(Clone)]
+struct Handles {
+    requests: metrics::Counter,
+    responses: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+impl HandleKey {
+    fn register(&self) -> Handles {
+        // Labels share the Arc'd strings.
+        let server = metrics::SharedString::from(self.server.clone());
+        let zone = metrics::SharedString::from(self.zone.clone());
+        Handles {
+            requests: metrics::counter!("coredns_dns_requests_total",
+                "server" => server.clone(), "zone" => zone.clone(), "proto" => self.proto,
+                "family" => self.fam, "type" => self.qtype),
+            responses: metrics::counter!("coredns_dns_responses_total",
+                "server" => server.clone(), "zone" => zone.clone(), "rcode" => self.rcode),
+            duration: metrics::histogram!("coredns_dns_request_duration_seconds",
+                "server" => server, "zone" => zone, "type" => self.qtype),
+        }
+    }
+}
+
+// Each worker thread looks a label set up in the recorder once: the
+// macros build and hash the whole label set (allocating it) on every
+// call, three times per query. A label set is a handful of strings and
+// there are few of them (types x rcodes x servers), so the cache stays
+// small. (A handle is bound to the recorder installed when it was made:
+// the node installs its recorder before it starts serving.)
+thread_local! {
+    static HANDLES: std::cell::RefCell<std::collections::HashMap<HandleKey, Handles>> =
+        Default::default();
 }
 
 /// A header-only error reply built from raw request bytes (used when the
@@ -331,7 +388,10 @@ pub async fn complete(shared: &Shared, p: Pending) -> Vec<u8> {
     let qtype = req.query.query_type();
     let result = match shared.forwards.clone().try_acquire_owned() {
         Ok(_permit) => Some(shared.forwarder.resolve(&target, flags).await),
-        Err(_) => None,
+        Err(_) => {
+            metrics::counter!("coredns_forward_max_concurrent_rejects_total").increment(1);
+            None
+        }
     };
     let (zone_label, rcode, bytes) = match alias {
         // ExternalName: the CNAME chain is ours (authoritative); append the
@@ -368,7 +428,7 @@ pub async fn complete(shared: &Shared, p: Pending) -> Vec<u8> {
                 )
             }
             None => {
-                let rcode = ResponseCode::Refused;
+                let rcode = ResponseCode::ServFail;
                 (
                     &*ROOT_LABEL,
                     rcode,

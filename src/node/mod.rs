@@ -85,10 +85,11 @@ const EVENT_BUFFER: usize = 512;
 /// keeps freed heap pages otherwise, and RSS would stay at that peak)...
 const TRIM_AFTER_PORTS: usize = 1000;
 
-/// ...once syncs have been quiet this long: during a bulk load most syncs
-/// are that large, and `malloc_trim` after each one cost the whole
-/// process (it locks each allocator arena while it walks it, stalling API
-/// requests for up to ~300 ms, and the pages it returns fault back in).
+/// ...at once after the first sync, else once syncs have been quiet this
+/// long: during a bulk load most syncs are that large, and `malloc_trim`
+/// after each one cost the whole process (it locks each allocator arena
+/// while it walks it, stalling API requests for up to ~300 ms, and the
+/// pages it returns fault back in).
 const TRIM_WHEN_QUIET: Duration = Duration::from_secs(1);
 
 /// Forward a watch of `api` into `tx`, wrapped by `wrap`, counting events
@@ -589,6 +590,7 @@ pub async fn run_from(client: kube::Client, cfg: NodeConfig, source: Source) -> 
     let mut next_verify = Instant::now() + cfg.sync_period;
     // When to hand freed memory back (see `TRIM_WHEN_QUIET`).
     let mut trim_at: Option<Instant> = None;
+    let mut first_sync = true;
     loop {
         let ready = listed.len() == 3;
         let dirty = cache.has_dirty();
@@ -667,8 +669,14 @@ pub async fn run_from(client: kube::Client, cfg: NodeConfig, source: Source) -> 
         };
         let took = started.elapsed();
         if changes.len() >= TRIM_AFTER_PORTS {
-            trim_at = Some(Instant::now() + TRIM_WHEN_QUIET);
+            if first_sync {
+                // Everything at once, with nothing else going on yet.
+                release_free_memory();
+            } else {
+                trim_at = Some(Instant::now() + TRIM_WHEN_QUIET);
+            }
         }
+        first_sync = false;
         metrics::histogram!("kubeproxy_sync_proxy_rules_duration_seconds")
             .record(took.as_secs_f64());
         metrics::gauge!("fairlead_proxy_service_ports").set(tracker.state().len() as f64);
