@@ -77,7 +77,8 @@
 //! `FAIRLEAD_BENCH_DNS_RATE` (queries/s of the latency run, 5000),
 //! `FAIRLEAD_BENCH_DNS_CLIENTS` (20), `FAIRLEAD_BENCH_DNS_THREADS` (2),
 //! `FAIRLEAD_BENCH_DNS_OUTSTANDING` (200), `FAIRLEAD_BENCH_DNS_SERVICES`
-//! (memory phase, 10000). A run takes 2 × ROUNDS × duration + 2 × duration
+//! (memory phase, 10000), `FAIRLEAD_BENCH_DNS_REUSEPORT` (1: a socket per
+//! receive loop; 0: one shared socket). A run takes 2 × ROUNDS × duration + 2 × duration
 //! plus ~10 s (~70 s with the defaults). dnsmasq, dnsperf and the memory
 //! child are killed when this process ends, panics included (drop guards,
 //! plus `PR_SET_PDEATHSIG` for the case it is killed).
@@ -710,6 +711,9 @@ impl InProcessDns {
             upstreams: Vec::new(),
             ttl: Duration::from_secs(TTL_SECS),
             udp_workers: 2,
+            // `FAIRLEAD_BENCH_DNS_REUSEPORT=0`: one socket shared by the
+            // receive loops (to measure SO_REUSEPORT against it).
+            udp_reuseport: std::env::var("FAIRLEAD_BENCH_DNS_REUSEPORT").as_deref() != Ok("0"),
             ..DnsConfig::default()
         };
         let server = rt

@@ -1665,6 +1665,38 @@ fn tcp_flood_from_one_client_leaves_udp_and_other_clients_served() {
     }
 }
 
+/// Each UDP receive loop has its own socket on the port (SO_REUSEPORT),
+/// and queries from many source ports, spread over them by the kernel,
+/// are all answered.
+#[test]
+fn udp_receive_loops_have_a_socket_each() {
+    let dns = Dns::start(Vec::new(), |c| c.udp_workers = 3);
+    dns.update(&fixture_services(), &fixture_slices(), &["default"]);
+    let port = dns.addr.port().to_string();
+    let out = Command::new("ss")
+        .args(["-Huan", "sport", "=", &format!(":{port}")])
+        .output()
+        .expect("ss");
+    let sockets = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(sockets, 3, "UDP sockets on :{port}");
+    for i in 0..60u16 {
+        let mut q = Message::query();
+        q.metadata.id = i;
+        q.add_query(hickory_proto::op::Query::query(
+            Name::from_ascii("web.default.svc.cluster.local.").unwrap(),
+            RecordType::A,
+        ));
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.set_read_timeout(Some(PROMPTLY)).unwrap();
+        c.send_to(&q.to_vec().unwrap(), dns.addr).unwrap();
+        let mut buf = [0u8; 512];
+        let n = c.recv(&mut buf).unwrap_or_else(|e| panic!("query {i}: {e}"));
+        let r = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(r.metadata.id, i);
+        assert_eq!(r.answers.len(), 1, "{r:?}");
+    }
+}
+
 #[test]
 fn tcp_queries() {
     let (dns, _up) = fixture();

@@ -93,6 +93,9 @@ pub struct DnsConfig {
     pub max_concurrent_forwards: usize,
     /// UDP receive loops per listen address (default: one per core, ≤ 4).
     pub udp_workers: usize,
+    /// Give each UDP receive loop its own socket (`SO_REUSEPORT`: the
+    /// kernel spreads clients over them) instead of one shared socket.
+    pub udp_reuseport: bool,
 }
 
 impl Default for DnsConfig {
@@ -114,6 +117,7 @@ impl Default for DnsConfig {
             udp_workers: std::thread::available_parallelism()
                 .map_or(1, |n| n.get())
                 .clamp(1, 4),
+            udp_reuseport: true,
         }
     }
 }
@@ -195,7 +199,7 @@ impl DnsServer {
 
         let mut sockets = Vec::new();
         for addr in &cfg.listen {
-            sockets.push(bind_pair(*addr).await?);
+            sockets.push(bind_pair(*addr, cfg.udp_reuseport).await?);
         }
         let local_addrs: Vec<SocketAddr> = sockets.iter().map(|(a, _, _)| *a).collect();
         let upstreams: Vec<SocketAddr> = cfg
@@ -234,9 +238,20 @@ impl DnsServer {
         for (addr, udp, tcp) in sockets {
             let label: Arc<str> = Arc::from(format!("dns://{addr}"));
             let udp = Arc::new(udp);
-            for _ in 0..cfg.udp_workers.max(1) {
+            for i in 0..cfg.udp_workers.max(1) {
+                // With SO_REUSEPORT, every loop but the first has a socket
+                // of its own in the first one's group.
+                let sock = if cfg.udp_reuseport && i > 0 {
+                    Arc::new(reuseport_udp(addr).map_err(|source| DnsError::Bind {
+                        proto: "udp",
+                        addr,
+                        source,
+                    })?)
+                } else {
+                    udp.clone()
+                };
                 tasks.push(tokio::spawn(server::udp_worker(
-                    udp.clone(),
+                    sock,
                     shared.clone(),
                     label.clone(),
                 )));
@@ -380,17 +395,21 @@ fn unix_serial() -> u32 {
 /// port (retrying when TCP's is taken).
 async fn bind_pair(
     addr: SocketAddr,
+    reuseport: bool,
 ) -> Result<(SocketAddr, UdpSocket, tokio::net::TcpListener), DnsError> {
     let attempts = if addr.port() == 0 { 20 } else { 1 };
     let mut last = None;
     for _ in 0..attempts {
-        let udp = UdpSocket::bind(addr)
-            .await
-            .map_err(|source| DnsError::Bind {
-                proto: "udp",
-                addr,
-                source,
-            })?;
+        let udp = if reuseport {
+            reuseport_udp(addr)
+        } else {
+            UdpSocket::bind(addr).await
+        }
+        .map_err(|source| DnsError::Bind {
+            proto: "udp",
+            addr,
+            source,
+        })?;
         let local = udp.local_addr().map_err(|source| DnsError::Bind {
             proto: "udp",
             addr,
@@ -418,6 +437,16 @@ async fn bind_pair(
         }
     }
     Err(last.expect("at least one attempt"))
+}
+
+/// A UDP socket bound to `addr` with `SO_REUSEPORT`.
+fn reuseport_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
 }
 
 #[cfg(test)]
