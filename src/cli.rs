@@ -10,15 +10,36 @@ use clap::{Args, Parser, Subcommand};
 use crate::api::service::ServiceCidr;
 use crate::apiserver;
 
+/// `fairlead --version`: the crate version, the commit and the build date
+/// (stamped by `build.rs`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("FAIRLEAD_GIT_COMMIT"),
+    ", built ",
+    env!("FAIRLEAD_BUILD_DATE"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "fairlead",
-    version,
+    version = VERSION,
     about = "Kubernetes Service proxy + cluster DNS, with the minimal control plane that feeds them"
 )]
 pub struct Cli {
+    /// Log lines as text, or as one JSON object each (for log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written (to stderr).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -42,6 +63,12 @@ pub enum Command {
     Scheduler(ClientArgs),
     /// A demo backend answering with its name (HTTP, TCP and UDP echo).
     Echo(crate::echo::EchoArgs),
+    /// Print a shell completion script (e.g. `source <(fairlead
+    /// completion bash)`).
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -769,6 +796,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Echo(args) => crate::echo::run(args).await,
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "fairlead", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Scheduler(args) => {
             let client = client_from(args.path()?).await?;
             tokio::select! {

@@ -4,16 +4,20 @@
 use clap::Parser;
 
 fn main() {
-    tracing_subscriber::fmt()
+    let cli = fairlead::cli::Cli::parse();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal (not in log files, e.g. a pod's).
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let cli = fairlead::cli::Cli::parse();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        fairlead::cli::LogFormat::Text => logs
+            // Colours only on a terminal (not in log files, e.g. a pod's).
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        fairlead::cli::LogFormat::Json => logs.json().init(),
+    }
     raise_open_files_limit();
     limit_malloc_arenas();
     let rt = match tokio::runtime::Runtime::new() {

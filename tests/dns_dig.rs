@@ -1690,7 +1690,9 @@ fn udp_receive_loops_have_a_socket_each() {
         c.set_read_timeout(Some(PROMPTLY)).unwrap();
         c.send_to(&q.to_vec().unwrap(), dns.addr).unwrap();
         let mut buf = [0u8; 512];
-        let n = c.recv(&mut buf).unwrap_or_else(|e| panic!("query {i}: {e}"));
+        let n = c
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("query {i}: {e}"));
         let r = Message::from_vec(&buf[..n]).unwrap();
         assert_eq!(r.metadata.id, i);
         assert_eq!(r.answers.len(), 1, "{r:?}");
