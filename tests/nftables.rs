@@ -1095,8 +1095,8 @@ fn traffic_through_shard_tables() {
     let main = nft(&ns, &["list", "table", "ip", "fairlead"]);
     let all = nft(&ns, &["list", "ruleset"]);
     let rule = format!(
-        "ip daddr 10.96.1.1 tcp dport 80 dnat ip to numgen inc mod 3 map @eps-{}-3",
-        service_hash(&web)
+        "ip daddr 10.96.1.1 tcp dport 80 dnat ip to ip daddr . meta l4proto . tcp dport . numgen inc mod 3 map @eps-bucket-{:02}",
+        bucket_of(&web)
     );
     assert!(!main.contains(&rule), "web is in a shard:\n{main}");
     assert!(all.contains(&rule), "web's bucket rule:\n{all}");

@@ -39,9 +39,10 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
 use super::ruleset::{
-    bucket_chain, service_rules, shard_base_chains, shard_of, table_name, AffinitySet, BaseChain,
-    BucketRule, Chain, ElementKey, EndpointMap, Key, MapName, Rule, Ruleset, ServiceRules, TableId,
-    Verdict, BASE_CHAINS, HELPER_CHAINS, SHARD_HELPER_CHAINS, SHARD_MAPS,
+    bucket_chain, bucket_map, service_rules, shard_base_chains, shard_of, table_name, AffinitySet,
+    BaseChain, BucketRule, Chain, ElementKey, EndpointMap, EntryKey, Key, MapName, Rule, Ruleset,
+    ServiceRules, TableId, Verdict, BASE_CHAINS, BUCKET_MAP_TYPE, HELPER_CHAINS,
+    SHARD_HELPER_CHAINS, SHARD_MAPS,
 };
 
 /// The comment of every bucket chain.
@@ -141,15 +142,17 @@ pub enum Op<'a> {
     DeleteSet(&'a str),
     /// Create an endpoint map (empty).
     AddEndpointMap(&'a EndpointMap),
-    /// Entry `index` of an endpoint map.
+    /// Create bucket `b`'s shared endpoint map (empty).
+    AddBucketMap(u32),
+    /// One entry of an endpoint map.
     AddMapEntry {
         map: &'a str,
-        index: u32,
+        key: EntryKey,
         to: SocketAddrV4,
     },
     DeleteMapEntry {
         map: &'a str,
-        index: u32,
+        key: EntryKey,
     },
     AddElement {
         map: MapName,
@@ -223,14 +226,19 @@ impl Op<'_> {
             Op::AddEndpointMap(m) => {
                 write!(out, "add map ip {t} {} {{ {} ; }}", m.name, m.type_text())
             }
-            Op::AddMapEntry { map, index, to } => write!(
+            Op::AddBucketMap(b) => write!(
                 out,
-                "add element ip {t} {map} {{ {index} : {} . {} }}",
+                "add map ip {t} {} {{ {BUCKET_MAP_TYPE} ; }}",
+                bucket_map(*b)
+            ),
+            Op::AddMapEntry { map, key, to } => write!(
+                out,
+                "add element ip {t} {map} {{ {key} : {} . {} }}",
                 to.ip(),
                 to.port()
             ),
-            Op::DeleteMapEntry { map, index } => {
-                write!(out, "delete element ip {t} {map} {{ {index} }}")
+            Op::DeleteMapEntry { map, key } => {
+                write!(out, "delete element ip {t} {map} {{ {key} }}")
             }
             Op::AddElement {
                 map,
@@ -423,6 +431,7 @@ pub fn full_ops(
         }
     }
     for (t, b) in model.buckets() {
+        emit(t, &Op::AddBucketMap(b));
         emit(
             t,
             &Op::AddChain {
@@ -431,6 +440,7 @@ pub fn full_ops(
             },
         );
         stats.chains_added += 1;
+        stats.maps_added += 1;
     }
     for (spn, info) in model.infos() {
         let r = service_rules(&model.cfg, spn, info);
@@ -445,7 +455,10 @@ pub fn full_ops(
                     t,
                     &Op::AddMapEntry {
                         map: &m.name,
-                        index: i as u32,
+                        key: EntryKey {
+                            frontend: None,
+                            index: i as u32,
+                        },
                         to: *to,
                     },
                 );
@@ -482,6 +495,27 @@ pub fn full_ops(
                     comment: Some(&b.comment),
                 },
             );
+            // Its entries in the shared map, when its frontend is its own
+            // (the programmed claimant of the frontend's dispatch key).
+            let frontend = b.frontend();
+            let mine = model
+                .claimants(&(MapName::ServiceIps, frontend))
+                .is_some_and(|c| c.first() == spn);
+            if mine {
+                for (i, to) in b.endpoints.iter().enumerate() {
+                    emit(
+                        t,
+                        &Op::AddMapEntry {
+                            map: bucket_map(b.bucket),
+                            key: EntryKey {
+                                frontend: Some(frontend),
+                                index: i as u32,
+                            },
+                            to: *to,
+                        },
+                    );
+                }
+            }
         }
         stats.chains_added += r.chains.len();
         stats.rules_added += r.rule_count();
@@ -559,6 +593,55 @@ pub fn full_op_text(model: &Ruleset, stale: &[TableId], index: usize) -> Option<
 
 // ---- partial ----------------------------------------------------------------
 
+/// A frontend's entries in a bucket's shared endpoint map, before and
+/// after: (table, bucket, endpoints).
+type BucketEntries = Option<(TableId, u32, Vec<SocketAddrV4>)>;
+
+/// The entry operations from `before` to `after` for one frontend: in the
+/// same map, only the indices whose endpoint differs.
+fn bucket_entries(
+    frontend: Key,
+    before: BucketEntries,
+    after: BucketEntries,
+    del: &mut Vec<(TableId, &str, EntryKey)>,
+    add: &mut Vec<(TableId, &str, EntryKey, SocketAddrV4)>,
+) {
+    let key = |index: usize| EntryKey {
+        frontend: Some(frontend),
+        index: index as u32,
+    };
+    let (old, new) = match (before, after) {
+        (Some((t0, b0, old)), Some((t1, b1, new))) if (t0, b0) == (t1, b1) => {
+            let map = bucket_map(b0);
+            for i in 0..old.len().max(new.len()) {
+                match (old.get(i), new.get(i)) {
+                    (Some(a), Some(b)) if a == b => {}
+                    (a, b) => {
+                        if a.is_some() {
+                            del.push((t0, map, key(i)));
+                        }
+                        if let Some(b) = b {
+                            add.push((t0, map, key(i), *b));
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        (old, new) => (old, new),
+    };
+    if let Some((t, b, eps)) = old {
+        del.extend((0..eps.len()).map(|i| (t, bucket_map(b), key(i))));
+    }
+    if let Some((t, b, eps)) = new {
+        add.extend(
+            eps.into_iter()
+                .enumerate()
+                .map(|(i, ep)| (t, bucket_map(b), key(i), ep)),
+        );
+    }
+}
+
 /// The operations applying `changes` to the tables `applied` describes.
 pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
     let mut stats = ScriptStats::default();
@@ -569,10 +652,14 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
     let mut gone: Vec<(TableId, &Chain)> = Vec::new();
     let mut add_maps: Vec<(TableId, &EndpointMap)> = Vec::new();
     let mut del_maps: Vec<(TableId, &EndpointMap)> = Vec::new();
-    // Entries of maps that stay: (table, map, index, new endpoint or none).
-    let mut del_entries: Vec<(TableId, &str, u32)> = Vec::new();
-    let mut add_entries: Vec<(TableId, &str, u32, SocketAddrV4)> = Vec::new();
+    // Entries of maps that stay: (table, map, key, new endpoint).
+    let mut del_entries: Vec<(TableId, &str, EntryKey)> = Vec::new();
+    let mut add_entries: Vec<(TableId, &str, EntryKey, SocketAddrV4)> = Vec::new();
     let mut touched: BTreeSet<ElementKey> = BTreeSet::new();
+    // Per touched key, the changed service ports claiming it after the
+    // change (so that resolving a key costs its claimants, not every
+    // change: a sync of thousands of changes stays linear).
+    let mut claimed_after: HashMap<ElementKey, Vec<&ServicePortName>> = HashMap::new();
     let mut hairpin: BTreeMap<Ipv4Addr, i64> = BTreeMap::new();
     let by_spn: HashMap<&ServicePortName, &Change> = changes.iter().map(|c| (&c.spn, c)).collect();
     let mut tables: BTreeSet<TableId> = BTreeSet::new();
@@ -586,7 +673,8 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
     for ch in changes {
         let old = ch.old.as_ref().unwrap_or(&EMPTY);
         let new = ch.new.as_ref().unwrap_or(&EMPTY);
-        if ch.old_table != ch.new_table || old.bucket != new.bucket {
+        let rule_of = |r: &'a ServiceRules| r.bucket.as_ref().map(|b| (&b.chain, &b.rule));
+        if ch.old_table != ch.new_table || rule_of(old) != rule_of(new) {
             if let Some(b) = &old.bucket {
                 del_bucket.push((ch.old_table, b));
                 bucket_delta
@@ -640,8 +728,12 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
                     Some(o) => {
                         for (i, (a, b)) in o.endpoints.iter().zip(&m.endpoints).enumerate() {
                             if a != b {
-                                del_entries.push((t, &m.name, i as u32));
-                                add_entries.push((t, &m.name, i as u32, *b));
+                                let key = EntryKey {
+                                    frontend: None,
+                                    index: i as u32,
+                                };
+                                del_entries.push((t, &m.name, key));
+                                add_entries.push((t, &m.name, key, *b));
                             }
                         }
                     }
@@ -671,6 +763,12 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
                     }
                     _ => {
                         touched.insert((e.map, e.key));
+                        if sign > 0 {
+                            claimed_after
+                                .entry((e.map, e.key))
+                                .or_default()
+                                .push(&ch.spn);
+                        }
                     }
                 }
             }
@@ -716,11 +814,7 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
             .copied()
             .filter(|s| !by_spn.contains_key(*s))
             .collect();
-        for ch in changes {
-            if verdict_in(ch.new.as_ref(), key).is_some() {
-                after.insert(&ch.spn);
-            }
-        }
+        after.extend(claimed_after.get(key).into_iter().flatten().copied());
         let new_prog = after.first().and_then(|spn| {
             let v = match by_spn.get(*spn) {
                 Some(ch) => verdict_in(ch.new.as_ref(), key),
@@ -734,6 +828,35 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
             }
             if let Some((t, v)) = new_prog {
                 add_elements.push((t, *key, v));
+            }
+        }
+        // A frontend's entries in its bucket's shared map: the programmed
+        // claimant's, like its dispatch element.
+        if key.0 == MapName::ServiceIps {
+            let entries = |spn: Option<&&ServicePortName>, after: bool| -> BucketEntries {
+                let spn = *spn?;
+                let pick = |r: &ServiceRules| {
+                    r.bucket
+                        .as_ref()
+                        .filter(|b| b.frontend() == key.1)
+                        .map(|b| (b.bucket, b.endpoints.clone()))
+                };
+                let (bucket, eps) = match by_spn.get(spn) {
+                    Some(ch) => pick(if after { &ch.new } else { &ch.old }.as_ref()?)?,
+                    None => pick(&applied.rules_of(spn)?)?,
+                };
+                Some((table_of(spn, key, after), bucket, eps))
+            };
+            let before_eps = entries(before.first(), false);
+            let after_eps = entries(after.first(), true);
+            if before_eps != after_eps {
+                bucket_entries(
+                    key.1,
+                    before_eps,
+                    after_eps,
+                    &mut del_entries,
+                    &mut add_entries,
+                );
             }
         }
     }
@@ -750,20 +873,28 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
     }
 
     // Bucket chains appear with their first rule and go with their last.
-    let mut new_buckets: Vec<(TableId, &str)> = Vec::new();
+    // So do their shared endpoint maps.
+    let mut new_buckets: Vec<(TableId, u32, &str)> = Vec::new();
     let mut gone_buckets: BTreeSet<(TableId, &str)> = BTreeSet::new();
+    let mut gone_maps: Vec<(TableId, u32)> = Vec::new();
     for (&(t, b), &(delta, chain)) in &bucket_delta {
         let before = applied.bucket_count(t, b) as i64;
         let after = before + delta;
         if before == 0 && after > 0 {
-            new_buckets.push((t, chain));
+            new_buckets.push((t, b, chain));
         } else if before > 0 && after <= 0 {
             gone_buckets.insert((t, chain));
+            gone_maps.push((t, b));
         }
     }
 
     let mut ops: Vec<(TableId, Op<'a>)> = Vec::new();
     ops.extend(add_sets.iter().map(|(t, s)| (*t, Op::AddSet(s))));
+    ops.extend(
+        new_buckets
+            .iter()
+            .map(|(t, b, _)| (*t, Op::AddBucketMap(*b))),
+    );
     for (t, m) in &add_maps {
         ops.push((*t, Op::AddEndpointMap(m)));
         for (i, to) in m.endpoints.iter().enumerate() {
@@ -771,7 +902,10 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
                 *t,
                 Op::AddMapEntry {
                     map: &m.name,
-                    index: i as u32,
+                    key: EntryKey {
+                        frontend: None,
+                        index: i as u32,
+                    },
                     to: *to,
                 },
             ));
@@ -782,14 +916,14 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
     ops.extend(
         del_entries
             .iter()
-            .map(|(t, map, index)| (*t, Op::DeleteMapEntry { map, index: *index })),
+            .map(|(t, map, key)| (*t, Op::DeleteMapEntry { map, key: *key })),
     );
-    ops.extend(add_entries.iter().map(|(t, map, index, to)| {
+    ops.extend(add_entries.iter().map(|(t, map, key, to)| {
         (
             *t,
             Op::AddMapEntry {
                 map,
-                index: *index,
+                key: *key,
                 to: *to,
             },
         )
@@ -803,7 +937,7 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
             },
         )
     }));
-    ops.extend(new_buckets.iter().map(|(t, name)| {
+    ops.extend(new_buckets.iter().map(|(t, _, name)| {
         (
             *t,
             Op::AddChain {
@@ -899,8 +1033,13 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
     ops.extend(gone_buckets.iter().map(|(t, c)| (*t, Op::DeleteChain(c))));
     ops.extend(del_sets.iter().map(|(t, s)| (*t, Op::DeleteSet(&s.name))));
     ops.extend(del_maps.iter().map(|(t, m)| (*t, Op::DeleteSet(&m.name))));
-    stats.maps_added = add_maps.len();
-    stats.maps_deleted = del_maps.len();
+    ops.extend(
+        gone_maps
+            .iter()
+            .map(|(t, b)| (*t, Op::DeleteSet(bucket_map(*b)))),
+    );
+    stats.maps_added = add_maps.len() + new_buckets.len();
+    stats.maps_deleted = del_maps.len() + gone_maps.len();
     stats.map_entries_changed = del_entries.len() + add_entries.len();
     stats.chains_added = new_chains.len() + new_buckets.len();
     stats.chains_flushed = flushed.len();
@@ -917,7 +1056,7 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::super::ruleset::tests::{cfg, ep, golden, golden_state, info, spn};
-    use super::super::ruleset::{service_hash, Ruleset};
+    use super::super::ruleset::Ruleset;
     use super::*;
     use crate::proxy::{Protocol, ProxyState, ServicePortInfo};
     use rand::{Rng, SeedableRng};
@@ -1212,12 +1351,12 @@ pub(crate) mod tests {
         let new = Ruleset::build(cfg(), &st2);
         let (text, stats) = diff_text(&sim_of(&old), &old, &new);
         golden("web-endpoints.diff.nft", &text);
-        // Every statement names web's endpoint map or the hairpin
-        // elements of its old or new endpoints, nothing else; no chain or
-        // rule changes (so the kernel re-validates nothing).
-        let map = format!("eps-{}-2", service_hash(&web));
+        // Every statement names web's entries in its bucket's endpoint map
+        // or the hairpin elements of its old or new endpoints, nothing
+        // else; no chain or rule changes (so the kernel re-validates
+        // nothing).
         let ours = [
-            map.as_str(),
+            "eps-bucket-08 { 10.96.1.1 . tcp . 80 . ",
             "{ 10.244.0.11 . 10.244.0.11 }",
             "{ 10.244.2.13 . 10.244.2.13 }",
             "fairlead fingerprint {",
@@ -1243,8 +1382,8 @@ pub(crate) mod tests {
         s.apply(&text).unwrap();
         assert_eq!(s, sim_of(&new));
 
-        // One endpoint fewer: a new map of 1 entry... here a plain DNAT
-        // rule, the chain's rules replaced and the old map deleted.
+        // One endpoint fewer: a plain DNAT rule replaces the one reading
+        // the map, whose entries for web go; the bucket's map stays.
         let mut st3 = st2.clone();
         let mut w = (*st3[&web]).clone();
         w.endpoints.truncate(1);
@@ -1259,9 +1398,10 @@ pub(crate) mod tests {
                 stats.rules_deleted,
                 stats.rules_added,
                 stats.maps_deleted,
-                stats.maps_added
+                stats.maps_added,
+                stats.map_entries_changed,
             ),
-            (0, 1, 1, 1, 0),
+            (0, 1, 1, 0, 0, 2),
             "{text}"
         );
         assert!(
@@ -1269,7 +1409,7 @@ pub(crate) mod tests {
             "{text}"
         );
         assert!(
-            text.contains(&format!("delete set ip fairlead {map}")),
+            text.contains("delete element ip fairlead eps-bucket-08 { 10.96.1.1 . tcp . 80 . 1 }"),
             "{text}"
         );
         let mut s = sim_of(&new);

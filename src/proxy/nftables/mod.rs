@@ -62,7 +62,9 @@
 //! endpoint is only element updates) makes every new rule binding walk all
 //! bindings and elements of that map (`nf_tables_bind_set`), which is
 //! quadratic in a full sync (159 s at 30,000); per-service maps are found
-//! by name in a list (linear per lookup). Fewer expressions per rule help
+//! by name in a list (linear per lookup), which is why plain service
+//! ports share one map per bucket chain instead (bound from that chain
+//! only; see [`ruleset`]). Fewer expressions per rule help
 //! a little (the DNAT rules leave out `nft`'s protocol match,
 //! [`netlink`]).
 

@@ -25,8 +25,8 @@
 use std::net::SocketAddrV4;
 
 use super::diff::Op;
+use super::ruleset::{bucket_map, EntryKey, Key, MapName, NodeportMatch, Rule, Target, Verdict};
 use super::ruleset::{table_name, TableId};
-use super::ruleset::{Key, MapName, NodeportMatch, Rule, Target, Verdict};
 use crate::proxy::Protocol;
 
 // ---- constants (linux/netfilter/nf_tables.h, nfnetlink.h) -------------------
@@ -119,6 +119,7 @@ const REG_1: u32 = 1;
 const REG_2: u32 = 2;
 const REG32_01: u32 = 9;
 const REG32_02: u32 = 10;
+const REG32_03: u32 = 11;
 
 // Expression attributes and values.
 const PAYLOAD_NETWORK: u32 = 1;
@@ -172,6 +173,17 @@ const UDATA_ENDPOINT_MAP: [u8; 100] = [
 const UDATA_ENDPOINT_MAP_MODULUS: usize = 30;
 const UDATA_ENDPOINT_MAP_PROTO: usize = 84;
 
+/// nft's set userdata for [`super::ruleset::BUCKET_MAP_TYPE`] (as `nft`
+/// 1.0.6 writes it).
+const UDATA_BUCKET_MAP: &[u8] = &[
+    0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 96, 0, 4, 13, 0, 0, 0, 1, 88, 0, 20, 0, 4, 7, 0, 0, 0,
+    1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 14, 0, 4, 9, 0, 0, 0, 1, 6, 0, 4, 16, 0, 0, 0,
+    2, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 3, 26, 0, 4, 23, 0, 0, 0,
+    1, 18, 0, 4, 0, 0, 0, 0, 1, 4, 1, 0, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44,
+    0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0,
+    1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+];
+
 /// The userdata of an endpoint map of `modulus` entries for `proto`.
 fn endpoint_map_udata(modulus: u32, proto: Protocol) -> [u8; 100] {
     let mut u = UDATA_ENDPOINT_MAP;
@@ -186,9 +198,12 @@ fn endpoint_map_udata(modulus: u32, proto: Protocol) -> [u8; 100] {
     u
 }
 
-/// The key of an endpoint map entry (`numgen`'s output: host order).
-pub fn endpoint_key(index: u32) -> [u8; 4] {
-    index.to_ne_bytes()
+/// The key of an endpoint map entry: the frontend as a dispatch key
+/// ([`key_bytes`]) in a shared map, then `numgen`'s output (host order).
+pub fn endpoint_key(key: &EntryKey) -> Vec<u8> {
+    let mut v = key.frontend.as_ref().map(key_bytes).unwrap_or_default();
+    v.extend_from_slice(&key.index.to_ne_bytes());
+    v
 }
 
 /// The data of an endpoint map entry: `ip . port`, each part padded to 4
@@ -511,6 +526,27 @@ pub fn encode_rule(buf: &mut Vec<u8>, rule: &Rule) {
                 attr_u32(b, 5, REG32_01);
             });
         }
+        Rule::DnatBucketMap {
+            modulus, bucket, ..
+        } => {
+            // As `nft` encodes `ip daddr . meta l4proto . th dport .
+            // numgen inc mod N map @m`: the key in four registers.
+            payload(buf, REG_1, PAYLOAD_NETWORK, 16, 4);
+            meta_load(buf, META_L4PROTO, REG32_01);
+            payload(buf, REG32_02, PAYLOAD_TRANSPORT, 2, 2);
+            numgen_inc(buf, REG32_03, *modulus);
+            expr(buf, "lookup", |b| {
+                attr_u32(b, 2, REG_1);
+                attr_u32(b, 3, REG_1);
+                attr_str(b, 1, bucket_map(*bucket));
+            });
+            expr(buf, "nat", |b| {
+                attr_u32(b, 1, NAT_DNAT);
+                attr_u32(b, 2, NFPROTO_IPV4 as u32);
+                attr_u32(b, 3, REG_1);
+                attr_u32(b, 5, REG32_01);
+            });
+        }
         Rule::Frontend {
             ip,
             proto,
@@ -737,17 +773,41 @@ impl Batch {
                 self.next_set_id += 1;
                 self.end_msg(s);
             }
-            Op::AddMapEntry { map, index, to } => {
+            Op::AddBucketMap(bucket) => {
+                let s = self.msg(op_index, NFT_MSG_NEWSET, NLM_F_CREATE);
+                let b = &mut self.buf;
+                attr_str(b, NFTA_SET_TABLE, t);
+                attr_str(b, NFTA_SET_NAME, bucket_map(*bucket));
+                attr_u32(b, NFTA_SET_FLAGS, NFT_SET_MAP);
+                attr_u32(
+                    b,
+                    NFTA_SET_KEY_TYPE,
+                    (((TYPE_IPADDR << 6) | TYPE_INET_PROTOCOL) << 6 | TYPE_INET_SERVICE) << 6
+                        | TYPE_INTEGER,
+                );
+                attr_u32(b, NFTA_SET_KEY_LEN, 16);
+                attr_u32(
+                    b,
+                    NFTA_SET_DATA_TYPE,
+                    (TYPE_IPADDR << 6) | TYPE_INET_SERVICE,
+                );
+                attr_u32(b, NFTA_SET_DATA_LEN, 8);
+                attr_u32(b, NFTA_SET_ID, self.next_set_id);
+                attr(b, NFTA_SET_USERDATA, UDATA_BUCKET_MAP);
+                self.next_set_id += 1;
+                self.end_msg(s);
+            }
+            Op::AddMapEntry { map, key, to } => {
                 self.element(t, op_index, map, false);
                 nest(&mut self.buf, NFTA_LIST_ELEM, |b| {
-                    data_value(b, NFTA_SET_ELEM_KEY, &endpoint_key(*index));
+                    data_value(b, NFTA_SET_ELEM_KEY, &endpoint_key(key));
                     data_value(b, NFTA_SET_ELEM_DATA, &endpoint_data(*to));
                 });
             }
-            Op::DeleteMapEntry { map, index } => {
+            Op::DeleteMapEntry { map, key } => {
                 self.element(t, op_index, map, true);
                 nest(&mut self.buf, NFTA_LIST_ELEM, |b| {
-                    data_value(b, NFTA_SET_ELEM_KEY, &endpoint_key(*index));
+                    data_value(b, NFTA_SET_ELEM_KEY, &endpoint_key(key));
                 });
             }
             Op::DeleteSet(name) => {

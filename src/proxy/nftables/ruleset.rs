@@ -91,14 +91,29 @@
 //!     # 0 : <ip . port of endpoint 0>, ..., N-1 : <endpoint N-1>
 //!
 //! # A plain service port (one IPv4 ClusterIP; no NodePort, external IP,
-//! # affinity or local traffic policy: most of them) has no chain of its
-//! # own. Its one rule sits in one of the table's 64 bucket chains
-//! # (b = other bits of the same hash, see `bucket_of`), which exist while
-//! # they hold rules:
+//! # affinity or local traffic policy: most of them) has no chain and no
+//! # map of its own. Its one rule sits in one of the table's 64 bucket
+//! # chains (b = other bits of the same hash, see `bucket_of`), and its
+//! # endpoints are entries of the bucket's shared map, keyed by its own
+//! # frontend; both exist while the bucket holds rules:
+//! map eps-bucket-<b> { typeof ip daddr . meta l4proto . th dport . numgen inc mod 1 : ip daddr . th dport }
+//!     # <ClusterIP> . <proto> . <port> . i : <ip . port of endpoint i>
 //! chain svc-bucket-<b> {
-//!   ip daddr <ClusterIP> <proto> dport <port> dnat ip to numgen inc mod N map @eps-<h>-<N> comment "<ns>/<name>:<port> <proto>"
+//!   ip daddr <ClusterIP> <proto> dport <port> dnat ip to ip daddr . meta l4proto . <proto> dport . numgen inc mod N map @eps-bucket-<b> comment "<ns>/<name>:<port> <proto>"
 //!   ...                          # ~16 service ports per bucket at most sizes
 //! }
+//! # Why a shared map: the kernel finds a set by name in a list of the
+//! # table's sets, for every new set (`nf_tables_newset`), rule lookup
+//! # and element message (`nft_set_lookup_global`); with a map per
+//! # service port those walks were most of the kernel's work in a bulk
+//! # load. A map bound only from one chain is not re-walked when another
+//! # rule of that chain binds it (`nf_tables_bind_set`), so sharing it per
+//! # bucket costs nothing per rule, where one map for every chain did
+//! # (see the module doc of [`super`]). The key holds the frontend, not an
+//! # allocated id: nothing to allocate, and a restarted daemon computes
+//! # the same keys. A frontend's entries are its dispatch element's
+//! # programmed claimant's (see [`Ruleset`]), so two service ports with
+//! # one frontend never write the same keys.
 //! # Why: every nf_tables commit walks every chain of every table
 //! # (nf_tables_commit, "step 2"), whatever it changed; with a chain per
 //! # service port that walk was 69% of the node's CPU per change at
@@ -108,7 +123,7 @@
 //! # chain and matching the comment (a rule's `numgen` counter is its
 //! # own, so the other rules of the bucket keep their round robin).
 //!
-//! # Every other service port has its chain:
+//! # Every other service port has its chain and its own map:
 //! chain svc-<h> {                # all usable endpoints, round robin
 //!   meta l4proto <proto> dnat ip to numgen inc mod N map @eps-<h>-<N>
 //! }
@@ -364,6 +379,15 @@ pub enum Rule {
         modulus: u32,
         map: String,
     },
+    /// `meta l4proto <proto> dnat ip to ip daddr . meta l4proto . <proto>
+    /// dport . numgen inc mod <n> map @<map>`: round robin over the
+    /// entries of a bucket's shared endpoint map ([`bucket_map`]) keyed by
+    /// the service port's own frontend (only in a [`Rule::Frontend`]).
+    DnatBucketMap {
+        proto: Protocol,
+        modulus: u32,
+        bucket: u32,
+    },
     /// `ip daddr <ip> <proto> dport <port> <then>`: one service port's
     /// balancing rule in a shared bucket chain ([`BucketRule`]). `then` is
     /// a [`Rule::DnatMap`] or a DNAT [`Rule::Pick`]; the protocol match
@@ -418,6 +442,18 @@ impl fmt::Display for Rule {
                 "meta l4proto {} dnat ip to numgen inc mod {modulus} map @{map}",
                 proto_name(*proto)
             ),
+            Rule::DnatBucketMap {
+                proto,
+                modulus,
+                bucket,
+            } => {
+                let p = proto_name(*proto);
+                write!(
+                    f,
+                    "meta l4proto {p} dnat ip to ip daddr . meta l4proto . {p} dport . numgen inc mod {modulus} map @{}",
+                    bucket_map(*bucket)
+                )
+            }
             Rule::Frontend {
                 ip,
                 proto,
@@ -431,6 +467,16 @@ impl fmt::Display for Rule {
                     Rule::DnatMap { modulus, map, .. } => {
                         write!(f, "dnat ip to numgen inc mod {modulus} map @{map}")
                     }
+                    Rule::DnatBucketMap {
+                        proto,
+                        modulus,
+                        bucket,
+                    } => write!(
+                        f,
+                        "dnat ip to ip daddr . meta l4proto . {} dport . numgen inc mod {modulus} map @{}",
+                        proto_name(*proto),
+                        bucket_map(*bucket)
+                    ),
                     Rule::Pick {
                         modulus: None,
                         target: Target::Dnat { to, .. },
@@ -514,6 +560,29 @@ impl EndpointMap {
     }
 }
 
+/// The key of an endpoint map entry: the index `numgen` picks, after the
+/// service port's frontend in a bucket's shared map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EntryKey {
+    /// `ip . proto . port` ([`Key::Frontend`]) in a shared map.
+    pub frontend: Option<Key>,
+    pub index: u32,
+}
+
+impl fmt::Display for EntryKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.frontend {
+            Some(k) => write!(f, "{k} . {}", self.index),
+            None => write!(f, "{}", self.index),
+        }
+    }
+}
+
+/// The declaration of every bucket's shared endpoint map: the frontend
+/// and `numgen`'s pick to the endpoint (the modulus is each rule's own).
+pub const BUCKET_MAP_TYPE: &str =
+    "typeof ip daddr . meta l4proto . th dport . numgen inc mod 1 : ip daddr . th dport";
+
 /// A plain service port's balancing rule, in one of its table's shared
 /// bucket chains (see the module doc). The comment names the service port
 /// and is how a sync finds the rule's kernel handle to delete it.
@@ -524,6 +593,23 @@ pub struct BucketRule {
     pub chain: String,
     pub comment: String,
     pub rule: Rule,
+    /// The entries the rule reads from [`bucket_map`]`(bucket)`, keyed by
+    /// [`BucketRule::frontend`] and the index (empty when the rule DNATs
+    /// to its one endpoint directly).
+    pub endpoints: Vec<SocketAddrV4>,
+}
+
+impl BucketRule {
+    /// The frontend its rule matches: the key prefix of its entries, and
+    /// its dispatch element's key in `service-ips`.
+    pub fn frontend(&self) -> Key {
+        match &self.rule {
+            Rule::Frontend {
+                ip, proto, port, ..
+            } => Key::Frontend(*ip, *proto, *port),
+            other => unreachable!("a bucket rule is a frontend rule: {other}"),
+        }
+    }
 }
 
 /// Everything one service port contributes to the table. Chain, set and
@@ -556,6 +642,13 @@ pub const BUCKETS: u32 = 64;
 /// The name of bucket chain `b`.
 pub fn bucket_chain(b: u32) -> String {
     format!("svc-bucket-{b:02}")
+}
+
+/// The name of bucket `b`'s shared endpoint map.
+pub fn bucket_map(b: u32) -> &'static str {
+    static NAMES: std::sync::LazyLock<Vec<String>> =
+        std::sync::LazyLock::new(|| (0..BUCKETS).map(|b| format!("eps-bucket-{b:02}")).collect());
+    &NAMES[b as usize]
 }
 
 /// Which bucket a service port's rule goes to (other bits of its name's
@@ -784,10 +877,25 @@ pub fn service_rules(
         },
     };
 
+    // A plain service port (one IPv4 ClusterIP, nothing but cluster-wide
+    // round robin: no affinity, no local policy, no NodePort or external
+    // address) needs no chain of its own: its one balancing rule, matching
+    // its frontend, goes to a shared bucket chain, which its dispatch
+    // element jumps to, and its endpoints are entries of the bucket's
+    // shared endpoint map.
+    let cluster_ips: Vec<Ipv4Addr> = v4_ips(&info.cluster_ips).collect();
+    let plain = !use_svl
+        && affinity.is_none()
+        && !has_external
+        && !info.internal_local
+        && cluster_ips.len() == 1;
+    let bucket = bucket_of(spn);
+    let mut bucket_eps: Vec<SocketAddrV4> = Vec::new();
+
     // Round robin over a list of endpoints: with affinity, one rule per
     // endpoint (after the affinity rules); otherwise one rule reading an
-    // endpoint map (named `<kind>-<hash>-<n>`), or a plain DNAT for one
-    // endpoint.
+    // endpoint map (named `<kind>-<hash>-<n>`, or the bucket's shared one
+    // for a plain service port), or a plain DNAT for one endpoint.
     let mut maps: Vec<EndpointMap> = Vec::new();
     let mut balance = |eps: &[SocketAddrV4], kind: &str| -> Vec<Rule> {
         let mut rules = Vec::new();
@@ -812,6 +920,13 @@ pub fn service_rules(
                 modulus: None,
                 target: target(eps[0]),
             });
+        } else if plain {
+            rules.push(Rule::DnatBucketMap {
+                proto: spn.protocol,
+                modulus: n as u32,
+                bucket,
+            });
+            bucket_eps = eps.to_vec();
         } else {
             let map = format!("{kind}-{h}-{n}");
             rules.push(Rule::DnatMap {
@@ -830,21 +945,9 @@ pub fn service_rules(
     let svc_rules = use_svc.then(|| balance(&cluster, "eps"));
     let svl_rules = use_svl.then(|| balance(&local, "epl"));
     out.maps = maps;
-    // A plain service port (one IPv4 ClusterIP, nothing but cluster-wide
-    // round robin: no affinity, no local policy, no NodePort or external
-    // address) needs no chain of its own: its one balancing rule, matching
-    // its frontend, goes to a shared bucket chain, which its dispatch
-    // element jumps to.
-    let cluster_ips: Vec<Ipv4Addr> = v4_ips(&info.cluster_ips).collect();
-    let plain = !use_svl
-        && affinity.is_none()
-        && !has_external
-        && !info.internal_local
-        && cluster_ips.len() == 1;
     let mut bucket_target = None;
     match svc_rules {
         Some(mut rules) if plain && rules.len() == 1 => {
-            let bucket = bucket_of(spn);
             let chain = bucket_chain(bucket);
             bucket_target = Some(chain.clone());
             out.bucket = Some(BucketRule {
@@ -857,6 +960,7 @@ pub fn service_rules(
                     port: info.port,
                     then: Box::new(rules.pop().expect("one rule")),
                 },
+                endpoints: std::mem::take(&mut bucket_eps),
             });
         }
         Some(rules) => out.chains.push(Chain {
@@ -960,6 +1064,10 @@ fn service_fingerprint(spn: &ServicePortName, r: &ServiceRules) -> u128 {
     if let Some(b) = &r.bucket {
         h.separator();
         let _ = write!(h, "bucket {} {} comment {}", b.chain, b.rule, b.comment);
+        for ep in &b.endpoints {
+            h.bytes(&ep.ip().octets());
+            h.bytes(&ep.port().to_be_bytes());
+        }
     }
     for s in &r.sets {
         h.separator();
@@ -1654,9 +1762,9 @@ impl Ruleset {
     pub fn set_count(&self) -> usize {
         self.sets
     }
-    /// Endpoint maps.
+    /// Endpoint maps (own ones and the buckets' shared ones).
     pub fn map_count(&self) -> usize {
-        self.maps
+        self.maps + self.buckets.len()
     }
     /// Programmed map elements (dispatch maps and sets; not endpoint maps).
     pub fn element_count(&self) -> usize {
