@@ -909,6 +909,7 @@ fn dump_scale_script() {
 fn sharded(ns: &Netns, table: &str, shard_size: usize) -> NftablesConfig {
     NftablesConfig {
         shard_size,
+        growth_defer: 1,
         ..config(ns, table)
     }
 }
@@ -1045,6 +1046,74 @@ fn shards_partial_syncs_adoption_and_cleanup() {
     .unwrap();
     assert!(our_tables(&ns, "fairlead").is_empty());
     assert!(!our_tables(&ns, "reference").is_empty());
+}
+
+/// Deferred growth: past their size the tables keep taking partial syncs
+/// until `grow_if_due` (the node calls it when syncs are quiet) recreates
+/// them with more shards; past `growth_defer` times their size, the sync
+/// itself grows them.
+#[test]
+fn shards_grow_when_quiet_or_when_far_too_small() {
+    if !have_nft("shards_grow_when_quiet_or_when_far_too_small") {
+        return;
+    }
+    let ns = Netns::new();
+    let rt = rt();
+    let cfg = || NftablesConfig {
+        shard_size: 2,
+        growth_defer: 4,
+        ..config(&ns, "fairlead")
+    };
+    let proxy = NftablesProxy::new(cfg());
+    let mut st = ProxyState::new();
+    let add = |st: &mut ProxyState, i: usize| {
+        st.insert(
+            spn("d", &format!("s{i}"), "", Protocol::Tcp),
+            Arc::new(info(
+                &format!("10.96.2.{}", i + 1),
+                80,
+                vec![
+                    ep(&format!("10.244.2.{}:80", i + 1), "node-a"),
+                    ep(&format!("10.244.3.{}:80", i + 1), "node-a"),
+                ],
+            )),
+        );
+    };
+    rt.block_on(proxy.sync(&st)).unwrap();
+    assert!(!rt.block_on(proxy.growth_due()));
+    // Up to 4 x 2 service ports in the one table: partial syncs, growth due.
+    for i in 0..8 {
+        add(&mut st, i);
+        let stats = rt.block_on(proxy.sync(&st)).unwrap();
+        assert!(!stats.full, "service {i}: {stats:?}");
+    }
+    assert_eq!(our_tables(&ns, "fairlead").len(), 1);
+    assert!(rt.block_on(proxy.growth_due()));
+    // Quiet: grown for twice as many (16 / 2 = 8 tables).
+    assert!(rt.block_on(proxy.grow_if_due()).unwrap());
+    assert_eq!(our_tables(&ns, "fairlead").len(), 8);
+    assert!(!rt.block_on(proxy.growth_due()));
+    assert!(!rt.block_on(proxy.grow_if_due()).unwrap());
+    // The grown tables are what a restarted daemon builds for this state:
+    // it adopts them.
+    let again = NftablesProxy::new(cfg());
+    let stats = rt.block_on(again.sync(&st)).unwrap();
+    assert!(stats.adopted, "{stats:?}");
+    // Far too small: the sync that crosses 4 x 2 per table grows at once.
+    let proxy = NftablesProxy::new(NftablesConfig {
+        table: "other".into(),
+        ..cfg()
+    });
+    let mut st = ProxyState::new();
+    rt.block_on(proxy.sync(&st)).unwrap();
+    for i in 0..8 {
+        add(&mut st, i);
+        rt.block_on(proxy.sync(&st)).unwrap();
+    }
+    add(&mut st, 8);
+    let stats = rt.block_on(proxy.sync(&st)).unwrap();
+    assert!(stats.full && stats.shards == 16, "{stats:?}");
+    assert_eq!(our_tables(&ns, "other").len(), 16);
 }
 
 /// Traffic through shard tables: exact round robin, ClientIP affinity and

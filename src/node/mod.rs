@@ -89,7 +89,9 @@ const TRIM_AFTER_PORTS: usize = 1000;
 /// long: during a bulk load most syncs are that large, and `malloc_trim`
 /// after each one cost the whole process (it locks each allocator arena
 /// while it walks it, stalling API requests for up to ~300 ms, and the
-/// pages it returns fault back in).
+/// pages it returns fault back in). Quiet is also when nftables tables
+/// that outgrew their size are recreated with more shards
+/// ([`NftablesProxy::grow_if_due`]), for the same reason.
 const TRIM_WHEN_QUIET: Duration = Duration::from_secs(1);
 
 /// Forward a watch of `api` into `tx`, wrapped by `wrap`, counting events
@@ -588,8 +590,10 @@ pub async fn run_from(client: kube::Client, cfg: NodeConfig, source: Source) -> 
     // `warn_if_no_service_route`).
     let mut route_checked = cfg.proxy_mode != ProxyMode::Nftables;
     let mut next_verify = Instant::now() + cfg.sync_period;
-    // When to hand freed memory back (see `TRIM_WHEN_QUIET`).
+    // When to hand freed memory back, and to grow the nftables tables
+    // (see `TRIM_WHEN_QUIET`).
     let mut trim_at: Option<Instant> = None;
+    let mut grow_at: Option<Instant> = None;
     let mut first_sync = true;
     loop {
         let ready = listed.len() == 3;
@@ -627,6 +631,19 @@ pub async fn run_from(client: kube::Client, cfg: NodeConfig, source: Source) -> 
                 continue;
             }
             _ = sleep_until(due), if due.is_some() => {}
+            _ = sleep_until(grow_at), if grow_at.is_some() && !dirty => {
+                grow_at = None;
+                match proxy.grow().await {
+                    // Recreating every table allocated (and freed) a lot.
+                    Ok(true) => trim_at = Some(Instant::now()),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "growing the nftables tables");
+                        retry_at = Some(Instant::now() + SYNC_RETRY);
+                    }
+                }
+                continue;
+            }
             _ = sleep_until(trim_at), if trim_at.is_some() && !dirty => {
                 trim_at = None;
                 release_free_memory();
@@ -677,6 +694,9 @@ pub async fn run_from(client: kube::Client, cfg: NodeConfig, source: Source) -> 
             }
         }
         first_sync = false;
+        if proxy.growth_due().await {
+            grow_at = Some(Instant::now() + TRIM_WHEN_QUIET);
+        }
         metrics::histogram!("kubeproxy_sync_proxy_rules_duration_seconds")
             .record(took.as_secs_f64());
         metrics::gauge!("fairlead_proxy_service_ports").set(tracker.state().len() as f64);
@@ -828,6 +848,23 @@ impl Backend {
         match self {
             Backend::Userspace(_) => Ok(()),
             Backend::Nftables(p, _) => p.verify().await.map(|_| ()).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Whether the nftables tables wait to grow (see
+    /// [`NftablesProxy::grow_if_due`]).
+    async fn growth_due(&self) -> bool {
+        match self {
+            Backend::Userspace(_) => false,
+            Backend::Nftables(p, _) => p.growth_due().await,
+        }
+    }
+
+    /// Grow the nftables tables if due; Ok(true) when it did.
+    async fn grow(&self) -> Result<bool, String> {
+        match self {
+            Backend::Userspace(_) => Ok(false),
+            Backend::Nftables(p, _) => p.grow_if_due().await.map_err(|e| e.to_string()),
         }
     }
 

@@ -38,9 +38,10 @@
 //! whatever the size of the change. Validation is per table, so Services
 //! are spread over K tables by a hash of their name ([`ruleset::shard_of`];
 //! K a power of two, grown by recreating the tables when the average
-//! table would hold more than [`NftablesConfig::shard_size`] service
-//! ports, to the K that fits twice as many): one change re-validates one
-//! table of at most a few thousand.
+//! table holds more than [`NftablesConfig::shard_size`] service ports, to
+//! the K that fits twice as many, once syncs are quiet, or at once past
+//! [`NftablesConfig::growth_defer`] times that): one change re-validates
+//! one table of at most a few thousand.
 //! Each shard table has its own NAT base chains at the same hooks; NAT
 //! chains only see a connection's first packet, and the first table whose
 //! dispatch map knows the destination DNATs it (the other tables' chains
@@ -63,8 +64,8 @@
 //! bindings and elements of that map (`nf_tables_bind_set`), which is
 //! quadratic in a full sync (159 s at 30,000); per-service maps are found
 //! by name in a list (linear per lookup), which is why plain service
-//! ports share one map per bucket chain instead (bound from that chain
-//! only; see [`ruleset`]). Fewer expressions per rule help
+//! ports share one map per bucket chain instead (a new rule then walks
+//! only its bucket's entries; see [`ruleset`]). Fewer expressions per rule help
 //! a little (the DNAT rules leave out `nft`'s protocol match,
 //! [`netlink`]).
 
@@ -102,8 +103,13 @@ pub struct NftablesConfig {
     /// /run/netns, or a path) instead of the process's own; tests use it.
     pub netns: Option<String>,
     /// Most service ports per table, on average, before the number of
-    /// tables doubles (see the module doc).
+    /// tables grows (see the module doc).
     pub shard_size: usize,
+    /// Growth waits for a quiet moment ([`NftablesProxy::grow_if_due`])
+    /// until the tables hold this many times `shard_size` on average;
+    /// past that, the sync that crosses it grows them at once. 1: always
+    /// at once.
+    pub growth_defer: usize,
 }
 
 /// The default [`NftablesConfig::shard_size`]: one change then
@@ -113,6 +119,15 @@ pub const DEFAULT_SHARD_SIZE: usize = 1024;
 /// When the tables grow, they are sized for this many times the service
 /// ports they will hold (see [`NftablesProxy::apply`]).
 const GROWTH_HEADROOM: usize = 2;
+
+/// The default [`NftablesConfig::growth_defer`]. Growing recreates every
+/// table in one transaction: ~1.5 s of kernel time at 16,000 service
+/// ports, which the kernel does not preempt, so API requests of a
+/// `fairlead up` loading Services stalled behind it. Deferred, a bulk
+/// load grows the tables once (at 4,096 service ports) instead of three
+/// times, and the rest waits until the load is over; meanwhile one change
+/// re-validates a table of up to ~4 x 1,024 service ports (a few ms).
+pub const DEFAULT_GROWTH_DEFER: usize = 4;
 
 /// Most tables (the number of hooks a new connection may pass).
 pub const MAX_SHARDS: u32 = 64;
@@ -127,6 +142,7 @@ impl Default for NftablesConfig {
             masquerade_bit: r.masquerade_bit,
             netns: None,
             shard_size: DEFAULT_SHARD_SIZE,
+            growth_defer: DEFAULT_GROWTH_DEFER,
         }
     }
 }
@@ -349,7 +365,11 @@ impl NftablesProxy {
             .filter(|(spn, info)| info.is_some() && !g.model.infos().contains_key(spn))
             .count();
         let after = g.model.service_count() + added - stats.services_removed;
-        let grow = self.cfg.shards_for(after) > g.model.shards();
+        // Too big even for deferring: grow now (else `grow_if_due` later).
+        let grow = self
+            .cfg
+            .shards_for(after.div_ceil(self.cfg.growth_defer.max(1)))
+            > g.model.shards();
         // Growing recreates every table: size them for twice as many
         // service ports (K x4 rather than x2), so that a cluster loading
         // Services from zero rebuilds ~1/3 of what it adds, not all of it.
@@ -529,6 +549,38 @@ impl NftablesProxy {
                 .ok()
                 .map(u128::from_be_bytes),
             _ => None,
+        })
+    }
+
+    /// Whether the tables hold more service ports than they are sized for
+    /// (growth deferred, see [`NftablesConfig::growth_defer`]).
+    pub async fn growth_due(&self) -> bool {
+        let g = self.inner.lock().await;
+        !g.needs_full && self.cfg.shards_for(g.model.service_count()) > g.model.shards()
+    }
+
+    /// Recreate the tables with more shards if they hold more service
+    /// ports than they are sized for (the node calls it once syncs have
+    /// been quiet for a while). Ok(true) when it did.
+    pub async fn grow_if_due(&self) -> Result<bool, NftError> {
+        let mut g = self.inner.lock().await;
+        blocking(|| {
+            let count = g.model.service_count();
+            if g.needs_full || self.cfg.shards_for(count) <= g.model.shards() {
+                return Ok(false);
+            }
+            let grown = self.cfg.shards_for(count.saturating_mul(GROWTH_HEADROOM));
+            tracing::info!(
+                services = count,
+                from = g.model.shards(),
+                to = grown,
+                "more Services than the tables are sized for; recreating them with more shards"
+            );
+            g.model.set_shards(grown);
+            g.needs_full = true;
+            let mut stats = SyncStats::default();
+            self.full_locked(&mut g, &mut stats)?;
+            Ok(true)
         })
     }
 

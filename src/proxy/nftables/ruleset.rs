@@ -106,10 +106,12 @@
 //! # table's sets, for every new set (`nf_tables_newset`), rule lookup
 //! # and element message (`nft_set_lookup_global`); with a map per
 //! # service port those walks were most of the kernel's work in a bulk
-//! # load. A map bound only from one chain is not re-walked when another
-//! # rule of that chain binds it (`nf_tables_bind_set`), so sharing it per
-//! # bucket costs nothing per rule, where one map for every chain did
-//! # (see the module doc of [`super`]). The key holds the frontend, not an
+//! # load. Each rule that binds a map makes the kernel walk the map's
+//! # elements (`nf_tables_bind_set`: its shortcut for a second binding
+//! # from the same chain compares with the new binding's chain before it
+//! # is set, so it never applies), so a bucket's map costs a new rule its
+//! # bucket's entries (tens to hundreds), where one map for all Services
+//! # cost every entry (quadratic; see the module doc of [`super`]). The key holds the frontend, not an
 //! # allocated id: nothing to allocate, and a restarted daemon computes
 //! # the same keys. A frontend's entries are its dispatch element's
 //! # programmed claimant's (see [`Ruleset`]), so two service ports with
