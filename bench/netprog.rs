@@ -136,7 +136,11 @@
 //! Environment: `FAIRLEAD_BENCH_SIZES` (1000,10000,30000),
 //! `FAIRLEAD_BENCH_MODES` (nftables,userspace), `FAIRLEAD_BENCH_PARTS`
 //! (load,node), `FAIRLEAD_BENCH_TRIALS` (50), `FAIRLEAD_BENCH_WRITERS`
-//! (16), `FAIRLEAD_BENCH_CHANGES` (1000), `FAIRLEAD_BENCH_CHANGE_RATE`
+//! (16), `FAIRLEAD_BENCH_LOAD_ROUNDS` (1: how many times the bulk loads,
+//! alone then up, run in turn; with more, the ratio's verdict is the
+//! median of the rounds' ratios, each from one alone run and the up run
+//! right after it, since the machine's speed drifts between runs),
+//! `FAIRLEAD_BENCH_CHANGES` (1000), `FAIRLEAD_BENCH_CHANGE_RATE`
 //! (200 per second), `FAIRLEAD_BENCH_MIN_SYNC_MS`, `FAIRLEAD_BENCH_LOAD_SECS`,
 //! `FAIRLEAD_BENCH_SIZE_SECS`, `FAIRLEAD_BENCH_LOG` (`RUST_LOG` of the
 //! fairlead processes, `warn`), `FAIRLEAD_BENCH_VERBOSE=1` (print every
@@ -305,6 +309,8 @@ struct Settings {
     node: bool,
     trials: usize,
     writers: usize,
+    /// Bulk-load rounds (alone, then up per mode).
+    load_rounds: usize,
     changes: usize,
     change_rate: f64,
     /// The node's `--min-sync-period` (only passed when set).
@@ -369,6 +375,7 @@ impl Settings {
             node: parts.iter().any(|p| p == "node"),
             trials: env_u64("FAIRLEAD_BENCH_TRIALS", 50)?.max(1) as usize,
             writers: env_u64("FAIRLEAD_BENCH_WRITERS", 16)?.max(1) as usize,
+            load_rounds: env_u64("FAIRLEAD_BENCH_LOAD_ROUNDS", 1)?.max(1) as usize,
             changes: env_u64("FAIRLEAD_BENCH_CHANGES", 1000)?.max(1) as usize,
             change_rate: env_u64("FAIRLEAD_BENCH_CHANGE_RATE", 200)?.max(1) as f64,
             min_sync_flag: min_sync_ms.map(|ms| format!("{ms}ms")),
@@ -410,6 +417,8 @@ struct SizeResults {
     services: usize,
     alone: Option<Result<Load, String>>,
     up: BTreeMap<Mode, Result<Load, String>>,
+    /// Up / alone per round (the first round's runs are `alone` and `up`).
+    ratios: BTreeMap<Mode, Vec<f64>>,
     node: BTreeMap<Mode, Result<NodeRun, String>>,
 }
 
@@ -419,6 +428,7 @@ fn run_size(s: &Arc<Settings>, n: usize) -> SizeResults {
         services: n,
         alone: None,
         up: BTreeMap::new(),
+        ratios: BTreeMap::new(),
         node: BTreeMap::new(),
     };
     let over = |what: &str| -> Option<String> {
@@ -432,20 +442,54 @@ fn run_size(s: &Arc<Settings>, n: usize) -> SizeResults {
             msg
         })
     };
-    if s.load {
-        let what = format!("{} Services, API server alone", thousands(n));
-        r.alone = Some(match over(&what) {
+    for round in 0..if s.load { s.load_rounds } else { 0 } {
+        let tag = if s.load_rounds > 1 {
+            format!(" (round {} of {})", round + 1, s.load_rounds)
+        } else {
+            String::new()
+        };
+        let what = format!("{} Services, API server alone{tag}", thousands(n));
+        let alone = match over(&what) {
             Some(e) => Err(e),
             None => report(&what, fresh_run(s, &what, move |env| alone_run(env, n))),
-        });
+        };
         for &mode in &s.modes {
-            let what = format!("{} Services, fairlead up --proxy-mode {mode}", thousands(n));
+            let what = format!(
+                "{} Services, fairlead up --proxy-mode {mode}{tag}",
+                thousands(n)
+            );
             let res = match over(&what) {
                 Some(e) => Err(e),
                 None => report(&what, fresh_run(s, &what, move |env| up_run(env, n, mode))),
             };
-            r.up.insert(mode, res);
+            if let (Ok(a), Ok(u)) = (&alone, &res) {
+                r.ratios
+                    .entry(mode)
+                    .or_default()
+                    .push(u.rate() / a.rate().max(1e-9));
+            }
+            if round == 0 {
+                r.up.insert(mode, res);
+            }
         }
+        if round == 0 {
+            r.alone = Some(alone);
+        }
+    }
+    for (mode, ratios) in r.ratios.iter().filter(|(_, v)| v.len() > 1) {
+        let mut sorted = ratios.clone();
+        sorted.sort_by(f64::total_cmp);
+        println!(
+            "{} Services, up --proxy-mode {mode} / alone over {} rounds: {} (median {:.2})",
+            thousands(n),
+            ratios.len(),
+            ratios
+                .iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            median(&sorted)
+        );
     }
     if s.node {
         for &mode in &s.modes {
@@ -2432,7 +2476,15 @@ fn print_targets(s: &Settings, all: &[SizeResults]) {
         if let Some(Ok(alone)) = &r.alone {
             for (m, res) in &r.up {
                 let l = res.as_ref().ok();
-                let ratio = l.map(|l| l.rate() / alone.rate().max(1e-9));
+                // Over several rounds, the median of their ratios.
+                let ratio = match r.ratios.get(m) {
+                    Some(v) if v.len() > 1 => {
+                        let mut sorted = v.clone();
+                        sorted.sort_by(f64::total_cmp);
+                        Some(median(&sorted))
+                    }
+                    _ => l.map(|l| l.rate() / alone.rate().max(1e-9)),
+                };
                 push(
                     format!("bulk load rate, up {m} / apiserver alone, {at}"),
                     n,
@@ -2509,4 +2561,14 @@ fn print_targets(s: &Settings, all: &[SizeResults]) {
             None => String::new(),
         }
     );
+}
+
+/// The median of sorted values (the mean of the middle two for an even
+/// count).
+fn median(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }
