@@ -514,17 +514,7 @@ pub fn encode_rule(buf: &mut Vec<u8>, rule: &Rule) {
         Rule::DnatMap { modulus, map, .. } => {
             // No protocol match either (see `dnat`).
             numgen_inc(buf, REG_1, *modulus);
-            expr(buf, "lookup", |b| {
-                attr_u32(b, 2, REG_1);
-                attr_u32(b, 3, REG_1);
-                attr_str(b, 1, map);
-            });
-            expr(buf, "nat", |b| {
-                attr_u32(b, 1, NAT_DNAT);
-                attr_u32(b, 2, NFPROTO_IPV4 as u32);
-                attr_u32(b, 3, REG_1);
-                attr_u32(b, 5, REG32_01);
-            });
+            dnat_from_map(buf, map);
         }
         Rule::DnatBucketMap {
             modulus, bucket, ..
@@ -535,17 +525,7 @@ pub fn encode_rule(buf: &mut Vec<u8>, rule: &Rule) {
             meta_load(buf, META_L4PROTO, REG32_01);
             payload(buf, REG32_02, PAYLOAD_TRANSPORT, 2, 2);
             numgen_inc(buf, REG32_03, *modulus);
-            expr(buf, "lookup", |b| {
-                attr_u32(b, 2, REG_1);
-                attr_u32(b, 3, REG_1);
-                attr_str(b, 1, bucket_map(*bucket));
-            });
-            expr(buf, "nat", |b| {
-                attr_u32(b, 1, NAT_DNAT);
-                attr_u32(b, 2, NFPROTO_IPV4 as u32);
-                attr_u32(b, 3, REG_1);
-                attr_u32(b, 5, REG32_01);
-            });
+            dnat_from_map(buf, bucket_map(*bucket));
         }
         Rule::Frontend {
             ip,
@@ -575,6 +555,22 @@ pub fn encode_rule(buf: &mut Vec<u8>, rule: &Rule) {
             }
         }
     }
+}
+
+/// Look the key in REG_1 (onward) up in endpoint map `map` and DNAT to
+/// the `ip . port` found (REG_1, REG32_01).
+fn dnat_from_map(buf: &mut Vec<u8>, map: &str) {
+    expr(buf, "lookup", |b| {
+        attr_u32(b, 2, REG_1);
+        attr_u32(b, 3, REG_1);
+        attr_str(b, 1, map);
+    });
+    expr(buf, "nat", |b| {
+        attr_u32(b, 1, NAT_DNAT);
+        attr_u32(b, 2, NFPROTO_IPV4 as u32);
+        attr_u32(b, 3, REG_1);
+        attr_u32(b, 5, REG32_01);
+    });
 }
 
 /// An element key as the kernel stores it (concatenation parts padded to
@@ -675,6 +671,34 @@ impl Batch {
         )
     }
 
+    /// Declare an endpoint map: `key` (type, length) to `ip . port`.
+    fn endpoint_map(
+        &mut self,
+        t: &str,
+        op_index: usize,
+        name: &str,
+        key: (u32, u32),
+        udata: &[u8],
+    ) {
+        let s = self.msg(op_index, NFT_MSG_NEWSET, NLM_F_CREATE);
+        let b = &mut self.buf;
+        attr_str(b, NFTA_SET_TABLE, t);
+        attr_str(b, NFTA_SET_NAME, name);
+        attr_u32(b, NFTA_SET_FLAGS, NFT_SET_MAP);
+        attr_u32(b, NFTA_SET_KEY_TYPE, key.0);
+        attr_u32(b, NFTA_SET_KEY_LEN, key.1);
+        attr_u32(
+            b,
+            NFTA_SET_DATA_TYPE,
+            (TYPE_IPADDR << 6) | TYPE_INET_SERVICE,
+        );
+        attr_u32(b, NFTA_SET_DATA_LEN, 8);
+        attr_u32(b, NFTA_SET_ID, self.next_set_id);
+        attr(b, NFTA_SET_USERDATA, udata);
+        self.next_set_id += 1;
+        self.end_msg(s);
+    }
+
     fn close_elements(&mut self) {
         if let Some(o) = self.open.take() {
             let len = (self.buf.len() - o.list_start) as u16;
@@ -750,53 +774,24 @@ impl Batch {
                 self.next_set_id += 1;
                 self.end_msg(s);
             }
-            Op::AddEndpointMap(m) => {
-                let s = self.msg(op_index, NFT_MSG_NEWSET, NLM_F_CREATE);
-                let b = &mut self.buf;
-                attr_str(b, NFTA_SET_TABLE, t);
-                attr_str(b, NFTA_SET_NAME, &m.name);
-                attr_u32(b, NFTA_SET_FLAGS, NFT_SET_MAP);
-                attr_u32(b, NFTA_SET_KEY_TYPE, TYPE_INTEGER);
-                attr_u32(b, NFTA_SET_KEY_LEN, 4);
-                attr_u32(
-                    b,
-                    NFTA_SET_DATA_TYPE,
-                    (TYPE_IPADDR << 6) | TYPE_INET_SERVICE,
-                );
-                attr_u32(b, NFTA_SET_DATA_LEN, 8);
-                attr_u32(b, NFTA_SET_ID, self.next_set_id);
-                attr(
-                    b,
-                    NFTA_SET_USERDATA,
-                    &endpoint_map_udata(m.endpoints.len() as u32, m.proto),
-                );
-                self.next_set_id += 1;
-                self.end_msg(s);
-            }
-            Op::AddBucketMap(bucket) => {
-                let s = self.msg(op_index, NFT_MSG_NEWSET, NLM_F_CREATE);
-                let b = &mut self.buf;
-                attr_str(b, NFTA_SET_TABLE, t);
-                attr_str(b, NFTA_SET_NAME, bucket_map(*bucket));
-                attr_u32(b, NFTA_SET_FLAGS, NFT_SET_MAP);
-                attr_u32(
-                    b,
-                    NFTA_SET_KEY_TYPE,
+            Op::AddEndpointMap(m) => self.endpoint_map(
+                t,
+                op_index,
+                &m.name,
+                (TYPE_INTEGER, 4),
+                &endpoint_map_udata(m.endpoints.len() as u32, m.proto),
+            ),
+            Op::AddBucketMap(bucket) => self.endpoint_map(
+                t,
+                op_index,
+                bucket_map(*bucket),
+                (
                     (((TYPE_IPADDR << 6) | TYPE_INET_PROTOCOL) << 6 | TYPE_INET_SERVICE) << 6
                         | TYPE_INTEGER,
-                );
-                attr_u32(b, NFTA_SET_KEY_LEN, 16);
-                attr_u32(
-                    b,
-                    NFTA_SET_DATA_TYPE,
-                    (TYPE_IPADDR << 6) | TYPE_INET_SERVICE,
-                );
-                attr_u32(b, NFTA_SET_DATA_LEN, 8);
-                attr_u32(b, NFTA_SET_ID, self.next_set_id);
-                attr(b, NFTA_SET_USERDATA, UDATA_BUCKET_MAP);
-                self.next_set_id += 1;
-                self.end_msg(s);
-            }
+                    16,
+                ),
+                UDATA_BUCKET_MAP,
+            ),
             Op::AddMapEntry { map, key, to } => {
                 self.element(t, op_index, map, false);
                 nest(&mut self.buf, NFTA_LIST_ELEM, |b| {
