@@ -89,7 +89,8 @@ pub struct UpArgs {
 /// Where to find the API server.
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
-    /// kubeconfig of the API server (e.g. <data-dir>/kubeconfig).
+    /// kubeconfig of the API server (e.g. <data-dir>/kubeconfig). Without
+    /// it: in a pod, its service-account credentials; else ~/.kube/config.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
 }
@@ -265,9 +266,10 @@ pub struct NodeArgs {
     /// Directory for pod state (logs, address allocations).
     #[arg(long, env = "FAIRLEAD_DATA_DIR", default_value_os_t = default_data_dir())]
     pub data_dir: PathBuf,
-    /// The whole pod range; pod traffic leaving it is masqueraded.
-    #[arg(long, default_value = "10.244.0.0/16")]
-    pub cluster_cidr: ServiceCidr,
+    /// The whole pod range; pod traffic leaving it is masqueraded
+    /// (default: --config's clusterCIDR, else 10.244.0.0/16).
+    #[arg(long)]
+    pub cluster_cidr: Option<ServiceCidr>,
     #[command(flatten)]
     pub client: ClientArgs,
     #[command(flatten)]
@@ -288,9 +290,10 @@ pub struct JoinArgs {
     /// Directory for this node's kubeconfig and pod state.
     #[arg(long, env = "FAIRLEAD_DATA_DIR", default_value_os_t = default_data_dir())]
     pub data_dir: PathBuf,
-    /// The whole pod range; pod traffic leaving it is masqueraded.
-    #[arg(long, default_value = "10.244.0.0/16")]
-    pub cluster_cidr: ServiceCidr,
+    /// The whole pod range; pod traffic leaving it is masqueraded
+    /// (default: --config's clusterCIDR, else 10.244.0.0/16).
+    #[arg(long)]
+    pub cluster_cidr: Option<ServiceCidr>,
     /// Port of the local load balancer to every API server (on 127.0.0.1,
     /// as k3s's agent); 0 connects to --server directly.
     #[arg(long, default_value_t = 6444)]
@@ -327,6 +330,21 @@ pub enum TokenCommand {
 }
 
 impl NodeFlags {
+    /// `clientConnection.kubeconfig` of `--config`, if any.
+    pub fn file_kubeconfig(&self) -> anyhow::Result<Option<PathBuf>> {
+        match &self.config {
+            Some(path) => {
+                // (Read again quietly: config() already warned.)
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+                let (file, _) = crate::node::config::FileConfig::parse(&text)
+                    .map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))?;
+                Ok(file.kubeconfig())
+            }
+            None => Ok(None),
+        }
+    }
+
     pub fn config(&self) -> anyhow::Result<crate::node::NodeConfig> {
         use crate::node::config::*;
         let mut cfg = NodeConfig::default();
@@ -442,11 +460,74 @@ impl ControllersArgs {
     }
 }
 
+/// Where a client's credentials come from (see [`ClientArgs::source`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientSource {
+    /// A kubeconfig file.
+    File(PathBuf),
+    /// In a pod: the service-account token and CA under
+    /// [`SERVICE_ACCOUNT_DIR`], the API server from
+    /// `$KUBERNETES_SERVICE_HOST` / `$KUBERNETES_SERVICE_PORT`.
+    InCluster,
+}
+
+/// Where Kubernetes mounts a pod's service-account credentials.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
 impl ClientArgs {
-    fn path(&self) -> anyhow::Result<&std::path::Path> {
-        self.kubeconfig
-            .as_deref()
-            .ok_or_else(|| anyhow::anyhow!("--kubeconfig (or $KUBECONFIG) is required"))
+    /// Every Kubernetes component's order: `--kubeconfig`, then
+    /// `$KUBECONFIG` (both land in `kubeconfig`), then in-cluster (in a
+    /// pod: `$KUBERNETES_SERVICE_HOST` set and a token mounted), then
+    /// `~/.kube/config`.
+    pub fn source(&self) -> anyhow::Result<ClientSource> {
+        if let Some(p) = &self.kubeconfig {
+            return Ok(ClientSource::File(p.clone()));
+        }
+        let token = std::path::Path::new(SERVICE_ACCOUNT_DIR).join("token");
+        if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() && token.exists() {
+            return Ok(ClientSource::InCluster);
+        }
+        if let Some(home) = std::env::var_os("HOME") {
+            let p = PathBuf::from(home).join(".kube").join("config");
+            if p.exists() {
+                return Ok(ClientSource::File(p));
+            }
+        }
+        anyhow::bail!(
+            "no credentials: give --kubeconfig (or $KUBECONFIG), run in a pod (service-account token at {SERVICE_ACCOUNT_DIR}), or have ~/.kube/config"
+        )
+    }
+
+    /// A client from [`ClientArgs::source`]. In-cluster, the token file is
+    /// re-read as the kubelet rotates it (kube-rs reloads it each minute).
+    pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        match self.source()? {
+            ClientSource::File(p) => client_from(&p).await,
+            ClientSource::InCluster => {
+                let cfg = kube::Config::incluster()
+                    .map_err(|e| anyhow::anyhow!("in-cluster configuration: {e}"))?;
+                Ok(kube::Client::try_from(cfg)?)
+            }
+        }
+    }
+
+    /// The cluster CA (PEM) of [`ClientArgs::source`].
+    fn ca(&self) -> Option<Vec<u8>> {
+        match self.source().ok()? {
+            ClientSource::File(p) => ca_from_kubeconfig(&p),
+            ClientSource::InCluster => {
+                std::fs::read(std::path::Path::new(SERVICE_ACCOUNT_DIR).join("ca.crt")).ok()
+            }
+        }
+    }
+
+    /// The kubeconfig file, for commands that need one (token commands
+    /// read the CA from it).
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        match self.source()? {
+            ClientSource::File(p) => Ok(p),
+            ClientSource::InCluster => anyhow::bail!("this command needs --kubeconfig"),
+        }
     }
 }
 
@@ -668,6 +749,7 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    crate::systemd::stopping();
 }
 
 async fn run_token(cmd: TokenCommand) -> anyhow::Result<()> {
@@ -678,11 +760,11 @@ async fn run_token(cmd: TokenCommand) -> anyhow::Result<()> {
             description,
         } => {
             let ttl = crate::node::config::parse_duration(&ttl).map_err(anyhow::Error::msg)?;
-            let ca = ca_from_kubeconfig(client.path()?).ok_or_else(|| {
+            let ca = ca_from_kubeconfig(&client.path()?).ok_or_else(|| {
                 anyhow::anyhow!("the kubeconfig has no certificate-authority-data")
             })?;
             let ca = String::from_utf8(ca)?;
-            let c = client_from(client.path()?).await?;
+            let c = client.client().await?;
             let ttl = (!ttl.is_zero()).then_some(ttl);
             println!(
                 "{}",
@@ -690,7 +772,7 @@ async fn run_token(cmd: TokenCommand) -> anyhow::Result<()> {
             );
         }
         TokenCommand::List { client } => {
-            let c = client_from(client.path()?).await?;
+            let c = client.client().await?;
             println!("{:<8} {:<22} DESCRIPTION", "ID", "EXPIRES");
             for t in crate::join::list_tokens(&c).await? {
                 let expires = t.expires.unwrap_or_else(|| "<never>".into());
@@ -698,7 +780,7 @@ async fn run_token(cmd: TokenCommand) -> anyhow::Result<()> {
             }
         }
         TokenCommand::Delete { client, id } => {
-            let c = client_from(client.path()?).await?;
+            let c = client.client().await?;
             crate::join::delete_token(&c, &id).await?;
             println!("token {} deleted", id.split('.').next().unwrap_or(&id));
         }
@@ -710,6 +792,9 @@ async fn run_token(cmd: TokenCommand) -> anyhow::Result<()> {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // One TLS provider for the whole process (API server and clients).
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Type=notify units with WatchdogSec= (config/systemd/); a no-op
+    // elsewhere. The node daemon sends READY=1 after its first sync.
+    crate::systemd::spawn_watchdog();
     match cli.command {
         Command::Up(args) => {
             let mut node_cfg = args.node.config()?;
@@ -788,7 +873,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Controllers(args) => {
-            let client = client_from(args.client.path()?).await?;
+            let client = args.client.client().await?;
+            crate::systemd::ready("controllers started (leader election)");
             tokio::select! {
                 _ = shutdown_signal() => {}
                 _ = crate::controllers::run(client, args.config()?) => {}
@@ -803,7 +889,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Scheduler(args) => {
-            let client = client_from(args.path()?).await?;
+            let client = args.client().await?;
+            crate::systemd::ready("scheduler started (leader election)");
             tokio::select! {
                 _ = shutdown_signal() => {}
                 _ = crate::scheduler::run_elected(client) => {}
@@ -825,7 +912,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("invalid join token: {e}"))?;
             let mut cfg = args.node.config()?;
             cfg.data_dir = args.data_dir.clone();
-            cfg.cluster_cidr = args.cluster_cidr;
+            if let Some(c) = args.cluster_cidr {
+                cfg.cluster_cidr = c;
+            }
             let kubeconfig = args.data_dir.join("kubeconfig");
             if kubeconfig.exists() {
                 tracing::info!(path = %kubeconfig.display(), "already joined; using the node's kubeconfig");
@@ -852,9 +941,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(args) => {
             let mut cfg = args.node.config()?;
             cfg.data_dir = args.data_dir.clone();
-            cfg.cluster_cidr = args.cluster_cidr;
-            cfg.client_ca = ca_from_kubeconfig(args.client.path()?);
-            let client = client_from(args.client.path()?).await?;
+            if let Some(c) = args.cluster_cidr {
+                cfg.cluster_cidr = c;
+            }
+            // A kube-proxy config's clientConnection.kubeconfig, unless
+            // --kubeconfig / $KUBECONFIG say otherwise.
+            let mut client_args = args.client.clone();
+            if client_args.kubeconfig.is_none() {
+                client_args.kubeconfig = args.node.file_kubeconfig()?;
+            }
+            cfg.client_ca = client_args.ca();
+            let client = client_args.client().await?;
             tokio::select! {
                 _ = shutdown_signal() => Ok(()),
                 r = crate::node::run(client, cfg) => r,
@@ -863,6 +960,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apiserver(args) => {
             let running = apiserver::start(args.config()).await?;
             println!("kubeconfig: {}", running.kubeconfig.display());
+            crate::systemd::ready(&format!("serving on https://{}", running.addr));
             shutdown_signal().await;
             running.leave().await;
             running.shutdown();

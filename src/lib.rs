@@ -13,12 +13,15 @@
 //! * [`api`] — Kubernetes rules that do not need HTTP: the resource table
 //!   that drives the whole server, `Status` errors, metadata rules, Service
 //!   defaulting/validation, label/field selectors, patches, bootstrap
-//!   (join) tokens (`api::token`), protobuf request bodies.
+//!   (join) tokens (`api::token`), ServiceAccount tokens (signed JWTs,
+//!   `api::satoken`), protobuf request bodies.
 //! * [`apiserver`] — the HTTPS server real kubectl talks to: TLS and
 //!   credentials, routing, the generic REST verbs over the resource table,
 //!   watch streams, discovery, OpenAPI, Service IP/NodePort allocation,
 //!   `pods/eviction` against PodDisruptionBudgets (`apiserver::eviction`),
-//!   the least-privilege authorizer (`apiserver::authz`), and the
+//!   the least-privilege authorizer (`apiserver::authz`), the TokenRequest
+//!   API and ServiceAccount authentication (`apiserver::serviceaccount`),
+//!   and the
 //!   `kubernetes` Service's endpoints kept from one Lease per live server
 //!   (`apiserver::endpoints`).
 //! * [`controllers`] — EndpointSlices and legacy Endpoints from Services and
@@ -27,9 +30,10 @@
 //!   and Deployments, the garbage collector (`controllers::gc`: Background,
 //!   Foreground, Orphan), node lifecycle and taint-based eviction
 //!   (`controllers::nodelifecycle`), PodDisruptionBudget status
-//!   (`controllers::disruption`) and node certificates from
-//!   CertificateSigningRequests (`controllers::csr`), under Lease leader
-//!   election.
+//!   (`controllers::disruption`), node certificates from
+//!   CertificateSigningRequests (`controllers::csr`) and every namespace's
+//!   `default` ServiceAccount (`controllers::serviceaccount`), under Lease
+//!   leader election.
 //! * [`model`] — the node's lean view of Services, EndpointSlices and
 //!   Namespaces (only what the proxy and DNS need, strings interned) and
 //!   the watch cache that records which Services changed since the last
@@ -66,6 +70,8 @@
 //!   updated per changed Service, a UDP/TCP server, a forwarding cache.
 //! * [`echo`] — `fairlead echo`, a demo backend that answers with its name.
 //! * [`metrics`] — the process-wide Prometheus recorder.
+//! * [`systemd`] — `Type=notify` readiness and watchdog pings for the
+//!   units in `config/systemd/`.
 //! * [`cli`] — the `fairlead` command line (`up`, `apiserver`,
 //!   `controllers`, `scheduler`, `node`, `join`, `token`, `echo`).
 
@@ -83,3 +89,4 @@ pub mod node;
 pub mod proxy;
 pub mod scheduler;
 pub mod store;
+pub mod systemd;

@@ -8,6 +8,7 @@ pub mod patch;
 pub mod pod;
 pub mod protobuf;
 pub mod resources;
+pub mod satoken;
 pub mod selector;
 pub mod service;
 pub mod status;

@@ -495,6 +495,36 @@ static EVICTION: Schema = Schema {
     ],
 };
 
+// ---- k8s.io.api.authentication.v1 (`kubectl create token`) ----
+
+static BOUND_OBJECT_REFERENCE: Schema = Schema {
+    name: "BoundObjectReference",
+    fields: &[
+        f(1, "kind", Ty::String),
+        f(2, "apiVersion", Ty::String),
+        f(3, "name", Ty::String),
+        f(4, "uid", Ty::String),
+    ],
+};
+
+static TOKEN_REQUEST_SPEC: Schema = Schema {
+    name: "TokenRequestSpec",
+    fields: &[
+        f(1, "audiences", Ty::RepeatedString),
+        f(3, "boundObjectRef", Ty::Message(&BOUND_OBJECT_REFERENCE)),
+        f(4, "expirationSeconds", Ty::OptInt64),
+    ],
+};
+
+static TOKEN_REQUEST: Schema = Schema {
+    name: "TokenRequest",
+    fields: &[
+        f(1, "metadata", Ty::Message(&OBJECT_META)),
+        f(2, "spec", Ty::Message(&TOKEN_REQUEST_SPEC)),
+        // 3 status: the server's to fill.
+    ],
+};
+
 /// The kinds accepted as protobuf: `(apiVersion, kind, schema)`.
 pub static KINDS: &[(&str, &str, &Schema)] = &[
     ("v1", "Namespace", &NAMESPACE),
@@ -505,6 +535,7 @@ pub static KINDS: &[(&str, &str, &Schema)] = &[
     ("apps/v1", "Deployment", &DEPLOYMENT),
     ("apps/v1", "ReplicaSet", &REPLICA_SET),
     ("policy/v1", "Eviction", &EVICTION),
+    ("authentication.k8s.io/v1", "TokenRequest", &TOKEN_REQUEST),
 ];
 
 /// The kinds accepted as protobuf, for messages: `v1 Namespace, v1 Service, ...`.

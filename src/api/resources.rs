@@ -11,7 +11,7 @@ use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Endpoints, Event, Namespace, Node, Pod, Secret, Service,
+    ConfigMap, Endpoints, Event, Namespace, Node, Pod, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -39,6 +39,7 @@ pub enum Kind {
     Secret,
     ConfigMap,
     CertificateSigningRequest,
+    ServiceAccount,
 }
 
 /// One served resource. See the module docs.
@@ -273,6 +274,13 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceDef>> = std::sync::LazyLoc
             namespaced: true, short_names: &["cm"], categories: &[],
             has_status: false, create_on_update: false,
             field_selectors: &[], merge_keys: &[]),
+        def!(ServiceAccount, Kind::ServiceAccount, singular: "serviceaccount",
+        namespaced: true, short_names: &["sa"], categories: &[],
+        has_status: false, create_on_update: false,
+        field_selectors: &[], merge_keys: &[
+            ("secrets", ListStrategy::MergeByKey("name")),
+            ("imagePullSecrets", ListStrategy::MergeByKey("name")),
+        ]),
         def!(CertificateSigningRequest, Kind::CertificateSigningRequest,
             singular: "certificatesigningrequest",
             namespaced: false, short_names: &["csr"], categories: &[],

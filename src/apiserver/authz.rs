@@ -7,8 +7,8 @@
 //! |---|---|
 //! | group `system:masters` | everything (cluster-admin) |
 //! | group `system:bootstrappers` | create and read CertificateSigningRequests, nothing else (`system:node-bootstrapper`) |
-//! | group `system:nodes` | read everything but Secrets; write Nodes, Leases, Events, Pod status, delete Pods, create CSRs (`system:node`, as the Node authorizer narrows it) |
-//! | anyone else authenticated | read everything but Secrets (`view`) |
+//! | group `system:nodes` | read everything but Secrets; write Nodes, Leases, Events, Pod status, delete Pods, create CSRs and ServiceAccount tokens (`system:node`, as the Node authorizer narrows it) |
+//! | anyone else authenticated (ServiceAccounts too) | read everything but Secrets (`view`; for a ServiceAccount of fairlead's DaemonSet, what `system:node-proxier` needs) |
 //!
 //! Secrets are masters-only because bootstrap tokens live there: a node
 //! that could read them could mint more nodes.
@@ -64,6 +64,8 @@ pub fn allowed(ident: &Identity, attrs: Attributes<'_>) -> bool {
             ("pods", Some("status")) => matches!(verb, "update" | "patch"),
             ("pods", None) => verb == "delete",
             ("certificatesigningrequests", None) => verb == "create",
+            // Tokens for the pods it runs (projected volumes).
+            ("serviceaccounts", Some("token")) => verb == "create",
             _ => false,
         };
     }

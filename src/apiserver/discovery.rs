@@ -138,6 +138,18 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
                 "verbs": ["get", "patch", "update"],
             }));
         }
+        if r.kind == Kind::ServiceAccount {
+            // `kubectl create token`.
+            list.push(json!({
+                "name": "serviceaccounts/token",
+                "singularName": "",
+                "namespaced": true,
+                "group": "authentication.k8s.io",
+                "version": "v1",
+                "kind": "TokenRequest",
+                "verbs": ["create"],
+            }));
+        }
         if r.kind == Kind::Pod {
             for (sub, kind, verbs) in [
                 ("binding", "Binding", &["create"][..]),

@@ -28,6 +28,7 @@ pub mod objects;
 pub mod openapi;
 pub mod podlogs;
 pub mod rest;
+pub mod serviceaccount;
 pub mod table;
 pub mod tls;
 pub mod watch;
@@ -109,6 +110,8 @@ pub struct Server {
     kubelet_tls: Arc<rustls::ClientConfig>,
     /// The cluster CA certificate (PEM), served at `/cacerts`.
     pub ca_pem: Arc<str>,
+    /// Signs and verifies ServiceAccount tokens (`serviceaccount`).
+    sa_keys: Arc<crate::api::satoken::Keys>,
 }
 
 /// A started API server.
@@ -198,38 +201,48 @@ const CA_STORE_KEY: &str = "/fairlead/pki/ca";
 /// server joins: it needs the etcd endpoints, nothing copied by hand
 /// (whoever can read etcd owns the cluster anyway, as with kube-apiserver).
 async fn share_ca(store: &dyn Store, data_dir: &std::path::Path) -> anyhow::Result<()> {
-    use crate::store::{Compare, Op, Txn, TxnOutcome};
-    let decode = |value: &[u8]| -> anyhow::Result<(String, String)> {
-        let v: serde_json::Value = serde_json::from_slice(value)?;
-        match (v["cert"].as_str(), v["key"].as_str()) {
-            (Some(c), Some(k)) => Ok((c.to_string(), k.to_string())),
-            _ => anyhow::bail!("{CA_STORE_KEY} in the store is not a CA"),
-        }
-    };
-    if let Some(kv) = store.get(CA_STORE_KEY).await? {
-        let (cert, key) = decode(&kv.value)?;
-        tls::install_ca(data_dir, &cert, &key)?;
-        return Ok(());
+    let published = publish_once(store, CA_STORE_KEY, || {
+        let (cert, key) = tls::ensure_ca(data_dir)?;
+        Ok(serde_json::to_vec(&json!({"cert": cert, "key": key}))?)
+    })
+    .await?;
+    let v: serde_json::Value = serde_json::from_slice(&published)?;
+    match (v["cert"].as_str(), v["key"].as_str()) {
+        (Some(cert), Some(key)) => Ok(tls::install_ca(data_dir, cert, key)?),
+        _ => anyhow::bail!("{CA_STORE_KEY} in the store is not a CA"),
     }
-    let (cert, key) = tls::ensure_ca(data_dir)?;
-    let value = serde_json::to_vec(&json!({"cert": cert, "key": key}))?;
+}
+
+/// The value at `key` of the store, published from `ours` first if there
+/// is none: the cluster-wide secrets (CA, service-account key) that the
+/// first server creates and every later one adopts. Two servers starting
+/// at once both offer theirs; the store's compare-and-swap picks one.
+async fn publish_once(
+    store: &dyn Store,
+    key: &str,
+    ours: impl FnOnce() -> anyhow::Result<Vec<u8>>,
+) -> anyhow::Result<Vec<u8>> {
+    use crate::store::{Compare, Op, Txn, TxnOutcome};
+    if let Some(kv) = store.get(key).await? {
+        return Ok(kv.value.to_vec());
+    }
+    let value = ours()?;
     let txn = Txn {
-        compares: vec![Compare::Absent(CA_STORE_KEY.into())],
+        compares: vec![Compare::Absent(key.into())],
         ops: vec![Op::Put {
-            key: CA_STORE_KEY.into(),
-            value,
+            key: key.into(),
+            value: value.clone(),
         }],
     };
     if let TxnOutcome::Failed { .. } = store.txn(txn).await? {
-        // Another server published first: use its CA.
+        // Another server published first: theirs.
         let kv = store
-            .get(CA_STORE_KEY)
+            .get(key)
             .await?
-            .ok_or_else(|| anyhow::anyhow!("{CA_STORE_KEY} vanished from the store"))?;
-        let (cert, key) = decode(&kv.value)?;
-        tls::install_ca(data_dir, &cert, &key)?;
+            .ok_or_else(|| anyhow::anyhow!("{key} vanished from the store"))?;
+        return Ok(kv.value.to_vec());
     }
-    Ok(())
+    Ok(value)
 }
 
 /// Start the API server: store, PKI, kubeconfig, bootstrap objects,
@@ -252,6 +265,7 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
         sans.push(config.bind_address.to_string());
     }
     share_ca(store.as_ref(), &config.data_dir).await?;
+    let sa_keys = serviceaccount::share_key(store.as_ref(), &config.data_dir).await?;
     let pki = tls::ensure_pki(&config.data_dir, &sans)?;
     let tls_config = tls::server_config(&pki)?;
     let kubelet_tls = podlogs::kubelet_client_config(&config.data_dir)?;
@@ -298,6 +312,7 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
         decoded: Arc::new(watch::DecodedEvents::default()),
         kubelet_tls,
         ca_pem: pki.ca_cert_pem.clone().into(),
+        sa_keys: Arc::new(sa_keys),
     };
     server.bootstrap().await?;
     server.reconcile_endpoints().await;

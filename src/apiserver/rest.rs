@@ -153,6 +153,7 @@ fn route(path: &str) -> Result<Route, ApiError> {
             || (s == "finalize" && def.plural == "namespaces")
             || (s == "binding" && def.plural == "pods")
             || (s == "eviction" && def.plural == "pods")
+            || (s == "token" && def.plural == "serviceaccounts")
             || (s == "log" && def.plural == "pods")
             || (s == "scale" && matches!(def.kind, Kind::ReplicaSet | Kind::Deployment));
         if !ok {
@@ -330,7 +331,7 @@ impl Server {
         resp
     }
 
-    /// The requester: a bearer token (static or bootstrap) if one is
+    /// The requester: a bearer token (static, ServiceAccount or bootstrap) if one is
     /// sent, else the verified client certificate. A bootstrap token that
     /// fails says why (unknown, wrong secret, expired) in the 401, so a
     /// joining host can print the reason.
@@ -350,6 +351,9 @@ impl Server {
         let token = token.trim();
         if let Some(ident) = self.token_identity(token) {
             return Ok(ident);
+        }
+        if crate::api::satoken::looks_like_jwt(token) {
+            return self.service_account_identity(token).await;
         }
         if let Some(t) = crate::api::token::Token::parse(token) {
             return self.bootstrap_identity(&t).await;
@@ -479,7 +483,7 @@ impl Server {
         if r.sub.as_deref() == Some("scale") {
             return self.scale(&r, verb, req, &opts_of(&q)).await;
         }
-        if matches!(r.sub.as_deref(), Some("binding" | "eviction")) && verb != "create" {
+        if matches!(r.sub.as_deref(), Some("binding" | "eviction" | "token")) && verb != "create" {
             return Err(ApiError::method_not_allowed(
                 "the server does not allow this method on the requested resource",
             ));
@@ -550,6 +554,17 @@ impl Server {
                     )
                     .await?;
                 Ok(json_response(201, &status, &[]))
+            }
+            "create" if r.sub.as_deref() == Some("token") => {
+                let body = read_object(req).await?;
+                let issued = self
+                    .create_token(
+                        ns.unwrap_or_default(),
+                        r.name.as_deref().unwrap_or(""),
+                        body,
+                    )
+                    .await?;
+                Ok(json_response(201, &issued, &[]))
             }
             "create" if r.sub.as_deref() == Some("eviction") => {
                 let body = read_object(req).await?;

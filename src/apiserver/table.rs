@@ -338,6 +338,16 @@ fn config_map_cells(obj: &Value) -> Vec<Value> {
     vec![name(obj), json!(data), creation_age(obj)]
 }
 
+const SERVICE_ACCOUNT_COLUMNS: &[Column] = &[
+    NAME,
+    int(
+        "Secrets",
+        0,
+        "The number of secrets the ServiceAccount lists (tokens are bound, not secrets).",
+    ),
+    AGE,
+];
+
 const CSR_COLUMNS: &[Column] = &[
     NAME,
     AGE,
@@ -398,6 +408,7 @@ fn columns(kind: Kind) -> &'static [Column] {
         Kind::Secret => SECRET_COLUMNS,
         Kind::ConfigMap => CONFIG_MAP_COLUMNS,
         Kind::CertificateSigningRequest => CSR_COLUMNS,
+        Kind::ServiceAccount => SERVICE_ACCOUNT_COLUMNS,
     }
 }
 
@@ -443,6 +454,11 @@ pub fn cells(kind: Kind, obj: &Value) -> Vec<Value> {
         Kind::Secret => secret_cells(obj),
         Kind::ConfigMap => config_map_cells(obj),
         Kind::CertificateSigningRequest => csr_cells(obj),
+        Kind::ServiceAccount => vec![
+            name(obj),
+            json!(obj["secrets"].as_array().map_or(0, Vec::len)),
+            creation_age(obj),
+        ],
     }
 }
 

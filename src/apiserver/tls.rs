@@ -273,6 +273,15 @@ pub fn install_ca(data_dir: &Path, cert_pem: &str, key_pem: &str) -> Result<(), 
     Ok(())
 }
 
+/// Write a private file (mode 0600, atomically), its directory created
+/// private if missing: the service-account key.
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
+    if let Some(dir) = path.parent() {
+        create_private_dir(dir)?;
+    }
+    write_atomic(path, contents, 0o600)
+}
+
 /// kubeadm's CA hash: lower-case hex SHA-256 of the certificate's
 /// SubjectPublicKeyInfo (what `--discovery-token-ca-cert-hash` holds).
 pub fn ca_hash(cert_pem: &str) -> Result<String, TlsError> {

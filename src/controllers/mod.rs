@@ -3,8 +3,9 @@
 //! IPAM ([`nodeipam`]), Deployments ([`deployment`]), ReplicaSets
 //! ([`replicaset`]), the garbage collector ([`gc`]), node lifecycle and
 //! taint-based eviction ([`nodelifecycle`]), PodDisruptionBudgets'
-//! status ([`disruption`]) and the approval and signing of nodes'
-//! certificate requests ([`csr`]).
+//! status ([`disruption`]), the approval and signing of nodes'
+//! certificate requests ([`csr`]), and a `default` ServiceAccount in every
+//! namespace ([`serviceaccount`]).
 //!
 //! ```text
 //!  watcher(Service) ─┐
@@ -39,6 +40,7 @@ pub mod leader;
 pub mod nodeipam;
 pub mod nodelifecycle;
 pub mod replicaset;
+pub mod serviceaccount;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -136,7 +138,7 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     };
     for s in plan.create.iter().map(stamp) {
         slices.create(&PostParams::default(), &s).await?;
-        metrics::counter!("endpoint_slice_controller_changes", "operation" => "create")
+        metrics::counter!("endpoint_slice_controller_changes_total", "operation" => "create")
             .increment(1);
     }
     for s in plan.update.iter().map(stamp) {
@@ -147,12 +149,12 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 &s,
             )
             .await?;
-        metrics::counter!("endpoint_slice_controller_changes", "operation" => "update")
+        metrics::counter!("endpoint_slice_controller_changes_total", "operation" => "update")
             .increment(1);
     }
     for n in &plan.delete {
         delete_ignoring_missing(&slices, n).await?;
-        metrics::counter!("endpoint_slice_controller_changes", "operation" => "delete")
+        metrics::counter!("endpoint_slice_controller_changes_total", "operation" => "delete")
             .increment(1);
     }
     // The legacy Endpoints mirror.
@@ -465,6 +467,7 @@ pub async fn run(client: kube::Client, cfg: Config) {
             let _gc = AbortOnDrop(tokio::spawn(gc::run(c.clone())));
             let _nodes = AbortOnDrop(tokio::spawn(nodelifecycle::run(c.clone(), lifecycle)));
             let _pdb = AbortOnDrop(tokio::spawn(disruption::run(c.clone())));
+            let _sa = AbortOnDrop(tokio::spawn(serviceaccount::run(c.clone())));
             run_controllers(c, max).await
         }
     })

@@ -1,8 +1,9 @@
-//! Node daemon settings: kube-proxy-style flags, optionally from a YAML file
-//! (`--config`, keys in KubeProxyConfiguration's spelling: `mode`,
-//! `hostnameOverride`, `nodePortAddresses`, `metricsBindAddress`,
-//! `healthzBindAddress`, `minSyncPeriod`, `syncPeriod`). Flags given on the command line
-//! win over the file.
+//! Node daemon settings: kube-proxy-style flags, optionally from a
+//! KubeProxyConfiguration file (`--config`, read as kube-proxy's own:
+//! `mode`, `hostnameOverride`, `nodePortAddresses`, `metricsBindAddress`,
+//! `healthzBindAddress`, `minSyncPeriod`, `syncPeriod`, `nftables.*SyncPeriod`,
+//! `clusterCIDR`, `clientConnection.kubeconfig`; other fields are named in
+//! a warning). Flags given on the command line win over the file.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -134,17 +135,73 @@ impl NodeConfig {
     }
 }
 
-/// The subset of KubeProxyConfiguration we read from `--config`.
+/// The part of a KubeProxyConfiguration (`kubeproxy.config.k8s.io/v1alpha1`)
+/// fairlead reads from `--config`. A real kube-proxy file (kubeadm's
+/// ConfigMap, as it is) parses: empty strings and zero durations mean
+/// "default", as in kube-proxy, and every other field is named in a
+/// warning at start ([`FileConfig::parse`]).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FileConfig {
-    pub mode: Option<ProxyMode>,
+    pub mode: Option<String>,
     pub hostname_override: Option<String>,
     pub node_port_addresses: Option<Vec<String>>,
     pub metrics_bind_address: Option<String>,
     pub healthz_bind_address: Option<String>,
     pub min_sync_period: Option<String>,
     pub sync_period: Option<String>,
+    #[serde(rename = "clusterCIDR")]
+    pub cluster_cidr: Option<String>,
+    pub nftables: Option<NftablesSection>,
+    pub client_connection: Option<ClientConnection>,
+}
+
+/// `nftables:` (kube-proxy 1.29+).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NftablesSection {
+    pub min_sync_period: Option<String>,
+    pub sync_period: Option<String>,
+}
+
+/// `clientConnection:`: only the kubeconfig path is read.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientConnection {
+    pub kubeconfig: Option<String>,
+}
+
+/// Top-level KubeProxyConfiguration fields that [`FileConfig`] reads; the
+/// value is the subfields read, for sections.
+const READ_FIELDS: &[(&str, &[&str])] = &[
+    ("apiVersion", &[]),
+    ("kind", &[]),
+    ("mode", &[]),
+    ("hostnameOverride", &[]),
+    ("nodePortAddresses", &[]),
+    ("metricsBindAddress", &[]),
+    ("healthzBindAddress", &[]),
+    ("minSyncPeriod", &[]),
+    ("syncPeriod", &[]),
+    ("clusterCIDR", &[]),
+    ("nftables", &["minSyncPeriod", "syncPeriod"]),
+    ("clientConnection", &["kubeconfig"]),
+];
+
+/// The API version kube-proxy's config files carry.
+pub const KUBE_PROXY_CONFIG_API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
+
+/// A string field that is set: kube-proxy reads "" as unset.
+fn set(v: &Option<String>) -> Option<&str> {
+    v.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// A duration field that is set: "" and zero mean kube-proxy's default.
+fn set_duration(v: &Option<String>) -> Result<Option<Duration>, String> {
+    match set(v) {
+        None => Ok(None),
+        Some(d) => parse_duration(d).map(|d| (!d.is_zero()).then_some(d)),
+    }
 }
 
 /// Parse a Go-style duration ("1s", "500ms", "2m").
@@ -186,41 +243,128 @@ pub fn parse_nodeport_address(s: &str) -> Result<Option<IpAddr>, String> {
 }
 
 impl FileConfig {
-    /// Read and parse a config file; errors name the file.
+    /// Read and parse a config file, logging what it sets that fairlead
+    /// ignores; errors name the file.
     pub fn load(path: &Path) -> Result<FileConfig, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        serde_yaml::from_str(&text).map_err(|e| format!("parsing {}: {e}", path.display()))
+        let (cfg, ignored) =
+            FileConfig::parse(&text).map_err(|e| format!("parsing {}: {e}", path.display()))?;
+        for field in ignored {
+            tracing::warn!(file = %path.display(), %field, "KubeProxyConfiguration field not used by fairlead; ignored");
+        }
+        Ok(cfg)
+    }
+
+    /// Parse a KubeProxyConfiguration (or a file of just the fields
+    /// fairlead reads): the settings, and the fields present that fairlead
+    /// ignores (dotted paths, e.g. `conntrack.maxPerCore`).
+    pub fn parse(text: &str) -> Result<(FileConfig, Vec<String>), String> {
+        let raw: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+        let mut ignored = Vec::new();
+        if let Some(map) = raw.as_mapping() {
+            for (k, v) in map {
+                let key = k.as_str().unwrap_or_default();
+                match READ_FIELDS.iter().find(|(f, _)| *f == key) {
+                    None => ignored.push(key.to_string()),
+                    Some((_, subs)) if !subs.is_empty() => {
+                        for sub in v.as_mapping().into_iter().flatten() {
+                            let sub = sub.0.as_str().unwrap_or_default();
+                            if !subs.contains(&sub) {
+                                ignored.push(format!("{key}.{sub}"));
+                            }
+                        }
+                    }
+                    Some(_) => {}
+                }
+            }
+            if let Some(kind) = map.get("kind").and_then(|k| k.as_str()) {
+                if kind != "KubeProxyConfiguration" {
+                    return Err(format!("kind {kind:?}: expected KubeProxyConfiguration"));
+                }
+            }
+            if let Some(v) = map.get("apiVersion").and_then(|k| k.as_str()) {
+                if v != KUBE_PROXY_CONFIG_API_VERSION {
+                    return Err(format!(
+                        "apiVersion {v:?}: expected {KUBE_PROXY_CONFIG_API_VERSION}"
+                    ));
+                }
+            }
+        }
+        let cfg: FileConfig = serde_yaml::from_value(raw).map_err(|e| e.to_string())?;
+        Ok((cfg, ignored))
+    }
+
+    /// The kubeconfig the file names (`clientConnection.kubeconfig`).
+    pub fn kubeconfig(&self) -> Option<std::path::PathBuf> {
+        self.client_connection
+            .as_ref()
+            .and_then(|c| set(&c.kubeconfig))
+            .map(Into::into)
     }
 
     /// Apply the file's settings onto `cfg`.
     pub fn apply(&self, cfg: &mut NodeConfig) -> Result<(), String> {
-        if let Some(m) = self.mode {
-            cfg.proxy_mode = m;
+        match set(&self.mode) {
+            None => {}
+            Some("nftables") => cfg.proxy_mode = ProxyMode::Nftables,
+            Some("userspace") => cfg.proxy_mode = ProxyMode::Userspace,
+            // kube-proxy's kernel modes: fairlead's kernel mode is nftables.
+            Some(m @ ("iptables" | "ipvs" | "kernelspace")) => {
+                tracing::warn!(mode = m, "KubeProxyConfiguration mode is not fairlead's; using nftables");
+                cfg.proxy_mode = ProxyMode::Nftables;
+            }
+            Some(m) => {
+                return Err(format!(
+                    "mode {m:?}: expected nftables or userspace (or kube-proxy's iptables/ipvs, read as nftables)"
+                ))
+            }
         }
-        if let Some(h) = &self.hostname_override {
-            cfg.hostname_override = Some(h.clone());
+        if let Some(h) = set(&self.hostname_override) {
+            cfg.hostname_override = Some(h.to_string());
         }
         if let Some(a) = &self.node_port_addresses {
-            cfg.nodeport_addresses = a
-                .iter()
-                .map(|s| parse_nodeport_address(s))
-                .collect::<Result<Vec<_>, _>>()?
-                .into_iter()
-                .flatten()
-                .collect();
+            let mut out = Vec::new();
+            for s in a {
+                if s == "primary" {
+                    // kube-proxy's "the node's primary IPs": every address
+                    // here (a warning, as the set is wider).
+                    tracing::warn!("nodePortAddresses \"primary\" is read as all addresses");
+                    continue;
+                }
+                out.extend(parse_nodeport_address(s)?);
+            }
+            cfg.nodeport_addresses = out;
         }
-        if let Some(a) = &self.metrics_bind_address {
+        if let Some(a) = set(&self.metrics_bind_address) {
             cfg.metrics_bind_address = parse_bind(a, 10249)?;
         }
-        if let Some(a) = &self.healthz_bind_address {
+        if let Some(a) = set(&self.healthz_bind_address) {
             cfg.healthz_bind_address = parse_bind(a, 10256)?;
         }
-        if let Some(d) = &self.min_sync_period {
-            cfg.min_sync_period = parse_duration(d)?;
+        let nft = self.nftables.as_ref();
+        let min_sync = set_duration(&self.min_sync_period)?.or(nft
+            .map(|n| set_duration(&n.min_sync_period))
+            .transpose()?
+            .flatten());
+        if let Some(d) = min_sync {
+            cfg.min_sync_period = d;
         }
-        if let Some(d) = &self.sync_period {
-            cfg.sync_period = parse_duration(d)?;
+        let sync = set_duration(&self.sync_period)?.or(nft
+            .map(|n| set_duration(&n.sync_period))
+            .transpose()?
+            .flatten());
+        if let Some(d) = sync {
+            cfg.sync_period = d;
+        }
+        if let Some(c) = set(&self.cluster_cidr) {
+            // kube-proxy allows a comma-separated dual-stack pair; the
+            // IPv4 one is used.
+            let v4 = c.split(',').find(|c| !c.contains(':')).unwrap_or(c);
+            cfg.cluster_cidr = v4
+                .trim()
+                .parse()
+                .map_err(|e| format!("clusterCIDR {c:?}: {e}"))?;
         }
         Ok(())
     }
@@ -240,12 +384,144 @@ mod tests {
         assert_eq!(parse_nodeport_address("0.0.0.0/0").unwrap(), None);
     }
 
+    /// A KubeProxyConfiguration as kubeadm writes it into the kube-proxy
+    /// ConfigMap (v1.32), read as it is.
+    const KUBEADM: &str = r#"
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+bindAddress: 0.0.0.0
+bindAddressHardFail: false
+clientConnection:
+  acceptContentTypes: ""
+  burst: 0
+  contentType: ""
+  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
+  qps: 0
+clusterCIDR: 10.244.0.0/16
+configSyncPeriod: 0s
+conntrack:
+  maxPerCore: null
+  min: null
+  tcpBeLiberal: false
+  tcpCloseWaitTimeout: null
+  tcpEstablishedTimeout: null
+  udpStreamTimeout: 0s
+  udpTimeout: 0s
+detectLocal:
+  bridgeInterface: ""
+  interfaceNamePrefix: ""
+detectLocalMode: ""
+enableProfiling: false
+healthzBindAddress: ""
+hostnameOverride: ""
+iptables:
+  localhostNodePorts: null
+  masqueradeAll: false
+  masqueradeBit: null
+  minSyncPeriod: 0s
+  syncPeriod: 0s
+ipvs:
+  excludeCIDRs: null
+  minSyncPeriod: 0s
+  scheduler: ""
+  strictARP: false
+  syncPeriod: 0s
+  tcpFinTimeout: 0s
+  tcpTimeout: 0s
+  udpTimeout: 0s
+kind: KubeProxyConfiguration
+logging:
+  flushFrequency: 0
+  options:
+    json:
+      infoBufferSize: "0"
+    text:
+      infoBufferSize: "0"
+  verbosity: 0
+metricsBindAddress: ""
+mode: ""
+nftables:
+  masqueradeAll: false
+  masqueradeBit: null
+  minSyncPeriod: 0s
+  syncPeriod: 0s
+nodePortAddresses: null
+oomScoreAdj: null
+portRange: ""
+showHiddenMetricsForVersion: ""
+winkernel:
+  enableDSR: false
+  forwardHealthCheckVip: false
+  networkName: ""
+  rootHnsEndpointName: ""
+  sourceVip: ""
+"#;
+
+    #[test]
+    fn kubeadm_kube_proxy_config_reads_as_it_is() {
+        let (f, ignored) = FileConfig::parse(KUBEADM).unwrap();
+        let mut c = NodeConfig::default();
+        let before = c.clone();
+        f.apply(&mut c).unwrap();
+        // "" and 0s are defaults: nothing but clusterCIDR changes.
+        assert_eq!(c.proxy_mode, before.proxy_mode);
+        assert_eq!(c.metrics_bind_address, before.metrics_bind_address);
+        assert_eq!(c.sync_period, before.sync_period);
+        assert_eq!(c.cluster_cidr.to_string(), "10.244.0.0/16");
+        assert_eq!(
+            f.kubeconfig().unwrap().display().to_string(),
+            "/var/lib/kube-proxy/kubeconfig.conf"
+        );
+        for field in [
+            "bindAddress",
+            "conntrack",
+            "iptables",
+            "ipvs",
+            "winkernel",
+            "logging",
+            "clientConnection.qps",
+            "nftables.masqueradeAll",
+            "oomScoreAdj",
+        ] {
+            assert!(
+                ignored.iter().any(|i| i == field),
+                "{field} not reported: {ignored:?}"
+            );
+        }
+        for read in [
+            "mode",
+            "clusterCIDR",
+            "nftables.syncPeriod",
+            "clientConnection.kubeconfig",
+        ] {
+            assert!(
+                !ignored.iter().any(|i| i == read),
+                "{read} reported: {ignored:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn kube_proxy_modes_and_bad_files() {
+        let mut c = NodeConfig::default();
+        let (f, _) = FileConfig::parse("mode: iptables\nnftables: {syncPeriod: 45s}\n").unwrap();
+        f.apply(&mut c).unwrap();
+        assert_eq!(c.proxy_mode, ProxyMode::Nftables);
+        assert_eq!(c.sync_period, Duration::from_secs(45));
+        let (f, _) = FileConfig::parse("mode: bogus\n").unwrap();
+        assert!(f.apply(&mut c).unwrap_err().contains("bogus"));
+        let e = FileConfig::parse("kind: KubeletConfiguration\n").unwrap_err();
+        assert!(e.contains("KubeProxyConfiguration"), "{e}");
+        let e = FileConfig::parse("apiVersion: v1\nkind: KubeProxyConfiguration\n").unwrap_err();
+        assert!(e.contains("v1alpha1"), "{e}");
+    }
+
     #[test]
     fn file_config_applies() {
-        let f: FileConfig = serde_yaml::from_str(
+        let (f, ignored) = FileConfig::parse(
             "mode: userspace\nhostnameOverride: n1\nminSyncPeriod: 1s\nmetricsBindAddress: 127.0.0.1:9999\n",
         )
         .unwrap();
+        assert!(ignored.is_empty(), "{ignored:?}");
         let mut c = NodeConfig::default();
         f.apply(&mut c).unwrap();
         assert_eq!(c.node_name(), "n1");

@@ -595,6 +595,8 @@ pub async fn run_from(client: kube::Client, cfg: NodeConfig, source: Source) -> 
     let mut trim_at: Option<Instant> = None;
     let mut grow_at: Option<Instant> = None;
     let mut first_sync = true;
+    // systemd's READY=1 goes out once, after the first sync that applied.
+    let mut announced = false;
     loop {
         let ready = listed.len() == 3;
         let dirty = cache.has_dirty();
@@ -675,6 +677,13 @@ pub async fn run_from(client: kube::Client, cfg: NodeConfig, source: Source) -> 
                 metrics::gauge!("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
                     .set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
                 observe_programming_latency(&dirty.trigger_times, started_at);
+                if !announced {
+                    announced = true;
+                    crate::systemd::ready(&format!(
+                        "node {node_name}: {} service ports programmed",
+                        changes.len()
+                    ));
+                }
                 incomplete
             }
             Err(e) => {

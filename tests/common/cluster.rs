@@ -126,8 +126,22 @@ impl Cluster {
     /// Start `fairlead <args>` in the namespace as process `key` (logging
     /// to `<key>.log`; a process of the same key is replaced).
     pub fn start(&mut self, key: &str, args: &[&str]) {
+        self.start_env(key, args, &[]);
+    }
+
+    /// [`Cluster::start`] of a command line of the test's own (a wrapper
+    /// script, say), logging as process `key`.
+    pub fn start_command(&mut self, key: &str, mut cmd: Command) {
+        cmd.env("RUST_LOG", "info,fairlead=debug");
+        let p = self.ns.spawn(cmd, &self.log_path(key));
+        self.procs.insert(key.to_string(), p);
+    }
+
+    /// [`Cluster::start`] with more environment variables.
+    pub fn start_env(&mut self, key: &str, args: &[&str], env: &[(&str, &str)]) {
         let mut cmd = self.ns.command(FAIRLEAD);
         cmd.args(args).env("RUST_LOG", "info,fairlead=debug");
+        cmd.envs(env.iter().copied());
         let p = self.ns.spawn(cmd, &self.log_path(key));
         self.procs.insert(key.to_string(), p);
     }
