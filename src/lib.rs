@@ -51,7 +51,8 @@
 //! * [`kubelet`] — the node's pod agent: runs the Pods bound to it as
 //!   processes in their own network namespace and cgroup (a built-in
 //!   CNI: bridge, veth, podCIDR addresses), with probes, restarts,
-//!   graceful deletion and status, behind a small runtime trait.
+//!   graceful deletion, status and each pod's service-account token
+//!   volume, behind a small runtime trait.
 //! * [`scheduler`] — binds Pods to nodes through `pods/binding`: pure
 //!   filters and a score (`scheduler::filter`: room left, replicas spread)
 //!   over reflected Nodes and Pods, leader-elected.

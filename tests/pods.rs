@@ -649,3 +649,107 @@ fn node_restart_under_load_adopts_running_pods() {
     }
     c.wait_serving(http, &["k1", "k2"]);
 }
+
+/// Every pod gets its service-account volume (a token bound to the pod,
+/// the cluster CA, the namespace) at the standard path and the
+/// `KUBERNETES_SERVICE_*` variables, so in-cluster clients work: the real
+/// kubectl, run inside the pod with no kubeconfig, reaches the API
+/// through the `kubernetes` ClusterIP as `system:serviceaccount:default:default`.
+/// A pod that opts out gets no token.
+#[test]
+fn pods_get_their_service_account_token() {
+    let c = Cluster::up("pods-sa", &[]);
+    c.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: sa-pod}\nspec:\n  containers:\n  \
+         - {name: c, image: busybox, command: [sleep, \"600\"]}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: no-sa}\nspec:\n  automountServiceAccountToken: false\n  \
+         containers:\n  - {name: c, image: busybox, command: [sleep, \"600\"]}\n",
+    );
+    let p = wait_pod(&c, "default", "sa-pod", "Running", |p| {
+        p["status"]["phase"] == "Running"
+    });
+    let sa_pid = pid(&p);
+    let dir = "/var/run/secrets/kubernetes.io/serviceaccount";
+    assert_eq!(
+        in_pod(sa_pid, &["cat", &format!("{dir}/namespace")]),
+        "default"
+    );
+    let ca = in_pod(sa_pid, &["cat", &format!("{dir}/ca.crt")]);
+    assert!(ca.contains("BEGIN CERTIFICATE"), "{ca}");
+    let token = in_pod(sa_pid, &["cat", &format!("{dir}/token")]);
+    use base64::Engine;
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1).expect("a JWT"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["sub"], "system:serviceaccount:default:default");
+    assert_eq!(claims["kubernetes.io"]["pod"]["name"], "sa-pod");
+    assert_eq!(
+        claims["kubernetes.io"]["pod"]["uid"], p["metadata"]["uid"],
+        "bound to this pod"
+    );
+    // The host's mount point stays empty: the volume is the pod's own.
+    assert!(
+        !Path::new(dir).join("token").exists(),
+        "the token is on the host"
+    );
+    let environ = std::fs::read(format!("/proc/{sa_pid}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(
+        environ.contains("KUBERNETES_SERVICE_HOST=10.96.0.1"),
+        "{environ}"
+    );
+
+    // In-cluster kubectl inside the pod (its namespaces, the pod's env).
+    let out = Command::new("nsenter")
+        .arg("-t")
+        .arg(sa_pid.to_string())
+        .args(["-n", "-m", "-u", "--", "env", "-i"])
+        .args([
+            "KUBERNETES_SERVICE_HOST=10.96.0.1",
+            "KUBERNETES_SERVICE_PORT=443",
+            "HOME=/nonexistent",
+        ])
+        .args(["kubectl", "get", "pod", "sa-pod", "-o", "name"])
+        .output()
+        .expect("kubectl in the pod");
+    assert!(
+        out.status.success(),
+        "in-cluster kubectl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "pod/sa-pod");
+    let denied = Command::new("nsenter")
+        .arg("-t")
+        .arg(sa_pid.to_string())
+        .args(["-n", "-m", "-u", "--", "env", "-i"])
+        .args([
+            "KUBERNETES_SERVICE_HOST=10.96.0.1",
+            "KUBERNETES_SERVICE_PORT=443",
+            "HOME=/nonexistent",
+        ])
+        .args(["kubectl", "delete", "pod", "no-sa"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&denied.stderr)
+            .contains("User \"system:serviceaccount:default:default\" cannot delete"),
+        "{denied:?}"
+    );
+
+    let p = wait_pod(&c, "default", "no-sa", "Running", |p| {
+        p["status"]["phase"] == "Running"
+    });
+    let none = Command::new("nsenter")
+        .arg("-t")
+        .arg(pid(&p).to_string())
+        .args(["-m", "--", "test", "-e", &format!("{dir}/token")])
+        .status()
+        .unwrap();
+    assert!(
+        !none.success(),
+        "automountServiceAccountToken: false still got a token"
+    );
+}

@@ -92,7 +92,14 @@ struct Worker {
     report_failed: bool,
     /// Where the current containers' probes connect (set at start).
     target: Option<probe::Target>,
+    /// When the service-account token is due for renewal (`None`: the
+    /// pod has none).
+    token_refresh_at: Option<Instant>,
 }
+
+/// How long a projected service-account token lives (the kubelet's 3607
+/// s); it is renewed at 80% of that, as the kubelet does.
+const TOKEN_SECONDS: u64 = 3607;
 
 fn policy(pod: &Pod) -> &str {
     pod.spec
@@ -233,6 +240,7 @@ pub(super) async fn run(ctx: Arc<Ctx>, mut rx: watch::Receiver<Option<Pod>>) {
         reported: None,
         report_failed: false,
         target: None,
+        token_refresh_at: None,
     };
     w.main(&mut rx, &mut events).await;
 }
@@ -323,6 +331,12 @@ impl Worker {
                 }
                 _ = sleep_until(due), if due.is_some() => self.start_due().await,
                 _ = tokio::time::sleep(RETRY), if self.report_failed => {}
+                _ = sleep_until(self.token_refresh_at), if self.token_refresh_at.is_some() && self.sandbox.is_some() => {
+                    if let Err(e) = self.project_token().await {
+                        tracing::warn!(pod = %name(&self.pod), error = %e, "renewing the service-account token");
+                        self.token_refresh_at = Some(Instant::now() + RETRY);
+                    }
+                }
             }
             // A pod whose containers are all done for good (Succeeded or
             // Failed) gives its sandbox back; its status keeps the IP.
@@ -407,6 +421,11 @@ impl Worker {
             }
         };
         let existing = |f: &str| Some(self.dir.join(f)).filter(|p| p.exists());
+        let service_account = existing("serviceaccount");
+        if service_account.is_some() {
+            // Renew now: the token on disk may be old.
+            self.token_refresh_at = Some(Instant::now());
+        }
         let sandbox = Sandbox {
             netns: netns.as_ref().map(|n| PathBuf::from("/run/netns").join(n)),
             resolv_conf: existing("resolv.conf"),
@@ -419,6 +438,7 @@ impl Worker {
                     .unwrap_or_else(|| name(&self.pod).to_string())
             }),
             cgroup_procs: self.cgroup.procs_files(),
+            service_account,
         };
         self.netns = netns;
         self.pod_ip = Some(ip);
@@ -578,14 +598,76 @@ impl Worker {
                 .clone()
                 .unwrap_or_else(|| name(&self.pod).to_string())
         });
+        let service_account = self.project_token().await?;
         self.sandbox = Some(Sandbox {
             netns: netns.map(|n| PathBuf::from("/run/netns").join(n)),
             resolv_conf: resolv,
             hosts,
             hostname,
             cgroup_procs: self.cgroup.procs_files(),
+            service_account,
         });
         Ok(())
+    }
+
+    /// The pod's service-account volume (Kubernetes' projected
+    /// `kube-api-access-*`): a token from the TokenRequest API bound to
+    /// this pod, the cluster CA and the namespace, in
+    /// `<pod dir>/serviceaccount`, which containers see at
+    /// `runtime::SERVICE_ACCOUNT_DIR`. Files are replaced atomically, so
+    /// a renewal is seen by running containers (the directory is bind
+    /// mounted, not the files). `None` when the pod opts out
+    /// (`automountServiceAccountToken: false`).
+    async fn project_token(&mut self) -> Result<Option<PathBuf>, String> {
+        use k8s_openapi::api::authentication::v1::TokenRequest;
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        if spec.automount_service_account_token == Some(false) {
+            return Ok(None);
+        }
+        let sa = spec
+            .service_account_name
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into());
+        let req: TokenRequest = serde_json::from_value(json!({"spec": {
+            "expirationSeconds": TOKEN_SECONDS,
+            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1",
+                "name": name(&self.pod), "uid": self.uid},
+        }}))
+        .map_err(|e| e.to_string())?;
+        let issued =
+            match Api::<ServiceAccount>::namespaced(self.ctx.client.clone(), namespace(&self.pod))
+                .create_token_request(&sa, &Default::default(), &req)
+                .await
+            {
+                Ok(t) => t,
+                // No such ServiceAccount (a cluster without the controllers
+                // that create `default`): the pod runs without the volume
+                // rather than never.
+                Err(kube::Error::Api(e)) if e.code == 404 && self.token_refresh_at.is_none() => {
+                    tracing::warn!(pod = %name(&self.pod), service_account = %sa,
+                    "no such ServiceAccount; starting the pod without its token volume");
+                    return Ok(None);
+                }
+                Err(e) => return Err(format!("a token for ServiceAccount {sa}: {e}")),
+            };
+        let token = issued.status.map(|s| s.token).unwrap_or_default();
+        let dir = self.dir.join("serviceaccount");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let ca = self.ctx.cfg.client_ca.clone().unwrap_or_default();
+        for (file, data) in [
+            ("token", token.as_bytes()),
+            ("ca.crt", &ca[..]),
+            ("namespace", namespace(&self.pod).as_bytes()),
+        ] {
+            let tmp = dir.join(format!(".{file}.tmp"));
+            std::fs::write(&tmp, data)
+                .and_then(|_| std::fs::rename(&tmp, dir.join(file)))
+                .map_err(|e| format!("writing the service-account {file}: {e}"))?;
+        }
+        self.token_refresh_at = Some(Instant::now() + Duration::from_secs(TOKEN_SECONDS * 8 / 10));
+        Ok(Some(dir))
     }
 
     /// Start every container whose time has come.

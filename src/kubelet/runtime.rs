@@ -8,7 +8,8 @@
 //! 2. writes itself into the pod's cgroups;
 //! 3. joins the pod's network namespace (unless `hostNetwork`);
 //! 4. unshares a mount namespace in which the pod's own `resolv.conf` and
-//!    `hosts` are bind-mounted over `/etc/resolv.conf` and `/etc/hosts`,
+//!    `hosts` are bind-mounted over `/etc/resolv.conf` and `/etc/hosts`
+//!    and its service-account directory over [`SERVICE_ACCOUNT_DIR`],
 //!    and a UTS namespace whose hostname is the pod's.
 //!
 //! The image `fairlead` (any tag) is this binary: its entrypoint is
@@ -25,6 +26,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+/// Where a pod's service-account token, CA and namespace are mounted
+/// (the projected volume Kubernetes gives every pod).
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
 /// What a container runs in: the pod's namespaces, files and cgroups.
 #[derive(Clone, Debug)]
 pub struct Sandbox {
@@ -38,6 +43,10 @@ pub struct Sandbox {
     pub hostname: Option<String>,
     /// The `cgroup.procs` files to join.
     pub cgroup_procs: Vec<PathBuf>,
+    /// The pod's service-account directory (token, ca.crt, namespace),
+    /// mounted at [`SERVICE_ACCOUNT_DIR`]; `None` without
+    /// automountServiceAccountToken.
+    pub service_account: Option<PathBuf>,
 }
 
 /// One container to start.
@@ -281,9 +290,15 @@ impl Prepared {
         };
         let cstr = |s: &str| CString::new(s).map_err(|_| format!("NUL in {s:?}"));
         let mut binds = Vec::new();
+        if sb.service_account.is_some() {
+            // The mount point, on the host (empty; /run is a tmpfs).
+            std::fs::create_dir_all(SERVICE_ACCOUNT_DIR)
+                .map_err(|e| format!("creating {SERVICE_ACCOUNT_DIR}: {e}"))?;
+        }
         for (src, dst) in [
             (&sb.resolv_conf, "/etc/resolv.conf"),
             (&sb.hosts, "/etc/hosts"),
+            (&sb.service_account, SERVICE_ACCOUNT_DIR),
         ] {
             if let Some(src) = src {
                 binds.push((cstr(&src.display().to_string())?, cstr(dst)?));
