@@ -93,6 +93,10 @@ pub struct ClientArgs {
     /// it: in a pod, its service-account credentials; else ~/.kube/config.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// The API server's URL, overriding the kubeconfig's (kube-proxy's
+    /// and kube-controller-manager's --master), e.g. https://api1:6443.
+    #[arg(long)]
+    pub master: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -501,14 +505,23 @@ impl ClientArgs {
     /// A client from [`ClientArgs::source`]. In-cluster, the token file is
     /// re-read as the kubelet rotates it (kube-rs reloads it each minute).
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
-        match self.source()? {
-            ClientSource::File(p) => client_from(&p).await,
-            ClientSource::InCluster => {
-                let cfg = kube::Config::incluster()
-                    .map_err(|e| anyhow::anyhow!("in-cluster configuration: {e}"))?;
-                Ok(kube::Client::try_from(cfg)?)
+        let mut cfg = match self.source()? {
+            ClientSource::File(p) => {
+                let kc = kube::config::Kubeconfig::read_from(&p)
+                    .map_err(|e| anyhow::anyhow!("reading kubeconfig {}: {e}", p.display()))?;
+                kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", p.display()))?
             }
+            ClientSource::InCluster => kube::Config::incluster()
+                .map_err(|e| anyhow::anyhow!("in-cluster configuration: {e}"))?,
+        };
+        if let Some(m) = &self.master {
+            cfg.cluster_url = m
+                .parse()
+                .map_err(|e| anyhow::anyhow!("invalid --master {m:?}: {e}"))?;
         }
+        Ok(kube::Client::try_from(cfg)?)
     }
 
     /// The cluster CA (PEM) of [`ClientArgs::source`].
@@ -648,6 +661,11 @@ pub struct ApiServerArgs {
     /// HTTPS port of the API server (0 = any free port).
     #[arg(long, default_value_t = 6443)]
     pub secure_port: u16,
+    /// More DNS names or IPs for the serving certificate (as k3s's
+    /// --tls-san; repeatable or comma-separated), e.g. the name other
+    /// containers reach this server by.
+    #[arg(long, value_delimiter = ',')]
+    pub tls_san: Vec<String>,
     /// CIDR that Service ClusterIPs are allocated from.
     #[arg(long, default_value = "10.96.0.0/12")]
     pub service_cluster_ip_range: ServiceCidr,
@@ -685,6 +703,7 @@ impl ApiServerArgs {
                 self.default_not_ready_toleration_seconds,
                 self.default_unreachable_toleration_seconds,
             ),
+            tls_sans: self.tls_san.clone(),
         }
     }
 }
@@ -806,6 +825,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let ctrl = ControllersArgs {
                 client: ClientArgs {
                     kubeconfig: Some(running.kubeconfig.clone()),
+                    master: None,
                 },
                 max_endpoints_per_slice: args.max_endpoints_per_slice,
                 identity: None,

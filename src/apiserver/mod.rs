@@ -72,6 +72,9 @@ pub struct Config {
     /// Pod gets unless it has its own (kube-apiserver's
     /// DefaultTolerationSeconds admission; 300 by default).
     pub default_toleration_seconds: (i64, i64),
+    /// More names and addresses the serving certificate covers (k3s's
+    /// `--tls-san`), e.g. the DNS name other containers reach it by.
+    pub tls_sans: Vec<String>,
 }
 
 impl Config {
@@ -264,6 +267,7 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
     if !config.bind_address.is_unspecified() {
         sans.push(config.bind_address.to_string());
     }
+    sans.extend(config.tls_sans.iter().cloned());
     share_ca(store.as_ref(), &config.data_dir).await?;
     let sa_keys = serviceaccount::share_key(store.as_ref(), &config.data_dir).await?;
     let pki = tls::ensure_pki(&config.data_dir, &sans)?;
