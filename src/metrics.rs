@@ -53,6 +53,7 @@ pub const METRICS: &[(&str, Type, &str)] = &[
     ("fairlead_nftables_map_elements", Type::Gauge, "Elements of the proxy's nftables maps and sets."),
     ("fairlead_nftables_affinity_sets", Type::Gauge, "Session-affinity sets in the proxy's nftables tables."),
     ("fairlead_nftables_full_syncs_total", Type::Counter, "Full nftables syncs."),
+    ("fairlead_nftables_growth_pending", Type::Gauge, "1 while the tables are due to grow (rebuilt with more shards) once syncs are quiet for a second, else 0."),
     ("fairlead_nftables_partial_syncs_total", Type::Counter, "Partial nftables syncs."),
     ("fairlead_nftables_repairs_total", Type::Counter, "Times the proxy found its tables changed by someone else and rebuilt them."),
     ("fairlead_nftables_adopted_tables_total", Type::Counter, "Tables of a previous run adopted at start instead of rebuilt."),

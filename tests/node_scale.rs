@@ -154,7 +154,13 @@ fn one_change_touches_one_service_port(c: &mut Cluster, backends: &[(&str, &str)
         last = now;
         quiet.then_some(())
     });
-    let before = last;
+    // And no table growth pending: the bulk load may have left the tables
+    // due to grow, which the node does after a second of quiet (a full
+    // sync of its own, not the change's).
+    poll("no table growth pending", SETTLE, || {
+        (c.metric("fairlead_nftables_growth_pending", &[]) == 0.0).then_some(())
+    });
+    let before = c.metric("fairlead_node_synced_service_ports_total", &[]);
     let full_before = c.metric("fairlead_nftables_full_syncs_total", &[]);
 
     // One endpoint leaves web's slice.

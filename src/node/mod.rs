@@ -635,7 +635,9 @@ pub async fn run_from(client: kube::Client, cfg: NodeConfig, source: Source) -> 
             _ = sleep_until(due), if due.is_some() => {}
             _ = sleep_until(grow_at), if grow_at.is_some() && !dirty => {
                 grow_at = None;
-                match proxy.grow().await {
+                let grown = proxy.grow().await;
+                metrics::gauge!("fairlead_nftables_growth_pending").set(0.0);
+                match grown {
                     // Recreating every table allocated (and freed) a lot.
                     Ok(true) => trim_at = Some(Instant::now()),
                     Ok(false) => {}
@@ -705,6 +707,7 @@ pub async fn run_from(client: kube::Client, cfg: NodeConfig, source: Source) -> 
         first_sync = false;
         if proxy.growth_due().await {
             grow_at = Some(Instant::now() + TRIM_WHEN_QUIET);
+            metrics::gauge!("fairlead_nftables_growth_pending").set(1.0);
         }
         metrics::histogram!("kubeproxy_sync_proxy_rules_duration_seconds")
             .record(took.as_secs_f64());
