@@ -703,36 +703,29 @@ fn pods_get_their_service_account_token() {
     );
 
     // In-cluster kubectl inside the pod (its namespaces, the pod's env).
-    let out = Command::new("nsenter")
-        .arg("-t")
-        .arg(sa_pid.to_string())
-        .args(["-n", "-m", "-u", "--", "env", "-i"])
-        .args([
-            "KUBERNETES_SERVICE_HOST=10.96.0.1",
-            "KUBERNETES_SERVICE_PORT=443",
-            "HOME=/nonexistent",
-        ])
-        .args(["kubectl", "get", "pod", "sa-pod", "-o", "name"])
-        .output()
-        .expect("kubectl in the pod");
+    let kubectl_in_pod = |args: &[&str]| {
+        Command::new("nsenter")
+            .arg("-t")
+            .arg(sa_pid.to_string())
+            .args(["-n", "-m", "-u", "--", "env", "-i"])
+            .args([
+                "KUBERNETES_SERVICE_HOST=10.96.0.1",
+                "KUBERNETES_SERVICE_PORT=443",
+                "HOME=/nonexistent",
+                "kubectl",
+            ])
+            .args(args)
+            .output()
+            .expect("kubectl in the pod")
+    };
+    let out = kubectl_in_pod(&["get", "pod", "sa-pod", "-o", "name"]);
     assert!(
         out.status.success(),
         "in-cluster kubectl: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "pod/sa-pod");
-    let denied = Command::new("nsenter")
-        .arg("-t")
-        .arg(sa_pid.to_string())
-        .args(["-n", "-m", "-u", "--", "env", "-i"])
-        .args([
-            "KUBERNETES_SERVICE_HOST=10.96.0.1",
-            "KUBERNETES_SERVICE_PORT=443",
-            "HOME=/nonexistent",
-        ])
-        .args(["kubectl", "delete", "pod", "no-sa"])
-        .output()
-        .unwrap();
+    let denied = kubectl_in_pod(&["delete", "pod", "no-sa"]);
     assert!(
         String::from_utf8_lossy(&denied.stderr)
             .contains("User \"system:serviceaccount:default:default\" cannot delete"),
