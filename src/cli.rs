@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::api::satoken::SERVICE_ACCOUNT_DIR;
 use crate::api::service::ServiceCidr;
 use crate::apiserver;
 
@@ -475,9 +476,6 @@ pub enum ClientSource {
     InCluster,
 }
 
-/// Where Kubernetes mounts a pod's service-account credentials.
-pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
-
 impl ClientArgs {
     /// Every Kubernetes component's order: `--kubeconfig`, then
     /// `$KUBECONFIG` (both land in `kubeconfig`), then in-cluster (in a
@@ -506,13 +504,7 @@ impl ClientArgs {
     /// re-read as the kubelet rotates it (kube-rs reloads it each minute).
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
         let mut cfg = match self.source()? {
-            ClientSource::File(p) => {
-                let kc = kube::config::Kubeconfig::read_from(&p)
-                    .map_err(|e| anyhow::anyhow!("reading kubeconfig {}: {e}", p.display()))?;
-                kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                    .await
-                    .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", p.display()))?
-            }
+            ClientSource::File(p) => config_from(&p).await?,
             ClientSource::InCluster => kube::Config::incluster()
                 .map_err(|e| anyhow::anyhow!("in-cluster configuration: {e}"))?,
         };
@@ -544,14 +536,18 @@ impl ClientArgs {
     }
 }
 
-/// A kube-rs client from a kubeconfig file.
-pub async fn client_from(path: &std::path::Path) -> anyhow::Result<kube::Client> {
+/// The kube-rs configuration of a kubeconfig file.
+async fn config_from(path: &std::path::Path) -> anyhow::Result<kube::Config> {
     let kc = kube::config::Kubeconfig::read_from(path)
         .map_err(|e| anyhow::anyhow!("reading kubeconfig {}: {e}", path.display()))?;
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+    kube::Config::from_custom_kubeconfig(kc, &Default::default())
         .await
-        .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", path.display()))?;
-    Ok(kube::Client::try_from(cfg)?)
+        .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", path.display()))
+}
+
+/// A kube-rs client from a kubeconfig file.
+pub async fn client_from(path: &std::path::Path) -> anyhow::Result<kube::Client> {
+    Ok(kube::Client::try_from(config_from(path).await?)?)
 }
 
 /// A client for `path`'s credentials that connects through the API server
@@ -560,11 +556,7 @@ async fn client_through(
     path: &std::path::Path,
     lb: std::net::SocketAddr,
 ) -> anyhow::Result<kube::Client> {
-    let kc = kube::config::Kubeconfig::read_from(path)
-        .map_err(|e| anyhow::anyhow!("reading kubeconfig {}: {e}", path.display()))?;
-    let mut cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", path.display()))?;
+    let mut cfg = config_from(path).await?;
     cfg.cluster_url = format!("https://{lb}").parse()?;
     Ok(kube::Client::try_from(cfg)?)
 }

@@ -10,14 +10,13 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::cluster::Cluster;
 use common::netns::have_program;
-use common::server::poll;
+use common::server::{poll, run_with_stdin};
 use serde_json::Value;
 
 #[test]
@@ -33,19 +32,9 @@ fn config_dir() -> &'static Path {
 }
 
 fn promtool(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new("promtool")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool");
-    let mut input = child.stdin.take().unwrap();
-    if let Some(text) = stdin {
-        input.write_all(text.as_bytes()).unwrap();
-    }
-    drop(input);
-    child.wait_with_output().unwrap()
+    let mut cmd = Command::new("promtool");
+    cmd.args(args);
+    run_with_stdin(cmd, stdin.unwrap_or(""))
 }
 
 /// promtool exits 0 and says nothing but its SUCCESS lines.

@@ -31,6 +31,10 @@ pub const MIN_EXPIRATION_SECONDS: i64 = 600;
 /// is unset by default; a day bounds what a leaked token is worth).
 pub const MAX_EXPIRATION_SECONDS: i64 = 48 * 3600;
 
+/// Where a pod's service-account token, CA and namespace are mounted
+/// (the volume Kubernetes gives every pod; in-cluster clients read it).
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
 /// Group of every ServiceAccount.
 pub const GROUP: &str = "system:serviceaccounts";
 

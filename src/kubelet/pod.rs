@@ -614,7 +614,7 @@ impl Worker {
     /// `kube-api-access-*`): a token from the TokenRequest API bound to
     /// this pod, the cluster CA and the namespace, in
     /// `<pod dir>/serviceaccount`, which containers see at
-    /// `runtime::SERVICE_ACCOUNT_DIR`. Files are replaced atomically, so
+    /// `api::satoken::SERVICE_ACCOUNT_DIR`. Files are replaced atomically, so
     /// a renewal is seen by running containers (the directory is bind
     /// mounted, not the files). `None` when the pod opts out
     /// (`automountServiceAccountToken: false`).

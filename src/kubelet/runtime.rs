@@ -9,7 +9,7 @@
 //! 3. joins the pod's network namespace (unless `hostNetwork`);
 //! 4. unshares a mount namespace in which the pod's own `resolv.conf` and
 //!    `hosts` are bind-mounted over `/etc/resolv.conf` and `/etc/hosts`
-//!    and its service-account directory over [`SERVICE_ACCOUNT_DIR`],
+//!    and its service-account directory over `SERVICE_ACCOUNT_DIR`,
 //!    and a UTS namespace whose hostname is the pod's.
 //!
 //! The image `fairlead` (any tag) is this binary: its entrypoint is
@@ -26,9 +26,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-/// Where a pod's service-account token, CA and namespace are mounted
-/// (the projected volume Kubernetes gives every pod).
-pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+use crate::api::satoken::SERVICE_ACCOUNT_DIR;
 
 /// What a container runs in: the pod's namespaces, files and cgroups.
 #[derive(Clone, Debug)]

@@ -342,19 +342,20 @@ impl FileConfig {
         if let Some(a) = set(&self.healthz_bind_address) {
             cfg.healthz_bind_address = parse_bind(a, 10256)?;
         }
+        // The top-level period (kube-proxy 1.31+), else the nftables one.
         let nft = self.nftables.as_ref();
-        let min_sync = set_duration(&self.min_sync_period)?.or(nft
-            .map(|n| set_duration(&n.min_sync_period))
-            .transpose()?
-            .flatten());
-        if let Some(d) = min_sync {
+        let period = |top: &Option<String>,
+                      section: fn(&NftablesSection) -> &Option<String>|
+         -> Result<Option<Duration>, String> {
+            match set_duration(top)? {
+                Some(d) => Ok(Some(d)),
+                None => Ok(nft.map(|n| set_duration(section(n))).transpose()?.flatten()),
+            }
+        };
+        if let Some(d) = period(&self.min_sync_period, |n| &n.min_sync_period)? {
             cfg.min_sync_period = d;
         }
-        let sync = set_duration(&self.sync_period)?.or(nft
-            .map(|n| set_duration(&n.sync_period))
-            .transpose()?
-            .flatten());
-        if let Some(d) = sync {
+        if let Some(d) = period(&self.sync_period, |n| &n.sync_period)? {
             cfg.sync_period = d;
         }
         if let Some(c) = set(&self.cluster_cidr) {
