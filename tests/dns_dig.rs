@@ -318,9 +318,42 @@ const UPSTREAM_NAMES: [(&str, Ipv4Addr); 3] = [
     ("second.example.", Ipv4Addr::new(192, 0, 2, 3)),
 ];
 
-/// A UDP DNS responder on 127.0.0.1:<free port> in a thread, recording
-/// every question it gets. Dropping it (or [`Upstream::stop`]) closes its
-/// socket, so queries to it are refused by the kernel.
+/// A UDP socket on 127.0.0.1 at a port below the kernel's ephemeral range.
+///
+/// Why: tests stop upstreams while a DNS server still forwards to them. A
+/// port from the ephemeral range, once closed, can become the source port of
+/// a `dig` in a parallel test, which then receives the forwarded query and
+/// fails with "query response not set". Ports below the range are never
+/// handed out for port 0, so a closed one stays closed.
+fn bind_upstream_port() -> UdpSocket {
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let base = low.saturating_sub(12000).max(1024);
+    let span = u32::from(low - base);
+    let mut seed = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+    for _ in 0..1000 {
+        // xorshift: a different candidate each try, different per process.
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        let port = base + (seed % span) as u16;
+        if let Ok(sock) = UdpSocket::bind((Ipv4Addr::LOCALHOST, port)) {
+            return sock;
+        }
+    }
+    panic!("no free UDP port in {base}..{low}");
+}
+
+/// A UDP DNS responder on 127.0.0.1 (see [`bind_upstream_port`]) in a
+/// thread, recording every question it gets. Dropping it (or
+/// [`Upstream::stop`]) closes its socket, so queries to it are refused by
+/// the kernel.
 struct Upstream {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<(String, RecordType)>>>,
@@ -330,7 +363,7 @@ struct Upstream {
 
 impl Upstream {
     fn start() -> Upstream {
-        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind upstream");
+        let sock = bind_upstream_port();
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
         let addr = sock.local_addr().unwrap();
@@ -1014,7 +1047,7 @@ fn stale_answers_are_served_when_the_upstream_is_down() {
 /// earlier ones still wait for theirs.
 #[test]
 fn forwards_past_the_limit_get_servfail_at_once() {
-    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let silent = bind_upstream_port();
     let dns = Dns::start(vec![silent.local_addr().unwrap()], |c| {
         c.max_concurrent_forwards = 1;
         // Longer than PROMPTLY, shorter than dig's own wait.
@@ -1128,7 +1161,7 @@ fn forwarding_to_the_upstream_and_servfail_when_it_is_down() {
 
     // An upstream that swallows queries: SERVFAIL once the forward timeout
     // passes, before the client gives up.
-    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let silent = bind_upstream_port();
     let dns2 = Dns::start(vec![silent.local_addr().unwrap()], |_| {});
     let sf = dns2.dig(&["outside.example", "A"]);
     assert_eq!(sf.status(), "SERVFAIL", "{}", sf.raw);
