@@ -67,6 +67,9 @@
 //!   balanced per request by the userspace proxy's L7 path (`l7`); in
 //!   nftables mode [`proxy::l7redirect`] sends them to that path on the
 //!   node.
+//! * [`netlink`] — routing netlink (links, addresses, routes, named
+//!   network namespaces) for the proxy's Service IPs, cluster DNS's
+//!   address, pod routes and the pod network, without the `ip` binary.
 //! * [`dns`] — cluster DNS per the Kubernetes DNS spec: a record index
 //!   updated per changed Service, a UDP/TCP server, a forwarding cache.
 //! * [`echo`] — `fairlead echo`, a demo backend that answers with its name.
@@ -86,6 +89,7 @@ pub mod join;
 pub mod kubelet;
 pub mod metrics;
 pub mod model;
+pub mod netlink;
 pub mod node;
 pub mod proxy;
 pub mod scheduler;

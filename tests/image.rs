@@ -18,7 +18,16 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::cluster::echo_deployment_yaml;
+use common::server::run_with_stdin;
+
 const FAIRLEAD: &str = env!("CARGO_BIN_EXE_fairlead");
+
+/// The node port the test's Service asks for (mapped to a host loopback
+/// port).
+const WEB_NODE_PORT: u16 = 30080;
 
 /// podman with the settings that work without systemd as PID 1.
 fn podman(args: &[&str]) -> Output {
@@ -164,27 +173,33 @@ fn image_builds_has_no_shell_and_serves_up() {
         .local_addr()
         .unwrap()
         .port();
+    let web_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let data = tempfile::tempdir().unwrap();
+    // `up` with its defaults (userspace proxy, cluster DNS, pods), as
+    // k3s runs in a container: privileged, for the pods' namespaces,
+    // mounts and cgroups. Everything it sets up is netlink from the one
+    // binary; the image has no `ip`.
     let run = podman_owned(&run_args(&[
         "-d",
         "--name",
         &name,
-        "--cap-add",
-        "NET_ADMIN",
+        "--privileged",
         "-p",
         &format!("127.0.0.1:{port}:6443"),
         "-p",
         &format!("127.0.0.1:{health_port}:10256"),
+        "-p",
+        &format!("127.0.0.1:{web_port}:{WEB_NODE_PORT}"),
         "-v",
         &format!("{}:/var/lib/fairlead", data.path().display()),
         &tag,
         "up",
         "--bind-address",
         "0.0.0.0",
-        "--proxy-mode",
-        "nftables",
-        "--run-pods=false",
-        "--disable-dns",
     ]));
     if !run.status.success() {
         let why = text(&run);
@@ -220,6 +235,13 @@ fn image_builds_has_no_shell_and_serves_up() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(ns.contains("namespace/kube-system"), "{ns}");
+    let kubectl = |args: &[&str], stdin: Option<&str>| -> Output {
+        let mut c = Command::new("kubectl");
+        c.arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .arg(format!("--server=https://127.0.0.1:{port}"))
+            .args(args);
+        run_with_stdin(c, stdin.unwrap_or(""))
+    };
     // And its node daemon synced (nftables in the container's own
     // namespace): /healthz says 200 through the second mapping.
     let end = Instant::now() + Duration::from_secs(30);
@@ -248,6 +270,40 @@ fn image_builds_has_no_shell_and_serves_up() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // Pods in the container: a Deployment of two `fairlead echo`
+    // replicas (each in its own network namespace on the container's pod
+    // bridge) behind a NodePort Service, reached from the host through the
+    // port mapping: the whole path, node port → userspace proxy → pod.
+    let applied = kubectl(
+        &["apply", "-f", "-"],
+        Some(&echo_deployment_yaml(2, Some(WEB_NODE_PORT))),
+    );
+    assert!(applied.status.success(), "{}", text(&applied));
+    let end = Instant::now() + Duration::from_secs(90);
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 2 {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "2"])
+            .arg(format!("http://127.0.0.1:{web_port}/"))
+            .output()
+            .expect("curl");
+        let body = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() && body.starts_with("web-") {
+            seen.insert(body);
+        } else {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        assert!(
+            Instant::now() < end,
+            "the Service's two pods did not both answer through the node port (seen {seen:?}; last: {})\n\
+             ---- pods ----\n{}\n---- container log ----\n{}",
+            text(&out),
+            text(&kubectl(&["get", "pods", "-o", "wide"], None)),
+            text(&podman(&["logs", "--tail", "60", &name]))
+        );
+    }
+    println!("pods answered through the node port: {seen:?}");
 }
 
 fn podman_owned(args: &[String]) -> Output {

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::process::Output;
 use std::time::Duration;
 
-use common::cluster::{counts, Cluster, Node, FAIRLEAD, SETTLE};
+use common::cluster::{counts, echo_deployment_yaml, Cluster, Node, FAIRLEAD, SETTLE};
 use common::netns::Agent;
 use common::server::poll;
 
@@ -189,31 +189,6 @@ fn hosts_join_with_tokens_as_least_privileged_nodes() {
     );
 }
 
-const WEB: &str = "apiVersion: apps/v1
-kind: Deployment
-metadata: {name: web}
-spec:
-  replicas: 4
-  selector: {matchLabels: {app: web}}
-  template:
-    metadata: {labels: {app: web}}
-    spec:
-      terminationGracePeriodSeconds: 2
-      containers:
-      - name: echo
-        image: fairlead
-        args: [echo, --http-port, \"8080\"]
-        readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}
----
-apiVersion: v1
-kind: Service
-metadata: {name: web}
-spec:
-  type: NodePort
-  selector: {app: web}
-  ports: [{port: 80, targetPort: 8080}]
-";
-
 /// Two nodes, pods on both: each node reaches every pod through the
 /// ClusterIP and through either node's NodePort, in exact round robin,
 /// and a pod on the other node directly (host-gw routes).
@@ -223,7 +198,7 @@ fn pods_across_nodes(mode: &str) {
         &["--hostname-override", "node-a", "--proxy-mode", mode],
     );
     let b = c.join_node("node-b", 2, &["--proxy-mode", mode]);
-    c.apply(WEB);
+    c.apply(&echo_deployment_yaml(4, None));
     c.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
     let pods = c.get_json(&["get", "pods", "-l", "app=web"]);
     let pods: Vec<(String, String, String)> = pods["items"]

@@ -78,12 +78,17 @@ pub struct Config {
 }
 
 impl Config {
-    /// The address clients (and the `kubernetes` Endpoints) use.
+    /// The address clients (and the `kubernetes` Endpoints) use:
+    /// `--advertise-address`, else the bind address, else (bound to
+    /// 0.0.0.0) the host's own address, as kube-apiserver picks one, so
+    /// that servers sharing a store each have their own lease and
+    /// endpoint instead of all claiming 127.0.0.1.
     pub fn advertise_address(&self) -> IpAddr {
         if let Some(ip) = self.advertise_address {
             ip
         } else if self.bind_address.is_unspecified() {
-            IpAddr::from([127, 0, 0, 1])
+            static HOST: std::sync::OnceLock<IpAddr> = std::sync::OnceLock::new();
+            *HOST.get_or_init(crate::netlink::host_ipv4)
         } else {
             self.bind_address
         }
@@ -264,7 +269,9 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
         config.advertise_address().to_string(),
         config.service_cidr.first().to_string(),
     ];
-    if !config.bind_address.is_unspecified() {
+    if config.bind_address.is_unspecified() {
+        sans.push("127.0.0.1".to_string());
+    } else {
         sans.push(config.bind_address.to_string());
     }
     sans.extend(config.tls_sans.iter().cloned());
@@ -290,7 +297,7 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
     // The local kubeconfig uses the address the server listens on, which
     // is reachable from here even when the advertised one is not.
     let local = if config.bind_address.is_unspecified() {
-        config.advertise_address()
+        IpAddr::from([127, 0, 0, 1])
     } else {
         config.bind_address
     };

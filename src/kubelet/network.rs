@@ -24,14 +24,15 @@
 //! exclusively (as the host-local CNI plugin does), so a restarted agent
 //! knows which addresses are taken and by whom.
 //!
-//! The namespace and link plumbing runs `ip` (iproute2): two `ip -batch`
-//! calls per pod.
+//! The namespace and link plumbing speaks routing netlink
+//! ([`crate::netlink`]); no `ip` binary is needed.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::api::service::ServiceCidr;
+use crate::netlink::{self, is_errno, NewLink, Rtnl};
 
 /// The node bridge every pod's veth is a port of.
 pub const BRIDGE: &str = "flbr0";
@@ -75,9 +76,9 @@ impl PodNetwork {
     /// clients among them) into the void until that entry is probed again,
     /// seconds later. Locally administered `0a:58` + the gateway's IPv4
     /// address, as the CNI bridge plugin derives pod MACs.
-    pub fn bridge_mac(&self) -> String {
+    pub fn bridge_mac(&self) -> [u8; 6] {
         let [a, b, c, d] = self.gateway().octets();
-        format!("0a:58:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+        [0x0a, 0x58, a, b, c, d]
     }
 
     /// Set up the node side once: the bridge with the gateway address,
@@ -85,22 +86,30 @@ impl PodNetwork {
     pub async fn ensure_node(&self) -> Result<(), String> {
         std::fs::create_dir_all(&self.ips_dir)
             .map_err(|e| format!("creating {}: {e}", self.ips_dir.display()))?;
-        let exists = tokio::process::Command::new("ip")
-            .args(["link", "show", BRIDGE])
-            .output()
-            .await
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        let gw = format!("{}/{}", self.gateway(), self.pod_cidr.prefix);
-        let mut batch = String::new();
-        if !exists {
-            batch.push_str(&format!("link add {BRIDGE} type bridge\n"));
+        let rtnl = Rtnl::open().map_err(|e| format!("opening routing netlink: {e}"))?;
+        match rtnl.add_link(BRIDGE, NewLink::Bridge).await {
+            Err(e) if !is_errno(&e, libc::EEXIST) => {
+                return Err(format!("creating the bridge {BRIDGE}: {e}"))
+            }
+            _ => {}
         }
-        batch.push_str(&format!(
-            "link set {BRIDGE} address {}\naddr replace {gw} dev {BRIDGE}\nlink set {BRIDGE} up\n",
-            self.bridge_mac()
-        ));
-        ip_batch(None, &batch).await?;
+        rtnl.set_link(BRIDGE, Some(self.bridge_mac()), None)
+            .await
+            .map_err(|e| format!("setting up the bridge {BRIDGE}: {e}"))?;
+        rtnl.add_addr(
+            BRIDGE,
+            IpAddr::V4(self.gateway()),
+            self.pod_cidr.prefix,
+            None,
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "adding {}/{} to {BRIDGE}: {e}",
+                self.gateway(),
+                self.pod_cidr.prefix
+            )
+        })?;
         for (path, v) in [
             ("/proc/sys/net/ipv4/ip_forward", "1"),
             ("/proc/sys/net/ipv4/conf/all/send_redirects", "0"),
@@ -195,63 +204,65 @@ impl PodNetwork {
     pub async fn add(&self, netns: &str, host_if: &str, ip: Ipv4Addr) -> Result<(), String> {
         // A leftover of an earlier attempt would make `netns add` fail.
         remove_netns(netns).await;
-        let _ = tokio::process::Command::new("ip")
-            .args(["link", "del", host_if])
-            .output()
-            .await;
-        ip_batch(
-            None,
-            &format!(
-                "netns add {netns}\n\
-                 link add {host_if} type veth peer name eth0 netns {netns}\n\
-                 link set {host_if} master {BRIDGE} up\n"
-            ),
-        )
-        .await?;
-        let gw = self.gateway();
-        ip_batch(
-            Some(netns),
-            &format!(
-                "link set lo up\n\
-                 addr add {ip}/32 dev eth0\n\
-                 link set eth0 up\n\
-                 route add {gw} dev eth0 scope link\n\
-                 route add default via {gw} dev eth0\n"
-            ),
+        let node = Rtnl::open().map_err(|e| format!("opening routing netlink: {e}"))?;
+        let _ = node.del_link(host_if).await;
+        let ns = netns.to_string();
+        tokio::task::spawn_blocking(move || netlink::add_netns(&ns))
+            .await
+            .map_err(|e| format!("creating namespace {netns}: {e}"))?
+            .map_err(|e| format!("creating namespace {netns}: {e}"))?;
+        node.add_link(
+            host_if,
+            NewLink::Veth {
+                peer: "eth0",
+                peer_netns: netns,
+            },
         )
         .await
+        .map_err(|e| format!("creating the veth pair {host_if}: {e}"))?;
+        node.set_link(host_if, None, Some(BRIDGE))
+            .await
+            .map_err(|e| format!("attaching {host_if} to {BRIDGE}: {e}"))?;
+        let gw = self.gateway();
+        let pod = Rtnl::open_in(netns).map_err(|e| format!("entering {netns}: {e}"))?;
+        let step = |what: &'static str| move |e: std::io::Error| format!("{netns}: {what}: {e}");
+        pod.set_link("lo", None, None)
+            .await
+            .map_err(step("lo up"))?;
+        pod.add_addr("eth0", IpAddr::V4(ip), 32, None)
+            .await
+            .map_err(step("address on eth0"))?;
+        pod.set_link("eth0", None, None)
+            .await
+            .map_err(step("eth0 up"))?;
+        pod.add_dev_route("eth0", gw, 32, None)
+            .await
+            .map_err(step("route to the gateway"))?;
+        pod.add_dev_route("eth0", Ipv4Addr::UNSPECIFIED, 0, Some(gw))
+            .await
+            .map_err(step("default route"))
     }
 }
 
 /// Remove a pod's namespace (its veth pair goes with it).
 pub async fn remove_netns(netns: &str) {
-    if Path::new("/run/netns").join(netns).exists() {
-        if let Err(e) = ip_batch(None, &format!("netns del {netns}\n")).await {
-            tracing::warn!(netns, error = %e, "removing a pod's network namespace");
-        }
+    let ns = netns.to_string();
+    match tokio::task::spawn_blocking(move || netlink::del_netns(&ns)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(netns, error = %e, "removing a pod's network namespace"),
+        Err(e) => tracing::warn!(netns, error = %e, "removing a pod's network namespace"),
     }
 }
 
 /// Remove the node side: the bridge and the masquerade table.
 pub async fn remove_node() {
-    let _ = tokio::process::Command::new("ip")
-        .args(["link", "del", BRIDGE])
-        .output()
-        .await;
+    if let Ok(rtnl) = Rtnl::open() {
+        let _ = rtnl.del_link(BRIDGE).await;
+    }
     let _ = tokio::process::Command::new("nft")
         .args(["delete", "table", "ip", MASQ_TABLE])
         .output()
         .await;
-}
-
-/// Run `ip [-n netns] -batch -` with `batch` on stdin.
-async fn ip_batch(netns: Option<&str>, batch: &str) -> Result<(), String> {
-    let mut args = Vec::new();
-    if let Some(n) = netns {
-        args.extend(["-n", n]);
-    }
-    args.extend(["-batch", "-"]);
-    run_stdin("ip", &args, batch).await
 }
 
 async fn run_stdin(prog: &str, args: &[&str], input: &str) -> Result<(), String> {

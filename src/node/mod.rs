@@ -747,20 +747,18 @@ fn warn_if_no_service_route(cache: &Cache) {
         return;
     };
     tokio::spawn(async move {
-        let out = tokio::process::Command::new("ip")
-            .args(["route", "get", &ip.to_string()])
-            .output()
-            .await;
-        if let Ok(out) = out {
-            if !out.status.success() {
-                tracing::warn!(
-                    cluster_ip = %ip,
-                    error = %String::from_utf8_lossy(&out.stderr).trim(),
-                    "no route covers the Service range: connections from this node to ClusterIPs \
-                     will fail in nftables mode; add a default route or a route for the Service \
-                     range (e.g. `ip route add 10.96.0.0/12 dev eth0`)"
-                );
-            }
+        let routed = match crate::netlink::Rtnl::open() {
+            Ok(rtnl) => rtnl.route_to(ip).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = routed {
+            tracing::warn!(
+                cluster_ip = %ip,
+                error = %e,
+                "no route covers the Service range: connections from this node to ClusterIPs \
+                 will fail in nftables mode; add a default route or a route for the Service \
+                 range (e.g. `ip route add 10.96.0.0/12 dev eth0`)"
+            );
         }
     });
 }
@@ -808,20 +806,12 @@ async fn start_dns(d: &config::DnsSettings) -> anyhow::Result<crate::dns::DnsSer
     let mut listen = d.bind.clone();
     if let Some(ip) = d.cluster_dns {
         if !ip.is_loopback() {
-            let mut cmd = tokio::process::Command::new("ip");
-            cmd.args(["addr", "replace", &format!("{ip}/32"), "dev", "lo"]);
-            if ip.is_ipv4() {
-                cmd.args(["label", DNS_LO_LABEL]);
-            }
-            let out = cmd
-                .output()
+            let rtnl = crate::netlink::Rtnl::open()
+                .map_err(|e| anyhow::anyhow!("opening routing netlink: {e}"))?;
+            let prefix = if ip.is_ipv4() { 32 } else { 128 };
+            rtnl.add_addr("lo", ip, prefix, Some(DNS_LO_LABEL))
                 .await
-                .map_err(|e| anyhow::anyhow!("running ip (iproute2): {e}"))?;
-            anyhow::ensure!(
-                out.status.success(),
-                "adding the cluster DNS address {ip}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+                .map_err(|e| anyhow::anyhow!("adding the cluster DNS address {ip}: {e}"))?;
         }
         listen.push(std::net::SocketAddr::new(ip, 53));
     }
@@ -923,17 +913,23 @@ pub async fn cleanup() -> anyhow::Result<()> {
     routes::cleanup()
         .await
         .map_err(|e| anyhow::anyhow!("removing the pod routes: {e}"))?;
-    for label in [DNS_LO_LABEL, crate::proxy::userspace::LO_LABEL] {
-        let out = tokio::process::Command::new("ip")
-            .args(["-4", "addr", "flush", "dev", "lo", "label", label])
-            .output()
-            .await
-            .map_err(|e| anyhow::anyhow!("running ip (iproute2): {e}"))?;
-        anyhow::ensure!(
-            out.status.success(),
-            "removing the {label} addresses: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    let rtnl = crate::netlink::Rtnl::open()
+        .map_err(|e| anyhow::anyhow!("opening routing netlink: {e}"))?;
+    let labels = [DNS_LO_LABEL, crate::proxy::userspace::LO_LABEL];
+    let ours: Vec<std::net::IpAddr> = rtnl
+        .addrs("lo")
+        .await
+        .map_err(|e| anyhow::anyhow!("listing the addresses on lo: {e}"))?
+        .into_iter()
+        .filter(|a| a.ip.is_ipv4() && labels.contains(&a.label.as_deref().unwrap_or("")))
+        .map(|a| a.ip)
+        .collect();
+    let failed = rtnl
+        .del_host_addrs("lo", &ours)
+        .await
+        .map_err(|e| anyhow::anyhow!("removing fairlead's addresses on lo: {e}"))?;
+    if let Some((ip, e)) = failed.first() {
+        anyhow::bail!("removing {ip} from lo: {e}");
     }
     Ok(())
 }

@@ -10,7 +10,7 @@
 //! edge does the requests and retries every heartbeat after a failure.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -67,7 +67,7 @@ impl Facts {
             .unwrap_or_else(|| "Linux".into());
         Facts {
             name: name.to_string(),
-            internal_ip: node_ip.unwrap_or_else(first_ipv4),
+            internal_ip: node_ip.unwrap_or_else(crate::netlink::host_ipv4),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             memory_kib,
             machine_id: read("/etc/machine-id"),
@@ -81,35 +81,6 @@ impl Facts {
             },
         }
     }
-}
-
-/// The first IPv4 address of an interface that is up and not loopback,
-/// else 127.0.0.1 (a node in a network namespace with only `lo`).
-fn first_ipv4() -> IpAddr {
-    let mut found = None;
-    // SAFETY: getifaddrs fills a list we only read, then free once.
-    unsafe {
-        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-        if libc::getifaddrs(&mut head) == 0 {
-            let mut cur = head;
-            while !cur.is_null() {
-                let ifa = &*cur;
-                let up = ifa.ifa_flags & libc::IFF_UP as u32 != 0;
-                let lo = ifa.ifa_flags & libc::IFF_LOOPBACK as u32 != 0;
-                if up && !lo && !ifa.ifa_addr.is_null() {
-                    let sa = &*ifa.ifa_addr;
-                    if sa.sa_family as i32 == libc::AF_INET {
-                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                        found = Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-                        break;
-                    }
-                }
-                cur = ifa.ifa_next;
-            }
-            libc::freeifaddrs(head);
-        }
-    }
-    IpAddr::V4(found.unwrap_or(Ipv4Addr::LOCALHOST))
 }
 
 /// The version the node reports (`kubectl get nodes` VERSION): the API

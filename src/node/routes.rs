@@ -13,7 +13,7 @@
 //! plus a full comparison with the kernel every [`RESYNC`].
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -21,8 +21,11 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 
+use crate::api::service::ServiceCidr;
+use crate::netlink::Rtnl;
+
 /// The routing protocol number that marks fairlead's routes.
-pub const ROUTE_PROTO: &str = "250";
+pub const ROUTE_PROTO: u8 = 250;
 /// How often the kernel's routes are compared with the Nodes anyway.
 const RESYNC: Duration = Duration::from_secs(60);
 
@@ -47,49 +50,37 @@ pub fn desired<'a>(
                 .parse::<IpAddr>()
                 .ok()?;
             // Only IPv4 pod ranges for now (the pod network is IPv4).
-            (cidr.parse::<crate::api::service::ServiceCidr>().is_ok() && ip.is_ipv4())
-                .then_some((cidr, ip))
+            (cidr.parse::<ServiceCidr>().is_ok() && ip.is_ipv4()).then_some((cidr, ip))
         })
         .collect()
 }
 
 /// The routes with our protocol now in the main table: destination → gateway.
-async fn installed() -> Result<BTreeMap<String, IpAddr>, String> {
-    let out = tokio::process::Command::new("ip")
-        .args(["-4", "-j", "route", "show", "proto", ROUTE_PROTO])
-        .output()
-        .await
-        .map_err(|e| format!("running ip: {e}"))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-    }
-    let routes: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    Ok(routes
-        .iter()
-        .filter_map(|r| {
-            let dst = r["dst"].as_str()?.to_string();
-            let gw = r["gateway"].as_str()?.parse().ok()?;
-            Some((dst, gw))
-        })
+async fn installed(rtnl: &Rtnl) -> std::io::Result<BTreeMap<String, IpAddr>> {
+    Ok(rtnl
+        .routes_by_proto(ROUTE_PROTO)
+        .await?
+        .into_iter()
+        .map(|(dst, prefix, gw)| (format!("{dst}/{prefix}"), IpAddr::V4(gw)))
         .collect())
 }
 
-async fn ip(args: &[&str]) -> Result<(), String> {
-    let out = tokio::process::Command::new("ip")
-        .args(args)
-        .output()
-        .await
-        .map_err(|e| format!("running ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
+/// `a.b.c.d/n` as (network, prefix length).
+fn cidr(dst: &str) -> Option<(Ipv4Addr, u8)> {
+    let c: ServiceCidr = dst.parse().ok()?;
+    Some((Ipv4Addr::from(c.base), c.prefix))
 }
 
 /// Make the kernel's routes of our protocol exactly `want`.
 async fn apply(want: &BTreeMap<String, IpAddr>) {
-    let have = match installed().await {
+    let rtnl = match Rtnl::open() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "opening routing netlink for pod routes");
+            return;
+        }
+    };
+    let have = match installed(&rtnl).await {
         Ok(h) => h,
         Err(e) => {
             tracing::warn!(error = %e, "listing pod routes");
@@ -100,16 +91,21 @@ async fn apply(want: &BTreeMap<String, IpAddr>) {
         if have.get(dst) == Some(gw) {
             continue;
         }
-        let gw = gw.to_string();
-        match ip(&["route", "replace", dst, "via", &gw, "proto", ROUTE_PROTO]).await {
-            Ok(()) => tracing::info!(%dst, via = %gw, "pod route to another node"),
+        let (Some((net, prefix)), IpAddr::V4(via)) = (cidr(dst), *gw) else {
+            continue;
+        };
+        match rtnl.replace_route(net, prefix, via, ROUTE_PROTO).await {
+            Ok(()) => tracing::info!(%dst, %via, "pod route to another node"),
             Err(e) => {
-                tracing::warn!(%dst, via = %gw, error = %e, "cannot route another node's pods (is its InternalIP on this node's network?)")
+                tracing::warn!(%dst, %via, error = %e, "cannot route another node's pods (is its InternalIP on this node's network?)")
             }
         }
     }
     for dst in have.keys().filter(|d| !want.contains_key(*d)) {
-        match ip(&["route", "del", dst, "proto", ROUTE_PROTO]).await {
+        let Some((net, prefix)) = cidr(dst) else {
+            continue;
+        };
+        match rtnl.del_route(net, prefix, ROUTE_PROTO).await {
             Ok(()) => tracing::info!(%dst, "removed the pod route of a node that is gone"),
             Err(e) => tracing::warn!(%dst, error = %e, "removing a pod route"),
         }
@@ -155,8 +151,12 @@ pub async fn run(client: kube::Client, me: String) {
 }
 
 /// Remove every route fairlead added (for `--cleanup`).
-pub async fn cleanup() -> Result<(), String> {
-    ip(&["-4", "route", "flush", "proto", ROUTE_PROTO]).await
+pub async fn cleanup() -> std::io::Result<()> {
+    let rtnl = Rtnl::open()?;
+    for (dst, prefix, _) in rtnl.routes_by_proto(ROUTE_PROTO).await? {
+        rtnl.del_route(dst, prefix, ROUTE_PROTO).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

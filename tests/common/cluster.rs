@@ -665,6 +665,39 @@ spec:
     y
 }
 
+/// Deployment `web`: `replicas` pods of `fairlead echo` on 8080 (ready
+/// once they answer), behind NodePort Service `web` (80 → 8080, on
+/// `node_port` when given).
+pub fn echo_deployment_yaml(replicas: u32, node_port: Option<u16>) -> String {
+    let node_port = node_port.map_or(String::new(), |p| format!(", nodePort: {p}"));
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: echo
+        image: fairlead
+        args: [echo, --http-port, "8080"]
+        readinessProbe: {{httpGet: {{path: /, port: 8080}}, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec:
+  type: NodePort
+  selector: {{app: web}}
+  ports: [{{port: 80, targetPort: 8080{node_port}}}]
+"#
+    )
+}
+
 /// Service `name` (`http` 80 → the pods' `http` port) selecting
 /// `app: <app>`; `spec` is more of its spec, in YAML lines indented by two.
 pub fn http_service_yaml(name: &str, app: &str, spec: &str) -> String {

@@ -1,8 +1,8 @@
 //! Service IPs as local addresses: a userspace listener can only bind a
 //! ClusterIP/externalIP the kernel considers local, so each one is added as a
 //! /32 (/128) on a dummy interface the proxy owns (like kube-proxy's IPVS
-//! mode with `kube-ipvs0`). Changes go through the `ip` command (iproute2),
-//! batched per sync.
+//! mode with `kube-ipvs0`). Changes go to the kernel over routing netlink
+//! ([`crate::netlink`]), pipelined per sync.
 //!
 //! Where the kernel has no `dummy` driver (some containers), the addresses
 //! go on `lo` instead, IPv4 ones with the label `lo:fairlead` so a restarted
@@ -11,170 +11,113 @@
 
 use std::collections::HashSet;
 use std::net::IpAddr;
-use std::process::Stdio;
-
-use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
 
 use super::ProxyError;
+use crate::netlink::{is_errno, NewLink, Rtnl};
 
 /// IPv4 label for addresses put on `lo` (at most 15 bytes, must start with
 /// the device name).
 pub const LO_LABEL: &str = "lo:fairlead";
 
 /// Which device holds the service IPs.
-#[derive(Debug)]
 pub(crate) struct AddrManager {
+    rtnl: Rtnl,
     iface: String,
     /// `Some` when we fell back to `lo`: the label marking our addresses.
     label: Option<&'static str>,
+}
+
+impl std::fmt::Debug for AddrManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AddrManager")
+            .field("iface", &self.iface)
+            .field("label", &self.label)
+            .finish()
+    }
 }
 
 impl AddrManager {
     /// Create (or adopt) the dummy interface and bring it up; return the
     /// manager and the service IPs already on it (left by a previous run).
     pub(crate) async fn setup(iface: &str) -> Result<(AddrManager, HashSet<IpAddr>), ProxyError> {
-        let mgr = match ip(&["link", "add", iface, "type", "dummy"]).await {
-            Ok(()) => Some(AddrManager {
-                iface: iface.to_string(),
-                label: None,
-            }),
-            Err(e) if e.contains("File exists") => Some(AddrManager {
-                iface: iface.to_string(),
-                label: None,
-            }),
-            Err(e) if e.contains("Unknown device type") || e.contains("not supported") => {
+        let err = |interface: &str, e: std::io::Error| ProxyError::Interface {
+            interface: interface.to_string(),
+            message: e.to_string(),
+        };
+        let rtnl = Rtnl::open().map_err(|e| err(iface, e))?;
+        let label = match rtnl.add_link(iface, NewLink::Dummy).await {
+            Ok(()) => None,
+            Err(e) if is_errno(&e, libc::EEXIST) => None,
+            // No dummy driver: "operation not supported" / "no such file".
+            Err(e) if is_errno(&e, libc::EOPNOTSUPP) || is_errno(&e, libc::ENOENT) => {
                 tracing::warn!(
                     interface = iface,
                     error = %e,
                     "no dummy interface support; putting service IPs on lo"
                 );
-                None
+                Some(LO_LABEL)
             }
-            Err(e) => {
-                return Err(ProxyError::Interface {
-                    interface: iface.to_string(),
-                    message: e,
-                })
-            }
+            Err(e) => return Err(err(iface, e)),
         };
-        let mgr = mgr.unwrap_or(AddrManager {
-            iface: "lo".to_string(),
-            label: Some(LO_LABEL),
-        });
-        ip(&["link", "set", &mgr.iface, "up"])
+        let mgr = AddrManager {
+            rtnl,
+            iface: if label.is_some() { "lo" } else { iface }.to_string(),
+            label,
+        };
+        mgr.rtnl
+            .set_link(&mgr.iface, None, None)
             .await
-            .map_err(|message| ProxyError::Interface {
-                interface: mgr.iface.clone(),
-                message,
-            })?;
+            .map_err(|e| err(&mgr.iface, e))?;
         let existing = mgr.list().await?;
         Ok((mgr, existing))
     }
 
-    /// Service IPs currently on the device (ours only when on `lo`).
+    /// Service IPs currently on the device (ours only when on `lo`: IPv4
+    /// ones with our label; IPv6 addresses have no label).
     async fn list(&self) -> Result<HashSet<IpAddr>, ProxyError> {
-        let mut out = HashSet::new();
-        let mut args = vec!["-o", "addr", "show", "dev", self.iface.as_str()];
-        if let Some(l) = self.label {
-            // IPv6 addresses have no label: on lo we only list IPv4 ones.
-            args.splice(0..0, ["-4"]);
-            args.extend(["label", l]);
-        }
-        let text = ip_output(&args)
+        let addrs = self
+            .rtnl
+            .addrs(&self.iface)
             .await
-            .map_err(|message| ProxyError::Interface {
+            .map_err(|e| ProxyError::Interface {
                 interface: self.iface.clone(),
-                message,
+                message: e.to_string(),
             })?;
-        for line in text.lines() {
-            // "3: fairlead0    inet 10.96.0.10/32 scope global fairlead0 ..."
-            let mut words = line.split_whitespace();
-            while let Some(w) = words.next() {
-                if w == "inet" || w == "inet6" {
-                    let scope_link = line.contains("scope link");
-                    if let Some(ip) = words
-                        .next()
-                        .and_then(|a| a.split('/').next())
-                        .and_then(|a| a.parse::<IpAddr>().ok())
-                    {
-                        if !scope_link {
-                            out.insert(ip);
-                        }
-                    }
-                    break;
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    fn add_line(&self, ip: IpAddr) -> String {
-        match (ip, self.label) {
-            (IpAddr::V4(_), Some(l)) => {
-                format!("address replace {ip}/32 dev {} label {l}", self.iface)
-            }
-            (IpAddr::V4(_), None) => format!("address replace {ip}/32 dev {}", self.iface),
-            // nodad: otherwise the address is "tentative" for a while and
-            // bind(2) fails with EADDRNOTAVAIL.
-            (IpAddr::V6(_), _) => format!("address replace {ip}/128 dev {} nodad", self.iface),
-        }
-    }
-
-    fn del_line(&self, ip: IpAddr) -> String {
-        let bits = if ip.is_ipv4() { 32 } else { 128 };
-        format!("address del {ip}/{bits} dev {}", self.iface)
+        Ok(addrs
+            .into_iter()
+            .filter(|a| !a.link_scope)
+            .filter(|a| match self.label {
+                Some(l) => a.ip.is_ipv4() && a.label.as_deref() == Some(l),
+                None => true,
+            })
+            .map(|a| a.ip)
+            .collect())
     }
 
     /// Add addresses; return the ones that failed, with the error.
     pub(crate) async fn add(&self, ips: &[IpAddr]) -> Vec<(IpAddr, String)> {
-        let lines: Vec<String> = ips.iter().map(|&ip| self.add_line(ip)).collect();
-        self.apply(ips, lines, |_| false).await
+        if ips.is_empty() {
+            return Vec::new();
+        }
+        let r = self.rtnl.add_host_addrs(&self.iface, ips, self.label).await;
+        failures(ips, r)
     }
 
     /// Remove addresses (already absent counts as removed); return failures.
     pub(crate) async fn del(&self, ips: &[IpAddr]) -> Vec<(IpAddr, String)> {
-        let lines: Vec<String> = ips.iter().map(|&ip| self.del_line(ip)).collect();
-        self.apply(ips, lines, |e| {
-            e.contains("Cannot assign requested address") || e.contains("Address not found")
-        })
-        .await
-    }
-
-    /// One `ip -batch` for the whole change; only if that fails, one command
-    /// per line to learn which ones failed.
-    async fn apply(
-        &self,
-        ips: &[IpAddr],
-        lines: Vec<String>,
-        benign: impl Fn(&str) -> bool,
-    ) -> Vec<(IpAddr, String)> {
-        if lines.is_empty() {
+        if ips.is_empty() {
             return Vec::new();
         }
-        let mut script = lines.join("\n");
-        script.push('\n');
-        if ip_batch(&script).await.is_ok() {
-            return Vec::new();
-        }
-        let mut failed = Vec::new();
-        for (&addr, line) in ips.iter().zip(&lines) {
-            let args: Vec<&str> = line.split(' ').collect();
-            if let Err(e) = ip(&args).await {
-                if !benign(&e) {
-                    failed.push((addr, e));
-                }
-            }
-        }
-        failed
+        let r = self.rtnl.del_host_addrs(&self.iface, ips).await;
+        failures(ips, r)
     }
 
     /// Remove every address we own: the whole dummy interface, or our
     /// addresses on `lo`.
     pub(crate) async fn teardown(&self, ips: &[IpAddr]) -> Vec<(IpAddr, String)> {
         if self.label.is_none() {
-            match ip(&["link", "del", &self.iface]).await {
-                Ok(()) => return Vec::new(),
+            match self.rtnl.del_link(&self.iface).await {
+                Ok(_) => return Vec::new(),
                 Err(e) => {
                     tracing::warn!(interface = %self.iface, error = %e, "deleting the interface")
                 }
@@ -184,47 +127,16 @@ impl AddrManager {
     }
 }
 
-async fn ip_output(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| format!("running ip: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
-}
-
-async fn ip(args: &[&str]) -> Result<(), String> {
-    ip_output(args).await.map(|_| ())
-}
-
-async fn ip_batch(script: &str) -> Result<(), String> {
-    let mut child = Command::new("ip")
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("running ip: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .await
-            .map_err(|e| format!("writing to ip: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|e| format!("waiting for ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+/// Per-address failures; when the device itself failed, every address.
+fn failures(
+    ips: &[IpAddr],
+    r: std::io::Result<Vec<(IpAddr, std::io::Error)>>,
+) -> Vec<(IpAddr, String)> {
+    match r {
+        Ok(failed) => failed
+            .into_iter()
+            .map(|(ip, e)| (ip, e.to_string()))
+            .collect(),
+        Err(e) => ips.iter().map(|&ip| (ip, e.to_string())).collect(),
     }
 }

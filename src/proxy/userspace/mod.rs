@@ -7,7 +7,7 @@
 //!  sync(ProxyState) ── diff against last applied ──► per changed service port:
 //!      routes::EndpointTable::apply   (new routing table, swapped atomically)
 //!      listeners: bind/close only what changed   (tcp.rs, udp.rs)
-//!      addresses: service IPs on the dummy interface (addrs.rs, `ip -batch`)
+//!      addresses: service IPs on the dummy interface (addrs.rs, netlink)
 //! ```
 //!
 //! A frontend listens only while its role (internal for ClusterIPs,
