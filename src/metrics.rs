@@ -86,6 +86,7 @@ pub const METRICS: &[(&str, Type, &str)] = &[
     ("coredns_forward_max_concurrent_rejects_total", Type::Counter, "Queries answered SERVFAIL because too many were outstanding upstream."),
     ("fairlead_dns_records", Type::Gauge, "Records in the cluster DNS index."),
     ("fairlead_dns_index_build_duration_seconds", Type::Histogram, "Time to apply Service and EndpointSlice changes to the DNS index."),
+    ("fairlead_dns_answer_cache_total", Type::Counter, "Cluster-name queries answered from the table of finished replies (result=hit) or through the index (result=miss)."),
     ("fairlead_dns_dropped_total", Type::Counter, "DNS packets dropped (malformed beyond an answer, or over a limit), by reason."),
 ];
 

@@ -9,6 +9,9 @@
 //! * [`server`] — UDP + TCP listeners over hickory-proto messages: request
 //!   validation (FORMERR, NOTIMP, BADVERS, ...), EDNS0, truncation, metrics
 //!   with CoreDNS's names.
+//! * [`answers`] — finished replies to cluster names per worker thread,
+//!   keyed by the question, dropped per changed Service: a repeated query
+//!   is a hash lookup and a patched copy.
 //! * [`forward`] — upstream resolvers with an answer cache.
 //!
 //! The daemon owns one [`DnsServer`]; after every (coalesced) cache change
@@ -32,6 +35,7 @@
 //! hickory-proto gives us control of FORMERR/truncation behaviour and
 //! per-request cost.
 
+pub mod answers;
 pub mod forward;
 pub mod index;
 pub mod server;
@@ -160,6 +164,17 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// A name in lowercase wire form (length-prefixed labels, then 0).
+fn wire_lowercase(name: &Name) -> Vec<u8> {
+    let mut out = Vec::new();
+    for label in name.iter() {
+        out.push(label.len() as u8);
+        out.extend(label.to_ascii_lowercase());
+    }
+    out.push(0);
+    out
+}
+
 /// Whether forwarding to `upstream` would reach one of our own sockets.
 fn is_own(upstream: &SocketAddr, listen: &[SocketAddr]) -> bool {
     listen.iter().any(|l| {
@@ -233,6 +248,7 @@ impl DnsServer {
             tcp_clients: Default::default(),
             max_tcp_per_client: cfg.max_tcp_per_client.max(1),
             zone_label: Arc::from(zone.to_ascii()),
+            answers: answers::AnswerTable::new(wire_lowercase(&zone)),
         });
         let mut tasks = Vec::new();
         for (addr, udp, tcp) in sockets {
@@ -310,6 +326,13 @@ impl DnsServer {
             let applied = index.commit(delta);
             (applied, index.stats(), index.serial())
         };
+        // After the index has the change (see `answers`).
+        self.shared
+            .answers
+            .invalidate(answers::Invalidation::for_services(
+                dirty.services.iter().map(|k| (&*k.namespace, &*k.name)),
+                !dirty.namespaces.is_empty(),
+            ));
         let changed = applied.changed;
         // The replaced contributions are freed here, outside the lock.
         drop(applied);
@@ -352,6 +375,7 @@ impl DnsServer {
             index.set_serial(serial);
             (std::mem::replace(&mut *current, index), serial)
         };
+        self.shared.answers.invalidate(answers::Invalidation::All);
         // The old zone is freed outside the lock.
         drop(old);
         self.observe(stats, started);
@@ -478,6 +502,147 @@ mod tests {
         assert!(!is_own(&"127.0.0.1:5353".parse().unwrap(), &listen));
     }
 
+    /// A server on a loopback port, without upstreams.
+    async fn loopback_server() -> DnsServer {
+        DnsServer::start(DnsConfig {
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            upstreams: Vec::new(),
+            ..DnsConfig::default()
+        })
+        .await
+        .unwrap()
+    }
+
+    /// A reply from the table of finished answers is the reply the full
+    /// path gives (same records, flags and EDNS; the client's ID, RD, CD
+    /// and letter case), for every shape of request, and a change of one
+    /// Service replaces its answers but keeps the others.
+    #[tokio::test]
+    async fn answers_from_the_table_equal_the_full_path() {
+        use hickory_proto::op::{Edns, Message, Query};
+        use hickory_proto::rr::RecordType;
+        use server::{prepare, Prepared, Proto};
+
+        let dns = loopback_server().await;
+        let svc = |name: &str, ip: &str| -> Service {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "d"},
+                "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80}]}
+            }))
+            .unwrap()
+        };
+        let mut cache = Cache::new();
+        cache.apply_service(&svc("web", "10.96.0.20"));
+        cache.apply_service(&svc("db", "10.96.0.21"));
+        let dirty = cache.take_dirty();
+        dns.apply(&cache, &dirty);
+
+        let peer: SocketAddr = "127.0.0.1:5353".parse().unwrap();
+        let label: Arc<str> = Arc::from("dns://test");
+        let ask = |bytes: &[u8], proto| match prepare(&dns.shared, bytes, proto, peer, &label) {
+            Prepared::Reply(r) => r,
+            _ => panic!("no reply"),
+        };
+        #[allow(clippy::too_many_arguments)]
+        let request =
+            |id: u16, name: &str, t: RecordType, rd: bool, cd: bool, edns: Option<(u16, bool)>| {
+                let mut m = Message::query();
+                m.metadata.id = id;
+                m.metadata.recursion_desired = rd;
+                m.metadata.checking_disabled = cd;
+                m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+                if let Some((size, dnssec_ok)) = edns {
+                    let mut e = Edns::new();
+                    e.set_max_payload(size);
+                    e.set_dnssec_ok(dnssec_ok);
+                    m.set_edns(e);
+                }
+                m.to_vec().unwrap()
+            };
+        let names = [
+            ("web.d.svc.cluster.local.", RecordType::A),
+            ("web.d.svc.cluster.local.", RecordType::AAAA),
+            ("_http._tcp.web.d.svc.cluster.local.", RecordType::SRV),
+            (
+                "web.d.svc.cluster.local.d.svc.cluster.local.",
+                RecordType::A,
+            ),
+            ("d.svc.cluster.local.", RecordType::A),
+            ("cluster.local.", RecordType::SOA),
+            ("20.0.96.10.in-addr.arpa.", RecordType::PTR),
+        ];
+        let shapes = [
+            (Proto::Udp, None),
+            (Proto::Udp, Some((4096, false))),
+            (Proto::Udp, Some((512, true))),
+            (Proto::Tcp, None),
+        ];
+        for (name, t) in names {
+            for (proto, edns) in shapes {
+                // Warm the table with one spelling, then ask another way.
+                ask(&request(1, name, t, true, false, edns), proto);
+                let other = name.to_ascii_uppercase();
+                let q = request(0xbeef, &other, t, false, true, edns);
+                let parsed = answers::Question::parse(&q, proto, dns.shared.max_udp_payload)
+                    .expect("a plain query");
+                assert!(
+                    answers::lookup(&dns.shared.answers, &parsed, &q).is_some(),
+                    "in the table: {name} {t} {proto:?} {edns:?}"
+                );
+                let hit = ask(&q, proto);
+                dns.shared.answers.invalidate(answers::Invalidation::All);
+                let full = ask(&q, proto);
+                let what = format!("{name} {t} {proto:?} {edns:?}");
+                assert_eq!(
+                    Message::from_vec(&hit).unwrap(),
+                    Message::from_vec(&full).unwrap(),
+                    "{what}"
+                );
+                let qlen = other.len() + 1;
+                assert_eq!(&hit[..4], &full[..4], "ID and flags: {what}");
+                assert_eq!(
+                    &hit[12..12 + qlen],
+                    &q[12..12 + qlen],
+                    "the client's spelling: {what}"
+                );
+            }
+        }
+
+        // A change of web: its answer follows at once, db's stays cached.
+        let web_a = request(
+            7,
+            "web.d.svc.cluster.local.",
+            RecordType::A,
+            true,
+            false,
+            None,
+        );
+        let db_a = request(
+            8,
+            "db.d.svc.cluster.local.",
+            RecordType::A,
+            true,
+            false,
+            None,
+        );
+        ask(&web_a, Proto::Udp);
+        ask(&db_a, Proto::Udp);
+        cache.apply_service(&svc("web", "10.96.0.30"));
+        let dirty = cache.take_dirty();
+        dns.apply(&cache, &dirty);
+        let fresh = Message::from_vec(&ask(&web_a, Proto::Udp)).unwrap();
+        assert_eq!(
+            fresh.answers[0].data.to_string(),
+            "10.96.0.30",
+            "web's new address, not the cached one"
+        );
+        let db_q = answers::Question::parse(&db_a, Proto::Udp, dns.shared.max_udp_payload).unwrap();
+        assert!(
+            answers::lookup(&dns.shared.answers, &db_q, &db_a).is_some(),
+            "db's answer survives a change of web"
+        );
+    }
+
     /// The server serves what `apply` hands it, a delta at a time, and
     /// `update` (a full rebuild) and `apply` can follow each other.
     #[tokio::test]
@@ -485,13 +650,7 @@ mod tests {
         use hickory_proto::op::ResponseCode;
         use hickory_proto::rr::RecordType;
 
-        let dns = DnsServer::start(DnsConfig {
-            listen: vec!["127.0.0.1:0".parse().unwrap()],
-            upstreams: Vec::new(),
-            ..DnsConfig::default()
-        })
-        .await
-        .unwrap();
+        let dns = loopback_server().await;
         let name = Name::from_ascii("web.d.svc.cluster.local.").unwrap();
         let answer = |dns: &DnsServer| match dns.index().resolve(&name, RecordType::A) {
             Resolution::Zone(z) => (z.rcode, z.answers.len()),

@@ -29,6 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
+use super::answers::{self, AnswerTable, Question};
 use super::forward::{Forwarder, QueryFlags};
 use super::index::{Index, Resolution, ZoneAnswer};
 
@@ -73,6 +74,8 @@ pub struct Shared {
     pub max_tcp_per_client: usize,
     /// `zone` metric label of in-zone requests (`cluster.local.`).
     pub zone_label: Arc<str>,
+    /// Finished replies to cluster names ([`super::answers`]).
+    pub answers: Arc<AnswerTable>,
 }
 
 impl Shared {
@@ -285,6 +288,19 @@ pub fn prepare(
     if qdcount != 1 {
         return early(ResponseCode::FormErr);
     }
+    // A reply, counted under its zone label.
+    let counted = |zone: &Arc<str>, bytes: Vec<u8>, qtype: RecordType, rcode: ResponseCode| {
+        observe(server, zone, proto, fam, type_label(qtype), rcode, started);
+        Prepared::Reply(bytes)
+    };
+    let zone_reply = |bytes, qtype, rcode| counted(&shared.zone_label, bytes, qtype, rcode);
+    // A plain query for a name answered before: the finished reply.
+    let fast = Question::parse(packet, proto, shared.max_udp_payload);
+    if let Some(q) = &fast {
+        if let Some((reply, qtype, rcode)) = answers::lookup(&shared.answers, q, packet) {
+            return zone_reply(reply, qtype, rcode);
+        }
+    }
     let msg = match Message::from_vec(packet) {
         Ok(m) => m,
         Err(e) => {
@@ -316,16 +332,7 @@ pub fn prepare(
     };
     let simple = |rcode| {
         let bytes = encode(shared, &req, rcode, &ZoneAnswer::default(), false, false);
-        observe(
-            server,
-            zone_label,
-            proto,
-            fam,
-            type_label(qtype),
-            rcode,
-            started,
-        );
-        Prepared::Reply(bytes)
+        counted(zone_label, bytes, qtype, rcode)
     };
     if msg.edns.as_ref().is_some_and(|e| e.version() > 0) {
         return simple(ResponseCode::BADVERS);
@@ -344,16 +351,10 @@ pub fn prepare(
     match resolution {
         Resolution::Zone(answer) => {
             let bytes = encode(shared, &req, answer.rcode, &answer, true, false);
-            observe(
-                server,
-                &shared.zone_label,
-                proto,
-                fam,
-                type_label(qtype),
-                answer.rcode,
-                started,
-            );
-            Prepared::Reply(bytes)
+            if let Some(q) = &fast {
+                answers::store(&shared.answers, q, &bytes, qtype, answer.rcode);
+            }
+            zone_reply(bytes, qtype, answer.rcode)
         }
         Resolution::Alias { answer, target } => {
             let mut q = req.query.clone();
