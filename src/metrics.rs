@@ -79,6 +79,7 @@ pub const METRICS: &[(&str, Type, &str)] = &[
     ("coredns_cache_entries", Type::Gauge, "Entries in the forwarder's cache, by type (success, denial)."),
     ("coredns_cache_hits_total", Type::Counter, "Forwarded names answered from the cache."),
     ("coredns_cache_misses_total", Type::Counter, "Forwarded names not in the cache."),
+    ("coredns_cache_prefetch_total", Type::Counter, "Popular cached answers refreshed from an upstream before they expired."),
     ("coredns_cache_served_stale_total", Type::Counter, "Answers served stale from the cache while upstreams failed (RFC 8767)."),
     ("coredns_forward_requests_total", Type::Counter, "Queries sent upstream, by upstream."),
     ("coredns_forward_responses_total", Type::Counter, "Upstream responses, by upstream and rcode."),

@@ -1020,6 +1020,51 @@ fn updates_are_served_at_once() {
 
 // ---- acceptance 3: forwarding ---------------------------------------------------
 
+/// Prefetch: a name asked for again near the end of its cached TTL is
+/// refreshed from the upstream in the background, so a query after the
+/// first answer would have expired is still a cache hit: the upstream sees
+/// the refresh, not the client's query.
+#[test]
+fn popular_names_are_prefetched_before_they_expire() {
+    let up = Upstream::start();
+    // Cache answers for at most 2 s: prefetch is due in their last second.
+    let dns = Dns::start(vec![up.addr], |c| c.cache_max_ttl = Duration::from_secs(2));
+    let asked = || {
+        up.seen()
+            .iter()
+            .filter(|(n, t)| n == "outside.example." && *t == RecordType::A)
+            .count()
+    };
+    let first = Instant::now();
+    let ask = || {
+        let r = dns.dig(&["outside.example", "A"]);
+        assert_eq!(r.answers("A"), vec!["192.0.2.1"], "{}", r.raw);
+    };
+    ask();
+    ask();
+    assert_eq!(asked(), 1, "the second query is a cache hit");
+    // Into the answer's last second (a wait for time itself).
+    std::thread::sleep(Duration::from_millis(1200).saturating_sub(first.elapsed()));
+    ask();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while asked() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no prefetch reached the upstream"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Past the first answer's expiry: answered from the refreshed entry.
+    std::thread::sleep(Duration::from_millis(2300).saturating_sub(first.elapsed()));
+    ask();
+    assert_eq!(
+        asked(),
+        2,
+        "answered from the prefetched entry: {:?}",
+        up.seen()
+    );
+}
+
 /// RFC 8767 serve-stale: once a cached answer's TTL has passed and no
 /// upstream answers, the expired answer is served with a 30 s TTL; a name
 /// never seen gets SERVFAIL within the forward timeout.

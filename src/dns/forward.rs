@@ -10,6 +10,12 @@
 //! an expired answer still cached (serve-stale, RFC 8767, for [`STALE_FOR`]
 //! with a [`STALE_TTL`] TTL) or an error (SERVFAIL to the client), never a
 //! hang.
+//!
+//! Prefetch (CoreDNS `cache`'s `prefetch`): a cached answer asked for at
+//! least [`PREFETCH_HITS`] times is refreshed in the background once its
+//! remaining TTL falls to a tenth of its TTL (at least the last second),
+//! so popular names do not make a client wait for an upstream when they
+//! expire.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -36,9 +42,16 @@ const STALE_FOR: Duration = Duration::from_secs(3600);
 /// The TTL of a stale answer (RFC 8767's recommendation).
 const STALE_TTL: u32 = 30;
 
+/// Hits after which a cached answer near its expiry is refreshed ahead.
+const PREFETCH_HITS: u32 = 2;
+
 /// A cache lookup's result.
 enum Cached {
-    Fresh(UpstreamAnswer),
+    /// Within its TTL; `refresh`: popular and near expiry, to prefetch.
+    Fresh {
+        answer: UpstreamAnswer,
+        refresh: bool,
+    },
     /// Expired: to serve only when no upstream answers.
     Stale(UpstreamAnswer),
 }
@@ -152,6 +165,10 @@ struct CacheEntry {
     answer: UpstreamAnswer,
     stored: Instant,
     expires: Instant,
+    /// Fresh hits so far.
+    hits: u32,
+    /// A prefetch of this entry is under way.
+    prefetching: bool,
 }
 
 /// Per-query options copied from the client's request.
@@ -161,8 +178,22 @@ pub struct QueryFlags {
     pub checking_disabled: bool,
 }
 
-/// The upstream resolvers and the cache in front of them.
+/// The upstream resolvers and the cache in front of them; cheap to clone
+/// (a prefetch runs on a clone).
+#[derive(Clone)]
 pub struct Forwarder {
+    state: std::sync::Arc<State>,
+}
+
+impl std::ops::Deref for Forwarder {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+/// The forwarder's state, shared with its prefetches.
+pub struct State {
     upstreams: Vec<SocketAddr>,
     timeout: Duration,
     max_ttl: u32,
@@ -186,20 +217,17 @@ impl Forwarder {
         server: String,
     ) -> Forwarder {
         Forwarder {
-            down_since: Mutex::new(vec![None; upstreams.len()]),
-            upstreams,
-            timeout,
-            max_ttl: max_ttl.as_secs().min(u32::MAX as u64) as u32,
-            capacity,
-            cache: Mutex::new(HashMap::new()),
-            rotate: AtomicUsize::new(0),
-            server,
+            state: std::sync::Arc::new(State {
+                down_since: Mutex::new(vec![None; upstreams.len()]),
+                upstreams,
+                timeout,
+                max_ttl: max_ttl.as_secs().min(u32::MAX as u64) as u32,
+                capacity,
+                cache: Mutex::new(HashMap::new()),
+                rotate: AtomicUsize::new(0),
+                server,
+            }),
         }
-    }
-
-    /// The configured upstreams.
-    pub fn upstreams(&self) -> &[SocketAddr] {
-        &self.upstreams
     }
 
     /// Answer `query` from the cache or an upstream.
@@ -219,11 +247,19 @@ impl Forwarder {
             checking_disabled: flags.checking_disabled,
         };
         let stale = match self.cached(&key) {
-            Some(Cached::Fresh(hit)) => {
-                let kind = if hit.is_denial() { "denial" } else { "success" };
+            Some(Cached::Fresh { answer, refresh }) => {
+                let kind = if answer.is_denial() {
+                    "denial"
+                } else {
+                    "success"
+                };
                 metrics::counter!("coredns_cache_hits_total", "server" => self.server.clone(), "type" => kind)
                     .increment(1);
-                return Ok(hit);
+                if refresh {
+                    let (state, query) = (self.state.clone(), query.clone());
+                    tokio::spawn(async move { state.prefetch(key, &query, flags).await });
+                }
+                return Ok(answer);
             }
             Some(Cached::Stale(old)) => Some(old),
             None => None,
@@ -242,18 +278,47 @@ impl Forwarder {
             }
             (Err(e), None) => return Err(e),
         };
+        self.keep(key, &answer);
+        Ok(answer)
+    }
+}
+
+impl State {
+    /// The configured upstreams.
+    pub fn upstreams(&self) -> &[SocketAddr] {
+        &self.upstreams
+    }
+
+    /// Cache `answer` for its TTL (bounded by ours), if it may be cached.
+    fn keep(&self, key: CacheKey, answer: &UpstreamAnswer) {
         if let Some(ttl) = answer.cache_ttl() {
             let ttl = ttl.min(self.max_ttl);
             if ttl > 0 {
                 self.store(key, answer.clone(), Duration::from_secs(ttl as u64));
             }
         }
-        Ok(answer)
+    }
+
+    /// Refresh a popular entry ahead of its expiry; on failure it stays
+    /// as it is (and may be prefetched again by a later hit).
+    async fn prefetch(&self, key: CacheKey, query: &Query, flags: QueryFlags) {
+        metrics::counter!("coredns_cache_prefetch_total", "server" => self.server.clone())
+            .increment(1);
+        match self.exchange_any(query, flags).await {
+            Ok(answer) => self.keep(key, &answer),
+            Err(e) => {
+                tracing::debug!(error = %e, name = %query.name(), "prefetch failed");
+                let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(entry) = cache.get_mut(&key) {
+                    entry.prefetching = false;
+                }
+            }
+        }
     }
 
     fn cached(&self, key: &CacheKey) -> Option<Cached> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = cache.get(key)?;
+        let entry = cache.get_mut(key)?;
         let now = Instant::now();
         if now >= entry.expires + STALE_FOR {
             cache.remove(key);
@@ -262,8 +327,18 @@ impl Forwarder {
         if now >= entry.expires {
             return Some(Cached::Stale(entry.answer.with_ttl(STALE_TTL)));
         }
+        entry.hits += 1;
+        let ttl = entry.expires.duration_since(entry.stored);
+        let left = entry.expires.duration_since(now);
+        let refresh = !entry.prefetching
+            && entry.hits >= PREFETCH_HITS
+            && left <= (ttl / 10).max(Duration::from_secs(1));
+        entry.prefetching |= refresh;
         let age = now.duration_since(entry.stored).as_secs() as u32;
-        Some(Cached::Fresh(entry.answer.aged(age)))
+        Some(Cached::Fresh {
+            answer: entry.answer.aged(age),
+            refresh,
+        })
     }
 
     fn store(&self, key: CacheKey, answer: UpstreamAnswer, ttl: Duration) {
@@ -286,6 +361,8 @@ impl Forwarder {
                 answer,
                 stored: now,
                 expires: now + ttl,
+                hits: 0,
+                prefetching: false,
             },
         );
         metrics::gauge!("coredns_cache_entries", "server" => self.server.clone(), "type" => "all")
@@ -551,7 +628,9 @@ mod tests {
         };
         let ans = answer(ResponseCode::NoError, vec![], vec![]);
         f.store(key("Example.COM."), ans.clone(), Duration::from_secs(5));
-        assert!(matches!(f.cached(&key("example.com.")), Some(Cached::Fresh(a)) if a == ans));
+        assert!(
+            matches!(f.cached(&key("example.com.")), Some(Cached::Fresh { answer, .. }) if answer == ans)
+        );
         for i in 0..50 {
             f.store(key(&format!("n{i}.")), ans.clone(), Duration::from_secs(5));
         }
