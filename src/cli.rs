@@ -232,6 +232,11 @@ pub struct NodeFlags {
     /// Serve a-b-c-d.<ns>.pod.<zone> records (true/false).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub dns_pod_records: bool,
+    /// Answer at most N UDP queries per second per client; past it every
+    /// second query gets an empty truncated reply (retry over TCP) and the
+    /// rest none (response-rate limiting). Off by default.
+    #[arg(long, value_name = "N")]
+    pub dns_rrl: Option<u32>,
     /// Register this node's Node object and heartbeat its Lease in
     /// kube-node-lease (true/false), as the kubelet does.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -429,6 +434,7 @@ impl NodeFlags {
                 upstreams,
                 ttl: parse_duration(&self.dns_ttl).map_err(anyhow::Error::msg)?,
                 pod_records: self.dns_pod_records,
+                rrl: self.dns_rrl,
             })
         };
         Ok(cfg)

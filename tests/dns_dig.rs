@@ -1020,6 +1020,54 @@ fn updates_are_served_at_once() {
 
 // ---- acceptance 3: forwarding ---------------------------------------------------
 
+/// `--dns-rrl`: a client past its rate gets no answers, except every
+/// second query an empty truncated reply (so a real client retries over
+/// TCP); another client is answered all the while.
+#[test]
+fn rate_limited_clients_are_slipped_and_others_answered() {
+    let upstream = Upstream::start();
+    let dns = Dns::start(vec![upstream.addr], |c| c.rrl = Some(5));
+    dns.update(&fixture_services(), &fixture_slices(), &["default"]);
+    // The flooding client: another loopback address than dig's.
+    let flood = UdpSocket::bind("127.0.0.2:0").unwrap();
+    flood
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    for id in 0..40u16 {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.add_query(hickory_proto::op::Query::query(
+            Name::from_ascii("web.default.svc.cluster.local.").unwrap(),
+            RecordType::A,
+        ));
+        flood.send_to(&m.to_vec().unwrap(), dns.addr).unwrap();
+    }
+    let (mut answered, mut truncated) = (0, 0);
+    let mut buf = [0u8; 4096];
+    while let Ok((n, _)) = flood.recv_from(&mut buf) {
+        let m = Message::from_vec(&buf[..n]).unwrap();
+        if m.metadata.truncation {
+            assert!(m.answers.is_empty());
+            truncated += 1;
+        } else {
+            assert_eq!(m.answers.len(), 1);
+            answered += 1;
+        }
+    }
+    println!("40 queries at once: {answered} answered, {truncated} truncated");
+    assert!(
+        (5..=7).contains(&answered),
+        "a burst of 5 (plus what refilled meanwhile): {answered}"
+    );
+    assert!(
+        (15..=18).contains(&truncated),
+        "every second limited query slips: {truncated}"
+    );
+    // Another client meanwhile: answered.
+    let r = dns.dig(&["web.default.svc.cluster.local", "A"]);
+    assert_eq!(r.answers("A"), vec!["10.96.0.20"], "{}", r.raw);
+}
+
 /// Prefetch: a name asked for again near the end of its cached TTL is
 /// refreshed from the upstream in the background, so a query after the
 /// first answer would have expired is still a cache hit: the upstream sees

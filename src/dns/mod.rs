@@ -13,6 +13,7 @@
 //!   keyed by the question, dropped per changed Service: a repeated query
 //!   is a hash lookup and a patched copy.
 //! * [`forward`] — upstream resolvers with an answer cache.
+//! * [`rrl`] — optional per-client rate limit of UDP answers (`--dns-rrl`).
 //!
 //! The daemon owns one [`DnsServer`]; after every (coalesced) cache change
 //! it calls [`DnsServer::apply`] with the Services and namespaces that
@@ -38,6 +39,7 @@
 pub mod answers;
 pub mod forward;
 pub mod index;
+pub mod rrl;
 pub mod server;
 
 use std::net::{IpAddr, SocketAddr};
@@ -100,6 +102,9 @@ pub struct DnsConfig {
     /// Give each UDP receive loop its own socket (`SO_REUSEPORT`: the
     /// kernel spreads clients over them) instead of one shared socket.
     pub udp_reuseport: bool,
+    /// Answers per second per client over UDP (`--dns-rrl`; `None`: no
+    /// limit). See [`rrl`].
+    pub rrl: Option<u32>,
 }
 
 impl Default for DnsConfig {
@@ -122,6 +127,7 @@ impl Default for DnsConfig {
                 .map_or(1, |n| n.get())
                 .clamp(1, 4),
             udp_reuseport: true,
+            rrl: None,
         }
     }
 }
@@ -249,6 +255,7 @@ impl DnsServer {
             max_tcp_per_client: cfg.max_tcp_per_client.max(1),
             zone_label: Arc::from(zone.to_ascii()),
             answers: answers::AnswerTable::new(wire_lowercase(&zone)),
+            rrl: cfg.rrl.map(rrl::RateLimiter::new),
         });
         let mut tasks = Vec::new();
         for (addr, udp, tcp) in sockets {

@@ -76,6 +76,8 @@ pub struct Shared {
     pub zone_label: Arc<str>,
     /// Finished replies to cluster names ([`super::answers`]).
     pub answers: Arc<AnswerTable>,
+    /// Per-client rate limit of UDP answers (`--dns-rrl`).
+    pub rrl: Option<super::rrl::RateLimiter>,
 }
 
 impl Shared {
@@ -528,6 +530,25 @@ pub async fn udp_worker(sock: Arc<UdpSocket>, shared: Arc<Shared>, server: Arc<s
                 continue;
             }
         };
+        if let Some(limiter) = &shared.rrl {
+            use super::rrl::Verdict;
+            match limiter.check(peer.ip(), Instant::now()) {
+                Verdict::Answer => {}
+                Verdict::Truncate if len >= 12 => {
+                    metrics::counter!("fairlead_dns_dropped_total", "reason" => "rate-limit-tc")
+                        .increment(1);
+                    let _ = sock
+                        .send_to(&super::rrl::truncated(&buf[..len]), peer)
+                        .await;
+                    continue;
+                }
+                Verdict::Truncate | Verdict::Drop => {
+                    metrics::counter!("fairlead_dns_dropped_total", "reason" => "rate-limit")
+                        .increment(1);
+                    continue;
+                }
+            }
+        }
         match prepare(&shared, &buf[..len], Proto::Udp, peer, &server) {
             Prepared::Reply(bytes) => {
                 if let Err(e) = sock.send_to(&bytes, peer).await {

@@ -77,6 +77,8 @@ pub struct DnsSettings {
     pub ttl: Duration,
     /// `a-b-c-d.<ns>.pod.<zone>` records (CoreDNS `pods insecure`).
     pub pod_records: bool,
+    /// `--dns-rrl`: UDP answers per second per client.
+    pub rrl: Option<u32>,
 }
 
 impl Default for DnsSettings {
@@ -88,6 +90,7 @@ impl Default for DnsSettings {
             upstreams: Vec::new(),
             ttl: Duration::from_secs(5),
             pod_records: true,
+            rrl: None,
         }
     }
 }

@@ -820,6 +820,7 @@ async fn start_dns(d: &config::DnsSettings) -> anyhow::Result<crate::dns::DnsSer
         ttl: d.ttl,
         listen,
         pod_records: d.pod_records,
+        rrl: d.rrl,
         ..Default::default()
     };
     if !d.upstreams.is_empty() {
