@@ -525,16 +525,17 @@ pub fn duration_ms(v: &str) -> Result<f64> {
 // Tables
 
 /// Aligned columns: the first left-aligned, the others right-aligned.
-pub fn print_rows<const N: usize>(rows: &[[String; N]]) {
-    let mut w = [0usize; N];
+pub fn print_rows<R: AsRef<[String]>>(rows: &[R]) {
+    let n = rows.iter().map(|r| r.as_ref().len()).max().unwrap_or(0);
+    let mut w = vec![0usize; n];
     for r in rows {
-        for (c, cell) in r.iter().enumerate() {
+        for (c, cell) in r.as_ref().iter().enumerate() {
             w[c] = w[c].max(cell.chars().count());
         }
     }
     for r in rows {
         let mut line = String::new();
-        for (c, cell) in r.iter().enumerate() {
+        for (c, cell) in r.as_ref().iter().enumerate() {
             if c == 0 {
                 line.push_str(&format!("{cell:<width$}", width = w[0]));
             } else {
@@ -721,6 +722,9 @@ impl InProcessProxy {
         let proxy = UserspaceProxy::new(UserspaceConfig {
             node_name: "bench-node".into(),
             manage_addresses: false,
+            // The connection workers' threads share the prefix, so
+            // `threads_cpu(thread)` counts them with the accept loops.
+            worker_name: thread.into(),
             ..UserspaceConfig::default()
         });
         let name = ServicePortName {

@@ -1,15 +1,16 @@
-//! Cluster DNS, measured against dnsmasq (what kube-dns ran), and
-//! fairlead's memory with 10,000 Services against CoreDNS's published
-//! sizing formula.
+//! Cluster DNS, measured against dnsmasq (what kube-dns ran) and unbound,
+//! and fairlead's memory at 1,000, 10,000 and 30,000 Services against
+//! CoreDNS's published sizing formula.
 //!
 //! ```sh
 //! cargo bench --bench dns
 //! ```
 //!
-//! Installs Debian's `dnsperf` and `dnsmasq-base` (the `dnsmasq` binary
-//! without the package that starts a system-wide daemon on port 53) with
-//! `apt-get install -y` if they are missing, printing apt's output. When
-//! dnsperf cannot be had (or `FAIRLEAD_BENCH_DNS_LOADGEN=builtin`), a small
+//! Installs Debian's `dnsperf`, `dnsmasq-base` (the `dnsmasq` binary
+//! without the package that starts a system-wide daemon on port 53) and
+//! `unbound` with `apt-get install -y` if they are missing, printing apt's
+//! output (`FAIRLEAD_BENCH_DNS_UNBOUND=0` leaves unbound out). When dnsperf
+//! cannot be had (or `FAIRLEAD_BENCH_DNS_LOADGEN=builtin`), a small
 //! built-in UDP load generator with the same knobs is used instead, and the
 //! output says so. Everything runs on 127.0.0.0/8.
 //!
@@ -22,14 +23,19 @@
 //!   tokio runtime with 2 workers (what the `fairlead` binary gets on a
 //!   2-core machine), 2 UDP receive loops, the process-wide Prometheus
 //!   recorder installed (so the per-request CoreDNS metrics cost what they
-//!   cost in `fairlead node`), on 127.0.0.53:PORT, TTL 5 s, no upstreams.
+//!   cost in `fairlead node`), on 127.0.0.53:PORT, TTL 5 s, forwarding
+//!   other names to the upstream below.
 //! * **dnsmasq**: `--no-daemon --conf-file=/dev/null --no-resolv --no-hosts
 //!   --addn-hosts=<file> --local=/cluster.local/ --listen-address=127.0.0.54
-//!   --bind-interfaces --port=PORT --cache-size=10000 --local-ttl=5`: the
-//!   same names from a hosts file (every ClusterIP; every ready endpoint of
-//!   a headless Service under the Service's name), NXDOMAIN for any other
-//!   name under `cluster.local` (like an authoritative server), single
-//!   threaded as always.
+//!   --bind-interfaces --port=PORT --cache-size=10000 --local-ttl=5
+//!   --server=<upstream>`: the same names from a hosts file (every
+//!   ClusterIP; every ready endpoint of a headless Service under the
+//!   Service's name), NXDOMAIN for any other name under `cluster.local`
+//!   (like an authoritative server), single threaded as always.
+//! * **unbound**: authoritative for the zone from `local-data` (a `static`
+//!   local zone: NXDOMAIN for other names in it), 2 threads with a
+//!   `SO_REUSEPORT` socket each, on 127.0.0.55:PORT, no recursion or
+//!   validation.
 //!
 //! dnsmasq cannot serve SRV (or anything but A/AAAA/PTR) from a hosts file,
 //! so the comparable query mix is A queries only, in the spirit of
@@ -38,34 +44,42 @@
 //! expansions that end NXDOMAIN (what a pod with `ndots:5` sends first, e.g.
 //! `svc-00001.ns-1.svc.cluster.local.ns-3.svc.cluster.local` or
 //! `www.example.com.ns-3.svc.cluster.local`). The query file is shuffled
-//! deterministically. Before any load, every distinct query is asked of both
-//! servers once and the rcodes and A record sets must be identical.
-//! (fairlead's negative answers carry the zone's SOA, dnsmasq's do not, so
-//! its NXDOMAIN replies are ~60 bytes larger.)
+//! deterministically. Before any load, every distinct query is asked of
+//! every server once and the rcodes and A record sets must be identical.
+//! (fairlead's negative answers carry the zone's SOA, the others' do not,
+//! so its NXDOMAIN replies are ~60 bytes larger.)
 //!
-//! **Runs** (fairlead and dnsmasq alternate, so a neighbour's load hurts
-//! both alike):
+//! **Runs** (the servers alternate, so a neighbour's load hurts all alike):
 //!
 //! 1. Throughput: `dnsperf -c 20 -T 2 -q 200 -t 1 -l 10` with no rate limit,
 //!    `ROUNDS` times each → best queries/s, its average latency, and the CPU
 //!    the server used per query (fairlead: the threads of its runtime;
-//!    dnsmasq: its process). dnsperf and the server share the 2 cores, so
-//!    the max rate is as much about CPU per query as about the server.
-//! 2. Latency: the same at a fixed `-Q 5000` with `-v` (one line per query
-//!    with its latency) → p50/p99 and average (dnsperf 2.10 prints no
-//!    percentiles itself).
-//! 3. Memory: a child process (this binary again) starts a fresh
-//!    [`DnsServer`], builds 10,000 Services (9,000 ClusterIP + 1,000
-//!    headless) and an EndpointSlice of 3 ready endpoints each (30,000
-//!    "pods"), calls [`DnsServer::update`] 4 times (the node daemon rebuilds
-//!    the index after every cache change; old and new index coexist while it
-//!    does) and reports VmRSS from `/proc/self/status` at each step, VmHWM,
-//!    and VmRSS after `malloc_trim(0)` (what is in use rather than kept by
-//!    the allocator). Compared with CoreDNS's published sizing,
-//!    (Pods + Services) / 1000 + 54 MB (read as 10^6 bytes), which like the
-//!    headline figure includes the process's own cache of the API objects;
-//!    a second row leaves those out (fairlead's node daemon shares them with
-//!    the proxy).
+//!    the others: their process). dnsperf and the server share the 2 cores,
+//!    so the max rate is as much about CPU per query as about the server.
+//! 2. Latency: the same at each fixed rate (`-Q 5000`, `-Q 20000`) with
+//!    `-v` (one line per query with its latency) → p50/p99 and average
+//!    (dnsperf 2.10 prints no percentiles itself), and CPU per query.
+//! 3. Forwarded names from the cache: 1,000 `ext-NNNN.example.org` names
+//!    that a third server (dnsmasq on 127.0.0.56, TTL 3600, every query it
+//!    gets logged) answers; fairlead and dnsmasq both forward to it. Each
+//!    name is asked once first (a miss), then `ROUNDS` max-rate runs of a
+//!    uniform mix of them → cache-hit queries/s and CPU per query. The
+//!    queries that still reached the upstream during each run are counted
+//!    from its log (fairlead caps a forwarded answer's TTL at 30 s as
+//!    CoreDNS's `cache 30` does, and refreshes popular names before they
+//!    expire; dnsmasq keeps the upstream's TTL).
+//! 4. Memory: a child process (this binary again) per size starts a fresh
+//!    [`DnsServer`], builds N Services (one in ten headless) and an
+//!    EndpointSlice of 3 ready endpoints each, and takes the node daemon's
+//!    path: every object into the node's lean cache
+//!    ([`fairlead::model::Cache`], shared with the proxy) and dropped, the
+//!    DNS index built from the cache's dirty keys ([`DnsServer::apply`]),
+//!    then 4 rounds of 1,000 changed slices applied the same way. It
+//!    reports VmRSS at each step, VmHWM (the peak, while the objects were
+//!    decoded), and VmRSS after `malloc_trim(0)`. Compared with CoreDNS's
+//!    published sizing, (Pods + Services) / 1000 + 54 MB (read as 10^6
+//!    bytes), which like fairlead's figure includes the process's own
+//!    cache of the API objects.
 //!
 //! The load average and how much CPU other processes took during each run
 //! are printed; a note says when the machine was busy. This process's
@@ -73,15 +87,17 @@
 //! dnsperf, the growth is the in-process server's).
 //!
 //! Sizes come from the environment: `FAIRLEAD_BENCH_DURATION` (seconds per
-//! run, 10), `FAIRLEAD_BENCH_ROUNDS` (throughput rounds per server, 2),
-//! `FAIRLEAD_BENCH_DNS_RATE` (queries/s of the latency run, 5000),
-//! `FAIRLEAD_BENCH_DNS_CLIENTS` (20), `FAIRLEAD_BENCH_DNS_THREADS` (2),
-//! `FAIRLEAD_BENCH_DNS_OUTSTANDING` (200), `FAIRLEAD_BENCH_DNS_SERVICES`
-//! (memory phase, 10000), `FAIRLEAD_BENCH_DNS_REUSEPORT` (1: a socket per
-//! receive loop; 0: one shared socket). A run takes 2 × ROUNDS × duration + 2 × duration
-//! plus ~10 s (~70 s with the defaults). dnsmasq, dnsperf and the memory
-//! child are killed when this process ends, panics included (drop guards,
-//! plus `PR_SET_PDEATHSIG` for the case it is killed).
+//! run, 10), `FAIRLEAD_BENCH_ROUNDS` (max-rate rounds per server, 2),
+//! `FAIRLEAD_BENCH_DNS_RATES` (queries/s of the latency runs,
+//! `5000,20000`), `FAIRLEAD_BENCH_DNS_CLIENTS` (20),
+//! `FAIRLEAD_BENCH_DNS_THREADS` (2), `FAIRLEAD_BENCH_DNS_OUTSTANDING` (200),
+//! `FAIRLEAD_BENCH_DNS_SERVICES` (memory phase, `1000,10000,30000`),
+//! `FAIRLEAD_BENCH_DNS_REUSEPORT` (1: a socket per receive loop; 0: one
+//! shared socket). A run takes (3 servers × (ROUNDS + rates) + 2 × ROUNDS)
+//! × duration plus ~30 s (~3 min with the defaults). The servers, dnsperf
+//! and the memory children are killed when this process ends, panics
+//! included (drop guards, plus `PR_SET_PDEATHSIG` for the case it is
+//! killed).
 
 mod common;
 
@@ -109,6 +125,13 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 const FAIRLEAD_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 53);
 /// dnsmasq's listen address.
 const DNSMASQ_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 54);
+/// unbound's listen address.
+const UNBOUND_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 55);
+/// The forwarded names' upstream (a dnsmasq).
+const UPSTREAM_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 56);
+/// The forwarded names' zone, and how many there are.
+const EXTERNAL_ZONE: &str = "example.org";
+const EXTERNAL_NAMES: usize = 1_000;
 const ZONE: &str = "cluster.local";
 /// Record TTL of both servers (CoreDNS's default).
 const TTL_SECS: u64 = 5;
@@ -134,9 +157,9 @@ const LOAD_ZONE: Spec = Spec {
 const MEMORY_ENDPOINTS: usize = 3;
 /// One Service in this many is headless in the memory phase.
 const MEMORY_HEADLESS_EVERY: usize = 10;
-/// [`DnsServer::update`] calls in the memory phase (the first builds, the
-/// others rebuild).
-const MEMORY_UPDATES: usize = 4;
+/// Rounds of changed slices in the memory phase, and Services per round.
+const MEMORY_CHURN: usize = 4;
+const MEMORY_CHURN_SERVICES: usize = 1_000;
 
 fn main() -> Result<()> {
     if std::env::var_os(CHILD_ENV).is_some() {
@@ -148,10 +171,10 @@ fn main() -> Result<()> {
     let load_at_start = loadavg();
     println!(
         "fairlead cluster DNS benchmark: {cores} cores, load average at start {load_at_start}, \
-         {}s per run, {} throughput rounds per server, latency run at {} q/s",
-        s.duration, s.rounds, s.rate
+         {}s per run, {} throughput rounds per server, latency runs at {:?} q/s",
+        s.duration, s.rounds, s.rates
     );
-    let tools = Tools::ensure(s.force_builtin)?;
+    let tools = Tools::ensure(s.force_builtin, s.skip_unbound)?;
     let dir = tempfile::Builder::new()
         .prefix("fairlead-bench-dns")
         .tempdir()?;
@@ -186,9 +209,41 @@ fn main() -> Result<()> {
         count(Kind::SearchPath),
     );
 
-    // fairlead, in process.
+    // The upstream of the forwarded names: one more dnsmasq, answering
+    // `ext-NNNN.example.org` from a hosts file with a long TTL.
+    let external = external_names();
+    let ext_hosts = dir.path().join("external-hosts");
+    std::fs::write(
+        &ext_hosts,
+        external
+            .iter()
+            .map(|(name, ip)| format!("{ip} {name}\n"))
+            .collect::<String>(),
+    )?;
+    let ext_queries = dir.path().join("external-queries.txt");
+    let ext_mix = external_mix(&external, QUERY_LINES);
+    {
+        let mut f = std::io::BufWriter::new(File::create(&ext_queries)?);
+        for q in &ext_mix {
+            writeln!(f, "{} A", q.name)?;
+        }
+    }
+    let up_port = same_port_or_free(UPSTREAM_IP, 0)?;
+    let up_addr = SocketAddr::new(IpAddr::V4(UPSTREAM_IP), up_port);
+    let mut cmd = dnsmasq_cmd(&tools.dnsmasq, up_addr, &ext_hosts, EXTERNAL_ZONE, 3600);
+    println!("$ {}", describe(&cmd));
+    // Every query it gets is logged: the forwarded runs count them.
+    cmd.args(["--log-queries", "--log-facility=-"]);
+    let mut upstream = Proc::spawn("upstream".into(), cmd, dir.path().join("upstream.log"))?;
+    wait_ready(up_addr, &external[0].0, Some(&mut upstream))?;
+    println!(
+        "upstream (dnsmasq): serving {} external names on {up_addr}",
+        external.len()
+    );
+
+    // fairlead, in process, forwarding to the upstream.
     fairlead::metrics::init();
-    let fl = InProcessDns::start(SocketAddr::new(IpAddr::V4(FAIRLEAD_IP), 0))?;
+    let fl = InProcessDns::start(SocketAddr::new(IpAddr::V4(FAIRLEAD_IP), 0), vec![up_addr])?;
     let took = fl.update(&zone.objects);
     let stats = fl.server().index().stats();
     println!(
@@ -197,33 +252,41 @@ fn main() -> Result<()> {
         fl.addr, stats.services, stats.names, stats.records
     );
 
-    // dnsmasq, on the same port when it is free on its address.
+    // dnsmasq, on the same port when it is free on its address, forwarding
+    // the rest to the same upstream.
     let port = same_port_or_free(DNSMASQ_IP, fl.addr.port())?;
     let dm_addr = SocketAddr::new(IpAddr::V4(DNSMASQ_IP), port);
-    let mut cmd = Command::new(&tools.dnsmasq);
-    cmd.args([
-        "--no-daemon",
-        "--conf-file=/dev/null",
-        "--no-resolv",
-        "--no-hosts",
-    ])
-    .arg(format!("--addn-hosts={}", hosts.display()))
-    .arg(format!("--local=/{ZONE}/"))
-    .arg(format!("--listen-address={DNSMASQ_IP}"))
-    .arg("--bind-interfaces")
-    .arg(format!("--port={port}"))
-    .arg("--cache-size=10000")
-    .arg(format!("--local-ttl={TTL_SECS}"));
+    let mut cmd = dnsmasq_cmd(&tools.dnsmasq, dm_addr, &hosts, ZONE, TTL_SECS);
+    cmd.arg(format!("--server={}#{}", up_addr.ip(), up_addr.port()));
     println!("$ {}", describe(&cmd));
     let mut dnsmasq = Proc::spawn("dnsmasq".into(), cmd, dir.path().join("dnsmasq.log"))?;
     wait_ready(dm_addr, &zone.probe_name(), Some(&mut dnsmasq))?;
     wait_ready(fl.addr, &zone.probe_name(), None)?;
     println!("dnsmasq: serving on {dm_addr}");
 
-    // Both must give the same answers.
-    cross_check(&distinct, &zone, fl.addr, dm_addr)?;
+    // unbound, authoritative for the zone from local-data, 2 threads.
+    let mut unbound = match &tools.unbound {
+        None => None,
+        Some(bin) => {
+            let port = same_port_or_free(UNBOUND_IP, fl.addr.port())?;
+            let addr = SocketAddr::new(IpAddr::V4(UNBOUND_IP), port);
+            let conf = dir.path().join("unbound.conf");
+            std::fs::write(&conf, unbound_conf(&zone, addr, dir.path()))?;
+            let mut cmd = Command::new(bin);
+            cmd.arg("-d").arg("-c").arg(&conf);
+            println!(
+                "$ {}  ({} local-data lines)",
+                describe(&cmd),
+                zone.hosts_file().lines().count()
+            );
+            let mut p = Proc::spawn("unbound".into(), cmd, dir.path().join("unbound.log"))?;
+            wait_ready(addr, &zone.probe_name(), Some(&mut p))?;
+            println!("unbound: serving on {addr}");
+            Some((p, addr))
+        }
+    };
 
-    let targets = [
+    let mut targets = vec![
         Target {
             label: "fairlead",
             addr: fl.addr,
@@ -235,6 +298,26 @@ fn main() -> Result<()> {
             cpu: Cpu::Pid(dnsmasq.pid()),
         },
     ];
+    if let Some((p, addr)) = &unbound {
+        targets.push(Target {
+            label: "unbound",
+            addr: *addr,
+            cpu: Cpu::Pid(p.pid()),
+        });
+    }
+    let peers: Vec<&'static str> = targets[1..].iter().map(|t| t.label).collect();
+    let check_running =
+        |dnsmasq: &mut Proc, unbound: &mut Option<(Proc, SocketAddr)>| -> Result<()> {
+            dnsmasq.check_running()?;
+            if let Some((p, _)) = unbound {
+                p.check_running()?;
+            }
+            Ok(())
+        };
+
+    // All must give the same answers.
+    cross_check(&distinct, &|name| zone.expected(name), &targets)?;
+
     let load = LoadSpec {
         queries: &queries_path,
         names: &mix,
@@ -247,33 +330,84 @@ fn main() -> Result<()> {
 
     // 1. Throughput, alternating.
     let rss_before = vm_kib("VmRSS");
-    let mut runs: BTreeMap<(&str, &str), Vec<Run>> = BTreeMap::new();
+    let mut runs: BTreeMap<(String, &'static str), Vec<Run>> = BTreeMap::new();
     for round in 1..=s.rounds {
         for t in &targets {
             let run = measure(&tools.loadgen, t, &load, None, false)?;
-            dnsmasq.check_running()?;
+            check_running(&mut dnsmasq, &mut unbound)?;
             println!("max-rate round {round} {:<8} {}", t.label, run.describe());
-            runs.entry(("max", t.label)).or_default().push(run);
+            runs.entry(("max".into(), t.label)).or_default().push(run);
         }
     }
-    // 2. Latency at a fixed rate.
-    for t in &targets {
-        let run = measure(&tools.loadgen, t, &load, Some(s.rate), true)?;
-        dnsmasq.check_running()?;
-        println!("fixed-rate    {:<8} {}", t.label, run.describe());
-        runs.entry(("fixed", t.label)).or_default().push(run);
+    // 2. Latency at fixed rates.
+    for rate in &s.rates {
+        for t in &targets {
+            let run = measure(&tools.loadgen, t, &load, Some(*rate), true)?;
+            check_running(&mut dnsmasq, &mut unbound)?;
+            println!("fixed {rate:>6} q/s {:<8} {}", t.label, run.describe());
+            runs.entry((format!("fixed {rate}"), t.label))
+                .or_default()
+                .push(run);
+        }
     }
+    // 3. Forwarded names from the caches: fairlead against dnsmasq, both
+    // forwarding to the upstream; each name asked once first (a miss), then
+    // only hits (the upstream's CPU during a run says how many were not).
+    let ext_distinct: BTreeSet<&str> = ext_mix.iter().map(|q| q.name.as_str()).collect();
+    let ext_expected = |name: &str| -> (ResponseCode, BTreeSet<Ipv4Addr>) {
+        match external.iter().find(|(n, _)| n == name) {
+            Some((_, ip)) => (ResponseCode::NoError, [*ip].into()),
+            None => (ResponseCode::NXDomain, BTreeSet::new()),
+        }
+    };
+    cross_check(&ext_distinct, &ext_expected, &targets[..2])?;
+    let ext_load = LoadSpec {
+        queries: &ext_queries,
+        names: &ext_mix,
+        ..load
+    };
+    let upstream_log = dir.path().join("upstream.log");
+    let upstream_queries = || {
+        std::fs::read_to_string(&upstream_log)
+            .map(|t| t.lines().filter(|l| l.contains(" query[")).count())
+            .unwrap_or(0)
+    };
+    for round in 1..=s.rounds {
+        for t in &targets[..2] {
+            let before = upstream_queries();
+            let run = measure(&tools.loadgen, t, &ext_load, None, false)?;
+            check_running(&mut dnsmasq, &mut unbound)?;
+            println!(
+                "forwarded round {round} {:<8} {}; {} queries reached the upstream",
+                t.label,
+                run.describe(),
+                upstream_queries().saturating_sub(before)
+            );
+            runs.entry(("forwarded".into(), t.label))
+                .or_default()
+                .push(run);
+        }
+    }
+    upstream.check_running()?;
     let rss_after = vm_kib("VmRSS");
     let served = fl.requests_served();
 
-    // 3. Memory, in a fresh process.
-    let memory = run_memory_child(s.memory_services)?;
+    // 4. Memory, in a fresh process per size.
+    let memory = s
+        .memory_services
+        .iter()
+        .map(|n| run_memory_child(*n))
+        .collect::<Result<Vec<_>>>()?;
 
     // Report.
     println!();
-    print_table(&runs, s.rate);
+    print_table(&runs, &peers, &s.rates);
     println!();
-    memory.print();
+    for m in &memory {
+        m.print_steps();
+    }
+    println!();
+    print_memory(&memory);
     println!();
     println!(
         "reference (other hardware, not this run): CoreDNS about 33,700 q/s for cluster names on \
@@ -325,8 +459,10 @@ fn main() -> Result<()> {
     }
     println!("total {:.1?}", started.elapsed());
 
+    drop(unbound);
     drop(dnsmasq);
     drop(fl);
+    drop(upstream);
     Ok(())
 }
 
@@ -336,12 +472,25 @@ fn main() -> Result<()> {
 struct Settings {
     duration: u64,
     rounds: usize,
-    rate: u64,
+    rates: Vec<u64>,
     clients: usize,
     threads: usize,
     outstanding: usize,
-    memory_services: usize,
+    memory_services: Vec<usize>,
     force_builtin: bool,
+    skip_unbound: bool,
+}
+
+/// A comma-separated list of counts from the environment, or `default`.
+fn list(name: &str, default: &[usize]) -> Result<Vec<usize>> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .split(',')
+            .map(|n| Ok(n.trim().parse::<usize>()?))
+            .collect::<Result<_>>()
+            .with_context(|| format!("{name}: a comma-separated list of counts")),
+        Err(_) => Ok(default.to_vec()),
+    }
 }
 
 impl Settings {
@@ -350,31 +499,45 @@ impl Settings {
         Ok(Settings {
             duration: var("FAIRLEAD_BENCH_DURATION", 10)?.max(1),
             rounds: var("FAIRLEAD_BENCH_ROUNDS", 2)?.max(1) as usize,
-            rate: var("FAIRLEAD_BENCH_DNS_RATE", 5000)?.max(1),
+            rates: list("FAIRLEAD_BENCH_DNS_RATES", &[5_000, 20_000])?
+                .into_iter()
+                .map(|r| (r as u64).max(1))
+                .collect(),
             clients: var("FAIRLEAD_BENCH_DNS_CLIENTS", 20)?.max(1) as usize,
             threads: var("FAIRLEAD_BENCH_DNS_THREADS", 2)?.max(1) as usize,
             outstanding: var("FAIRLEAD_BENCH_DNS_OUTSTANDING", 200)?.max(1) as usize,
-            memory_services: var("FAIRLEAD_BENCH_DNS_SERVICES", 10_000)?.clamp(10, 60_000) as usize,
+            memory_services: list("FAIRLEAD_BENCH_DNS_SERVICES", &[1_000, 10_000, 30_000])?
+                .into_iter()
+                .map(|n| n.clamp(10, 60_000))
+                .collect(),
             force_builtin: std::env::var("FAIRLEAD_BENCH_DNS_LOADGEN")
                 .is_ok_and(|v| v == "builtin"),
+            skip_unbound: std::env::var("FAIRLEAD_BENCH_DNS_UNBOUND").as_deref() == Ok("0"),
         })
     }
 }
 
 struct Tools {
     dnsmasq: PathBuf,
+    unbound: Option<PathBuf>,
     loadgen: LoadGen,
 }
 
 impl Tools {
     /// Find dnsmasq and dnsperf; `apt-get install` what is missing.
-    fn ensure(force_builtin: bool) -> Result<Tools> {
+    fn ensure(force_builtin: bool, skip_unbound: bool) -> Result<Tools> {
         let mut missing = Vec::new();
         if which("dnsmasq").is_none() {
             missing.push("dnsmasq-base");
         }
         if !force_builtin && which("dnsperf").is_none() {
             missing.push("dnsperf");
+        }
+        if !skip_unbound && which("unbound").is_none() {
+            // (On a machine without an init system the package's service
+            // is not started; with one, it starts on port 53, which the
+            // bench does not use.)
+            missing.push("unbound");
         }
         if !missing.is_empty() {
             println!("missing: {} (installing with apt-get)", missing.join(", "));
@@ -387,6 +550,15 @@ impl Tools {
             }
         }
         let dnsmasq = which("dnsmasq").context("dnsmasq missing after apt-get install")?;
+        let unbound = if skip_unbound {
+            None
+        } else {
+            let found = which("unbound");
+            if found.is_none() {
+                println!("NOTE: unbound is not available; it is left out");
+            }
+            found
+        };
         let loadgen = match which("dnsperf") {
             Some(p) if !force_builtin => LoadGen::Dnsperf(p),
             _ => {
@@ -426,7 +598,14 @@ impl Tools {
             dnsmasq.display(),
             version(&dnsmasq, "--version")
         );
-        Ok(Tools { dnsmasq, loadgen })
+        if let Some(u) = &unbound {
+            println!("unbound: {} ({})", u.display(), version(u, "-V"));
+        }
+        Ok(Tools {
+            dnsmasq,
+            unbound,
+            loadgen,
+        })
     }
 }
 
@@ -436,6 +615,74 @@ fn describe(cmd: &Command) -> String {
         .map(|a| a.to_string_lossy().into_owned())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// dnsmasq serving `hosts` as the authority for `zone` (NXDOMAIN for any
+/// other name in it) on `addr`, single threaded as always.
+fn dnsmasq_cmd(bin: &Path, addr: SocketAddr, hosts: &Path, zone: &str, ttl: u64) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--no-daemon",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+    ])
+    .arg(format!("--addn-hosts={}", hosts.display()))
+    .arg(format!("--local=/{zone}/"))
+    .arg(format!("--listen-address={}", addr.ip()))
+    .arg("--bind-interfaces")
+    .arg(format!("--port={}", addr.port()))
+    .arg("--cache-size=10000")
+    .arg(format!("--local-ttl={ttl}"));
+    cmd
+}
+
+/// unbound as an authoritative server of the zone: a static local zone
+/// (NXDOMAIN for names it does not hold) with a `local-data` line per
+/// address, 2 threads with a socket each, no recursion, no validation.
+fn unbound_conf(zone: &Zone, addr: SocketAddr, dir: &Path) -> String {
+    let mut c = format!(
+        "server:\n  interface: {ip}\n  port: {port}\n  do-daemonize: no\n  chroot: \"\"\n  \
+         username: \"\"\n  directory: \"{dir}\"\n  pidfile: \"\"\n  use-syslog: no\n  \
+         logfile: \"\"\n  verbosity: 0\n  num-threads: 2\n  so-reuseport: yes\n  do-ip6: no\n  \
+         access-control: 127.0.0.0/8 allow\n  module-config: \"iterator\"\n  \
+         local-zone: \"{ZONE}.\" static\n",
+        ip = addr.ip(),
+        port = addr.port(),
+        dir = dir.display(),
+    );
+    for e in &zone.entries {
+        for ip in &e.addresses {
+            c.push_str(&format!(
+                "  local-data: \"{}. {TTL_SECS} IN A {ip}\"\n",
+                e.fqdn
+            ));
+        }
+    }
+    c.push_str("remote-control:\n  control-enable: no\n");
+    c
+}
+
+/// `ext-NNNN.example.org` names and their addresses (from 198.18.0.0/15,
+/// the benchmarking range).
+fn external_names() -> Vec<(String, Ipv4Addr)> {
+    (0..EXTERNAL_NAMES)
+        .map(|i| {
+            let ip = Ipv4Addr::new(198, 18, (i / 250) as u8, (i % 250 + 1) as u8);
+            (format!("ext-{i:04}.{EXTERNAL_ZONE}"), ip)
+        })
+        .collect()
+}
+
+/// `lines` A queries for the external names, uniformly mixed.
+fn external_mix(names: &[(String, Ipv4Addr)], lines: usize) -> Vec<QueryLine> {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    (0..lines)
+        .map(|_| QueryLine {
+            name: names[rng.below(names.len())].0.clone(),
+            kind: Kind::External,
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -607,6 +854,8 @@ enum Kind {
     ClusterIp,
     Headless,
     SearchPath,
+    /// A name outside the cluster, forwarded upstream (and cached).
+    External,
 }
 
 struct QueryLine {
@@ -700,7 +949,7 @@ struct InProcessDns {
 }
 
 impl InProcessDns {
-    fn start(listen: SocketAddr) -> Result<InProcessDns> {
+    fn start(listen: SocketAddr, upstreams: Vec<SocketAddr>) -> Result<InProcessDns> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name(DNS_THREAD)
@@ -708,7 +957,7 @@ impl InProcessDns {
             .build()?;
         let cfg = DnsConfig {
             listen: vec![listen],
-            upstreams: Vec::new(),
+            upstreams,
             ttl: Duration::from_secs(TTL_SECS),
             udp_workers: 2,
             // `FAIRLEAD_BENCH_DNS_REUSEPORT=0`: one socket shared by the
@@ -735,6 +984,15 @@ impl InProcessDns {
         let _guard = self.rt.enter();
         let t = Instant::now();
         self.server().update(&o.services, &o.slices, &o.namespaces);
+        t.elapsed()
+    }
+
+    /// The node daemon's path: the cache's dirty keys into the index.
+    fn apply(&self, cache: &mut fairlead::model::Cache) -> Duration {
+        let _guard = self.rt.enter();
+        let dirty = cache.take_dirty();
+        let t = Instant::now();
+        self.server().apply(cache, &dirty);
         t.elapsed()
     }
 
@@ -839,30 +1097,34 @@ fn encode_query(name: &str, id: u16) -> Result<Vec<u8>> {
     Ok(m.to_vec()?)
 }
 
-/// Every distinct query of the mix, asked of both servers: same rcode, same
-/// A records, and what the zone says they should be.
+/// Every distinct query of the mix, asked of every server: same rcode,
+/// same A records, and what `expected` says they should be.
 fn cross_check(
     names: &BTreeSet<&str>,
-    zone: &Zone,
-    fairlead: SocketAddr,
-    dnsmasq: SocketAddr,
+    expected: &dyn Fn(&str) -> (ResponseCode, BTreeSet<Ipv4Addr>),
+    targets: &[Target],
 ) -> Result<()> {
     let t = Instant::now();
     let mut rcodes: BTreeMap<String, usize> = BTreeMap::new();
     for name in names {
-        let want = zone.expected(name);
-        let f = ask(fairlead, name, Duration::from_secs(2))
-            .with_context(|| format!("fairlead, {name}"))?;
-        let d = ask(dnsmasq, name, Duration::from_secs(2))
-            .with_context(|| format!("dnsmasq, {name}"))?;
-        if f != want || d != want {
-            bail!("{name}: expected {want:?}; fairlead said {f:?}, dnsmasq said {d:?}");
+        let want = expected(name);
+        for target in targets {
+            let got = ask(target.addr, name, Duration::from_secs(2))
+                .with_context(|| format!("{}, {name}", target.label))?;
+            if got != want {
+                bail!("{name}: expected {want:?}; {} said {got:?}", target.label);
+            }
         }
         *rcodes.entry(want.0.to_string()).or_default() += 1;
     }
     println!(
-        "cross-check: {} distinct queries answered identically by both ({}) in {:.1?}",
+        "cross-check: {} distinct queries answered identically by {} ({}) in {:.1?}",
         names.len(),
+        targets
+            .iter()
+            .map(|t| t.label)
+            .collect::<Vec<_>>()
+            .join(", "),
         rcodes
             .iter()
             .map(|(k, v)| format!("{k} {v}"))
@@ -1313,29 +1575,42 @@ struct Memory {
     endpoints: usize,
     /// Fresh process with the runtime and an empty server.
     rss_server: u64,
-    /// Plus the Services and EndpointSlices.
-    rss_objects: u64,
-    /// After each update: the first builds the index, the others rebuild
-    /// it as the node daemon does after every cache change.
-    rss_updates: Vec<u64>,
-    update_ms: Vec<f64>,
-    /// After the last update and `malloc_trim(0)` (freed heap given back):
-    /// what is really in use, as opposed to kept by the allocator.
+    /// Plus the node's lean cache of the Services, EndpointSlices and
+    /// Namespaces (the API objects decoded, viewed and dropped, then freed
+    /// heap given back, as the node does when quiet).
+    rss_cache: u64,
+    /// Plus the DNS index, built from that cache by `DnsServer::apply`
+    /// (the node's path).
+    rss_index: u64,
+    index_ms: f64,
+    /// After [`MEMORY_CHURN`] rounds of changed slices applied
+    /// incrementally.
+    rss_churned: u64,
+    churn_ms: Vec<f64>,
+    /// After `malloc_trim(0)` (freed heap given back): what is really in
+    /// use, as opposed to kept by the allocator. The node daemon trims
+    /// when it is quiet.
     rss_trimmed: u64,
-    /// Peak (VmHWM), before the trim.
+    /// Peak (VmHWM): while the API objects were decoded, before the trim.
     hwm: u64,
     names: usize,
     records: usize,
 }
 
 impl Memory {
-    fn print(&self) {
-        // The formula's MB read as 10^6 bytes (the stricter reading).
-        let coredns = (self.endpoints + self.services) as f64 / 1000.0 + 54.0;
-        let mb = |kib: u64| kib as f64 * 1024.0 / 1e6;
-        let first = self.rss_updates.first().copied().unwrap_or(0);
-        let last = self.rss_updates.last().copied().unwrap_or(0);
-        let objects = self.rss_objects.saturating_sub(self.rss_server);
+    /// CoreDNS's formula, MB read as 10^6 bytes (the stricter reading).
+    fn coredns_mb(&self) -> f64 {
+        (self.endpoints + self.services) as f64 / 1000.0 + 54.0
+    }
+
+    fn print_steps(&self) {
+        let step = |what: &str, kib: u64, before: u64| {
+            println!(
+                "  {what:<44} {:>6.1} MiB  (+{:.1})",
+                mib(kib),
+                mib(kib.saturating_sub(before))
+            )
+        };
         println!(
             "memory: {} Services ({} headless) with {} ready endpoints in all, fresh process \
              (VmRSS):",
@@ -1344,76 +1619,75 @@ impl Memory {
             self.endpoints
         );
         println!(
-            "  runtime + empty DNS server    {:>6.1} MiB",
+            "  {:<44} {:>6.1} MiB",
+            "runtime + empty DNS server",
             mib(self.rss_server)
         );
-        println!(
-            "  + Services and slices         {:>6.1} MiB  (+{:.1})",
-            mib(self.rss_objects),
-            mib(objects)
+        step(
+            "+ the node's lean cache of the objects",
+            self.rss_cache,
+            self.rss_server,
+        );
+        step(
+            &format!(
+                "+ DNS index ({} names, {} records)",
+                self.names, self.records
+            ),
+            self.rss_index,
+            self.rss_cache,
+        );
+        step(
+            &format!("after {MEMORY_CHURN} rounds of changed slices"),
+            self.rss_churned,
+            self.rss_index,
         );
         println!(
-            "  + DNS index (first update)    {:>6.1} MiB  (+{:.1}; {} names, {} records)",
-            mib(first),
-            mib(first.saturating_sub(self.rss_objects)),
-            self.names,
-            self.records,
-        );
-        println!(
-            "  after {} rebuilds              {:>6.1} MiB  (after each update: {} MiB; peak \
-             VmHWM {:.1} MiB)",
-            self.rss_updates.len().saturating_sub(1),
-            mib(last),
-            self.rss_updates
-                .iter()
-                .map(|k| format!("{:.1}", mib(*k)))
-                .collect::<Vec<_>>()
-                .join(", "),
+            "  {:<44} {:>6.1} MiB  (peak VmHWM {:.1} MiB, while the objects were decoded)",
+            "after malloc_trim(0)",
+            mib(self.rss_trimmed),
             mib(self.hwm)
         );
         println!(
-            "  after malloc_trim(0)          {:>6.1} MiB",
-            mib(self.rss_trimmed)
-        );
-        println!(
-            "  update (index build) times: {} ms for {} records",
-            self.update_ms
+            "  index built in {:.0} ms; each churn round ({MEMORY_CHURN_SERVICES} Services) \
+             applied in {} ms",
+            self.index_ms,
+            self.churn_ms
                 .iter()
-                .map(|t| format!("{t:.0}"))
+                .map(|t| format!("{t:.1}"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            self.records
-        );
-        let row = |what: String, kib: u64| {
-            [
-                what,
-                format!("{:.1} MB", mb(kib)),
-                format!("{coredns:.1} MB"),
-                format!("{:.2}x", mb(kib) / coredns),
-            ]
-        };
-        let rows = vec![
-            ["metric", "fairlead", "CoreDNS formula", "fairlead/CoreDNS"].map(String::from),
-            row(
-                format!(
-                    "RSS, {} Services + {} pods, after rebuilds",
-                    self.services, self.endpoints
-                ),
-                last,
-            ),
-            row("  peak (VmHWM)".into(), self.hwm),
-            row(
-                "  without the API objects (shared with the proxy)".into(),
-                last.saturating_sub(objects),
-            ),
-        ];
-        println!();
-        print_rows(&rows);
-        println!(
-            "  (CoreDNS: (Pods + Services) / 1000 + 54 MB, from CoreDNS's deployment sizing \
-             guide, which includes CoreDNS's own cache of the API objects; MB = 10^6 bytes here)"
         );
     }
+}
+
+/// One row per size: RSS against CoreDNS's formula.
+fn print_memory(sizes: &[Memory]) {
+    let mb = |kib: u64| kib as f64 * 1024.0 / 1e6;
+    let mut rows = vec![[
+        "Services + pods",
+        "fairlead RSS",
+        "peak (VmHWM)",
+        "CoreDNS formula",
+        "fairlead/CoreDNS",
+    ]
+    .map(String::from)];
+    for m in sizes {
+        let coredns = m.coredns_mb();
+        rows.push([
+            format!("{} + {}", m.services, m.endpoints),
+            format!("{:.1} MB", mb(m.rss_churned)),
+            format!("{:.1} MB", mb(m.hwm)),
+            format!("{coredns:.1} MB"),
+            format!("{:.2}x", mb(m.rss_churned) / coredns),
+        ]);
+    }
+    print_rows(&rows);
+    println!(
+        "  (fairlead: the DNS server, its index and the node's lean cache of the API objects, \
+         which the node shares with the proxy, after the churn rounds and before any trim; \
+         CoreDNS: (Pods + Services) / 1000 + 54 MB, from CoreDNS's deployment sizing guide, \
+         which includes CoreDNS's own cache of the API objects; MB = 10^6 bytes here)"
+    );
 }
 
 fn run_memory_child(services: usize) -> Result<Memory> {
@@ -1453,12 +1727,23 @@ fn run_memory_child(services: usize) -> Result<Memory> {
     Ok(serde_json::from_str(line)?)
 }
 
+fn malloc_trim() {
+    // SAFETY: malloc_trim only returns free heap memory to the kernel.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The memory phase, in its own process: nothing else has touched the
-/// heap.
+/// heap. It takes the node daemon's path: every object decoded (here:
+/// parsed from JSON like the watch cache's) into the lean
+/// [`fairlead::model::Cache`] and dropped, the DNS index built from the
+/// cache's dirty keys, then changes applied incrementally.
 fn memory_child() -> Result<()> {
     let services: usize = std::env::var(CHILD_ENV)?.parse()?;
     fairlead::metrics::init();
-    let fl = InProcessDns::start(SocketAddr::new(IpAddr::V4(FAIRLEAD_IP), 0))?;
+    let fl = InProcessDns::start(SocketAddr::new(IpAddr::V4(FAIRLEAD_IP), 0), Vec::new())?;
     let rss_server = vm_kib("VmRSS");
     let headless = services / MEMORY_HEADLESS_EVERY;
     let spec = Spec {
@@ -1468,16 +1753,47 @@ fn memory_child() -> Result<()> {
         headless_endpoints: MEMORY_ENDPOINTS,
         namespaces: 10,
     };
-    let zone = Zone::generate(&spec)?;
-    let probe = zone.entries.last().map(|e| e.fqdn.clone());
-    let Zone { objects, .. } = zone;
-    let rss_objects = vm_kib("VmRSS");
-    let mut rss_updates = Vec::new();
-    let mut update_ms = Vec::new();
-    for _ in 0..MEMORY_UPDATES {
-        update_ms.push(fl.update(&objects).as_secs_f64() * 1e3);
-        rss_updates.push(vm_kib("VmRSS"));
+    let mut cache = fairlead::model::Cache::new();
+    let (probe, churn) = {
+        let zone = Zone::generate(&spec)?;
+        for ns in &zone.objects.namespaces {
+            cache.apply_namespace(ns);
+        }
+        for svc in &zone.objects.services {
+            cache.apply_service(svc);
+        }
+        for slice in &zone.objects.slices {
+            cache.apply_slice(slice);
+        }
+        let probe = zone.entries.last().map(|e| e.fqdn.clone());
+        // The slices the churn rounds rewrite, as JSON (the node gets
+        // changes as watch events and decodes them one at a time).
+        let churn: Vec<String> = zone
+            .objects
+            .slices
+            .iter()
+            .take(MEMORY_CHURN_SERVICES)
+            .map(|s| serde_json::to_string(s.as_ref()))
+            .collect::<Result<_, _>>()?;
+        (probe, churn)
+    };
+    malloc_trim();
+    let rss_cache = vm_kib("VmRSS");
+    let index_ms = fl.apply(&mut cache).as_secs_f64() * 1e3;
+    let rss_index = vm_kib("VmRSS");
+    let mut churn_ms = Vec::new();
+    for round in 0..MEMORY_CHURN {
+        for text in &churn {
+            let mut slice: EndpointSlice = serde_json::from_str(text)?;
+            // A new pod in place of the first: another address.
+            if let Some(ep) = slice.endpoints.first_mut() {
+                ep.addresses = vec![format!("10.200.{}.{}", round, 1 + ep.addresses.len())];
+            }
+            cache.apply_slice(&slice);
+        }
+        churn_ms.push(fl.apply(&mut cache).as_secs_f64() * 1e3);
     }
+    let rss_churned = vm_kib("VmRSS");
     if let Some(name) = probe {
         let (rcode, ips) = ask(fl.addr, &name, Duration::from_secs(2))?;
         if rcode != ResponseCode::NoError || ips.len() != MEMORY_ENDPOINTS {
@@ -1485,26 +1801,23 @@ fn memory_child() -> Result<()> {
         }
     }
     let hwm = vm_kib("VmHWM");
-    // SAFETY: malloc_trim only returns free heap memory to the kernel.
-    #[cfg(target_env = "gnu")]
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    malloc_trim();
     let stats = fl.server().index().stats();
     let m = Memory {
         services,
         endpoints: services * MEMORY_ENDPOINTS,
         rss_server,
-        rss_objects,
-        rss_updates,
-        update_ms,
+        rss_cache,
+        rss_index,
+        index_ms,
+        rss_churned,
+        churn_ms,
         rss_trimmed: vm_kib("VmRSS"),
         hwm,
         names: stats.names,
         records: stats.records,
     };
     println!("MEMORY {}", serde_json::to_string(&m)?);
-    drop(objects);
     drop(fl);
     Ok(())
 }
@@ -1512,77 +1825,93 @@ fn memory_child() -> Result<()> {
 // ---------------------------------------------------------------------------
 // Report
 
-fn print_table(runs: &BTreeMap<(&str, &str), Vec<Run>>, rate: u64) {
-    // The best max-rate round of each server (and that round's latency and
-    // CPU), and the single fixed-rate run.
-    let best = |label: &'static str| -> Option<&Run> {
-        runs.get(&("max", label))?
+fn print_table(
+    runs: &BTreeMap<(String, &'static str), Vec<Run>>,
+    peers: &[&'static str],
+    rates: &[u64],
+) {
+    // The best round of a max-rate run (and that round's latency and CPU),
+    // and the single run at each fixed rate.
+    let get = |kind: &str, label: &'static str| -> Option<&Run> {
+        runs.get(&(kind.to_string(), label))?
             .iter()
             .max_by(|a, b| a.load.qps.total_cmp(&b.load.qps))
     };
-    let fixed = |label: &'static str| -> Option<&Run> { runs.get(&("fixed", label))?.first() };
     type Pick = fn(&Run) -> Option<f64>;
-    let rows_spec: [(String, bool, Pick, usize); 8] = [
-        (
-            "max q/s (best round)".into(),
-            false,
-            |r| Some(r.load.qps),
-            0,
-        ),
-        (
-            "  avg latency at max q/s, ms".into(),
-            false,
-            |r| Some(r.load.avg_ms),
-            3,
-        ),
-        (
-            "  server CPU per query, us".into(),
-            false,
-            |r| Some(r.us_per_query()),
-            2,
-        ),
-        (format!("q/s at -Q {rate}"), true, |r| Some(r.load.qps), 0),
-        (
-            format!("  p50 latency at {rate} q/s, ms"),
-            true,
-            |r| r.percentile(0.5),
-            3,
-        ),
-        (
-            format!("  p99 latency at {rate} q/s, ms"),
-            true,
-            |r| r.percentile(0.99),
-            3,
-        ),
-        (
-            format!("  avg latency at {rate} q/s, ms"),
-            true,
-            |r| Some(r.load.avg_ms),
-            3,
-        ),
-        (
-            format!("  server CPU per query at {rate} q/s, us"),
-            true,
-            |r| Some(r.us_per_query()),
-            2,
-        ),
+    let qps: Pick = |r| Some(r.load.qps);
+    let avg: Pick = |r| Some(r.load.avg_ms);
+    let cpu: Pick = |r| Some(r.us_per_query());
+    let p50: Pick = |r| r.percentile(0.5);
+    let p99: Pick = |r| r.percentile(0.99);
+    let mut spec: Vec<(String, String, Pick, usize)> = vec![
+        ("max q/s (best round)".into(), "max".into(), qps, 0),
+        ("  avg latency at max q/s, ms".into(), "max".into(), avg, 3),
+        ("  server CPU per query, us".into(), "max".into(), cpu, 2),
     ];
-    let mut rows = vec![["metric", "fairlead", "dnsmasq", "fairlead/dnsmasq"].map(String::from)];
-    for (name, is_fixed, pick, prec) in rows_spec {
-        let get =
-            |label: &'static str| if is_fixed { fixed(label) } else { best(label) }.and_then(pick);
+    for rate in rates {
+        let kind = format!("fixed {rate}");
+        spec.push((format!("q/s at -Q {rate}"), kind.clone(), qps, 0));
+        spec.push((
+            format!("  p50 latency at {rate} q/s, ms"),
+            kind.clone(),
+            p50,
+            3,
+        ));
+        spec.push((
+            format!("  p99 latency at {rate} q/s, ms"),
+            kind.clone(),
+            p99,
+            3,
+        ));
+        spec.push((
+            format!("  avg latency at {rate} q/s, ms"),
+            kind.clone(),
+            avg,
+            3,
+        ));
+        spec.push((
+            format!("  server CPU per query at {rate} q/s, us"),
+            kind,
+            cpu,
+            2,
+        ));
+    }
+    spec.push((
+        "forwarded names, cached: max q/s".into(),
+        "forwarded".into(),
+        qps,
+        0,
+    ));
+    spec.push((
+        "  server CPU per query, us".into(),
+        "forwarded".into(),
+        cpu,
+        2,
+    ));
+    let mut header = vec!["metric".to_string(), "fairlead".to_string()];
+    for p in peers {
+        header.push(p.to_string());
+        header.push(format!("fairlead/{p}"));
+    }
+    let mut rows = vec![header];
+    for (name, kind, pick, prec) in spec {
         let cell = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.prec$}"));
-        let (f, d) = (get("fairlead"), get("dnsmasq"));
-        let ratio = match (f, d) {
-            (Some(f), Some(d)) if d > 0.0 => format!("{:.2}x", f / d),
-            _ => "-".into(),
-        };
-        rows.push([name, cell(f), cell(d), ratio]);
+        let f = get(&kind, "fairlead").and_then(pick);
+        let mut row = vec![name, cell(f)];
+        for p in peers {
+            let d = get(&kind, p).and_then(pick);
+            row.push(cell(d));
+            row.push(match (f, d) {
+                (Some(f), Some(d)) if d > 0.0 => format!("{:.2}x", f / d),
+                _ => "-".into(),
+            });
+        }
+        rows.push(row);
     }
     let lost: u64 = runs.values().flatten().map(|r| r.load.lost).sum();
     print_rows(&rows);
     println!(
         "  (ratios: > 1 is better for q/s, < 1 is better for latency and CPU; {lost} queries \
-         lost over all runs)"
+         lost over all runs; forwarded names: dnsmasq only)"
     );
 }

@@ -296,6 +296,62 @@ fn joined_with_tokens(lab: &Lab) {
         Some(5),
         "the refused host is no node: {nodes}"
     );
+
+    shared_service_account_key(lab);
+}
+
+/// The service-account signing key is shared through the store, not copied
+/// by hand: a token that s1 issued authenticates at s2 and s3 (each has only
+/// its own data dir), and a token with one character of its signature changed is
+/// refused by all three.
+fn shared_service_account_key(lab: &Lab) {
+    let token = lab
+        .kubectl_ok(&["create", "token", "default", "-n", "default"])
+        .trim()
+        .to_string();
+    // A character well inside the signature (the last one carries padding
+    // bits that a decoder may ignore).
+    let mut forged = token.clone().into_bytes();
+    let i = forged.len().checked_sub(10).expect("a token");
+    forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).expect("ASCII");
+    let ca = lab.host_dir("s1").join("pki/ca.crt");
+    let with_token = |server: &str, token: &str| {
+        // No kubeconfig: the bearer token is the only credential.
+        lab.command("s1", "kubectl")
+            .arg("--kubeconfig=/dev/null")
+            .arg("--server")
+            .arg(lab.api_url(server))
+            .arg("--certificate-authority")
+            .arg(&ca)
+            .args(["--token", token, "--request-timeout=10s"])
+            .args([
+                "get",
+                "serviceaccount",
+                "default",
+                "-n",
+                "default",
+                "-o",
+                "name",
+            ])
+            .env("KUBECACHEDIR", lab.host_dir("s1").join("sa-kubectl-cache"))
+            .output()
+            .expect("run kubectl")
+    };
+    for server in ["s1", "s2", "s3"] {
+        let out = with_token(server, &token);
+        assert!(
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).trim() == "serviceaccount/default",
+            "s1's ServiceAccount token authenticates at {server}: {out:?}"
+        );
+        let out = with_token(server, &forged);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("Unauthorized"),
+            "a forged token is refused at {server}: {out:?}"
+        );
+    }
 }
 
 // ---- 2. a Deployment over the agents -------------------------------------------------

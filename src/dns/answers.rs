@@ -104,8 +104,10 @@ impl Invalidation {
 
 /// The shared side of one server's tables: the change log.
 pub struct AnswerTable {
-    /// The zone's name in lowercase wire form (to find owners).
+    /// The zone's name in lowercase wire form (to find owners), and its
+    /// number of labels.
     zone: Box<[u8]>,
+    zone_labels: usize,
     epoch: AtomicU64,
     log: Mutex<VecDeque<(u64, Invalidation)>>,
     /// Hits and misses, for tests and metrics.
@@ -117,6 +119,7 @@ impl AnswerTable {
     /// `zone` in lowercase wire form.
     pub fn new(zone: Vec<u8>) -> Arc<AnswerTable> {
         Arc::new(AnswerTable {
+            zone_labels: labels(&zone).len(),
             zone: zone.into(),
             epoch: AtomicU64::new(0),
             log: Mutex::new(VecDeque::new()),
@@ -139,10 +142,18 @@ impl AnswerTable {
     /// The owner of a name (lowercase wire form).
     fn owner(&self, qname: &[u8]) -> Owner {
         let labels = labels(qname);
-        let zone = labels_of_zone(&self.zone);
         let n = labels.len();
-        if n >= zone.len() && labels[n - zone.len()..] == zone[..] {
-            let rel = &labels[..n - zone.len()];
+        // In the zone: the name's last `zone_labels` labels are the zone's
+        // bytes, starting on a label boundary.
+        let in_zone = n >= self.zone_labels && {
+            let rel_len: usize = labels[..n - self.zone_labels]
+                .iter()
+                .map(|l| l.len() + 1)
+                .sum();
+            qname.get(rel_len..) == Some(&self.zone[..])
+        };
+        if in_zone {
+            let rel = &labels[..n - self.zone_labels];
             match rel {
                 [.., name, ns, b"svc"] => {
                     return Owner::Service {
@@ -171,10 +182,6 @@ fn labels(wire: &[u8]) -> Vec<&[u8]> {
         i += 1 + len;
     }
     out
-}
-
-fn labels_of_zone(zone: &[u8]) -> Vec<&[u8]> {
-    labels(zone)
 }
 
 /// A request the table may answer, parsed by hand.
@@ -563,6 +570,11 @@ mod tests {
         assert_eq!(t.owner(&wire("1.0.96.10.in-addr.arpa")), Owner::Reverse);
         assert_eq!(t.owner(&wire("cluster.local")), Owner::Other);
         assert_eq!(t.owner(&wire("svc.cluster.local")), Owner::Other);
+        // Another zone that ends in the same letters is not the zone.
+        assert_eq!(
+            t.owner(&wire("web.default.svc.mycluster.local")),
+            Owner::Other
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //!  sync(ProxyState) ── diff against last applied ──► per changed service port:
 //!      routes::EndpointTable::apply   (new routing table, swapped atomically)
 //!      listeners: bind/close only what changed   (tcp.rs, udp.rs)
+//!      accepted TCP connections: served on per-core event loops (workers.rs)
 //!      addresses: service IPs on the dummy interface (addrs.rs, netlink)
 //! ```
 //!
@@ -22,6 +23,7 @@ mod routes;
 mod sys;
 mod tcp;
 mod udp;
+mod workers;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -33,6 +35,7 @@ use tokio::task::JoinHandle;
 
 use self::addrs::AddrManager;
 use self::routes::{EndpointTable, Role, ServiceRuntime, Settings};
+use self::workers::Workers;
 use super::{PortChange, Protocol, ProxyState, ServicePortInfo, ServicePortName};
 
 /// Settings of the userspace proxy (flags of `fairlead node`).
@@ -56,6 +59,10 @@ pub struct UserspaceConfig {
     /// Add/remove service IPs on `interface` (needs CAP_NET_ADMIN). Off in
     /// tests that use already-local loopback addresses.
     pub manage_addresses: bool,
+    /// Event loops (threads) that serve TCP connections; 0 = one per core.
+    pub workers: usize,
+    /// Their thread names: `<worker_name>-<i>` (the kernel keeps 15 bytes).
+    pub worker_name: String,
 }
 
 impl Default for UserspaceConfig {
@@ -69,6 +76,8 @@ impl Default for UserspaceConfig {
             drain_grace: None,
             udp_idle_timeout: Duration::from_secs(30),
             manage_addresses: true,
+            workers: 0,
+            worker_name: "fl-proxy".to_string(),
         }
     }
 }
@@ -131,6 +140,8 @@ pub struct UserspaceProxy {
     cfg: UserspaceConfig,
     settings: Arc<Settings>,
     inner: Mutex<Inner>,
+    /// Started with the first TCP frontend (see `workers.rs`).
+    workers: std::sync::OnceLock<Arc<Workers>>,
 }
 
 /// One frontend socket: protocol and bind address.
@@ -199,7 +210,21 @@ impl UserspaceProxy {
             cfg,
             settings,
             inner: Mutex::new(Inner::default()),
+            workers: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The TCP workers, started on first use.
+    fn workers(&self) -> std::io::Result<Arc<Workers>> {
+        if let Some(w) = self.workers.get() {
+            return Ok(w.clone());
+        }
+        let n = match self.cfg.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let started = Arc::new(Workers::start(n, &self.cfg.worker_name)?);
+        Ok(self.workers.get_or_init(|| started).clone())
     }
 
     /// Make the data path match `state` (the whole desired state).
@@ -478,7 +503,7 @@ impl UserspaceProxy {
             }
             let want = !routes.set(role).is_empty();
             match (want, listener.running.is_some()) {
-                (true, false) => match start(key, rt.clone(), role) {
+                (true, false) => match self.start(key, rt.clone(), role) {
                     Ok(r) => {
                         listener.running = Some(r);
                         stats.listeners_opened += 1;
@@ -573,24 +598,32 @@ fn service_ips(info: &ServicePortInfo) -> Vec<IpAddr> {
     v
 }
 
-/// Bind a frontend and start its task.
-fn start(key: ListenKey, rt: Arc<ServiceRuntime>, role: Role) -> std::io::Result<Running> {
-    let (stop, stop_rx) = oneshot::channel();
-    let task = match key.protocol {
-        Protocol::Tcp => {
-            let l = sys::tcp_listener(key.addr)?;
-            tokio::spawn(tcp::accept_loop(l, rt, role, stop_rx))
-        }
-        Protocol::Udp => {
-            let f = udp::UdpFrontend::bind(key.addr)?;
-            tokio::spawn(udp::serve(f, rt, role, stop_rx))
-        }
-        Protocol::Sctp => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::Unsupported,
-                "SCTP is not supported",
-            ))
-        }
-    };
-    Ok(Running { stop, task })
+impl UserspaceProxy {
+    /// Bind a frontend and start its task.
+    fn start(
+        &self,
+        key: ListenKey,
+        rt: Arc<ServiceRuntime>,
+        role: Role,
+    ) -> std::io::Result<Running> {
+        let (stop, stop_rx) = oneshot::channel();
+        let task = match key.protocol {
+            Protocol::Tcp => {
+                let workers = self.workers()?;
+                let l = sys::tcp_listener(key.addr)?;
+                tokio::spawn(tcp::accept_loop(l, rt, role, workers, stop_rx))
+            }
+            Protocol::Udp => {
+                let f = udp::UdpFrontend::bind(key.addr)?;
+                tokio::spawn(udp::serve(f, rt, role, stop_rx))
+            }
+            Protocol::Sctp => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "SCTP is not supported",
+                ))
+            }
+        };
+        Ok(Running { stop, task })
+    }
 }

@@ -1,8 +1,8 @@
 //! The few socket calls tokio does not offer: pre-bind options on UDP
 //! sockets, and `IP_PKTINFO`/`IPV6_PKTINFO` so a wildcard (NodePort) UDP
 //! socket can answer from the address the client sent to. `socket2` makes
-//! and binds the sockets; `nix` carries the control messages. No unsafe
-//! code of our own.
+//! and binds the sockets; `nix` carries the control messages. One unsafe
+//! call: handing a listener we own to tokio's reactor (`tcp_listener`).
 
 use std::io;
 use std::io::{IoSlice, IoSliceMut};
@@ -14,16 +14,21 @@ use nix::sys::socket::{
     SockaddrStorage,
 };
 use socket2::{Domain, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket, UdpSocket};
+use tokio::io::unix::AsyncFd;
+use tokio::net::UdpSocket;
 
 /// Listen queue of every proxy TCP listener.
-const BACKLOG: u32 = 1024;
+const BACKLOG: i32 = 1024;
 
 /// A listening TCP socket with `SO_REUSEADDR` + `SO_REUSEPORT` (a restarted
 /// proxy rebinds at once; wildcard NodePort and specific ClusterIP binds on
 /// the same port coexist). IPv6 sockets are v6-only so `[::]` and `0.0.0.0`
 /// do not collide.
-pub(crate) fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+///
+/// A mio listener in tokio's reactor: its accepts (`accept4` with
+/// `SOCK_NONBLOCK`) give sockets registered nowhere yet, for the worker
+/// that serves them to register once (`workers.rs`).
+pub(crate) fn tcp_listener(addr: SocketAddr) -> io::Result<AsyncFd<mio::net::TcpListener>> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
@@ -31,7 +36,12 @@ pub(crate) fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
         s.set_only_v6(true)?;
     }
     s.bind(&addr.into())?;
-    TcpSocket::from_std_stream(s.into()).listen(BACKLOG)
+    s.listen(BACKLOG)?;
+    let listener = mio::net::TcpListener::from_std(s.into());
+    // SAFETY: the AsyncFd owns the listener, so its descriptor stays open
+    // and the same until the AsyncFd is dropped (what tokio cannot check).
+    unsafe { AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE) }
+        .map_err(io::Error::from)
 }
 
 /// A bound UDP socket with the same reuse options as [`tcp_listener`]. With

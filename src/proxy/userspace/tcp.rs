@@ -1,5 +1,6 @@
-//! TCP: accept on a service frontend, pick an endpoint (with failover), and
-//! relay bytes both ways with correct half-close.
+//! TCP: accept on a service frontend, hand the connection to a worker
+//! (`workers.rs`), pick an endpoint (with failover), and relay bytes both
+//! ways with correct half-close.
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,12 +9,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use metrics::{Counter, Gauge};
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 
 use super::routes::{drain_deadline, EndpointLife, Role, Routes, ServiceRuntime};
+use super::workers::Workers;
 
 /// Relay buffer per direction: it starts at [`FIRST_BUF`] and grows to
 /// [`BUF`] while reads keep filling it (a bulk transfer). On the heap and
@@ -26,29 +29,58 @@ const FIRST_BUF: usize = 16 * 1024;
 /// The pipe of a spliced (bulk) direction.
 const PIPE: usize = 1024 * 1024;
 
-/// Accept until told to stop (or the stop sender is dropped). Accepted
-/// connections run in their own tasks and outlive the listener.
+/// Most connections taken per wake-up before the loop looks at `stop`
+/// again (and lets the runtime run something else).
+const ACCEPT_BATCH: usize = 64;
+
+/// Accept until told to stop (or the stop sender is dropped); every
+/// connection is served on the least-loaded worker, where it outlives the
+/// listener.
 pub(crate) async fn accept_loop(
-    listener: TcpListener,
+    listener: AsyncFd<mio::net::TcpListener>,
     rt: Arc<ServiceRuntime>,
     role: Role,
+    workers: Arc<Workers>,
     mut stop: oneshot::Receiver<()>,
 ) {
     loop {
-        tokio::select! {
+        let mut ready = tokio::select! {
             biased;
             _ = &mut stop => return,
-            r = listener.accept() => match r {
-                Ok((stream, peer)) => {
-                    tokio::spawn(serve(stream, peer, rt.clone(), role));
-                }
+            r = listener.readable() => match r {
+                Ok(ready) => ready,
                 Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(service = %rt.name, error = %e, "listener failed");
+                    return;
+                }
+            },
+        };
+        for _ in 0..ACCEPT_BATCH {
+            match ready.try_io(|l| l.get_ref().accept()) {
+                Ok(Ok((stream, peer))) => {
+                    let rt = rt.clone();
+                    workers.dispatch(move || async move {
+                        let std = std::net::TcpStream::from(std::os::fd::OwnedFd::from(stream));
+                        match TcpStream::from_std(std) {
+                            Ok(client) => serve(client, peer, rt, role).await,
+                            Err(e) => {
+                                tracing::warn!(service = %rt.name, error = %e, "connection not registered")
+                            }
+                        }
+                    });
+                }
+                // Nothing more waiting.
+                Err(_would_block) => break,
+                Ok(Err(e)) => {
+                    // EMFILE and friends: back off briefly instead of
+                    // spinning.
                     tracing::warn!(service = %rt.name, error = %e, "accept failed");
+                    drop(ready);
                     tokio::select! {
                         _ = &mut stop => return,
                         _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
                     }
+                    break;
                 }
             }
         }
