@@ -19,9 +19,10 @@
 //! endpoints each) in 10 namespaces, built from JSON like the API server's
 //! objects and served by:
 //!
-//! * **fairlead**: [`DnsServer`] *in this process* on its own multi-thread
-//!   tokio runtime with 2 workers (what the `fairlead` binary gets on a
-//!   2-core machine), 2 UDP receive loops, the process-wide Prometheus
+//! * **fairlead**: [`DnsServer`] *in this process*, started from its own
+//!   multi-thread tokio runtime with 2 workers (what the `fairlead` binary
+//!   gets on a 2-core machine; TCP is served there), 2 UDP receive loops
+//!   each on a thread of its own (`fl-dns-N`), the process-wide Prometheus
 //!   recorder installed (so the per-request CoreDNS metrics cost what they
 //!   cost in `fairlead node`), on 127.0.0.53:PORT, TTL 5 s, forwarding
 //!   other names to the upstream below.
@@ -75,8 +76,9 @@
 //!    ([`fairlead::model::Cache`], shared with the proxy) and dropped, the
 //!    DNS index built from the cache's dirty keys ([`DnsServer::apply`]),
 //!    then 4 rounds of 1,000 changed slices applied the same way. It
-//!    reports VmRSS at each step, VmHWM (the peak, while the objects were
-//!    decoded), and VmRSS after `malloc_trim(0)`. Compared with CoreDNS's
+//!    reports VmRSS at each step, VmHWM (the peak), and VmRSS after
+//!    `malloc_trim(0)`. The objects arrive one at a time, as watch events
+//!    do: each is decoded, viewed into the cache and dropped. Compared with CoreDNS's
 //!    published sizing, (Pods + Services) / 1000 + 54 MB (read as 10^6
 //!    bytes), which like fairlead's figure includes the process's own
 //!    cache of the API objects.
@@ -724,13 +726,37 @@ impl Zone {
     /// (endpoint addresses from 10.128.0.1 up), parsed from JSON text like
     /// the watch cache's.
     fn generate(spec: &Spec) -> Result<Zone> {
-        let namespaces: Vec<String> = (0..spec.namespaces).map(|k| format!("ns-{k}")).collect();
-        let mut objects = Objects {
-            services: Vec::new(),
-            slices: Vec::new(),
-            namespaces: namespaces.clone(),
-        };
+        let mut services = Vec::new();
+        let mut slices = Vec::new();
         let mut entries = Vec::new();
+        let namespaces = Zone::each(spec, |entry, svc, slice| {
+            services.push(Arc::new(
+                serde_json::from_str(svc).with_context(|| format!("Service {svc}"))?,
+            ));
+            slices.push(Arc::new(
+                serde_json::from_str(slice).with_context(|| format!("EndpointSlice {slice}"))?,
+            ));
+            entries.push(entry);
+            Ok(())
+        })?;
+        Ok(Zone {
+            objects: Objects {
+                services,
+                slices,
+                namespaces: namespaces.clone(),
+            },
+            entries,
+            namespaces,
+        })
+    }
+
+    /// Every Service of `spec` in turn, as (entry, Service JSON,
+    /// EndpointSlice JSON); returns the namespaces.
+    fn each(
+        spec: &Spec,
+        mut f: impl FnMut(Entry, &str, &str) -> Result<()>,
+    ) -> Result<Vec<String>> {
+        let namespaces: Vec<String> = (0..spec.namespaces).map(|k| format!("ns-{k}")).collect();
         let mut next_endpoint = u32::from(Ipv4Addr::new(10, 128, 0, 1));
         let total = spec.cluster_ip + spec.headless;
         for i in 0..total {
@@ -753,19 +779,9 @@ impl Zone {
                 })
                 .collect();
             let (entry, svc, slice) = service_objects(&name, ns, headless, cluster_ip, &ips);
-            objects.services.push(Arc::new(
-                serde_json::from_str(&svc).with_context(|| format!("Service {svc}"))?,
-            ));
-            objects.slices.push(Arc::new(
-                serde_json::from_str(&slice).with_context(|| format!("EndpointSlice {slice}"))?,
-            ));
-            entries.push(entry);
+            f(entry, &svc, &slice)?;
         }
-        Ok(Zone {
-            objects,
-            entries,
-            namespaces,
-        })
+        Ok(namespaces)
     }
 
     /// `/etc/hosts` lines for dnsmasq: every A record the zone has at a
@@ -1591,7 +1607,7 @@ struct Memory {
     /// use, as opposed to kept by the allocator. The node daemon trims
     /// when it is quiet.
     rss_trimmed: u64,
-    /// Peak (VmHWM): while the API objects were decoded, before the trim.
+    /// Peak (VmHWM), before the trim.
     hwm: u64,
     names: usize,
     records: usize,
@@ -1642,7 +1658,7 @@ impl Memory {
             self.rss_index,
         );
         println!(
-            "  {:<44} {:>6.1} MiB  (peak VmHWM {:.1} MiB, while the objects were decoded)",
+            "  {:<44} {:>6.1} MiB  (peak VmHWM {:.1} MiB)",
             "after malloc_trim(0)",
             mib(self.rss_trimmed),
             mib(self.hwm)
@@ -1753,30 +1769,24 @@ fn memory_child() -> Result<()> {
         headless_endpoints: MEMORY_ENDPOINTS,
         namespaces: 10,
     };
+    // Objects arrive one at a time, as watch events do: each is decoded,
+    // viewed into the cache and dropped.
     let mut cache = fairlead::model::Cache::new();
-    let (probe, churn) = {
-        let zone = Zone::generate(&spec)?;
-        for ns in &zone.objects.namespaces {
-            cache.apply_namespace(ns);
+    let mut probe = None;
+    // The slices the churn rounds rewrite, as JSON.
+    let mut churn: Vec<String> = Vec::new();
+    let namespaces = Zone::each(&spec, |entry, svc, slice| {
+        cache.apply_service(&serde_json::from_str::<Service>(svc)?);
+        cache.apply_slice(&serde_json::from_str::<EndpointSlice>(slice)?);
+        if churn.len() < MEMORY_CHURN_SERVICES {
+            churn.push(slice.to_string());
         }
-        for svc in &zone.objects.services {
-            cache.apply_service(svc);
-        }
-        for slice in &zone.objects.slices {
-            cache.apply_slice(slice);
-        }
-        let probe = zone.entries.last().map(|e| e.fqdn.clone());
-        // The slices the churn rounds rewrite, as JSON (the node gets
-        // changes as watch events and decodes them one at a time).
-        let churn: Vec<String> = zone
-            .objects
-            .slices
-            .iter()
-            .take(MEMORY_CHURN_SERVICES)
-            .map(|s| serde_json::to_string(s.as_ref()))
-            .collect::<Result<_, _>>()?;
-        (probe, churn)
-    };
+        probe = Some(entry.fqdn);
+        Ok(())
+    })?;
+    for ns in &namespaces {
+        cache.apply_namespace(ns);
+    }
     malloc_trim();
     let rss_cache = vm_kib("VmRSS");
     let index_ms = fl.apply(&mut cache).as_secs_f64() * 1e3;

@@ -72,6 +72,9 @@
 //!   address, pod routes and the pod network, without the `ip` binary.
 //! * [`dns`] — cluster DNS per the Kubernetes DNS spec: a record index
 //!   updated per changed Service, a UDP/TCP server, a forwarding cache.
+//! * [`workers`] — per-core event loops (a current-thread runtime per
+//!   thread) that the userspace proxy's connections and cluster DNS's UDP
+//!   receive loops run on, off the node's multi-thread runtime.
 //! * [`echo`] — `fairlead echo`, a demo backend that answers with its name.
 //! * [`metrics`] — the process-wide Prometheus recorder.
 //! * [`systemd`] — `Type=notify` readiness and watchdog pings for the
@@ -95,3 +98,4 @@ pub mod proxy;
 pub mod scheduler;
 pub mod store;
 pub mod systemd;
+pub mod workers;

@@ -41,9 +41,11 @@ pub mod forward;
 pub mod index;
 pub mod rrl;
 pub mod server;
+pub mod udp;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
@@ -58,6 +60,7 @@ pub use forward::Forwarder;
 pub use index::{Delta, Index, IndexConfig, Resolution};
 
 use crate::model::{Cache, Dirty};
+use crate::workers::Workers;
 
 /// The cluster DNS Service IP kubeadm (and fairlead) use by default.
 pub const DEFAULT_SERVICE_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 0, 10));
@@ -97,8 +100,12 @@ pub struct DnsConfig {
     /// Forwarded queries in flight; more get SERVFAIL at once (CoreDNS
     /// `max_concurrent`, which answers REFUSED).
     pub max_concurrent_forwards: usize,
-    /// UDP receive loops per listen address (default: one per core, ≤ 4).
+    /// UDP receive loops per listen address (default: one per core, ≤ 4),
+    /// each on a thread of its own ([`crate::workers`]).
     pub udp_workers: usize,
+    /// Those threads' names: `<thread_name>-<i>` (the kernel keeps 15
+    /// bytes).
+    pub thread_name: String,
     /// Give each UDP receive loop its own socket (`SO_REUSEPORT`: the
     /// kernel spreads clients over them) instead of one shared socket.
     pub udp_reuseport: bool,
@@ -127,6 +134,7 @@ impl Default for DnsConfig {
                 .map_or(1, |n| n.get())
                 .clamp(1, 4),
             udp_reuseport: true,
+            thread_name: "fl-dns".to_string(),
             rrl: None,
         }
     }
@@ -195,6 +203,8 @@ pub struct DnsServer {
     cfg: IndexConfig,
     local_addrs: Vec<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
+    /// The UDP receive loops' threads (see `shutdown`).
+    workers: Option<Workers>,
 }
 
 impl DnsServer {
@@ -257,27 +267,41 @@ impl DnsServer {
             answers: answers::AnswerTable::new(wire_lowercase(&zone)),
             rrl: cfg.rrl.map(rrl::RateLimiter::new),
         });
+        let loops = cfg.udp_workers.max(1);
+        let workers = Workers::start(loops, &cfg.thread_name).map_err(|source| DnsError::Bind {
+            proto: "udp",
+            addr: local_addrs[0],
+            source,
+        })?;
         let mut tasks = Vec::new();
         for (addr, udp, tcp) in sockets {
             let label: Arc<str> = Arc::from(format!("dns://{addr}"));
-            let udp = Arc::new(udp);
-            for i in 0..cfg.udp_workers.max(1) {
+            let bind_err = |source| DnsError::Bind {
+                proto: "udp",
+                addr,
+                source,
+            };
+            // Off this runtime: each loop registers its socket with its own.
+            let first = udp.into_std().map_err(bind_err)?;
+            for i in 0..loops {
                 // With SO_REUSEPORT, every loop but the first has a socket
-                // of its own in the first one's group.
-                let sock = if cfg.udp_reuseport && i > 0 {
-                    Arc::new(reuseport_udp(addr).map_err(|source| DnsError::Bind {
-                        proto: "udp",
-                        addr,
-                        source,
-                    })?)
+                // of its own in the first one's group; without, they share
+                // one (a descriptor each, all woken by a datagram).
+                let sock = if i == 0 {
+                    first.try_clone()
+                } else if cfg.udp_reuseport {
+                    reuseport_udp(addr)
                 } else {
-                    udp.clone()
-                };
-                tasks.push(tokio::spawn(server::udp_worker(
-                    sock,
-                    shared.clone(),
-                    label.clone(),
-                )));
+                    first.try_clone()
+                }
+                .map_err(bind_err)?;
+                let (shared, label) = (shared.clone(), label.clone());
+                workers.spawn_on(i, move || async move {
+                    match udp::Udp::new(sock) {
+                        Ok(sock) => udp::serve(Rc::new(sock), shared, label).await,
+                        Err(e) => tracing::error!(error = %e, "DNS UDP socket not registered"),
+                    }
+                });
             }
             tasks.push(tokio::spawn(server::tcp_acceptor(
                 tcp,
@@ -296,6 +320,7 @@ impl DnsServer {
             cfg: index_cfg,
             local_addrs,
             tasks,
+            workers: Some(workers),
         })
     }
 
@@ -407,6 +432,9 @@ impl DnsServer {
         for t in self.tasks.drain(..) {
             t.abort();
         }
+        // Stops the receive loops' threads and waits for them, so their
+        // sockets are closed when this returns.
+        self.workers.take();
     }
 }
 
@@ -432,7 +460,7 @@ async fn bind_pair(
     let mut last = None;
     for _ in 0..attempts {
         let udp = if reuseport {
-            reuseport_udp(addr)
+            reuseport_udp(addr).and_then(UdpSocket::from_std)
         } else {
             UdpSocket::bind(addr).await
         }
@@ -471,13 +499,13 @@ async fn bind_pair(
 }
 
 /// A UDP socket bound to `addr` with `SO_REUSEPORT`.
-fn reuseport_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     s.set_reuse_port(true)?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
-    UdpSocket::from_std(s.into())
+    Ok(s.into())
 }
 
 #[cfg(test)]

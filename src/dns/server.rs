@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Edns, Message, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use super::answers::{self, AnswerTable, Question};
@@ -516,58 +516,6 @@ fn encode(
         out[3] = 0x82;
         out
     })
-}
-
-/// One UDP receive loop (several share a socket).
-pub async fn udp_worker(sock: Arc<UdpSocket>, shared: Arc<Shared>, server: Arc<str>) {
-    let mut buf = vec![0u8; 65535];
-    loop {
-        let (len, peer) = match sock.recv_from(&mut buf).await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::debug!(error = %e, "DNS UDP receive error");
-                tokio::task::yield_now().await;
-                continue;
-            }
-        };
-        if let Some(limiter) = &shared.rrl {
-            use super::rrl::Verdict;
-            match limiter.check(peer.ip(), Instant::now()) {
-                Verdict::Answer => {}
-                Verdict::Truncate if len >= 12 => {
-                    metrics::counter!("fairlead_dns_dropped_total", "reason" => "rate-limit-tc")
-                        .increment(1);
-                    let _ = sock
-                        .send_to(&super::rrl::truncated(&buf[..len]), peer)
-                        .await;
-                    continue;
-                }
-                Verdict::Truncate | Verdict::Drop => {
-                    metrics::counter!("fairlead_dns_dropped_total", "reason" => "rate-limit")
-                        .increment(1);
-                    continue;
-                }
-            }
-        }
-        match prepare(&shared, &buf[..len], Proto::Udp, peer, &server) {
-            Prepared::Reply(bytes) => {
-                if let Err(e) = sock.send_to(&bytes, peer).await {
-                    tracing::debug!(%peer, error = %e, "DNS UDP send error");
-                }
-            }
-            Prepared::Drop => {}
-            Prepared::Forward(p) => {
-                let sock = sock.clone();
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    let bytes = complete(&shared, *p).await;
-                    if let Err(e) = sock.send_to(&bytes, peer).await {
-                        tracing::debug!(%peer, error = %e, "DNS UDP send error");
-                    }
-                });
-            }
-        }
-    }
 }
 
 /// One of a client address's TCP connections, counted while it lives.

@@ -7,7 +7,7 @@
 //!  sync(ProxyState) ── diff against last applied ──► per changed service port:
 //!      routes::EndpointTable::apply   (new routing table, swapped atomically)
 //!      listeners: bind/close only what changed   (tcp.rs, udp.rs)
-//!      accepted TCP connections: served on per-core event loops (workers.rs)
+//!      accepted TCP connections: served on per-core event loops (crate::workers)
 //!      addresses: service IPs on the dummy interface (addrs.rs, netlink)
 //! ```
 //!
@@ -23,7 +23,6 @@ mod routes;
 mod sys;
 mod tcp;
 mod udp;
-mod workers;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -35,7 +34,7 @@ use tokio::task::JoinHandle;
 
 use self::addrs::AddrManager;
 use self::routes::{EndpointTable, Role, ServiceRuntime, Settings};
-use self::workers::Workers;
+use crate::workers::Workers;
 use super::{PortChange, Protocol, ProxyState, ServicePortInfo, ServicePortName};
 
 /// Settings of the userspace proxy (flags of `fairlead node`).
@@ -140,7 +139,7 @@ pub struct UserspaceProxy {
     cfg: UserspaceConfig,
     settings: Arc<Settings>,
     inner: Mutex<Inner>,
-    /// Started with the first TCP frontend (see `workers.rs`).
+    /// Started with the first TCP frontend (see [`crate::workers`]).
     workers: std::sync::OnceLock<Arc<Workers>>,
 }
 

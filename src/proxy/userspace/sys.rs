@@ -27,7 +27,7 @@ const BACKLOG: i32 = 1024;
 ///
 /// A mio listener in tokio's reactor: its accepts (`accept4` with
 /// `SOCK_NONBLOCK`) give sockets registered nowhere yet, for the worker
-/// that serves them to register once (`workers.rs`).
+/// that serves them to register once ([`crate::workers`]).
 pub(crate) fn tcp_listener(addr: SocketAddr) -> io::Result<AsyncFd<mio::net::TcpListener>> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
     s.set_reuse_address(true)?;

@@ -1,5 +1,5 @@
 //! TCP: accept on a service frontend, hand the connection to a worker
-//! (`workers.rs`), pick an endpoint (with failover), and relay bytes both
+//! ([`crate::workers`]), pick an endpoint (with failover), and relay bytes both
 //! ways with correct half-close.
 
 use std::io;
@@ -16,7 +16,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 
 use super::routes::{drain_deadline, EndpointLife, Role, Routes, ServiceRuntime};
-use super::workers::Workers;
+use crate::workers::Workers;
 
 /// Relay buffer per direction: it starts at [`FIRST_BUF`] and grows to
 /// [`BUF`] while reads keep filling it (a bulk transfer). On the heap and

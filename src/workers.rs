@@ -1,5 +1,9 @@
-//! Per-core event loops for proxied TCP connections, as HAProxy's threads
-//! and Pingora's runtimes do it.
+//! Per-core event loops, as HAProxy's threads and Pingora's runtimes do
+//! it: the userspace proxy's TCP connections (handed to the least-loaded
+//! loop) and cluster DNS's UDP receive loops (one socket per loop) run
+//! here, not on the node's multi-thread runtime.
+//!
+//! The proxy's path:
 //!
 //! ```text
 //!  node runtime:  accept loop per frontend ── accept4(NONBLOCK) via mio,
@@ -15,8 +19,13 @@
 //! all its threads, and work stealing moves a connection's tasks between
 //! threads; on short connections a fifth of the proxy's samples were
 //! scheduler wake-ups (tokio-rs/tokio issue 5771 reports the same for other
-//! proxies). A worker here owns its connections' sockets and timers, and
-//! nothing else runs on it.
+//! proxies), and a DNS query at a low rate woke one thread to poll and
+//! another to answer. A worker here owns its sockets and timers: a
+//! datagram or a connection's bytes are read, answered and written on the
+//! thread whose epoll saw them.
+//!
+//! A job runs as a local task on its loop, so it may hold what is not
+//! `Send` (the DNS loop's `recvmmsg` headers hold raw pointers).
 //!
 //! **Why hand accepted sockets over** rather than a `SO_REUSEPORT`
 //! listener per worker: a Service frontend stays one socket (thousands of
@@ -28,21 +37,25 @@ use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::runtime::{Builder, Handle};
-use tokio::sync::oneshot;
+use tokio::runtime::Builder;
+use tokio::sync::mpsc;
 
-/// One worker: its runtime's handle and how many connections it serves.
+/// Work handed to a loop: called on its thread, where it spawns a local
+/// task (so that task need not be `Send`: it never moves).
+type Job = Box<dyn FnOnce() + Send>;
+
+/// One worker: where its jobs go and how many connections it serves.
 struct Worker {
-    handle: Handle,
+    jobs: mpsc::UnboundedSender<Job>,
     load: Arc<AtomicUsize>,
-    /// Dropped with the pool: the worker's runtime then stops, and with it
-    /// the connections still on it.
-    _stop: oneshot::Sender<()>,
 }
 
-/// The pool of per-core event loops.
-pub(crate) struct Workers {
+/// The pool of per-core event loops. Dropping it stops them and waits for
+/// their threads: the tasks still on them are dropped (their sockets
+/// closed) by the time `drop` returns.
+pub struct Workers {
     workers: Vec<Worker>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// Counts a connection against its worker while it lives.
@@ -56,35 +69,40 @@ impl Drop for Load {
 
 impl Workers {
     /// `n` workers (at least one), threads named `<name>-<i>`.
-    pub(crate) fn start(n: usize, name: &str) -> io::Result<Workers> {
+    pub fn start(n: usize, name: &str) -> io::Result<Workers> {
         let mut workers = Vec::with_capacity(n.max(1));
+        let mut threads = Vec::with_capacity(n.max(1));
         for i in 0..n.max(1) {
             let rt = Builder::new_current_thread().enable_all().build()?;
-            let handle = rt.handle().clone();
-            let (stop, stopped) = oneshot::channel::<()>();
-            std::thread::Builder::new()
+            let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
+            let thread = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .spawn(move || {
-                    // Runs the spawned connections until the pool is
-                    // dropped (the sender goes, the receiver wakes).
-                    let _ = rt.block_on(stopped);
+                    // Runs the jobs' tasks until the pool is dropped (the
+                    // queue closes); the tasks left go with the LocalSet.
+                    let local = tokio::task::LocalSet::new();
+                    rt.block_on(local.run_until(async move {
+                        while let Some(job) = queue.recv().await {
+                            job();
+                        }
+                    }));
                 })?;
             workers.push(Worker {
-                handle,
+                jobs,
                 load: Arc::new(AtomicUsize::new(0)),
-                _stop: stop,
             });
+            threads.push(thread);
         }
-        Ok(Workers { workers })
+        Ok(Workers { workers, threads })
     }
 
     /// Run `serve` on the worker with the fewest connections. `serve` is
     /// called on that worker's thread, inside its runtime, so the sockets it
     /// registers (`TcpStream::from_std`) belong to that worker's epoll.
-    pub(crate) fn dispatch<F, Fut>(&self, serve: F)
+    pub fn dispatch<F, Fut>(&self, serve: F)
     where
         F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
+        Fut: Future<Output = ()> + 'static,
     {
         let w = self
             .workers
@@ -93,10 +111,36 @@ impl Workers {
             .expect("at least one worker");
         w.load.fetch_add(1, Ordering::Relaxed);
         let load = Load(w.load.clone());
-        w.handle.spawn(async move {
-            let _load = load;
-            serve().await
-        });
+        let _ = w.jobs.send(Box::new(move || {
+            tokio::task::spawn_local(async move {
+                let _load = load;
+                serve().await
+            });
+        }));
+    }
+
+    /// Run `task` on worker `i` (modulo the pool's size), for work pinned
+    /// to a loop, such as a socket of its own. It runs until it ends or the
+    /// pool is dropped.
+    pub fn spawn_on<F, Fut>(&self, i: usize, task: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let w = &self.workers[i % self.workers.len()];
+        let _ = w.jobs.send(Box::new(move || {
+            tokio::task::spawn_local(task());
+        }));
+    }
+
+    /// How many loops there are.
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Never: a pool has at least one loop.
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
     }
 
     /// Connections being served, per worker.
@@ -109,10 +153,25 @@ impl Workers {
     }
 }
 
+impl Drop for Workers {
+    fn drop(&mut self) {
+        // Closing the queues ends each loop.
+        self.workers.clear();
+        let me = std::thread::current().id();
+        for t in self.threads.drain(..) {
+            // (Never wait for the thread we are on.)
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+    use tokio::sync::oneshot;
 
     #[test]
     fn connections_go_to_the_least_loaded_worker_and_run_on_its_thread() {
