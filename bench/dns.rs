@@ -59,7 +59,10 @@
 //!    so the max rate is as much about CPU per query as about the server.
 //! 2. Latency: the same at each fixed rate (`-Q 5000`, `-Q 20000`) with
 //!    `-v` (one line per query with its latency) → p50/p99 and average
-//!    (dnsperf 2.10 prints no percentiles itself), and CPU per query.
+//!    (dnsperf 2.10 prints no percentiles itself), and CPU per query;
+//!    `FIXED_ROUNDS` times each, alternating, and the table shows each
+//!    server's round with the median p99 (one round's tail on a shared
+//!    machine moves by tens of percent).
 //! 3. Forwarded names from the cache: 1,000 `ext-NNNN.example.org` names
 //!    that a third server (dnsmasq on 127.0.0.56, TTL 3600, every query it
 //!    gets logged) answers; fairlead and dnsmasq both forward to it. Each
@@ -90,13 +93,16 @@
 //!
 //! Sizes come from the environment: `FAIRLEAD_BENCH_DURATION` (seconds per
 //! run, 10), `FAIRLEAD_BENCH_ROUNDS` (max-rate rounds per server, 2),
+//! `FAIRLEAD_BENCH_FIXED_ROUNDS` (rounds per fixed rate and server, 3),
 //! `FAIRLEAD_BENCH_DNS_RATES` (queries/s of the latency runs,
 //! `5000,20000`), `FAIRLEAD_BENCH_DNS_CLIENTS` (20),
 //! `FAIRLEAD_BENCH_DNS_THREADS` (2), `FAIRLEAD_BENCH_DNS_OUTSTANDING` (200),
 //! `FAIRLEAD_BENCH_DNS_SERVICES` (memory phase, `1000,10000,30000`),
 //! `FAIRLEAD_BENCH_DNS_REUSEPORT` (1: a socket per receive loop; 0: one
-//! shared socket). A run takes (3 servers × (ROUNDS + rates) + 2 × ROUNDS)
-//! × duration plus ~30 s (~3 min with the defaults). The servers, dnsperf
+//! shared socket), `FAIRLEAD_BENCH_DNS_BATCH` (datagrams per `recvmmsg`,
+//! 32; 1 is a plain receive loop), `FAIRLEAD_BENCH_DNS_LOOPS` (UDP receive
+//! loops, 2). A run takes (3 servers × (ROUNDS + FIXED_ROUNDS × rates) +
+//! 2 × ROUNDS) × duration plus ~30 s (~5.5 min with the defaults). The servers, dnsperf
 //! and the memory children are killed when this process ends, panics
 //! included (drop guards, plus `PR_SET_PDEATHSIG` for the case it is
 //! killed).
@@ -341,15 +347,22 @@ fn main() -> Result<()> {
             runs.entry(("max".into(), t.label)).or_default().push(run);
         }
     }
-    // 2. Latency at fixed rates.
-    for rate in &s.rates {
-        for t in &targets {
-            let run = measure(&tools.loadgen, t, &load, Some(*rate), true)?;
-            check_running(&mut dnsmasq, &mut unbound)?;
-            println!("fixed {rate:>6} q/s {:<8} {}", t.label, run.describe());
-            runs.entry((format!("fixed {rate}"), t.label))
-                .or_default()
-                .push(run);
+    // 2. Latency at fixed rates, FIXED_ROUNDS times each (the median run
+    // is reported: a tail latency on a shared machine moves a lot).
+    for round in 1..=s.fixed_rounds {
+        for rate in &s.rates {
+            for t in &targets {
+                let run = measure(&tools.loadgen, t, &load, Some(*rate), true)?;
+                check_running(&mut dnsmasq, &mut unbound)?;
+                println!(
+                    "fixed {rate:>6} q/s round {round} {:<8} {}",
+                    t.label,
+                    run.describe()
+                );
+                runs.entry((format!("fixed {rate}"), t.label))
+                    .or_default()
+                    .push(run);
+            }
         }
     }
     // 3. Forwarded names from the caches: fairlead against dnsmasq, both
@@ -475,6 +488,7 @@ struct Settings {
     duration: u64,
     rounds: usize,
     rates: Vec<u64>,
+    fixed_rounds: usize,
     clients: usize,
     threads: usize,
     outstanding: usize,
@@ -501,6 +515,7 @@ impl Settings {
         Ok(Settings {
             duration: var("FAIRLEAD_BENCH_DURATION", 10)?.max(1),
             rounds: var("FAIRLEAD_BENCH_ROUNDS", 2)?.max(1) as usize,
+            fixed_rounds: var("FAIRLEAD_BENCH_FIXED_ROUNDS", 3)?.max(1) as usize,
             rates: list("FAIRLEAD_BENCH_DNS_RATES", &[5_000, 20_000])?
                 .into_iter()
                 .map(|r| (r as u64).max(1))
@@ -975,10 +990,21 @@ impl InProcessDns {
             listen: vec![listen],
             upstreams,
             ttl: Duration::from_secs(TTL_SECS),
-            udp_workers: 2,
+            // `FAIRLEAD_BENCH_DNS_LOOPS`: UDP receive loops (2, one per
+            // core, as the binary on this machine).
+            udp_workers: std::env::var("FAIRLEAD_BENCH_DNS_LOOPS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2),
             // `FAIRLEAD_BENCH_DNS_REUSEPORT=0`: one socket shared by the
             // receive loops (to measure SO_REUSEPORT against it).
             udp_reuseport: std::env::var("FAIRLEAD_BENCH_DNS_REUSEPORT").as_deref() != Ok("0"),
+            // `FAIRLEAD_BENCH_DNS_BATCH=1`: one datagram per receive call
+            // (to measure recvmmsg batches against a plain loop).
+            udp_batch: std::env::var("FAIRLEAD_BENCH_DNS_BATCH")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(fairlead::dns::udp::MAX_BATCH),
             ..DnsConfig::default()
         };
         let server = rt
@@ -1841,11 +1867,18 @@ fn print_table(
     rates: &[u64],
 ) {
     // The best round of a max-rate run (and that round's latency and CPU),
-    // and the single run at each fixed rate.
+    // and the round with the median p99 at each fixed rate.
     let get = |kind: &str, label: &'static str| -> Option<&Run> {
-        runs.get(&(kind.to_string(), label))?
-            .iter()
-            .max_by(|a, b| a.load.qps.total_cmp(&b.load.qps))
+        let all = runs.get(&(kind.to_string(), label))?;
+        if kind.starts_with("fixed") {
+            let mut by_p99: Vec<&Run> = all.iter().collect();
+            by_p99.sort_by(|a, b| {
+                let p = |r: &Run| r.percentile(0.99).unwrap_or(f64::MAX);
+                p(a).total_cmp(&p(b))
+            });
+            return by_p99.get(by_p99.len() / 2).copied();
+        }
+        all.iter().max_by(|a, b| a.load.qps.total_cmp(&b.load.qps))
     };
     type Pick = fn(&Run) -> Option<f64>;
     let qps: Pick = |r| Some(r.load.qps);

@@ -106,6 +106,9 @@ pub struct DnsConfig {
     /// Those threads' names: `<thread_name>-<i>` (the kernel keeps 15
     /// bytes).
     pub thread_name: String,
+    /// Datagrams a receive loop takes per `recvmmsg` (1 to
+    /// [`udp::MAX_BATCH`]; 1 is a plain receive loop, for comparison).
+    pub udp_batch: usize,
     /// Give each UDP receive loop its own socket (`SO_REUSEPORT`: the
     /// kernel spreads clients over them) instead of one shared socket.
     pub udp_reuseport: bool,
@@ -135,6 +138,7 @@ impl Default for DnsConfig {
                 .clamp(1, 4),
             udp_reuseport: true,
             thread_name: "fl-dns".to_string(),
+            udp_batch: udp::MAX_BATCH,
             rrl: None,
         }
     }
@@ -295,10 +299,10 @@ impl DnsServer {
                     first.try_clone()
                 }
                 .map_err(bind_err)?;
-                let (shared, label) = (shared.clone(), label.clone());
+                let (shared, label, batch) = (shared.clone(), label.clone(), cfg.udp_batch);
                 workers.spawn_on(i, move || async move {
                     match udp::Udp::new(sock) {
-                        Ok(sock) => udp::serve(Rc::new(sock), shared, label).await,
+                        Ok(sock) => udp::serve(Rc::new(sock), shared, label, batch).await,
                         Err(e) => tracing::error!(error = %e, "DNS UDP socket not registered"),
                     }
                 });

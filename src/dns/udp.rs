@@ -28,8 +28,9 @@ use tokio::io::Interest;
 
 use super::server::{complete, prepare, Prepared, Proto, Shared};
 
-/// Datagrams per receive call (and replies per send call).
-const BATCH: usize = 32;
+/// Most datagrams per receive call (and replies per send call); the
+/// server's `udp_batch` picks up to this many.
+pub const MAX_BATCH: usize = 32;
 /// Largest request taken whole; a longer one (the kernel sets MSG_TRUNC)
 /// is dropped. A query is a question and an OPT record, a few hundred
 /// bytes even with EDNS padding.
@@ -63,37 +64,41 @@ impl Udp {
 
 /// One receive batch's buffers and what the kernel said about each.
 struct Batch {
-    bufs: Box<[[u8; MAX_REQUEST]; BATCH]>,
+    /// Datagrams asked for per call (1..=MAX_BATCH).
+    size: usize,
+    bufs: Box<[[u8; MAX_REQUEST]; MAX_BATCH]>,
     headers: MultiHeaders<SockaddrStorage>,
     got: Vec<(usize, Option<SocketAddr>, bool)>,
 }
 
 impl Batch {
-    fn new() -> Batch {
+    fn new(size: usize) -> Batch {
+        let size = size.clamp(1, MAX_BATCH);
         Batch {
-            bufs: vec![[0u8; MAX_REQUEST]; BATCH]
+            size,
+            bufs: vec![[0u8; MAX_REQUEST]; MAX_BATCH]
                 .into_boxed_slice()
                 .try_into()
-                .expect("BATCH buffers"),
-            headers: MultiHeaders::preallocate(BATCH, None),
-            got: Vec::with_capacity(BATCH),
+                .expect("MAX_BATCH buffers"),
+            headers: MultiHeaders::preallocate(size, None),
+            got: Vec::with_capacity(size),
         }
     }
 
-    /// Take what is queued, up to [`BATCH`]: (length, peer, truncated) in
+    /// Take what is queued, up to `size`: (length, peer, truncated) in
     /// `got`.
     fn recv(&mut self, sock: &std::net::UdpSocket) -> io::Result<usize> {
         self.got.clear();
         let mut bufs = self.bufs.iter_mut();
-        let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] = std::array::from_fn(|_| {
+        let mut iovs: [[IoSliceMut<'_>; 1]; MAX_BATCH] = std::array::from_fn(|_| {
             [IoSliceMut::new(
-                bufs.next().expect("BATCH buffers").as_mut_slice(),
+                bufs.next().expect("MAX_BATCH buffers").as_mut_slice(),
             )]
         });
         let results = recvmmsg(
             sock.as_raw_fd(),
             &mut self.headers,
-            iovs.iter_mut(),
+            iovs.iter_mut().take(self.size),
             MsgFlags::MSG_DONTWAIT,
             None,
         )?;
@@ -120,16 +125,25 @@ struct Replies {
 }
 
 impl Replies {
-    fn new() -> Replies {
+    fn new(size: usize) -> Replies {
+        let size = size.clamp(1, MAX_BATCH);
         Replies {
-            out: Vec::with_capacity(BATCH),
-            headers: MultiHeaders::preallocate(BATCH, None),
+            out: Vec::with_capacity(size),
+            headers: MultiHeaders::preallocate(size, None),
         }
     }
 
     /// Send every reply: `sendmmsg` while the socket takes them, waiting
     /// for room when it does not.
     async fn flush(&mut self, sock: &Udp) {
+        if let [(reply, to)] = &self.out[..] {
+            // One reply (a quiet moment): a plain send, nothing to batch.
+            if let Err(e) = sock.send_to(reply, *to).await {
+                tracing::debug!(peer = %to, error = %e, "DNS UDP send error");
+            }
+            self.out.clear();
+            return;
+        }
         let mut sent = 0;
         while sent < self.out.len() {
             let step = {
@@ -165,10 +179,11 @@ impl Replies {
     }
 }
 
-/// Serve one UDP socket until the task is aborted.
-pub async fn serve(sock: Rc<Udp>, shared: Arc<Shared>, server: Arc<str>) {
-    let mut batch = Batch::new();
-    let mut replies = Replies::new();
+/// Serve one UDP socket until its loop stops, taking up to `batch`
+/// datagrams per call.
+pub async fn serve(sock: Rc<Udp>, shared: Arc<Shared>, server: Arc<str>, batch: usize) {
+    let mut batch = Batch::new(batch);
+    let mut replies = Replies::new(batch.size);
     loop {
         let mut ready = match sock.0.readable().await {
             Ok(r) => r,
@@ -188,7 +203,7 @@ pub async fn serve(sock: Rc<Udp>, shared: Arc<Shared>, server: Arc<str>) {
                 continue;
             }
         };
-        if n < BATCH {
+        if n < batch.size {
             // The queue is empty: the next datagram's edge wakes us.
             ready.clear_ready();
         }
