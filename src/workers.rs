@@ -24,8 +24,9 @@
 //! datagram or a connection's bytes are read, answered and written on the
 //! thread whose epoll saw them.
 //!
-//! A job runs as a local task on its loop, so it may hold what is not
-//! `Send` (the DNS loop's `recvmmsg` headers hold raw pointers).
+//! A pinned job ([`Workers::spawn_on`]) runs as a local task on its loop,
+//! so it may hold what is not `Send` (the DNS loop's `recvmmsg` headers
+//! hold raw pointers).
 //!
 //! **Why hand accepted sockets over** rather than a `SO_REUSEPORT`
 //! listener per worker: a Service frontend stays one socket (thousands of
@@ -37,15 +38,17 @@ use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::runtime::Builder;
+use tokio::runtime::{Builder, Handle};
 use tokio::sync::mpsc;
 
 /// Work handed to a loop: called on its thread, where it spawns a local
 /// task (so that task need not be `Send`: it never moves).
 type Job = Box<dyn FnOnce() + Send>;
 
-/// One worker: where its jobs go and how many connections it serves.
+/// One worker: its runtime, where its local jobs go, and how many
+/// connections it serves.
 struct Worker {
+    handle: Handle,
     jobs: mpsc::UnboundedSender<Job>,
     load: Arc<AtomicUsize>,
 }
@@ -74,6 +77,7 @@ impl Workers {
         let mut threads = Vec::with_capacity(n.max(1));
         for i in 0..n.max(1) {
             let rt = Builder::new_current_thread().enable_all().build()?;
+            let handle = rt.handle().clone();
             let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
             let thread = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
@@ -88,6 +92,7 @@ impl Workers {
                     }));
                 })?;
             workers.push(Worker {
+                handle,
                 jobs,
                 load: Arc::new(AtomicUsize::new(0)),
             });
@@ -99,10 +104,12 @@ impl Workers {
     /// Run `serve` on the worker with the fewest connections. `serve` is
     /// called on that worker's thread, inside its runtime, so the sockets it
     /// registers (`TcpStream::from_std`) belong to that worker's epoll.
+    /// (Spawned straight onto the runtime: one task per connection, no
+    /// queue hop.)
     pub fn dispatch<F, Fut>(&self, serve: F)
     where
         F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
     {
         let w = self
             .workers
@@ -111,12 +118,10 @@ impl Workers {
             .expect("at least one worker");
         w.load.fetch_add(1, Ordering::Relaxed);
         let load = Load(w.load.clone());
-        let _ = w.jobs.send(Box::new(move || {
-            tokio::task::spawn_local(async move {
-                let _load = load;
-                serve().await
-            });
-        }));
+        w.handle.spawn(async move {
+            let _load = load;
+            serve().await
+        });
     }
 
     /// Run `task` on worker `i` (modulo the pool's size), for work pinned

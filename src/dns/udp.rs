@@ -155,8 +155,15 @@ impl Replies {
                     .map(|(_, to)| Some(SockaddrStorage::from(*to)))
                     .collect();
                 let fd = sock.0.get_ref().as_raw_fd();
-                sendmmsg(fd, &mut self.headers, &slices, addrs, [], MsgFlags::MSG_DONTWAIT)
-                    .map(|r| r.count())
+                sendmmsg(
+                    fd,
+                    &mut self.headers,
+                    &slices,
+                    addrs,
+                    [],
+                    MsgFlags::MSG_DONTWAIT,
+                )
+                .map(|r| r.count())
             };
             match step {
                 Ok(n) if n > 0 => sent += n,

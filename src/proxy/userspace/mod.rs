@@ -34,8 +34,8 @@ use tokio::task::JoinHandle;
 
 use self::addrs::AddrManager;
 use self::routes::{EndpointTable, Role, ServiceRuntime, Settings};
-use crate::workers::Workers;
 use super::{PortChange, Protocol, ProxyState, ServicePortInfo, ServicePortName};
+use crate::workers::Workers;
 
 /// Settings of the userspace proxy (flags of `fairlead node`).
 #[derive(Debug, Clone)]
