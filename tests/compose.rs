@@ -227,6 +227,42 @@ fn compose_comes_up_serves_through_both_api_servers_and_goes_down() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+    // Each API server, bound to 0.0.0.0, advertises its container's own
+    // address: the `kubernetes` EndpointSlice lists two (one Lease each),
+    // not one shared address.
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = kubectl(
+            &kc2,
+            p2,
+            &[
+                "get",
+                "endpointslice",
+                "-n",
+                "default",
+                "kubernetes",
+                "-o",
+                "jsonpath={.endpoints[*].addresses[0]}",
+            ],
+        );
+        let addrs: std::collections::BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        if addrs.len() == 2
+            && addrs
+                .iter()
+                .all(|a| a.parse::<std::net::Ipv4Addr>().is_ok())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the kubernetes EndpointSlice lists both API servers: {addrs:?} ({})",
+            text(&out)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
     assert_eq!(project.containers().len(), 5, "{:?}", project.containers());
 
     let down = project.compose(&["down"]);
