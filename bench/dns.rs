@@ -1001,6 +1001,9 @@ impl InProcessDns {
             udp_reuseport: std::env::var("FAIRLEAD_BENCH_DNS_REUSEPORT").as_deref() != Ok("0"),
             // `FAIRLEAD_BENCH_DNS_BATCH=1`: one datagram per receive call
             // (to measure recvmmsg batches against a plain loop).
+            // `FAIRLEAD_BENCH_DNS_STEER=0`: datagrams spread by the
+            // kernel's hash instead of by CPU.
+            udp_steer_by_cpu: std::env::var("FAIRLEAD_BENCH_DNS_STEER").as_deref() != Ok("0"),
             udp_batch: std::env::var("FAIRLEAD_BENCH_DNS_BATCH")
                 .ok()
                 .and_then(|v| v.parse().ok())

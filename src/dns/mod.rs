@@ -106,6 +106,10 @@ pub struct DnsConfig {
     /// Those threads' names: `<thread_name>-<i>` (the kernel keeps 15
     /// bytes).
     pub thread_name: String,
+    /// With `udp_reuseport`: hand a datagram to the loop whose index is the
+    /// CPU it arrived on (modulo the loops) rather than by a hash of its
+    /// addresses.
+    pub udp_steer_by_cpu: bool,
     /// Datagrams a receive loop takes per `recvmmsg` (1 to
     /// [`udp::MAX_BATCH`]; 1 is a plain receive loop, for comparison).
     pub udp_batch: usize,
@@ -139,6 +143,7 @@ impl Default for DnsConfig {
             udp_reuseport: true,
             thread_name: "fl-dns".to_string(),
             udp_batch: udp::MAX_BATCH,
+            udp_steer_by_cpu: true,
             rrl: None,
         }
     }
@@ -287,6 +292,7 @@ impl DnsServer {
             };
             // Off this runtime: each loop registers its socket with its own.
             let first = udp.into_std().map_err(bind_err)?;
+            let mut socks = Vec::with_capacity(loops);
             for i in 0..loops {
                 // With SO_REUSEPORT, every loop but the first has a socket
                 // of its own in the first one's group; without, they share
@@ -299,6 +305,14 @@ impl DnsServer {
                     first.try_clone()
                 }
                 .map_err(bind_err)?;
+                socks.push(sock);
+            }
+            if cfg.udp_reuseport && cfg.udp_steer_by_cpu && loops > 1 {
+                if let Err(e) = steer_by_cpu(&first, loops) {
+                    tracing::warn!(error = %e, "DNS: datagrams not steered by CPU");
+                }
+            }
+            for (i, sock) in socks.into_iter().enumerate() {
                 let (shared, label, batch) = (shared.clone(), label.clone(), cfg.udp_batch);
                 workers.spawn_on(i, move || async move {
                     match udp::Udp::new(sock) {
@@ -503,6 +517,36 @@ async fn bind_pair(
 }
 
 /// A UDP socket bound to `addr` with `SO_REUSEPORT`.
+/// Send a datagram to the socket (in bind order, so to the loop) whose
+/// index is the CPU that received it, modulo the loops: the loop's wake-up
+/// then starts where the datagram is (a classic BPF program on the
+/// `SO_REUSEPORT` group: load the CPU number, mod N, return it).
+fn steer_by_cpu(sock: &std::net::UdpSocket, loops: usize) -> std::io::Result<()> {
+    use libc::{
+        sock_filter, sock_fprog, BPF_A, BPF_ABS, BPF_ALU, BPF_K, BPF_LD, BPF_MOD, BPF_RET, BPF_W,
+    };
+    let op = |code: u32, k: u32| sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let mut prog = [
+        op(
+            BPF_LD | BPF_W | BPF_ABS,
+            (libc::SKF_AD_OFF + libc::SKF_AD_CPU) as u32,
+        ),
+        op(BPF_ALU | BPF_MOD | BPF_K, loops as u32),
+        op(BPF_RET | BPF_A, 0),
+    ];
+    let fprog = sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_mut_ptr(),
+    };
+    nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::AttachReusePortCbpf, &fprog)?;
+    Ok(())
+}
+
 fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
