@@ -138,16 +138,6 @@ impl Workers {
         }));
     }
 
-    /// How many loops there are.
-    pub fn len(&self) -> usize {
-        self.workers.len()
-    }
-
-    /// Never: a pool has at least one loop.
-    pub fn is_empty(&self) -> bool {
-        self.workers.is_empty()
-    }
-
     /// Connections being served, per worker.
     #[cfg(test)]
     pub(crate) fn loads(&self) -> Vec<usize> {

@@ -52,7 +52,7 @@ use std::time::Duration;
 use hickory_proto::rr::Name;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use tokio::net::{TcpSocket, UdpSocket};
+use tokio::net::TcpSocket;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
@@ -239,7 +239,7 @@ impl DnsServer {
 
         let mut sockets = Vec::new();
         for addr in &cfg.listen {
-            sockets.push(bind_pair(*addr, cfg.udp_reuseport).await?);
+            sockets.push(bind_pair(*addr, cfg.udp_reuseport)?);
         }
         let local_addrs: Vec<SocketAddr> = sockets.iter().map(|(a, _, _)| *a).collect();
         let upstreams: Vec<SocketAddr> = cfg
@@ -290,25 +290,22 @@ impl DnsServer {
                 addr,
                 source,
             };
-            // Off this runtime: each loop registers its socket with its own.
-            let first = udp.into_std().map_err(bind_err)?;
+            // With SO_REUSEPORT, every loop but the first has a socket of
+            // its own in the first one's group; without, they share one (a
+            // descriptor each, all woken by a datagram). Each loop
+            // registers its socket on its own thread.
             let mut socks = Vec::with_capacity(loops);
-            for i in 0..loops {
-                // With SO_REUSEPORT, every loop but the first has a socket
-                // of its own in the first one's group; without, they share
-                // one (a descriptor each, all woken by a datagram).
-                let sock = if i == 0 {
-                    first.try_clone()
-                } else if cfg.udp_reuseport {
+            socks.push(udp);
+            for _ in 1..loops {
+                let sock = if cfg.udp_reuseport {
                     reuseport_udp(addr)
                 } else {
-                    first.try_clone()
-                }
-                .map_err(bind_err)?;
-                socks.push(sock);
+                    socks[0].try_clone()
+                };
+                socks.push(sock.map_err(bind_err)?);
             }
             if cfg.udp_reuseport && cfg.udp_steer_by_cpu && loops > 1 {
-                if let Err(e) = steer_by_cpu(&first, loops) {
+                if let Err(e) = steer_by_cpu(&socks[0], loops) {
                     tracing::warn!(error = %e, "DNS: datagrams not steered by CPU");
                 }
             }
@@ -469,18 +466,19 @@ fn unix_serial() -> u32 {
 }
 
 /// Bind UDP and TCP on the same address; with port 0, on the same free
-/// port (retrying when TCP's is taken).
-async fn bind_pair(
+/// port (retrying when TCP's is taken). The UDP socket is left unregistered
+/// (non-blocking): its receive loop registers it on its own thread.
+fn bind_pair(
     addr: SocketAddr,
     reuseport: bool,
-) -> Result<(SocketAddr, UdpSocket, tokio::net::TcpListener), DnsError> {
+) -> Result<(SocketAddr, std::net::UdpSocket, tokio::net::TcpListener), DnsError> {
     let attempts = if addr.port() == 0 { 20 } else { 1 };
     let mut last = None;
     for _ in 0..attempts {
         let udp = if reuseport {
-            reuseport_udp(addr).and_then(UdpSocket::from_std)
+            reuseport_udp(addr)
         } else {
-            UdpSocket::bind(addr).await
+            std::net::UdpSocket::bind(addr).and_then(|s| s.set_nonblocking(true).map(|()| s))
         }
         .map_err(|source| DnsError::Bind {
             proto: "udp",
@@ -516,7 +514,6 @@ async fn bind_pair(
     Err(last.expect("at least one attempt"))
 }
 
-/// A UDP socket bound to `addr` with `SO_REUSEPORT`.
 /// Send a datagram to the socket (in bind order, so to the loop) whose
 /// index is the CPU that received it, modulo the loops: the loop's wake-up
 /// then starts where the datagram is (a classic BPF program on the
@@ -547,6 +544,7 @@ fn steer_by_cpu(sock: &std::net::UdpSocket, loops: usize) -> std::io::Result<()>
     Ok(())
 }
 
+/// A UDP socket bound to `addr` with `SO_REUSEPORT`.
 fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -559,6 +557,16 @@ fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernel_takes_the_cpu_steering_program() {
+        // Two sockets in one SO_REUSEPORT group; the kernel checks the
+        // classic BPF program when it is attached (EINVAL if malformed).
+        let first = reuseport_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = first.local_addr().unwrap();
+        let _second = reuseport_udp(addr).unwrap();
+        steer_by_cpu(&first, 2).unwrap();
+    }
 
     #[test]
     fn resolv_conf() {

@@ -206,7 +206,10 @@ pub async fn serve(sock: Rc<Udp>, shared: Arc<Shared>, server: Arc<str>, batch: 
                 continue;
             }
             Err(e) => {
+                // (Let the loop's other tasks run before trying again.)
                 tracing::debug!(error = %e, "DNS UDP receive error");
+                drop(ready);
+                tokio::task::yield_now().await;
                 continue;
             }
         };
