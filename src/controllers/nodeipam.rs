@@ -109,12 +109,14 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         .iter()
         .filter_map(|n| n.metadata.name.as_deref())
         .collect();
-    // Forget what the cache shows now, or what went with its Node.
-    given.retain(|n, _| {
+    // Forget what the cache shows now (that very block on that Node), or
+    // what went with its Node. A cache still showing an older block of the
+    // Node must not free the one just given, or a second Node could get it.
+    given.retain(|n, b| {
         present.contains(n.as_str())
             && !nodes.iter().any(|x| {
                 x.metadata.name.as_deref() == Some(n.as_str())
-                    && x.spec.as_ref().and_then(|s| s.pod_cidr.as_ref()).is_some()
+                    && x.spec.as_ref().and_then(|s| s.pod_cidr.as_ref()) == Some(&*b)
             })
     });
     let mut used: BTreeSet<String> = nodes
