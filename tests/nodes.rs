@@ -139,6 +139,35 @@ fn node_registers_heartbeats_and_gets_a_pod_cidr() {
     c.kubectl_ok(&["delete", "node", "node-b"]);
     c.apply(&node_yaml("node-d"));
     assert_eq!(cidr("node-d"), b, "node-b's block is free again");
+
+    // A range, once set, is fixed: a write from a stale view (here, by
+    // hand) is refused as kube-apiserver refuses it, and nothing moves.
+    let out = c.kubectl(&[
+        "patch",
+        "node",
+        "node-c",
+        "-p",
+        r#"{"spec":{"podCIDR":"10.244.9.0/24","podCIDRs":["10.244.9.0/24"]}}"#,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a podCIDR change was accepted");
+    assert!(
+        err.contains("spec.podCIDR: Forbidden: node updates may not change podCIDR"),
+        "{err}"
+    );
+    assert_eq!(cidr("node-c"), cc);
+
+    // Many Nodes joining at once get distinct blocks.
+    let many: Vec<String> = (0..8).map(|i| node_yaml(&format!("join-{i}"))).collect();
+    c.apply(&many.join("---\n"));
+    let mut blocks: Vec<String> = (0..8).map(|i| cidr(&format!("join-{i}"))).collect();
+    blocks.extend([cidr("node-a"), cc, cidr("node-d")]);
+    let distinct: std::collections::BTreeSet<&String> = blocks.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        blocks.len(),
+        "a block given twice: {blocks:?}"
+    );
 }
 
 /// A Pod no node is named for (it runs `sleep` once bound).

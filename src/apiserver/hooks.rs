@@ -194,7 +194,65 @@ pub fn before_update(
             // The request and who made it never change.
             new["spec"] = old.get("spec").cloned().unwrap_or(json!({}));
         }
+        Kind::Node => {
+            let errs = node_update_errors(old, new);
+            if !errs.is_empty() {
+                return Err(ApiError::invalid(
+                    def.kind_name,
+                    meta_str(new, "name").unwrap_or(""),
+                    errs,
+                ));
+            }
+        }
         _ => {}
     }
     check(srv, def, new)
+}
+
+/// A Node's pod range is set once (by node IPAM or the agent's
+/// `--pod-cidr`) and then fixed, as kube-apiserver rules: pods hold
+/// addresses from it, so a writer acting on a stale view must be refused,
+/// not allowed to move the range under them.
+fn node_update_errors(old: &Value, new: &Value) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    for field in ["podCIDR", "podCIDRs"] {
+        let was = &old["spec"][field];
+        let set = match was {
+            Value::String(s) => !s.is_empty(),
+            Value::Array(a) => !a.is_empty(),
+            _ => false,
+        };
+        if set && new["spec"][field] != *was {
+            errs.push(FieldError::forbidden(
+                format!("spec.{field}"),
+                "node updates may not change podCIDR except from \"\" to valid",
+            ));
+        }
+    }
+    errs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_range_is_set_once() {
+        let none = json!({"spec": {}});
+        let a = json!({"spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]}});
+        let b = json!({"spec": {"podCIDR": "10.244.2.0/24", "podCIDRs": ["10.244.2.0/24"]}});
+        assert!(
+            node_update_errors(&none, &a).is_empty(),
+            "from unset to set"
+        );
+        assert!(node_update_errors(&a, &a).is_empty(), "unchanged");
+        let errs = node_update_errors(&a, &b);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert_eq!(node_update_errors(&a, &none).len(), 2, "cleared");
+        let empty = json!({"spec": {"podCIDR": ""}});
+        assert!(
+            node_update_errors(&empty, &b).is_empty(),
+            "from \"\" to set"
+        );
+    }
 }

@@ -7,7 +7,10 @@
 //! holds. The controller ([`run`]) reconciles Nodes one at a time (one
 //! lock around choose-and-patch), and remembers what it handed out until
 //! its cache shows it, so two Nodes arriving together never get the same
-//! block. A deleted Node's block is free again once the cache drops it.
+//! block. Each write is pinned to the resourceVersion it was decided on,
+//! and the API server refuses any change to a range once set, so a stale
+//! view can never move a Node's range. A deleted Node's block is free
+//! again once the cache drops it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -129,13 +132,27 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         None => allocate(&ctx.cfg, &used)
             .ok_or_else(|| Error::Full(ctx.cfg.cluster_cidr.to_string()))?,
     };
-    ctx.nodes
-        .patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"podCIDR": block, "podCIDRs": [block]}})),
-        )
-        .await?;
+    // Pinned to the version we decided on: a cache behind the store (a
+    // fresh leader's list, a lagging member) may show no range on a Node
+    // that has one; the write must then fail (409), not replace it.
+    let rv = node.metadata.resource_version.clone();
+    let patch = json!({
+        "metadata": {"resourceVersion": rv},
+        "spec": {"podCIDR": block, "podCIDRs": [block]},
+    });
+    match ctx
+        .nodes
+        .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => {}
+        // Stale: the watch brings the newer Node, which reconciles again.
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            tracing::debug!(node = %name, "node changed meanwhile; waiting for the newer version");
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
+        Err(e) => return Err(e.into()),
+    }
     tracing::info!(node = %name, pod_cidr = %block, "pod CIDR allocated");
     metrics::counter!("fairlead_node_ipam_allocations_total").increment(1);
     given.insert(name, block);
