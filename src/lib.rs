@@ -81,6 +81,10 @@
 //!   units in `config/systemd/`.
 //! * [`cli`] — the `fairlead` command line (`up`, `apiserver`,
 //!   `controllers`, `scheduler`, `node`, `join`, `token`, `echo`).
+//! * [`fuzzing`] — the fuzz targets (DNS requests, API bodies, selectors,
+//!   patches, `--config`, the nf_tables encoder, store keys), run by
+//!   `fuzz/` under cargo-fuzz and replayed on stable by
+//!   `tests/fuzz_regressions.rs`.
 
 pub mod api;
 pub mod apiserver;
@@ -88,6 +92,7 @@ pub mod cli;
 pub mod controllers;
 pub mod dns;
 pub mod echo;
+pub mod fuzzing;
 pub mod join;
 pub mod kubelet;
 pub mod metrics;

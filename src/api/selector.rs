@@ -973,8 +973,7 @@ impl FieldSelector {
     /// selects everything. Field names are taken verbatim (no trimming),
     /// exactly as Kubernetes does, and are not checked here.
     pub fn parse(s: &str) -> Result<Self, SelectorError> {
-        let mut parts = split_field_terms(s);
-        parts.sort_unstable();
+        let parts = split_field_terms(s);
         let mut terms = Vec::new();
         for part in parts {
             if part.is_empty() {
@@ -991,6 +990,11 @@ impl FieldSelector {
                 value: unescape_field_value(raw)?,
             });
         }
+        // Sorted by the canonical form of each term (not by the text as
+        // written, where `a==` and `a=\x17` sort the other way round), so
+        // printing and parsing again gives the same selector (found by
+        // fuzzing).
+        terms.sort_by_cached_key(FieldTerm::canonical);
         Ok(FieldSelector { terms })
     }
 
@@ -1049,13 +1053,20 @@ impl fmt::Display for FieldSelector {
             if i > 0 {
                 f.write_str(",")?;
             }
-            let op = match t.op {
-                FieldOp::Equals => "=",
-                FieldOp::NotEquals => "!=",
-            };
-            write!(f, "{}{}{}", t.field, op, escape_field_value(&t.value))?;
+            f.write_str(&t.canonical())?;
         }
         Ok(())
+    }
+}
+
+impl FieldTerm {
+    /// `field=value` or `field!=value`, the value re-escaped.
+    fn canonical(&self) -> String {
+        let op = match self.op {
+            FieldOp::Equals => "=",
+            FieldOp::NotEquals => "!=",
+        };
+        format!("{}{}{}", self.field, op, escape_field_value(&self.value))
     }
 }
 

@@ -943,13 +943,13 @@ pub struct ListResult {
     pub continue_token: Option<String>,
 }
 
-fn encode_continue(rev: Revision, key: &str) -> String {
+pub(crate) fn encode_continue(rev: Revision, key: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .encode(json!({"v": "meta.k8s.io/v1", "rv": rev, "start": key}).to_string())
 }
 
-fn decode_continue(token: &str) -> Result<(Revision, String), ApiError> {
+pub(crate) fn decode_continue(token: &str) -> Result<(Revision, String), ApiError> {
     use base64::Engine;
     let bad = |why: &str| ApiError::bad_request(format!("continue key is not valid: {why}"));
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD

@@ -51,6 +51,32 @@ use super::{table, Server};
 /// (clients reconnect from their last resourceVersion).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
+/// A watcher whose queue has been full this long is closed, as
+/// kube-apiserver closes unresponsive watchers: its client stopped reading
+/// (or reads slower than the cluster changes), and holding its events
+/// would grow without bound. A queue is [`WATCH_QUEUE`] lines; past it,
+/// only the kernel's socket buffers hold more. The client sees its stream
+/// end and watches again from the last resourceVersion it read (or, if
+/// that was compacted meanwhile, gets a 410 and re-lists).
+const SLOW_WATCHER: Duration = Duration::from_secs(5);
+/// Watch lines queued per watcher before it must keep up.
+const WATCH_QUEUE: usize = 64;
+
+/// Queue a line for the watcher; false when it is gone or too slow (then
+/// the watch ends, counted in `apiserver_terminated_watchers_total`).
+async fn deliver(tx: &mpsc::Sender<Bytes>, line: Bytes, resource: &'static str) -> bool {
+    match tx.send_timeout(line, SLOW_WATCHER).await {
+        Ok(()) => true,
+        Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+            metrics::counter!("apiserver_terminated_watchers_total", "resource" => resource)
+                .increment(1);
+            tracing::info!(resource, "closing a watcher that stopped reading");
+            false
+        }
+    }
+}
+
 struct WatchGauge(&'static str);
 impl WatchGauge {
     fn new(resource: &'static str) -> Self {
@@ -319,7 +345,7 @@ impl Server {
             q: q.clone(),
             first: true,
         };
-        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        let (tx, rx) = mpsc::channel::<Bytes>(WATCH_QUEUE);
         // Initial state.
         let initial = send_initial == Some("true")
             || (send_initial.is_none() && (rv.is_empty() || rv == "0"));
@@ -367,8 +393,9 @@ impl Server {
         let decoded = self.decoded.clone();
         tokio::spawn(async move {
             let _gauge = gauge;
+            let resource = def.plural;
             for f in initial_frames {
-                if tx.send(f).await.is_err() {
+                if !deliver(&tx, f, resource).await {
                     return;
                 }
             }
@@ -444,7 +471,7 @@ impl Server {
                         frame
                     }
                 };
-                if tx.send(frame).await.is_err() {
+                if !deliver(&tx, frame, resource).await {
                     return;
                 }
             }

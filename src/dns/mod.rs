@@ -355,6 +355,19 @@ impl DnsServer {
         self.shared.index()
     }
 
+    /// The reply a listener would send for `packet`, computed on the
+    /// calling thread; `None` when the request is dropped or needs an
+    /// upstream. The whole synchronous path (parse, answer table, index,
+    /// encode), for fuzzing ([`crate::fuzzing`]) and tests.
+    pub fn answer(&self, packet: &[u8], proto: server::Proto) -> Option<Vec<u8>> {
+        let peer = SocketAddr::from(([127, 0, 0, 1], 40000));
+        let label: Arc<str> = Arc::from("dns://fuzz");
+        match server::prepare(&self.shared, packet, proto, peer, &label) {
+            server::Prepared::Reply(bytes) => Some(bytes),
+            server::Prepared::Drop | server::Prepared::Forward(_) => None,
+        }
+    }
+
     /// Apply the changes `dirty` names (taken from `cache` by
     /// [`Cache::take_dirty`]) to the served zone. Costs the size of the
     /// change: the changed Services' contributions are computed before the

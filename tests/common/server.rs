@@ -110,6 +110,11 @@ impl Fairlead {
         self.spawn();
     }
 
+    /// The server's process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Run kubectl against this server.
     pub fn kubectl(&self, args: &[&str]) -> Output {
         kubectl_cmd(&self.kubeconfig, args)

@@ -1019,6 +1019,51 @@ pub fn getrule_request(t: &str, chain: &str, seq: u32) -> Vec<u8> {
     )
 }
 
+/// Walk every message of a batch and its nested attributes: the lengths
+/// must add up exactly (what the kernel checks before it reads a batch).
+/// Returns the number of messages. For tests and fuzzing.
+pub fn check_well_formed(bytes: &[u8]) -> Result<usize, String> {
+    fn walk(buf: &[u8]) -> Result<(), String> {
+        let mut off = 0;
+        while off < buf.len() {
+            if off + 4 > buf.len() {
+                return Err(format!("truncated attribute header at {off}"));
+            }
+            let len = u16::from_ne_bytes([buf[off], buf[off + 1]]) as usize;
+            let ty = u16::from_ne_bytes([buf[off + 2], buf[off + 3]]);
+            if len < 4 || off + len > buf.len() {
+                return Err(format!("bad attribute length {len} at {off}"));
+            }
+            if ty & NLA_F_NESTED != 0 {
+                walk(&buf[off + 4..off + len])?;
+            }
+            off += align4(len);
+        }
+        if off != buf.len() {
+            return Err("attributes overrun their parent".into());
+        }
+        Ok(())
+    }
+    let mut msgs = 0;
+    let mut total = 0;
+    for m in messages(bytes) {
+        msgs += 1;
+        total += align4(16 + m.payload.len());
+        walk(
+            m.payload
+                .get(4..)
+                .ok_or("message without its nfgenmsg header")?,
+        )?;
+    }
+    if total != bytes.len() {
+        return Err(format!(
+            "messages cover {total} of the batch's {} bytes",
+            bytes.len()
+        ));
+    }
+    Ok(msgs)
+}
+
 /// A rule's handle and comment, from the body of an `NFT_MSG_NEWRULE`
 /// message (after its 4-byte nfgenmsg header).
 pub fn rule_handle_comment(body: &[u8]) -> Option<(u64, String)> {
@@ -1137,31 +1182,8 @@ mod tests {
     use crate::proxy::nftables::ruleset::tests::{cfg, golden_state};
     use crate::proxy::nftables::{diff, ruleset::Ruleset};
 
-    /// Walk every message and nested attribute: lengths add up exactly.
     fn check_well_formed(bytes: &[u8]) -> usize {
-        fn walk(buf: &[u8]) {
-            let mut off = 0;
-            while off < buf.len() {
-                assert!(off + 4 <= buf.len(), "truncated attribute header");
-                let len = u16::from_ne_bytes([buf[off], buf[off + 1]]) as usize;
-                let ty = u16::from_ne_bytes([buf[off + 2], buf[off + 3]]);
-                assert!(len >= 4 && off + len <= buf.len(), "bad attribute length");
-                if ty & NLA_F_NESTED != 0 {
-                    walk(&buf[off + 4..off + len]);
-                }
-                off += align4(len);
-            }
-            assert_eq!(off, buf.len(), "attributes cover their parent");
-        }
-        let mut msgs = 0;
-        let mut total = 0;
-        for m in messages(bytes) {
-            msgs += 1;
-            total += align4(16 + m.payload.len());
-            walk(&m.payload[4..]);
-        }
-        assert_eq!(total, bytes.len(), "messages cover the batch");
-        msgs
+        super::check_well_formed(bytes).unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]

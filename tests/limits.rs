@@ -1,0 +1,161 @@
+//! Bounded resources: what one misbehaving client can cost the API server.
+//!
+//! * A watcher that stops reading while 10,000 large objects are written:
+//!   the server's memory stays bounded (it does not queue the events for
+//!   it), the server closes that watch (as kube-apiserver closes
+//!   unresponsive watchers), and the client recovers by listing again.
+//!
+//! A real `fairlead apiserver` process (tests/common) and kube-rs clients;
+//! every wait is a poll with a deadline.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::server::Fairlead;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
+
+/// Objects written while the watcher is stalled.
+const OBJECTS: usize = 10_000;
+/// Each object's data: 10,000 of them are ~320 MB of events, more than
+/// the bound below, so a server that queued them for the watcher fails.
+const VALUE_BYTES: usize = 32 * 1024;
+/// How much the server's peak memory may grow over the run.
+const GROWTH_BOUND_KIB: u64 = 200 * 1024;
+const WAIT: Duration = Duration::from_secs(60);
+
+/// VmRSS and VmHWM (peak) of a process, in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The server's count of watchers it closed for not reading.
+fn terminated_watchers(f: &Fairlead) -> u64 {
+    let text = f.kubectl_ok(&["get", "--raw", "/metrics"]);
+    text.lines()
+        .filter(|l| l.starts_with("apiserver_terminated_watchers_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+fn config_map(i: usize, value: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(format!("cm-{i:05}")),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([("v".to_string(), value.to_string())])),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_stops_reading_is_closed_and_memory_stays_bounded() {
+    let f = tokio::task::spawn_blocking(|| Fairlead::start(&[]))
+        .await
+        .unwrap();
+    let pid = f.pid().unwrap();
+    // The watcher has a client (and connection) of its own: a stalled
+    // HTTP/2 stream must not hold up the writer's requests.
+    let watcher: Api<ConfigMap> = Api::namespaced(f.client().await, "default");
+    let writer: Api<ConfigMap> = Api::namespaced(f.client().await, "default");
+    let first = writer
+        .create(&PostParams::default(), &config_map(OBJECTS, "first"))
+        .await
+        .unwrap();
+    let mut stalled = watcher
+        .watch(&WatchParams::default(), "0")
+        .await
+        .unwrap()
+        .boxed();
+    // Read once, so the watch is established; then never again until the
+    // writes are done.
+    let ev = tokio::time::timeout(WAIT, stalled.next()).await.unwrap();
+    assert!(
+        matches!(ev, Some(Ok(WatchEvent::Added(ref c))) if c.metadata.name == first.metadata.name),
+        "{ev:?}"
+    );
+    let (rss_before, _) = memory_kib(pid);
+
+    let value = "x".repeat(VALUE_BYTES);
+    let started = Instant::now();
+    futures::stream::iter(0..OBJECTS)
+        .map(|i| {
+            let writer = writer.clone();
+            let cm = config_map(i, &value);
+            async move { writer.create(&PostParams::default(), &cm).await }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+
+    // The server gave up on the watcher rather than queue its events.
+    let deadline = Instant::now() + WAIT;
+    while terminated_watchers(&f) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled watcher was not closed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (rss_after, peak) = memory_kib(pid);
+    eprintln!(
+        "{OBJECTS} writes of {VALUE_BYTES} bytes in {took:?}; server RSS {rss_before} KiB before, \
+         {rss_after} KiB after, peak {peak} KiB"
+    );
+    assert!(
+        peak < rss_before + GROWTH_BOUND_KIB,
+        "server memory grew from {rss_before} KiB to a peak of {peak} KiB"
+    );
+
+    // The client reads what was in flight, then its stream ends, short of
+    // the 10,000 events.
+    let mut seen = 0usize;
+    let drained = tokio::time::timeout(WAIT, async {
+        while let Some(ev) = stalled.next().await {
+            if matches!(ev, Ok(WatchEvent::Added(_))) {
+                seen += 1;
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the stalled watch did not end");
+    assert!(
+        seen < OBJECTS,
+        "the closed watch still delivered all {seen} events"
+    );
+
+    // It recovers by listing again, and a new watch from there sees news.
+    let list = watcher.list(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), OBJECTS + 1);
+    let rv = list.metadata.resource_version.unwrap();
+    let mut fresh = watcher
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    writer
+        .create(&PostParams::default(), &config_map(OBJECTS + 1, "after"))
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(WAIT, fresh.next()).await.unwrap();
+    assert!(
+        matches!(ev, Some(Ok(WatchEvent::Added(ref c)))
+            if c.metadata.name.as_deref() == Some("cm-10001")),
+        "{ev:?}"
+    );
+}
