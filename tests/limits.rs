@@ -1,9 +1,14 @@
-//! Bounded resources: what one misbehaving client can cost the API server.
+//! Bounded resources and faults: what one misbehaving client, or a full
+//! disk, can cost the API server.
 //!
 //! * A watcher that stops reading while 10,000 large objects are written:
 //!   the server's memory stays bounded (it does not queue the events for
 //!   it), the server closes that watch (as kube-apiserver closes
 //!   unresponsive watchers), and the client recovers by listing again.
+//! * The embedded store's disk fills up (a small tmpfs the test mounts):
+//!   writes get a 507 Status saying so, reads go on, nothing acknowledged
+//!   is lost (also across a restart), and writes resume once space
+//!   returns.
 //!
 //! A real `fairlead apiserver` process (tests/common) and kube-rs clients;
 //! every wait is a poll with a deadline.
@@ -158,4 +163,161 @@ async fn a_watcher_that_stops_reading_is_closed_and_memory_stays_bounded() {
             if c.metadata.name.as_deref() == Some("cm-10001")),
         "{ev:?}"
     );
+}
+
+/// A small tmpfs, unmounted (lazily) on drop.
+struct Tmpfs {
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::Builder::new()
+            .prefix("fairlead-full-")
+            .tempdir()
+            .unwrap();
+        let path = dir.path().join("mnt");
+        std::fs::create_dir(&path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "fairlead-test",
+            ])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs (needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs { path, _dir: dir }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// Fill the filesystem of `path` with a file: every byte it will take.
+fn fill(path: &std::path::Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    for chunk in [1 << 20, 4096, 512] {
+        let zeros = vec![0u8; chunk];
+        while f.write_all(&zeros).is_ok() && f.flush().is_ok() {}
+    }
+}
+
+/// The HTTP code and message of a failed kube call.
+fn api_error(e: &kube::Error) -> (u16, String) {
+    match e {
+        kube::Error::Api(s) => (s.code, s.message.clone()),
+        other => (0, other.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_writes_clearly_and_loses_nothing() {
+    let disk = Tmpfs::mount("48m");
+    let data = disk.path.join("data");
+    std::fs::create_dir(&data).unwrap();
+    let d = data.clone();
+    let mut f = tokio::task::spawn_blocking(move || Fairlead::start_in(&d, &[]))
+        .await
+        .unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(f.client().await, "default");
+    let value = "y".repeat(4096);
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        cms.create(&PostParams::default(), &config_map(i, &value))
+            .await
+            .unwrap();
+        acked.push(format!("cm-{i:05}"));
+    }
+
+    let filler = disk.path.join("filler");
+    fill(&filler);
+    // SQLite writes into room it already has (its log) until that is
+    // used up; then every write fails, with a 507 that says why.
+    let mut refused = Vec::new();
+    for i in 20..20_000 {
+        match cms
+            .create(&PostParams::default(), &config_map(i, &value))
+            .await
+        {
+            Ok(_) => acked.push(format!("cm-{i:05}")),
+            Err(e) => {
+                refused.push(api_error(&e));
+                if refused.len() == 3 {
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(refused.len(), 3, "writes never failed on a full disk");
+    for (code, message) in &refused {
+        assert_eq!(*code, 507, "{message}");
+        assert!(message.contains("out of disk space"), "{message}");
+    }
+
+    // Reads go on, and show every acknowledged write.
+    let names = |list: kube::core::ObjectList<ConfigMap>| -> std::collections::BTreeSet<String> {
+        list.items
+            .into_iter()
+            .filter_map(|c| c.metadata.name)
+            .collect()
+    };
+    let listed = names(cms.list(&ListParams::default()).await.unwrap());
+    let missing: Vec<&String> = acked.iter().filter(|n| !listed.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not listed: {missing:?}"
+    );
+
+    // Space returns: writes resume.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let mut i = 30_000;
+    loop {
+        match cms
+            .create(&PostParams::default(), &config_map(i, "back"))
+            .await
+        {
+            Ok(_) => {
+                acked.push(format!("cm-{i:05}"));
+                break;
+            }
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "writes did not resume: {:?}",
+                api_error(&e)
+            ),
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // And everything acknowledged survives a crash and restart.
+    tokio::task::block_in_place(|| f.restart());
+    let cms: Api<ConfigMap> = Api::namespaced(f.client().await, "default");
+    let listed = names(cms.list(&ListParams::default()).await.unwrap());
+    let missing: Vec<&String> = acked.iter().filter(|n| !listed.contains(*n)).collect();
+    assert!(missing.is_empty(), "lost after a restart: {missing:?}");
+    eprintln!(
+        "{} writes acknowledged ({} on the full disk), refused with {:?}",
+        acked.len(),
+        acked.len() - 21,
+        refused[0]
+    );
+    drop(f);
 }

@@ -245,6 +245,11 @@ impl From<crate::store::StoreError> for ApiError {
             }
             Unavailable(m) => ApiError::unavailable(m),
             Internal(m) => ApiError::internal(m),
+            NoSpace(m) => ApiError::new(
+                507,
+                "InsufficientStorage",
+                format!("the store is out of disk space; writes fail until space is freed, reads go on ({m})"),
+            ),
         }
     }
 }

@@ -594,8 +594,16 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, "embedded store commit failed");
                 self.revision = start_revision;
+                // SQLite rolled the transaction back: nothing of it is
+                // stored, and the callers hear why.
+                let full = matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DiskFull));
                 for (_, reply) in txns {
-                    let _ = reply.send(Err(internal(&e)));
+                    let err = if full {
+                        StoreError::NoSpace(e.to_string())
+                    } else {
+                        internal(&e)
+                    };
+                    let _ = reply.send(Err(err));
                 }
             }
         }

@@ -180,6 +180,10 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store internal error: {0}")]
     Internal(String),
+    /// The store's disk is full (SQLite's SQLITE_FULL, etcd's NOSPACE
+    /// alarm): writes fail until space returns, reads go on.
+    #[error("store out of space: {0}")]
+    NoSpace(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
