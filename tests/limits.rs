@@ -9,11 +9,20 @@
 //!   writes get a 507 Status saying so, reads go on, nothing acknowledged
 //!   is lost (also across a restart), and writes resume once space
 //!   returns.
+//! * `fairlead up` SIGKILLed 20 times at random moments under a writer and
+//!   a resuming watcher (the Python `kubernetes` client, in a network
+//!   namespace the test creates): every acknowledged write is stored and
+//!   was seen by the watcher, whose resourceVersions only ever rose.
 //!
 //! A real `fairlead apiserver` process (tests/common) and kube-rs clients;
 //! every wait is a poll with a deadline.
 
 mod common;
+
+#[test]
+fn agent() {
+    common::netns::agent_main();
+}
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -320,4 +329,97 @@ async fn a_full_disk_fails_writes_clearly_and_loses_nothing() {
         refused[0]
     );
     drop(f);
+}
+
+#[test]
+fn up_killed_20_times_under_writes_and_watches_loses_nothing() {
+    use common::cluster::Cluster;
+    let mut c = Cluster::up("crash", &[]);
+    let py = common::python::python_with("kubernetes", "kubernetes");
+    let out = tempfile::Builder::new()
+        .prefix("fairlead-crash-")
+        .tempdir()
+        .unwrap();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/crash_load.py");
+    let mut cmd = c.ns.command(&py);
+    cmd.arg(&script).arg(&c.kubeconfig).arg(out.path());
+    c.start_command("load", cmd);
+    let acked_path = out.path().join("acked");
+    let acked_lines = || {
+        std::fs::read_to_string(&acked_path)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    eprintln!("random seed {seed}");
+    let mut rng = seed | 1;
+    for round in 0..20 {
+        // Each lifetime takes writes (so the kill lands under load), then
+        // runs a random while longer before the SIGKILL.
+        let before = acked_lines();
+        common::server::poll(&format!("writes in round {round}"), WAIT, || {
+            (acked_lines() > before).then_some(())
+        });
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_millis(100 + rng % 1500));
+        c.proc("up").kill9();
+        c.start_up(&[]);
+    }
+    std::fs::write(out.path().join("stop"), "").unwrap();
+    let result_path = out.path().join("result.json");
+    let result: serde_json::Value =
+        common::server::poll("the load's result", Duration::from_secs(120), || {
+            let text = std::fs::read_to_string(&result_path).ok()?;
+            serde_json::from_str(&text).ok()
+        });
+    let acked: Vec<String> = std::fs::read_to_string(&acked_path)
+        .unwrap()
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect();
+    let stored: serde_json::Value =
+        serde_json::from_str(&c.kubectl_ok(&["get", "configmaps", "-o", "json"])).unwrap();
+    let stored: std::collections::BTreeSet<&str> = stored["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["metadata"]["name"].as_str())
+        .collect();
+    let seen: std::collections::BTreeSet<&str> = result["seen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let lost: Vec<&String> = acked
+        .iter()
+        .filter(|n| !stored.contains(n.as_str()))
+        .collect();
+    let unseen: Vec<&String> = acked
+        .iter()
+        .filter(|n| !seen.contains(n.as_str()))
+        .collect();
+    eprintln!(
+        "{} writes acknowledged over 20 kills; watcher resumed {} times, listed {} times",
+        acked.len(),
+        result["resumes"],
+        result["relists"]
+    );
+    assert!(acked.len() >= 20, "too few writes to mean anything");
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert!(
+        unseen.is_empty(),
+        "acknowledged writes the watcher never saw: {unseen:?}"
+    );
+    assert_eq!(
+        result["violations"],
+        serde_json::json!([]),
+        "resourceVersions went back"
+    );
 }
