@@ -9,6 +9,9 @@
 //!   writes get a 507 Status saying so, reads go on, nothing acknowledged
 //!   is lost (also across a restart), and writes resume once space
 //!   returns.
+//! * (ignored, work in progress) 500 concurrent requests from one user
+//!   leave another user's p99 under 1 s (per-user seats,
+//!   `apiserver::fairness`).
 //! * `fairlead up` SIGKILLed 20 times at random moments under a writer and
 //!   a resuming watcher (the Python `kubernetes` client, in a network
 //!   namespace the test creates): every acknowledged write is stored and
@@ -422,4 +425,150 @@ fn up_killed_20_times_under_writes_and_watches_loses_nothing() {
         serde_json::json!([]),
         "resourceVersions went back"
     );
+}
+
+/// A kube-rs client of `f` that authenticates with a bearer token.
+async fn token_client(f: &Fairlead, token: &str) -> kube::Client {
+    let mut kc = kube::config::Kubeconfig::read_from(&f.kubeconfig).unwrap();
+    for named in &mut kc.auth_infos {
+        named.auth_info = Some(kube::config::AuthInfo {
+            token: Some(token.to_string().into()),
+            ..Default::default()
+        });
+    }
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    kube::Client::try_from(cfg).unwrap()
+}
+
+/// Not yet passing: with per-user seats the victim's p50 was still 2.8 s
+/// and p99 6.5 s (debug server, 2 cores shared with two fuzzers), while
+/// the victim alone answers in milliseconds; something beside the seats
+/// (connection handling, TLS, the store's readers?) queues it behind the
+/// flood. Next: profile the server during the flood (see issue 17's note).
+#[ignore = "work in progress: the victim's p99 is above 1 s"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_flooding_user_does_not_starve_another() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const FLOOD: usize = 500;
+    let tokens = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        tokens.path(),
+        "flood-token,flood,1001,\"\"\nvictim-token,victim,1002,\"\"\n",
+    )
+    .unwrap();
+    let path = tokens.path().display().to_string();
+    let f = tokio::task::spawn_blocking(move || Fairlead::start(&["--token-auth-file", &path]))
+        .await
+        .unwrap();
+    // Lists worth flooding: 100 ConfigMaps of 1 KiB.
+    let admin: Api<ConfigMap> = Api::namespaced(f.client().await, "default");
+    let value = "z".repeat(1024);
+    futures::stream::iter(0..100)
+        .map(|i| {
+            let admin = admin.clone();
+            let cm = config_map(i, &value);
+            async move { admin.create(&PostParams::default(), &cm).await }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+
+    // The flood asks for the list and does not decode it (the test's own
+    // CPU goes to the server, not to parsing its answers).
+    let flood = token_client(&f, "flood-token").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done, refused, in_flight) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..FLOOD {
+        let (flood, stop, done, refused, in_flight) = (
+            flood.clone(),
+            stop.clone(),
+            done.clone(),
+            refused.clone(),
+            in_flight.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let req = http::Request::get("/api/v1/namespaces/default/configmaps")
+                    .body(Vec::new())
+                    .unwrap();
+                in_flight.fetch_add(1, Ordering::Relaxed);
+                let r = flood.request_text(req).await;
+                in_flight.fetch_sub(1, Ordering::Relaxed);
+                match r {
+                    Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => refused.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    // The flood is on: its requests are in flight (and some answered).
+    let deadline = Instant::now() + WAIT;
+    while in_flight.load(Ordering::Relaxed) < FLOOD / 2 || done.load(Ordering::Relaxed) < 50 {
+        assert!(Instant::now() < deadline, "the flood did not get going");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The other user, on a thread and runtime of its own (not queued
+    // behind the flood's tasks in this process).
+    let kubeconfig = f.kubeconfig.clone();
+    let victim = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let f_kc = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
+            let mut kc = f_kc;
+            for named in &mut kc.auth_infos {
+                named.auth_info = Some(kube::config::AuthInfo {
+                    token: Some("victim-token".to_string().into()),
+                    ..Default::default()
+                });
+            }
+            let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .unwrap();
+            let victim: Api<ConfigMap> =
+                Api::namespaced(kube::Client::try_from(cfg).unwrap(), "default");
+            let mut took = Vec::new();
+            for i in 0..100 {
+                let started = Instant::now();
+                let got = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    victim.get(&format!("cm-{:05}", i % 100)),
+                )
+                .await;
+                let t = started.elapsed();
+                assert!(matches!(got, Ok(Ok(_))), "victim request {i}: {got:?}");
+                took.push(t);
+            }
+            took
+        })
+    });
+    let mut took = tokio::task::spawn_blocking(move || victim.join().unwrap())
+        .await
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let flood_done = done.load(Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    took.sort();
+    let p99 = took[98];
+    eprintln!(
+        "victim: p50 {:?}, p99 {:?}, max {:?}; flood: {flood_done} lists answered, {} refused",
+        took[49],
+        p99,
+        took[99],
+        refused.load(Ordering::Relaxed)
+    );
+    assert!(p99 < Duration::from_secs(1), "the victim's p99 was {p99:?}");
 }

@@ -23,6 +23,7 @@ pub mod authz;
 pub mod discovery;
 pub mod endpoints;
 pub mod eviction;
+pub mod fairness;
 pub mod hooks;
 pub mod objects;
 pub mod openapi;
@@ -120,6 +121,8 @@ pub struct Server {
     pub ca_pem: Arc<str>,
     /// Signs and verifies ServiceAccount tokens (`serviceaccount`).
     sa_keys: Arc<crate::api::satoken::Keys>,
+    /// Per-user seats for requests (`fairness`).
+    fairness: Arc<fairness::Fairness>,
 }
 
 /// A started API server.
@@ -324,6 +327,7 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
         kubelet_tls,
         ca_pem: pki.ca_cert_pem.clone().into(),
         sa_keys: Arc::new(sa_keys),
+        fairness: Default::default(),
     };
     server.bootstrap().await?;
     server.reconcile_endpoints().await;

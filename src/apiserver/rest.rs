@@ -51,7 +51,13 @@ fn json_response(code: u16, v: &Value, warnings: &[String]) -> Response<Body> {
 }
 
 pub fn error_response(e: &ApiError) -> Response<Body> {
-    json_response(e.code, &e.to_status(), &[])
+    let mut resp = json_response(e.code, &e.to_status(), &[]);
+    if e.code == 429 {
+        // client-go waits this long and retries on its own.
+        resp.headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
+    }
+    resp
 }
 
 fn bytes_response(content_type: &'static str, body: &'static [u8]) -> Response<Body> {
@@ -408,6 +414,15 @@ impl Server {
         }
         let ident = self.authenticate(&req, cert).await?;
         let route = route?;
+        // A seat for the request (see `fairness`), held until its handler
+        // returns; long-running requests and the exempt level need none.
+        let long_running = matches!(&route, Route::Resource(r)
+            if metric_verb(req.method(), r, &q) == "WATCH" || r.sub.as_deref() == Some("log"));
+        let _seat = if long_running || ident.groups.iter().any(|g| g == super::tls::ADMIN_GROUP) {
+            super::fairness::Fairness::exempt()
+        } else {
+            self.fairness.admit(&ident.user).await?
+        };
         if req.method() != Method::GET && !matches!(route, Route::Resource(_)) {
             return Err(ApiError::method_not_allowed(
                 "the server does not allow this method on the requested resource",
