@@ -222,7 +222,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n * 3600.0,
         _ => return Err(format!("invalid duration {s:?}: unknown unit {unit:?}")),
     };
-    Ok(Duration::from_secs_f64(secs))
+    // (A number too large for a Duration is an error, not a panic: found
+    // by fuzzing `--config`.)
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {s:?}: out of range"))
 }
 
 /// Parse an address with or without a port (kube-proxy accepts both).
@@ -383,6 +385,8 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("3x").is_err());
+        let huge = format!("{}h", "7".repeat(40));
+        assert!(parse_duration(&huge).unwrap_err().contains("out of range"));
         assert_eq!(parse_bind("0.0.0.0", 10256).unwrap().port(), 10256);
         assert_eq!(parse_bind("127.0.0.1:9", 1).unwrap().port(), 9);
         assert_eq!(parse_nodeport_address("0.0.0.0/0").unwrap(), None);
