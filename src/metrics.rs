@@ -25,6 +25,8 @@ pub const METRICS: &[(&str, Type, &str)] = &[
     ("apiserver_request_total", Type::Counter, "API requests by verb, group, version, resource, subresource, scope, component and HTTP code."),
     ("apiserver_request_duration_seconds", Type::Histogram, "API request latency by verb, group, version, resource, subresource, scope and component (watches excluded)."),
     ("apiserver_registered_watchers", Type::Gauge, "Open watch streams by group, version and kind."),
+    ("apiserver_terminated_watchers_total", Type::Counter, "Watches closed because their client stopped reading, by resource."),
+    ("apiserver_flowcontrol_rejected_requests_total", Type::Counter, "Requests refused with 429 by fairness, by reason (queue full, waited too long)."),
     ("fairlead_store_commits_total", Type::Counter, "Store write batches committed (embedded store)."),
     ("fairlead_store_committed_transactions_total", Type::Counter, "Store transactions committed, over all batches (embedded store)."),
     ("fairlead_store_commit_duration_seconds", Type::Histogram, "Time to commit one store write batch (embedded store)."),

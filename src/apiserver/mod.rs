@@ -121,7 +121,7 @@ pub struct Server {
     pub ca_pem: Arc<str>,
     /// Signs and verifies ServiceAccount tokens (`serviceaccount`).
     sa_keys: Arc<crate::api::satoken::Keys>,
-    /// Per-user seats for requests (`fairness`).
+    /// Seats for requests, shared fairly between users (`fairness`).
     fairness: Arc<fairness::Fairness>,
 }
 

@@ -25,6 +25,33 @@ use super::{discovery, openapi, table, Identity, Server};
 /// Response body: whole JSON documents or a watch stream.
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
+/// A response body that holds its request's seat ([`super::fairness`])
+/// until it has been sent (or dropped).
+struct Seated {
+    body: Body,
+    _seat: super::fairness::Seat,
+}
+
+impl hyper::body::Body for Seated {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Largest accepted request body (as kube-apiserver: 3 MiB).
 pub const MAX_BODY: usize = 3 * 1024 * 1024;
 
@@ -418,44 +445,50 @@ impl Server {
         // returns; long-running requests and the exempt level need none.
         let long_running = matches!(&route, Route::Resource(r)
             if metric_verb(req.method(), r, &q) == "WATCH" || r.sub.as_deref() == Some("log"));
-        let _seat = if long_running || ident.groups.iter().any(|g| g == super::tls::ADMIN_GROUP) {
+        let seat = if long_running || ident.groups.iter().any(|g| g == super::tls::ADMIN_GROUP) {
             super::fairness::Fairness::exempt()
         } else {
             self.fairness.admit(&ident.user).await?
         };
-        if req.method() != Method::GET && !matches!(route, Route::Resource(_)) {
-            return Err(ApiError::method_not_allowed(
-                "the server does not allow this method on the requested resource",
-            ));
-        }
-        match route {
-            Route::Health | Route::Version | Route::CaCerts => unreachable!("handled above"),
-            Route::Metrics => {
-                let mut resp = Response::new(full(crate::metrics::render()));
-                resp.headers_mut().insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4"),
-                );
-                Ok(resp)
+        let result: Result<Response<Body>, ApiError> = async {
+            if req.method() != Method::GET && !matches!(route, Route::Resource(_)) {
+                return Err(ApiError::method_not_allowed(
+                    "the server does not allow this method on the requested resource",
+                ));
             }
-            Route::Api => Ok(json_response(
-                200,
-                &discovery::api_versions(&self.config),
-                &[],
-            )),
-            Route::Apis => Ok(json_response(200, &discovery::group_list(), &[])),
-            Route::Group(g) => discovery::group(&g)
-                .map(|v| json_response(200, &v, &[]))
-                .ok_or_else(ApiError::path_not_found),
-            Route::GroupVersion(g, v) => discovery::resource_list(&g, &v)
-                .map(|v| json_response(200, &v, &[]))
-                .ok_or_else(ApiError::path_not_found),
-            Route::OpenApiIndex => Ok(bytes_response("application/json", openapi::index())),
-            Route::OpenApi(path) => openapi::document(&path)
-                .map(|d| bytes_response("application/json", d))
-                .ok_or_else(ApiError::path_not_found),
-            Route::Resource(r) => self.resource(req, r, q, ident).await,
+            match route {
+                Route::Health | Route::Version | Route::CaCerts => unreachable!("handled above"),
+                Route::Metrics => {
+                    let mut resp = Response::new(full(crate::metrics::render()));
+                    resp.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    Ok(resp)
+                }
+                Route::Api => Ok(json_response(
+                    200,
+                    &discovery::api_versions(&self.config),
+                    &[],
+                )),
+                Route::Apis => Ok(json_response(200, &discovery::group_list(), &[])),
+                Route::Group(g) => discovery::group(&g)
+                    .map(|v| json_response(200, &v, &[]))
+                    .ok_or_else(ApiError::path_not_found),
+                Route::GroupVersion(g, v) => discovery::resource_list(&g, &v)
+                    .map(|v| json_response(200, &v, &[]))
+                    .ok_or_else(ApiError::path_not_found),
+                Route::OpenApiIndex => Ok(bytes_response("application/json", openapi::index())),
+                Route::OpenApi(path) => openapi::document(&path)
+                    .map(|d| bytes_response("application/json", d))
+                    .ok_or_else(ApiError::path_not_found),
+                Route::Resource(r) => self.resource(req, r, q, ident).await,
+            }
         }
+        .await;
+        // The seat goes with the response body: writing a large answer is
+        // part of the request's cost.
+        result.map(|resp| resp.map(|body| Seated { body, _seat: seat }.boxed_unsync()))
     }
 
     async fn resource(
