@@ -206,7 +206,7 @@ mod tests {
         // older request (2 executing).
         drop(a1);
         tokio::time::timeout(Duration::from_secs(1), async {
-            while f.lock().executing.get("other").is_none() {
+            while !f.lock().executing.contains_key("other") {
                 tokio::task::yield_now().await;
             }
         })
