@@ -79,10 +79,17 @@ fn json_response(code: u16, v: &Value, warnings: &[String]) -> Response<Body> {
 
 pub fn error_response(e: &ApiError) -> Response<Body> {
     let mut resp = json_response(e.code, &e.to_status(), &[]);
-    if e.code == 429 {
-        // client-go waits this long and retries on its own.
-        resp.headers_mut()
-            .insert("retry-after", HeaderValue::from_static("1"));
+    // A 429 that says when to retry (fairness's, not an eviction refused
+    // by a disruption budget, which kubectl drain retries on its own
+    // schedule) also says it in the header, which client-go honours.
+    let retry = e
+        .details
+        .as_ref()
+        .and_then(|d| d["retryAfterSeconds"].as_u64());
+    if let (429, Some(secs)) = (e.code, retry) {
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            resp.headers_mut().insert("retry-after", v);
+        }
     }
     resp
 }
