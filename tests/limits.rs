@@ -78,6 +78,20 @@ fn config_map(i: usize, value: &str) -> ConfigMap {
     }
 }
 
+/// Create ConfigMaps `cm-<i>` for every `i` of `range`, 16 at a time.
+async fn create_many(api: &Api<ConfigMap>, range: std::ops::Range<usize>, value: &str) {
+    futures::stream::iter(range)
+        .map(|i| {
+            let api = api.clone();
+            let cm = config_map(i, value);
+            async move { api.create(&PostParams::default(), &cm).await }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_that_stops_reading_is_closed_and_memory_stays_bounded() {
     let f = tokio::task::spawn_blocking(|| Fairlead::start(&[]))
@@ -108,16 +122,7 @@ async fn a_watcher_that_stops_reading_is_closed_and_memory_stays_bounded() {
 
     let value = "x".repeat(VALUE_BYTES);
     let started = Instant::now();
-    futures::stream::iter(0..OBJECTS)
-        .map(|i| {
-            let writer = writer.clone();
-            let cm = config_map(i, &value);
-            async move { writer.create(&PostParams::default(), &cm).await }
-        })
-        .buffer_unordered(16)
-        .try_collect::<Vec<_>>()
-        .await
-        .unwrap();
+    create_many(&writer, 0..OBJECTS, &value).await;
     let took = started.elapsed();
 
     // The server gave up on the watcher rather than queue its events.
@@ -427,9 +432,10 @@ fn up_killed_20_times_under_writes_and_watches_loses_nothing() {
     );
 }
 
-/// A kube-rs client of `f` that authenticates with a bearer token.
-async fn token_client(f: &Fairlead, token: &str) -> kube::Client {
-    let mut kc = kube::config::Kubeconfig::read_from(&f.kubeconfig).unwrap();
+/// A kube-rs client (from the admin kubeconfig's cluster) that
+/// authenticates with a bearer token.
+async fn token_client(kubeconfig: &std::path::Path, token: &str) -> kube::Client {
+    let mut kc = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
     for named in &mut kc.auth_infos {
         named.auth_info = Some(kube::config::AuthInfo {
             token: Some(token.to_string().into()),
@@ -442,10 +448,6 @@ async fn token_client(f: &Fairlead, token: &str) -> kube::Client {
     kube::Client::try_from(cfg).unwrap()
 }
 
-/// Ignored in `scripts/test` for now: it passes, but narrowly on this
-/// machine (p99 0.88 s, max 0.98 s in its one run, a debug server and
-/// the test sharing 2 cores), too close to the bound to keep CI green.
-/// Run it with `cargo test --test limits -- --ignored`.
 #[ignore = "passes narrowly (p99 0.88 s of 1 s); see issue 17's note"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_flooding_user_does_not_starve_another() {
@@ -465,21 +467,12 @@ async fn one_flooding_user_does_not_starve_another() {
     // Lists worth flooding: 100 ConfigMaps of 1 KiB.
     let admin: Api<ConfigMap> = Api::namespaced(f.client().await, "default");
     let value = "z".repeat(1024);
-    futures::stream::iter(0..100)
-        .map(|i| {
-            let admin = admin.clone();
-            let cm = config_map(i, &value);
-            async move { admin.create(&PostParams::default(), &cm).await }
-        })
-        .buffer_unordered(16)
-        .try_collect::<Vec<_>>()
-        .await
-        .unwrap();
+    create_many(&admin, 0..100, &value).await;
 
     // The flood asks for lists that make the server read and decode every
     // ConfigMap but match none (a selector), so the test's own CPU (the
     // same 2 cores) goes to the server, not to receiving answers.
-    let flood = token_client(&f, "flood-token").await;
+    let flood = token_client(&f.kubeconfig, "flood-token").await;
     let stop = Arc::new(AtomicBool::new(false));
     let (done, refused, in_flight) = (
         Arc::new(AtomicUsize::new(0)),
@@ -527,19 +520,8 @@ async fn one_flooding_user_does_not_starve_another() {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let f_kc = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
-            let mut kc = f_kc;
-            for named in &mut kc.auth_infos {
-                named.auth_info = Some(kube::config::AuthInfo {
-                    token: Some("victim-token".to_string().into()),
-                    ..Default::default()
-                });
-            }
-            let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .unwrap();
             let victim: Api<ConfigMap> =
-                Api::namespaced(kube::Client::try_from(cfg).unwrap(), "default");
+                Api::namespaced(token_client(&kubeconfig, "victim-token").await, "default");
             let mut took = Vec::new();
             for i in 0..100 {
                 let started = Instant::now();
