@@ -819,10 +819,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             node_cfg.cluster_cidr = args.ipam.cluster_cidr;
             let running = apiserver::start(args.apiserver.config()).await?;
             let client = client_from(&running.kubeconfig).await?;
+            // Each component under its own identity, with its role's
+            // rights only (crate::api::rbac).
+            let controllers_kc = running.component_kubeconfig(
+                "controller-manager.kubeconfig",
+                "system:kube-controller-manager",
+                &[],
+            )?;
+            let scheduler_kc = running.component_kubeconfig(
+                "scheduler.kubeconfig",
+                "system:kube-scheduler",
+                &[],
+            )?;
+            let node_kc = running.component_kubeconfig(
+                "node.kubeconfig",
+                &format!("system:node:{}", node_cfg.node_name()),
+                &["system:nodes"],
+            )?;
             let (ca_cert, ca_key) = apiserver::tls::ca_files(&args.apiserver.data_dir);
             let ctrl = ControllersArgs {
                 client: ClientArgs {
-                    kubeconfig: Some(running.kubeconfig.clone()),
+                    kubeconfig: Some(controllers_kc.clone()),
                     master: None,
                 },
                 max_endpoints_per_slice: args.max_endpoints_per_slice,
@@ -835,7 +852,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 cluster_signing_cert_file: Some(ca_cert),
                 cluster_signing_key_file: Some(ca_key),
             };
-            tokio::spawn(crate::controllers::run(client.clone(), ctrl.config()?));
+            tokio::spawn(crate::controllers::run(
+                client_from(&controllers_kc).await?,
+                ctrl.config()?,
+            ));
             let metrics_addr = node_cfg.metrics_bind_address;
             let healthz_addr = node_cfg.healthz_bind_address;
             let mode = node_cfg.proxy_mode;
@@ -849,7 +869,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 None => "disabled".into(),
             };
-            tokio::spawn(crate::scheduler::run_elected(client.clone()));
+            tokio::spawn(crate::scheduler::run_elected(
+                client_from(&scheduler_kc).await?,
+            ));
             let token_path = crate::join::ensure_server_token(
                 &client,
                 &args.apiserver.data_dir,
@@ -857,11 +879,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             node_cfg.client_ca = ca_from_kubeconfig(&running.kubeconfig);
-            let node = spawn_node(
-                running.kubeconfig.clone(),
-                node_cfg,
-                running.server.store.clone(),
-            )?;
+            let node = spawn_node(node_kc, node_cfg, running.server.store.clone())?;
             println!("fairlead is up");
             println!("  kubeconfig: {}", running.kubeconfig.display());
             println!("  API server: https://{}", running.addr);

@@ -216,6 +216,16 @@ async fn unauthenticated_is_401_and_readers_get_403() {
     // A read-only user.
     cfg.auth_info.token = Some("readtok".to_string().into());
     let bob = kube::Client::try_from(cfg).unwrap();
+    // RBAC: nothing until a binding, then what `view` has.
+    let r = call(&bob, "GET", SVC, "", vec![]).await;
+    assert_status("unbound user lists", &r, 403, "Forbidden");
+    f.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "bob-view",
+        "--clusterrole=view",
+        "--user=bob",
+    ]);
     let (code, _) = call(&bob, "GET", SVC, "", vec![]).await;
     assert_eq!(code, 200);
     let body = serde_json::to_vec(&json!({"metadata":{"name":"x"},"spec":{"ports":[{"port":80}]}}))

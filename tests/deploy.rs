@@ -122,10 +122,15 @@ fn daemonset_style_node_uses_its_service_account() {
     c.start_controllers("controllers", &[]);
     let docs = shipped();
 
-    // What the cluster side of the manifests creates (RBAC objects wait
-    // for the hardening issue; the fixed authorizer gives a
-    // ServiceAccount the read rights of `view`).
-    for kind in ["ServiceAccount", "ConfigMap"] {
+    // What the cluster side of the manifests creates: the ServiceAccount,
+    // its ClusterRole and binding (RBAC: nothing else gives it rights),
+    // and the KubeProxyConfiguration.
+    for kind in [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+    ] {
         c.apply(&serde_yaml::to_string(doc(&docs, kind)).unwrap());
     }
     // The controllers give every namespace a default ServiceAccount.
@@ -249,7 +254,8 @@ endpoints: [{addresses: ["127.0.0.11"], conditions: {ready: true}}]
     let ip = c.cluster_ip("ext");
     c.wait_serving(SocketAddr::new(ip, 80), &["b1"]);
 
-    // As the ServiceAccount: reads are allowed, a delete is 403 naming it.
+    // As the ServiceAccount: what its role grants (list) is allowed, a
+    // delete is 403 naming it.
     let as_sa = |args: &[&str]| -> std::process::Output {
         let ca = secrets.join("ca.crt");
         let mut cmd = c.ns.command("kubectl");
@@ -260,8 +266,11 @@ endpoints: [{addresses: ["127.0.0.11"], conditions: {ready: true}}]
             .args(args);
         cmd.output().expect("kubectl")
     };
-    let get = as_sa(&["get", "svc", "ext", "-o", "name"]);
-    assert!(get.status.success(), "{get:?}");
+    let get = as_sa(&["get", "svc", "-o", "name"]);
+    assert!(
+        get.status.success() && String::from_utf8_lossy(&get.stdout).contains("service/ext"),
+        "{get:?}"
+    );
     let del = as_sa(&["delete", "svc", "ext"]);
     let err = String::from_utf8_lossy(&del.stderr);
     assert!(

@@ -761,8 +761,8 @@ fn kubectl_token(f: &Fairlead, token: &str, args: &[&str], input: &str) -> Outpu
     common::server::run_with_stdin(cmd, input)
 }
 
-/// Static tokens: members of system:masters write, others only read, unknown
-/// tokens are 401.
+/// Static tokens: members of system:masters write, a user bound to `view`
+/// only reads, unknown tokens are 401.
 #[test]
 fn token_auth() {
     let dir = tempfile::tempdir().unwrap();
@@ -773,6 +773,16 @@ fn token_auth() {
     )
     .unwrap();
     let f = Fairlead::start(&["--token-auth-file", tokens.to_str().unwrap()]);
+    // RBAC: bob may do nothing until a binding gives him `view`.
+    let out = kubectl_token(&f, "readtok", &["get", "svc"], "");
+    assert!(failed(&out, "unbound reader").contains("Forbidden"));
+    f.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "bob-view",
+        "--clusterrole=view",
+        "--user=bob",
+    ]);
 
     // The reader can list.
     let out = kubectl_token(&f, "readtok", &["get", "svc"], "");

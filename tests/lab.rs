@@ -326,13 +326,10 @@ fn shared_service_account_key(lab: &Lab) {
             .arg(&ca)
             .args(["--token", token, "--request-timeout=10s"])
             .args([
-                "get",
-                "serviceaccount",
-                "default",
-                "-n",
-                "default",
+                "auth",
+                "whoami",
                 "-o",
-                "name",
+                "jsonpath={.status.userInfo.username}",
             ])
             .env("KUBECACHEDIR", lab.host_dir("s1").join("sa-kubectl-cache"))
             .output()
@@ -342,7 +339,8 @@ fn shared_service_account_key(lab: &Lab) {
         let out = with_token(server, &token);
         assert!(
             out.status.success()
-                && String::from_utf8_lossy(&out.stdout).trim() == "serviceaccount/default",
+                && String::from_utf8_lossy(&out.stdout).trim()
+                    == "system:serviceaccount:default:default",
             "s1's ServiceAccount token authenticates at {server}: {out:?}"
         );
         let out = with_token(server, &forged);

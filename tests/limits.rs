@@ -457,13 +457,21 @@ async fn one_flooding_user_does_not_starve_another() {
     let tokens = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         tokens.path(),
-        "flood-token,flood,1001,\"\"\nvictim-token,victim,1002,\"\"\n",
+        "flood-token,flood,1001,\"readers\"\nvictim-token,victim,1002,\"readers\"\n",
     )
     .unwrap();
     let path = tokens.path().display().to_string();
     let f = tokio::task::spawn_blocking(move || Fairlead::start(&["--token-auth-file", &path]))
         .await
         .unwrap();
+    // Both users may read (RBAC: a binding of `view` to their group).
+    f.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "readers-view",
+        "--clusterrole=view",
+        "--group=readers",
+    ]);
     // Lists worth flooding: 100 ConfigMaps of 1 KiB.
     let admin: Api<ConfigMap> = Api::namespaced(f.client().await, "default");
     let value = "z".repeat(1024);

@@ -718,6 +718,15 @@ fn pods_get_their_service_account_token() {
             .output()
             .expect("kubectl in the pod")
     };
+    // RBAC gives a ServiceAccount nothing by itself; a RoleBinding to
+    // `view` lets it read its namespace (and still not delete).
+    c.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "default-view",
+        "--clusterrole=view",
+        "--serviceaccount=default:default",
+    ]);
     let out = kubectl_in_pod(&["get", "pod", "sa-pod", "-o", "name"]);
     assert!(
         out.status.success(),

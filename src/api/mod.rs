@@ -7,6 +7,7 @@ pub mod meta;
 pub mod patch;
 pub mod pod;
 pub mod protobuf;
+pub mod rbac;
 pub mod resources;
 pub mod satoken;
 pub mod selector;

@@ -525,6 +525,157 @@ static TOKEN_REQUEST: Schema = Schema {
     ],
 };
 
+// ---- k8s.io.api.rbac.v1 (`kubectl create role/rolebinding/...`) ----
+
+static POLICY_RULE: Schema = Schema {
+    name: "PolicyRule",
+    fields: &[
+        f(1, "verbs", Ty::RepeatedString),
+        f(2, "apiGroups", Ty::RepeatedString),
+        f(3, "resources", Ty::RepeatedString),
+        f(4, "resourceNames", Ty::RepeatedString),
+        f(5, "nonResourceURLs", Ty::RepeatedString),
+    ],
+};
+
+static AGGREGATION_RULE: Schema = Schema {
+    name: "AggregationRule",
+    fields: &[f(
+        1,
+        "clusterRoleSelectors",
+        Ty::RepeatedMessage(&LABEL_SELECTOR),
+    )],
+};
+
+static ROLE: Schema = Schema {
+    name: "Role",
+    fields: &[
+        f(1, "metadata", Ty::Message(&OBJECT_META)),
+        f(2, "rules", Ty::RepeatedMessage(&POLICY_RULE)),
+    ],
+};
+
+static CLUSTER_ROLE: Schema = Schema {
+    name: "ClusterRole",
+    fields: &[
+        f(1, "metadata", Ty::Message(&OBJECT_META)),
+        f(2, "rules", Ty::RepeatedMessage(&POLICY_RULE)),
+        f(3, "aggregationRule", Ty::Message(&AGGREGATION_RULE)),
+    ],
+};
+
+static SUBJECT: Schema = Schema {
+    name: "Subject",
+    fields: &[
+        f(1, "kind", Ty::String),
+        f(2, "apiGroup", Ty::String),
+        f(3, "name", Ty::String),
+        f(4, "namespace", Ty::String),
+    ],
+};
+
+static ROLE_REF: Schema = Schema {
+    name: "RoleRef",
+    fields: &[
+        f(1, "apiGroup", Ty::String),
+        f(2, "kind", Ty::String),
+        f(3, "name", Ty::String),
+    ],
+};
+
+/// RoleBinding and ClusterRoleBinding share their fields.
+static ROLE_BINDING: Schema = Schema {
+    name: "RoleBinding",
+    fields: &[
+        f(1, "metadata", Ty::Message(&OBJECT_META)),
+        f(2, "subjects", Ty::RepeatedMessage(&SUBJECT)),
+        f(3, "roleRef", Ty::Message(&ROLE_REF)),
+    ],
+};
+
+// ---- k8s.io.api.authorization.v1 (`kubectl auth can-i`) ----
+
+static RESOURCE_ATTRIBUTES: Schema = Schema {
+    name: "ResourceAttributes",
+    fields: &[
+        f(1, "namespace", Ty::String),
+        f(2, "verb", Ty::String),
+        f(3, "group", Ty::String),
+        f(4, "version", Ty::String),
+        f(5, "resource", Ty::String),
+        f(6, "subresource", Ty::String),
+        f(7, "name", Ty::String),
+    ],
+};
+
+static NON_RESOURCE_ATTRIBUTES: Schema = Schema {
+    name: "NonResourceAttributes",
+    fields: &[f(1, "path", Ty::String), f(2, "verb", Ty::String)],
+};
+
+static SUBJECT_ACCESS_REVIEW_SPEC: Schema = Schema {
+    name: "SubjectAccessReviewSpec",
+    fields: &[
+        f(1, "resourceAttributes", Ty::Message(&RESOURCE_ATTRIBUTES)),
+        f(
+            2,
+            "nonResourceAttributes",
+            Ty::Message(&NON_RESOURCE_ATTRIBUTES),
+        ),
+        f(3, "user", Ty::String),
+        f(4, "groups", Ty::RepeatedString),
+        f(5, "extra", Ty::Unsupported),
+        f(6, "uid", Ty::String),
+    ],
+};
+
+static SUBJECT_ACCESS_REVIEW: Schema = Schema {
+    name: "SubjectAccessReview",
+    fields: &[
+        f(1, "metadata", Ty::Message(&OBJECT_META)),
+        f(2, "spec", Ty::Message(&SUBJECT_ACCESS_REVIEW_SPEC)),
+    ],
+};
+
+static SELF_SUBJECT_ACCESS_REVIEW_SPEC: Schema = Schema {
+    name: "SelfSubjectAccessReviewSpec",
+    fields: &[
+        f(1, "resourceAttributes", Ty::Message(&RESOURCE_ATTRIBUTES)),
+        f(
+            2,
+            "nonResourceAttributes",
+            Ty::Message(&NON_RESOURCE_ATTRIBUTES),
+        ),
+    ],
+};
+
+static SELF_SUBJECT_ACCESS_REVIEW: Schema = Schema {
+    name: "SelfSubjectAccessReview",
+    fields: &[
+        f(1, "metadata", Ty::Message(&OBJECT_META)),
+        f(2, "spec", Ty::Message(&SELF_SUBJECT_ACCESS_REVIEW_SPEC)),
+    ],
+};
+
+static SELF_SUBJECT_RULES_REVIEW_SPEC: Schema = Schema {
+    name: "SelfSubjectRulesReviewSpec",
+    fields: &[f(1, "namespace", Ty::String)],
+};
+
+static SELF_SUBJECT_RULES_REVIEW: Schema = Schema {
+    name: "SelfSubjectRulesReview",
+    fields: &[
+        f(1, "metadata", Ty::Message(&OBJECT_META)),
+        f(2, "spec", Ty::Message(&SELF_SUBJECT_RULES_REVIEW_SPEC)),
+    ],
+};
+
+/// authentication.k8s.io/v1 (`kubectl auth whoami`): only metadata.
+static SELF_SUBJECT_REVIEW: Schema = Schema {
+    name: "SelfSubjectReview",
+    fields: &[f(1, "metadata", Ty::Message(&OBJECT_META))],
+};
+
 /// The kinds accepted as protobuf: `(apiVersion, kind, schema)`.
 pub static KINDS: &[(&str, &str, &Schema)] = &[
     ("v1", "Namespace", &NAMESPACE),
@@ -536,6 +687,39 @@ pub static KINDS: &[(&str, &str, &Schema)] = &[
     ("apps/v1", "ReplicaSet", &REPLICA_SET),
     ("policy/v1", "Eviction", &EVICTION),
     ("authentication.k8s.io/v1", "TokenRequest", &TOKEN_REQUEST),
+    ("rbac.authorization.k8s.io/v1", "Role", &ROLE),
+    ("rbac.authorization.k8s.io/v1", "ClusterRole", &CLUSTER_ROLE),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding", &ROLE_BINDING),
+    (
+        "rbac.authorization.k8s.io/v1",
+        "ClusterRoleBinding",
+        &ROLE_BINDING,
+    ),
+    (
+        "authentication.k8s.io/v1",
+        "SelfSubjectReview",
+        &SELF_SUBJECT_REVIEW,
+    ),
+    (
+        "authorization.k8s.io/v1",
+        "SelfSubjectAccessReview",
+        &SELF_SUBJECT_ACCESS_REVIEW,
+    ),
+    (
+        "authorization.k8s.io/v1",
+        "SelfSubjectRulesReview",
+        &SELF_SUBJECT_RULES_REVIEW,
+    ),
+    (
+        "authorization.k8s.io/v1",
+        "SubjectAccessReview",
+        &SUBJECT_ACCESS_REVIEW,
+    ),
+    (
+        "authorization.k8s.io/v1",
+        "LocalSubjectAccessReview",
+        &SUBJECT_ACCESS_REVIEW,
+    ),
 ];
 
 /// The kinds accepted as protobuf, for messages: `v1 Namespace, v1 Service, ...`.

@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::{ListableResource, Resource as K8sResource};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -40,6 +41,10 @@ pub enum Kind {
     ConfigMap,
     CertificateSigningRequest,
     ServiceAccount,
+    Role,
+    ClusterRole,
+    RoleBinding,
+    ClusterRoleBinding,
 }
 
 /// One served resource. See the module docs.
@@ -286,6 +291,22 @@ pub static RESOURCES: std::sync::LazyLock<Vec<ResourceDef>> = std::sync::LazyLoc
             namespaced: false, short_names: &["csr"], categories: &[],
             has_status: true, create_on_update: false,
             field_selectors: &["spec.signerName"], merge_keys: &[]),
+        def!(Role, Kind::Role, singular: "role",
+            namespaced: true, short_names: &[], categories: &[],
+            has_status: false, create_on_update: true,
+            field_selectors: &[], merge_keys: &[]),
+        def!(ClusterRole, Kind::ClusterRole, singular: "clusterrole",
+            namespaced: false, short_names: &[], categories: &[],
+            has_status: false, create_on_update: true,
+            field_selectors: &[], merge_keys: &[]),
+        def!(RoleBinding, Kind::RoleBinding, singular: "rolebinding",
+            namespaced: true, short_names: &[], categories: &[],
+            has_status: false, create_on_update: true,
+            field_selectors: &[], merge_keys: &[]),
+        def!(ClusterRoleBinding, Kind::ClusterRoleBinding, singular: "clusterrolebinding",
+            namespaced: false, short_names: &[], categories: &[],
+            has_status: false, create_on_update: true,
+            field_selectors: &[], merge_keys: &[]),
     ]
 });
 

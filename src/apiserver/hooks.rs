@@ -16,6 +16,18 @@ fn name_errors(def: &ResourceDef, obj: &Value) -> Vec<FieldError> {
         // Service names are checked (as DNS-1035 labels) by its validation.
         Kind::Service => None,
         Kind::Namespace => dns1123_label_error(name),
+        // RBAC names are path segments (`system:node`), as in kube.
+        Kind::Role | Kind::ClusterRole | Kind::RoleBinding | Kind::ClusterRoleBinding => {
+            if matches!(name, "." | "..") || name.contains(['/', '%']) {
+                Some(format!(
+                    "may not be '.' or '..' and may not contain '/' or '%': {name}"
+                ))
+            } else if name.is_empty() {
+                Some("name or generateName is required".into())
+            } else {
+                None
+            }
+        }
         _ => dns1123_subdomain_error(name),
     };
     err.map(|e| {
@@ -35,6 +47,7 @@ fn kind_errors(srv: &Server, def: &ResourceDef, obj: &Value) -> Vec<FieldError> 
         Kind::ReplicaSet => crate::api::workload::validate_workload(obj, false),
         Kind::Deployment => crate::api::workload::validate_workload(obj, true),
         Kind::PodDisruptionBudget => crate::api::disruption::validate_pdb(obj),
+        Kind::RoleBinding | Kind::ClusterRoleBinding => binding_errors(def.kind, obj),
         Kind::CertificateSigningRequest => {
             let mut errs = Vec::new();
             let spec = &obj["spec"];
@@ -194,6 +207,17 @@ pub fn before_update(
             // The request and who made it never change.
             new["spec"] = old.get("spec").cloned().unwrap_or(json!({}));
         }
+        Kind::RoleBinding | Kind::ClusterRoleBinding if old["roleRef"] != new["roleRef"] => {
+            return Err(ApiError::invalid(
+                def.kind_name,
+                meta_str(new, "name").unwrap_or(""),
+                vec![FieldError::invalid(
+                    "roleRef",
+                    new["roleRef"].to_string(),
+                    "cannot change roleRef",
+                )],
+            ));
+        }
         Kind::Node => {
             let errs = node_update_errors(old, new);
             if !errs.is_empty() {
@@ -207,6 +231,53 @@ pub fn before_update(
         _ => {}
     }
     check(srv, def, new)
+}
+
+/// A binding names a role of a kind it may bind (a ClusterRoleBinding
+/// only ClusterRoles) and subjects of known kinds, as kube validates them.
+fn binding_errors(kind: Kind, obj: &Value) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    let r = &obj["roleRef"];
+    let allowed: &[&str] = if kind == Kind::ClusterRoleBinding {
+        &["ClusterRole"]
+    } else {
+        &["Role", "ClusterRole"]
+    };
+    match r["kind"].as_str() {
+        None | Some("") => errs.push(FieldError::required("roleRef.kind", "")),
+        Some(k) if !allowed.contains(&k) => {
+            errs.push(FieldError::not_supported("roleRef.kind", k, allowed))
+        }
+        Some(_) => {}
+    }
+    if r["name"].as_str().is_none_or(str::is_empty) {
+        errs.push(FieldError::required("roleRef.name", ""));
+    }
+    if r["apiGroup"].as_str() != Some("rbac.authorization.k8s.io") {
+        errs.push(FieldError::not_supported(
+            "roleRef.apiGroup",
+            r["apiGroup"].as_str().unwrap_or(""),
+            &["rbac.authorization.k8s.io"],
+        ));
+    }
+    for (i, s) in obj["subjects"].as_array().into_iter().flatten().enumerate() {
+        let kinds = ["User", "Group", "ServiceAccount"];
+        match s["kind"].as_str() {
+            Some(k) if kinds.contains(&k) => {}
+            k => errs.push(FieldError::not_supported(
+                format!("subjects[{i}].kind"),
+                k.unwrap_or(""),
+                &kinds,
+            )),
+        }
+        if s["name"].as_str().is_none_or(str::is_empty) {
+            errs.push(FieldError::required(format!("subjects[{i}].name"), ""));
+        }
+        if s["kind"] == "ServiceAccount" && s["namespace"].as_str().is_none_or(str::is_empty) {
+            errs.push(FieldError::required(format!("subjects[{i}].namespace"), ""));
+        }
+    }
+    errs
 }
 
 /// A Node's pod range is set once (by node IPAM or the agent's

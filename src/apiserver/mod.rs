@@ -123,17 +123,39 @@ pub struct Server {
     sa_keys: Arc<crate::api::satoken::Keys>,
     /// Seats for requests, shared fairly between users (`fairness`).
     fairness: Arc<fairness::Fairness>,
+    /// RBAC over the stored policy (`authz`).
+    pub authz: Arc<authz::Authorizer>,
 }
 
 /// A started API server.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The admin kubeconfig (`system:masters`).
     pub kubeconfig: PathBuf,
+    /// The URL the local kubeconfigs use.
+    url: String,
     pub server: Server,
     accept: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
+    /// Write `<data-dir>/<file>`: a kubeconfig for this server with a
+    /// fresh client certificate for `user` in `groups`, so each component
+    /// `fairlead up` runs has its own identity and only its role's rights
+    /// (see `crate::api::rbac`).
+    pub fn component_kubeconfig(
+        &self,
+        file: &str,
+        user: &str,
+        groups: &[&str],
+    ) -> anyhow::Result<PathBuf> {
+        let dir = &self.server.config.data_dir;
+        let (cert, key) = tls::issue_client_cert(dir, user, groups)?;
+        let path = dir.join(file);
+        tls::write_kubeconfig(&path, &self.url, &self.server.ca_pem, &cert, &key)?;
+        Ok(path)
+    }
+
     /// Stop announcing this server in the `kubernetes` endpoints, so
     /// clients move to the other servers now rather than when its lease
     /// expires (a clean stop; a crash is noticed by the lease).
@@ -328,7 +350,9 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
         ca_pem: pki.ca_cert_pem.clone().into(),
         sa_keys: Arc::new(sa_keys),
         fairness: Default::default(),
+        authz: Default::default(),
     };
+    server.authz.spawn(server.store.clone());
     server.bootstrap().await?;
     server.reconcile_endpoints().await;
     server.spawn_endpoint_reconciler();
@@ -381,6 +405,7 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
     Ok(Running {
         addr,
         kubeconfig,
+        url: format!("https://{host}:{}", addr.port()),
         server,
         accept,
     })
@@ -396,6 +421,7 @@ impl Server {
     /// `kubernetes` Service pointing at this API server. Idempotent and
     /// safe to run on several API servers at once.
     async fn bootstrap(&self) -> anyhow::Result<()> {
+        self.bootstrap_rbac().await?;
         let opts = WriteOpts::default();
         let ns = resources::by_kind(Kind::Namespace);
         for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {

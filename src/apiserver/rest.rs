@@ -21,6 +21,7 @@ use crate::store::{ListOptions, Revision};
 
 use super::objects::{self, resource_ref, DeleteOpts, Propagation, WriteOpts, Written};
 use super::{discovery, openapi, table, Identity, Server};
+use crate::api::rbac::Target;
 
 /// Response body: whole JSON documents or a watch stream.
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -115,7 +116,25 @@ enum Route {
     GroupVersion(String, String),
     OpenApiIndex,
     OpenApi(String),
+    /// `authorization.k8s.io` / `authentication.k8s.io` reviews: created,
+    /// answered, never stored.
+    Review(Review),
     Resource(ResourceRoute),
+}
+
+/// The access reviews a client may create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Review {
+    /// `kubectl auth can-i VERB RESOURCE`.
+    SelfSubjectAccess,
+    /// `kubectl auth can-i --list`.
+    SelfSubjectRules,
+    /// `kubectl auth whoami`.
+    SelfSubject,
+    /// Any user's access (admins, webhooks).
+    SubjectAccess,
+    /// Any user's access within one namespace.
+    LocalSubjectAccess(String),
 }
 
 /// A request for objects of one resource.
@@ -144,6 +163,21 @@ fn route(path: &str) -> Result<Route, ApiError> {
         ["apis"] => return Ok(Route::Apis),
         ["openapi", "v3"] => return Ok(Route::OpenApiIndex),
         ["openapi", "v3", rest @ ..] => return Ok(Route::OpenApi(rest.join("/"))),
+        ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"] => {
+            return Ok(Route::Review(Review::SelfSubjectAccess))
+        }
+        ["apis", "authorization.k8s.io", "v1", "selfsubjectrulesreviews"] => {
+            return Ok(Route::Review(Review::SelfSubjectRules))
+        }
+        ["apis", "authorization.k8s.io", "v1", "subjectaccessreviews"] => {
+            return Ok(Route::Review(Review::SubjectAccess))
+        }
+        ["apis", "authorization.k8s.io", "v1", "namespaces", ns, "localsubjectaccessreviews"] => {
+            return Ok(Route::Review(Review::LocalSubjectAccess(ns.to_string())))
+        }
+        ["apis", "authentication.k8s.io", "v1", "selfsubjectreviews"] => {
+            return Ok(Route::Review(Review::SelfSubject))
+        }
         ["apis", g] => return Ok(Route::Group(g.to_string())),
         ["api", v, rest @ ..] => ("", *v, rest),
         ["apis", g, v, rest @ ..] => (*g, *v, rest),
@@ -380,6 +414,20 @@ impl Server {
         req: &Request<Incoming>,
         cert: Option<Identity>,
     ) -> Result<Identity, ApiError> {
+        // Everyone who authenticates is in system:authenticated (what
+        // the discovery and basic-user roles are bound to).
+        let mut ident = self.authenticate_as(req, cert).await?;
+        if !ident.groups.iter().any(|g| g == "system:authenticated") {
+            ident.groups.push("system:authenticated".into());
+        }
+        Ok(ident)
+    }
+
+    async fn authenticate_as(
+        &self,
+        req: &Request<Incoming>,
+        cert: Option<Identity>,
+    ) -> Result<Identity, ApiError> {
         let Some(token) = req
             .headers()
             .get(hyper::header::AUTHORIZATION)
@@ -447,7 +495,35 @@ impl Server {
             return Ok(resp);
         }
         let ident = self.authenticate(&req, cert).await?;
+        let ident = self.impersonate(&req, ident)?;
         let route = route?;
+        match &route {
+            Route::Metrics
+            | Route::Api
+            | Route::Apis
+            | Route::Group(_)
+            | Route::GroupVersion(..)
+            | Route::OpenApiIndex
+            | Route::OpenApi(_) => {
+                let path = req.uri().path();
+                let verb = if req.method() == Method::GET {
+                    "get"
+                } else {
+                    "post"
+                };
+                if !self
+                    .authz
+                    .decide(&ident, verb, Target::Path(path))
+                    .allowed()
+                {
+                    return Err(ApiError::forbidden(format!(
+                        "forbidden: User \"{}\" cannot {verb} path \"{path}\"",
+                        ident.user
+                    )));
+                }
+            }
+            _ => {}
+        }
         // A seat for the request (see `fairness`), held until its handler
         // returns; long-running requests and the exempt level need none.
         let long_running = matches!(&route, Route::Resource(r)
@@ -458,13 +534,18 @@ impl Server {
             self.fairness.admit(&ident.user).await?
         };
         let result: Result<Response<Body>, ApiError> = async {
+            if let Route::Review(review) = route {
+                return self.review(req, review, &ident).await;
+            }
             if req.method() != Method::GET && !matches!(route, Route::Resource(_)) {
                 return Err(ApiError::method_not_allowed(
                     "the server does not allow this method on the requested resource",
                 ));
             }
             match route {
-                Route::Health | Route::Version | Route::CaCerts => unreachable!("handled above"),
+                Route::Health | Route::Version | Route::CaCerts | Route::Review(_) => {
+                    unreachable!("handled above")
+                }
                 Route::Metrics => {
                     let mut resp = Response::new(full(crate::metrics::render()));
                     resp.headers_mut().insert(
@@ -489,7 +570,22 @@ impl Server {
                 Route::OpenApi(path) => openapi::document(&path)
                     .map(|d| bytes_response("application/json", d))
                     .ok_or_else(ApiError::path_not_found),
-                Route::Resource(r) => self.resource(req, r, q, ident).await,
+                Route::Resource(r) => {
+                    let kind = r.def.kind;
+                    let rbac_write = req.method() != Method::GET
+                        && matches!(
+                            kind,
+                            Kind::Role
+                                | Kind::ClusterRole
+                                | Kind::RoleBinding
+                                | Kind::ClusterRoleBinding
+                        );
+                    let resp = self.resource(req, r, q, ident).await;
+                    if rbac_write && resp.as_ref().is_ok_and(|r| r.status().is_success()) {
+                        self.authz.caught_up(kind).await;
+                    }
+                    resp
+                }
             }
         }
         .await;
@@ -543,28 +639,17 @@ impl Server {
                 "the server does not allow this method on the requested resource",
             ));
         }
-        let attrs = super::authz::Attributes {
-            verb,
+        let target = Target::Resource {
+            group: r.def.group,
             resource: r.def.plural,
             subresource: r.sub.as_deref(),
+            name: r.name.as_deref(),
+            namespace: r.namespace.as_deref(),
         };
-        if !super::authz::allowed(&ident, attrs) {
-            let ns = r
-                .namespace
-                .as_deref()
-                .map(|n| format!(" in the namespace \"{n}\""))
-                .unwrap_or_else(|| " at the cluster scope".into());
-            let res = match &r.sub {
-                Some(s) => format!("{}/{s}", r.def.plural),
-                None => r.def.plural.to_string(),
-            };
-            return Err(ApiError::forbidden(format!(
-                "{}{} is forbidden: User \"{}\" cannot {verb} resource \"{res}\" in API group \"{}\"{ns}",
-                resource_ref(r.def),
-                r.name.as_deref().map(|n| format!(" \"{n}\"")).unwrap_or_default(),
-                ident.user,
-                r.def.group,
-            )));
+        if !self.authz.decide(&ident, verb, target).allowed() {
+            tracing::debug!(user = %ident.user, groups = ?ident.groups, verb,
+                resource = r.def.plural, sub = ?r.sub, ns = ?r.namespace, "RBAC: forbidden");
+            return Err(forbidden(&ident, verb, &r));
         }
         let out = output(&req);
         let ns = r.namespace.as_deref();
@@ -1249,5 +1334,269 @@ impl Server {
             .patch(&main, "application/merge-patch+json", &body, opts)
             .await?;
         Ok(json_response(200, &scale_of(&obj), &warnings))
+    }
+}
+
+/// kube-apiserver's 403 for a resource request.
+fn forbidden(ident: &Identity, verb: &str, r: &ResourceRoute) -> ApiError {
+    let ns = r
+        .namespace
+        .as_deref()
+        .map(|n| format!(" in the namespace \"{n}\""))
+        .unwrap_or_else(|| " at the cluster scope".into());
+    let res = match &r.sub {
+        Some(s) => format!("{}/{s}", r.def.plural),
+        None => r.def.plural.to_string(),
+    };
+    ApiError::forbidden(format!(
+        "{}{} is forbidden: User \"{}\" cannot {verb} resource \"{res}\" in API group \"{}\"{ns}",
+        resource_ref(r.def),
+        r.name
+            .as_deref()
+            .map(|n| format!(" \"{n}\""))
+            .unwrap_or_default(),
+        ident.user,
+        r.def.group,
+    ))
+}
+
+fn header_values(req: &Request<Incoming>, name: &str) -> Vec<String> {
+    req.headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(String::from)
+        .collect()
+}
+
+impl Server {
+    /// Apply `Impersonate-User` / `Impersonate-Group` (kubectl `--as`,
+    /// `--as-group`): allowed when the requester may `impersonate` that
+    /// user (or ServiceAccount) and each group, as in Kubernetes.
+    fn impersonate(&self, req: &Request<Incoming>, ident: Identity) -> Result<Identity, ApiError> {
+        let users = header_values(req, "impersonate-user");
+        let groups = header_values(req, "impersonate-group");
+        let Some(user) = users.first() else {
+            if groups.is_empty() {
+                return Ok(ident);
+            }
+            return Err(ApiError::bad_request(format!(
+                "requested {groups:?} without impersonating a user"
+            )));
+        };
+        let sa = user
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|r| r.split_once(':'));
+        let (resource, namespace, name) = match sa {
+            Some((ns, name)) => ("serviceaccounts", Some(ns), name),
+            None => ("users", None, user.as_str()),
+        };
+        let targets = std::iter::once((resource, namespace, name))
+            .chain(groups.iter().map(|g| ("groups", None, g.as_str())));
+        for (resource, namespace, name) in targets {
+            let t = Target::Resource {
+                group: "",
+                resource,
+                subresource: None,
+                name: Some(name),
+                namespace,
+            };
+            if !self.authz.decide(&ident, "impersonate", t).allowed() {
+                return Err(ApiError::forbidden(format!(
+                    "{resource} \"{name}\" is forbidden: User \"{}\" cannot impersonate resource \"{resource}\" in API group \"\"{}",
+                    ident.user,
+                    namespace.map_or(" at the cluster scope".into(), |n| format!(" in the namespace \"{n}\""))
+                )));
+            }
+        }
+        let mut all = groups;
+        if let Some((ns, _)) = sa {
+            all.push("system:serviceaccounts".into());
+            all.push(format!("system:serviceaccounts:{ns}"));
+        }
+        if !all.iter().any(|g| g == "system:authenticated") {
+            all.push("system:authenticated".into());
+        }
+        Ok(Identity {
+            user: user.clone(),
+            groups: all,
+        })
+    }
+
+    /// Answer an access review (never stored): whether the requester
+    /// (self reviews) or the named subject may do something, the rules
+    /// it has in a namespace, or who it is.
+    async fn review(
+        &self,
+        req: Request<Incoming>,
+        review: Review,
+        ident: &Identity,
+    ) -> Result<Response<Body>, ApiError> {
+        if req.method() != Method::POST {
+            return Err(ApiError::method_not_allowed(
+                "the server does not allow this method on the requested resource",
+            ));
+        }
+        let (group, resource, namespace) = match &review {
+            Review::SelfSubjectAccess => ("authorization.k8s.io", "selfsubjectaccessreviews", None),
+            Review::SelfSubjectRules => ("authorization.k8s.io", "selfsubjectrulesreviews", None),
+            Review::SubjectAccess => ("authorization.k8s.io", "subjectaccessreviews", None),
+            Review::LocalSubjectAccess(ns) => (
+                "authorization.k8s.io",
+                "localsubjectaccessreviews",
+                Some(ns.as_str()),
+            ),
+            Review::SelfSubject => ("authentication.k8s.io", "selfsubjectreviews", None),
+        };
+        let t = Target::Resource {
+            group,
+            resource,
+            subresource: None,
+            name: None,
+            namespace,
+        };
+        if !self.authz.decide(ident, "create", t).allowed() {
+            return Err(ApiError::forbidden(format!(
+                "{resource}.{group} is forbidden: User \"{}\" cannot create resource \"{resource}\" in API group \"{group}\"{}",
+                ident.user,
+                namespace.map_or(" at the cluster scope".into(), |n| format!(" in the namespace \"{n}\""))
+            )));
+        }
+        let mut obj = read_object(req).await?;
+        if !obj.is_object() {
+            return Err(ApiError::bad_request("the review must be an object"));
+        }
+        let spec = obj.get("spec").cloned().unwrap_or(json!({}));
+        let status = match &review {
+            Review::SelfSubject => json!({"userInfo": {
+                "username": ident.user, "groups": ident.groups}}),
+            Review::SelfSubjectRules => {
+                let ns = spec["namespace"].as_str().unwrap_or("");
+                self.rules_review(ident, ns)
+            }
+            Review::SelfSubjectAccess => self.access_review(ident, &spec, None)?,
+            Review::SubjectAccess | Review::LocalSubjectAccess(_) => {
+                let Some(user) = spec["user"].as_str().filter(|u| !u.is_empty()) else {
+                    return Err(ApiError::invalid(
+                        "SubjectAccessReview",
+                        "",
+                        vec![FieldError::invalid(
+                            "spec.user",
+                            "\"\"",
+                            "at least one of user or group must be specified",
+                        )],
+                    ));
+                };
+                let subject = Identity {
+                    user: user.to_string(),
+                    groups: spec["groups"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|g| g.as_str().map(String::from))
+                        .collect(),
+                };
+                let ns = match &review {
+                    Review::LocalSubjectAccess(ns) => Some(ns.as_str()),
+                    _ => None,
+                };
+                self.access_review(&subject, &spec, ns)?
+            }
+        };
+        obj["status"] = status;
+        let m = crate::api::meta::meta_mut(&mut obj);
+        m.insert(
+            "creationTimestamp".into(),
+            json!(jiff::Timestamp::now().to_string()),
+        );
+        Ok(json_response(201, &obj, &[]))
+    }
+
+    /// `status` of an access review for `who` and `spec`'s attributes;
+    /// `force_ns` is a local review's namespace.
+    fn access_review(
+        &self,
+        who: &Identity,
+        spec: &Value,
+        force_ns: Option<&str>,
+    ) -> Result<Value, ApiError> {
+        let s = |v: &Value| v.as_str().filter(|x| !x.is_empty()).map(String::from);
+        let decision = if let Some(ra) = spec.get("resourceAttributes").filter(|v| v.is_object()) {
+            let verb = s(&ra["verb"]).unwrap_or_default();
+            let resource = s(&ra["resource"]).unwrap_or_default();
+            let group = s(&ra["group"]).unwrap_or_default();
+            let sub = s(&ra["subresource"]);
+            let name = s(&ra["name"]);
+            let namespace = force_ns.map(String::from).or_else(|| s(&ra["namespace"]));
+            self.authz.decide(
+                who,
+                &verb,
+                Target::Resource {
+                    group: &group,
+                    resource: &resource,
+                    subresource: sub.as_deref(),
+                    name: name.as_deref(),
+                    namespace: namespace.as_deref(),
+                },
+            )
+        } else if let Some(nra) = spec.get("nonResourceAttributes").filter(|v| v.is_object()) {
+            let verb = s(&nra["verb"]).unwrap_or_default();
+            let path = s(&nra["path"]).unwrap_or_default();
+            self.authz.decide(who, &verb, Target::Path(&path))
+        } else {
+            return Err(ApiError::invalid(
+                "SelfSubjectAccessReview",
+                "",
+                vec![FieldError::required(
+                    "spec.resourceAttributes",
+                    "exactly one of nonResourceAttributes or resourceAttributes must be specified",
+                )],
+            ));
+        };
+        Ok(match decision {
+            crate::api::rbac::Decision::Allowed(reason) => {
+                json!({"allowed": true, "reason": reason})
+            }
+            crate::api::rbac::Decision::Denied => json!({"allowed": false}),
+        })
+    }
+
+    /// `status` of a rules review: every rule that applies in `ns`, split
+    /// into resource and non-resource rules, as kubectl prints them.
+    fn rules_review(&self, ident: &Identity, ns: &str) -> Value {
+        let mut rules = self
+            .authz
+            .policy()
+            .rules_for(&ident.user, &ident.groups, ns);
+        if ident.groups.iter().any(|g| g == super::tls::ADMIN_GROUP) {
+            let (roles, _) = crate::api::rbac::bootstrap();
+            rules.extend(
+                roles
+                    .into_iter()
+                    .find_map(|r| {
+                        (r.metadata.name.as_deref() == Some("cluster-admin"))
+                            .then(|| r.rules.unwrap_or_default())
+                    })
+                    .into_iter()
+                    .flatten(),
+            );
+        }
+        let mut resource_rules = Vec::new();
+        let mut non_resource_rules = Vec::new();
+        for r in rules {
+            if let Some(urls) = r.non_resource_urls.filter(|u| !u.is_empty()) {
+                non_resource_rules.push(json!({"verbs": r.verbs, "nonResourceURLs": urls}));
+            } else {
+                let mut v = json!({"verbs": r.verbs,
+                    "apiGroups": r.api_groups.unwrap_or_default(),
+                    "resources": r.resources.unwrap_or_default()});
+                if let Some(n) = r.resource_names.filter(|n| !n.is_empty()) {
+                    v["resourceNames"] = json!(n);
+                }
+                resource_rules.push(v);
+            }
+        }
+        json!({"resourceRules": resource_rules, "nonResourceRules": non_resource_rules,
+            "incomplete": false})
     }
 }

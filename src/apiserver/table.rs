@@ -348,6 +348,53 @@ const SERVICE_ACCOUNT_COLUMNS: &[Column] = &[
     AGE,
 ];
 
+const ROLE_COLUMNS: &[Column] = &[
+    NAME,
+    col(
+        "Created At",
+        "When the role was created (kubectl shows a time, not an age).",
+    ),
+];
+
+const BINDING_COLUMNS: &[Column] = &[
+    NAME,
+    col("Role", "The role granted: Role/name or ClusterRole/name."),
+    AGE,
+    wide("Users", "The users bound."),
+    wide("Groups", "The groups bound."),
+    wide(
+        "ServiceAccounts",
+        "The ServiceAccounts bound, as namespace/name.",
+    ),
+];
+
+fn binding_cells(obj: &Value) -> Vec<Value> {
+    let role = format!(
+        "{}/{}",
+        str_of(&obj["roleRef"]["kind"]),
+        str_of(&obj["roleRef"]["name"])
+    );
+    let of = |kind: &str| {
+        let names: Vec<String> = list(&obj["subjects"])
+            .iter()
+            .filter(|s| s["kind"] == kind)
+            .map(|s| match s["namespace"].as_str() {
+                Some(ns) if kind == "ServiceAccount" => format!("{ns}/{}", str_of(&s["name"])),
+                _ => str_of(&s["name"]).to_string(),
+            })
+            .collect();
+        text(names.join(", "))
+    };
+    vec![
+        name(obj),
+        text(role),
+        creation_age(obj),
+        of("User"),
+        of("Group"),
+        of("ServiceAccount"),
+    ]
+}
+
 const CSR_COLUMNS: &[Column] = &[
     NAME,
     AGE,
@@ -409,6 +456,8 @@ fn columns(kind: Kind) -> &'static [Column] {
         Kind::ConfigMap => CONFIG_MAP_COLUMNS,
         Kind::CertificateSigningRequest => CSR_COLUMNS,
         Kind::ServiceAccount => SERVICE_ACCOUNT_COLUMNS,
+        Kind::Role | Kind::ClusterRole => ROLE_COLUMNS,
+        Kind::RoleBinding | Kind::ClusterRoleBinding => BINDING_COLUMNS,
     }
 }
 
@@ -459,6 +508,11 @@ pub fn cells(kind: Kind, obj: &Value) -> Vec<Value> {
             json!(obj["secrets"].as_array().map_or(0, Vec::len)),
             creation_age(obj),
         ],
+        Kind::Role | Kind::ClusterRole => vec![
+            name(obj),
+            text(meta_str(obj, "creationTimestamp").unwrap_or("")),
+        ],
+        Kind::RoleBinding | Kind::ClusterRoleBinding => binding_cells(obj),
     }
 }
 

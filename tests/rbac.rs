@@ -1,0 +1,328 @@
+//! RBAC with the real kubectl against a real `fairlead apiserver`:
+//! `kubectl auth can-i` answers per bootstrap role, a node identity is
+//! refused a Service delete with kube's 403 Status, a RoleBinding grants
+//! within its namespace only, and components hold least privilege.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::server::{kubectl_cmd, Fairlead};
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use kube::Api;
+
+/// A kubeconfig for `user` in `groups`, with a client certificate signed
+/// by the server's CA (what a component or a person would be handed).
+fn identity(f: &Fairlead, file: &str, user: &str, groups: &[&str]) -> PathBuf {
+    let (cert, key) =
+        fairlead::apiserver::tls::issue_client_cert(&f.data_dir, user, groups).expect("cert");
+    let ca = std::fs::read_to_string(f.data_dir.join("pki/ca.crt")).expect("ca");
+    let path = f.data_dir.join(file);
+    fairlead::apiserver::tls::write_kubeconfig(&path, &f.url, &ca, &cert, &key).expect("write");
+    path
+}
+
+/// `kubectl auth can-i` as the admin impersonating `as_args`: its
+/// answer, checked against its exit code (0 yes, 1 no).
+fn can_i(f: &Fairlead, args: &[&str]) -> bool {
+    let out = f.kubectl(&[&["auth", "can-i"], args].concat());
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    match (said.as_str(), out.status.code()) {
+        ("yes", Some(0)) => true,
+        ("no", Some(1)) => false,
+        _ => panic!("kubectl auth can-i {args:?}: {out:?}"),
+    }
+}
+
+#[tokio::test]
+async fn can_i_answers_per_role_and_bindings_grant_per_namespace() {
+    let f = Fairlead::start(&[]);
+    for ns in ["dev", "prod"] {
+        f.kubectl_ok(&["create", "namespace", ns]);
+    }
+    // The bootstrap policy is there to read.
+    let roles = f.kubectl_ok(&["get", "clusterroles", "-o", "name"]);
+    for r in [
+        "cluster-admin",
+        "admin",
+        "edit",
+        "view",
+        "system:node-proxier",
+        "system:node",
+    ] {
+        assert!(
+            roles.contains(&format!("clusterrole.rbac.authorization.k8s.io/{r}\n")),
+            "{r} in {roles}"
+        );
+    }
+
+    // Per role, through impersonation (`--as`), which the admin may do.
+    let jane = ["--as", "jane"];
+    assert!(!can_i(
+        &f,
+        &[&["list", "pods", "-n", "dev"][..], &jane].concat()
+    ));
+    f.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "jane-edit",
+        "--clusterrole=edit",
+        "--user=jane",
+        "-n",
+        "dev",
+    ]);
+    // A RoleBinding grants within its namespace, and only what the role has.
+    assert!(can_i(
+        &f,
+        &[&["create", "deployments.apps", "-n", "dev"][..], &jane].concat()
+    ));
+    assert!(can_i(
+        &f,
+        &[&["delete", "pods", "-n", "dev"][..], &jane].concat()
+    ));
+    assert!(!can_i(
+        &f,
+        &[&["list", "pods", "-n", "prod"][..], &jane].concat()
+    ));
+    assert!(!can_i(
+        &f,
+        &[&["list", "pods", "--all-namespaces"][..], &jane].concat()
+    ));
+    assert!(!can_i(
+        &f,
+        &[&["create", "rolebindings", "-n", "dev"][..], &jane].concat()
+    ));
+
+    let bob = ["--as", "bob"];
+    f.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "bob-view",
+        "--clusterrole=view",
+        "--user=bob",
+        "-n",
+        "dev",
+    ]);
+    assert!(can_i(
+        &f,
+        &[&["list", "pods", "-n", "dev"][..], &bob].concat()
+    ));
+    assert!(!can_i(
+        &f,
+        &[&["delete", "pods", "-n", "dev"][..], &bob].concat()
+    ));
+    assert!(!can_i(
+        &f,
+        &[&["get", "secrets", "-n", "dev"][..], &bob].concat()
+    ));
+
+    let ann = ["--as", "ann"];
+    f.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "ann-admin",
+        "--clusterrole=admin",
+        "--user=ann",
+        "-n",
+        "dev",
+    ]);
+    assert!(can_i(
+        &f,
+        &[&["create", "rolebindings", "-n", "dev"][..], &ann].concat()
+    ));
+    assert!(!can_i(&f, &[&["delete", "namespaces"][..], &ann].concat()));
+
+    // A Role (not a ClusterRole) with resource names.
+    f.kubectl_ok(&[
+        "create",
+        "role",
+        "one-cm",
+        "--verb=get",
+        "--resource=configmaps",
+        "--resource-name=settings",
+        "-n",
+        "prod",
+    ]);
+    f.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "bob-one-cm",
+        "--role=one-cm",
+        "--user=bob",
+        "-n",
+        "prod",
+    ]);
+    assert!(can_i(
+        &f,
+        &[&["get", "configmaps/settings", "-n", "prod"][..], &bob].concat()
+    ));
+    assert!(!can_i(
+        &f,
+        &[&["get", "configmaps/other", "-n", "prod"][..], &bob].concat()
+    ));
+
+    // Components.
+    let node = ["--as", "system:node:n1", "--as-group", "system:nodes"];
+    assert!(can_i(
+        &f,
+        &[&["watch", "services", "--all-namespaces"][..], &node].concat()
+    ));
+    assert!(can_i(
+        &f,
+        &[
+            &[
+                "list",
+                "endpointslices.discovery.k8s.io",
+                "--all-namespaces"
+            ][..],
+            &node
+        ]
+        .concat()
+    ));
+    assert!(!can_i(
+        &f,
+        &[&["delete", "services", "-n", "default"][..], &node].concat()
+    ));
+    assert!(!can_i(
+        &f,
+        &[&["get", "secrets", "-n", "default"][..], &node].concat()
+    ));
+    let cm = ["--as", "system:kube-controller-manager"];
+    assert!(can_i(
+        &f,
+        &[
+            &["create", "endpointslices.discovery.k8s.io", "-n", "dev"][..],
+            &cm
+        ]
+        .concat()
+    ));
+    assert!(!can_i(&f, &[&["delete", "namespaces"][..], &cm].concat()));
+    let sched = ["--as", "system:kube-scheduler"];
+    assert!(can_i(
+        &f,
+        &[
+            &["create", "pods", "--subresource=binding", "-n", "dev"][..],
+            &sched
+        ]
+        .concat()
+    ));
+    assert!(!can_i(
+        &f,
+        &[&["delete", "pods", "-n", "dev"][..], &sched].concat()
+    ));
+
+    // `can-i --list` and `whoami` for a user with a binding.
+    let list = f.kubectl_ok(&["auth", "can-i", "--list", "-n", "dev", "--as", "jane"]);
+    assert!(list.contains("deployments.apps"), "{list}");
+    assert!(
+        list.contains("selfsubjectaccessreviews.authorization.k8s.io"),
+        "{list}"
+    );
+    let who = f.kubectl_ok(&[
+        "auth",
+        "whoami",
+        "--as",
+        "jane",
+        "-o",
+        "jsonpath={.status.userInfo.username}",
+    ]);
+    assert_eq!(who, "jane");
+
+    // Without a grant, impersonation itself is refused.
+    let jane_kc = identity(&f, "jane.kubeconfig", "jane", &[]);
+    let out = kubectl_cmd(&jane_kc, &["get", "pods", "-n", "dev", "--as", "root"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot impersonate resource \"users\""),
+        "{out:?}"
+    );
+    // Jane's own certificate: her binding applies to her requests.
+    let out = kubectl_cmd(&jane_kc, &["create", "configmap", "c", "-n", "dev"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = kubectl_cmd(&jane_kc, &["create", "configmap", "c", "-n", "prod"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(
+            "configmaps is forbidden: User \"jane\" cannot create resource \"configmaps\" in API group \"\" in the namespace \"prod\""
+        ),
+        "{out:?}"
+    );
+
+    // Deleting the binding takes the rights away.
+    f.kubectl_ok(&["delete", "rolebinding", "jane-edit", "-n", "dev"]);
+    assert!(!can_i(
+        &f,
+        &[&["create", "deployments.apps", "-n", "dev"][..], &jane].concat()
+    ));
+}
+
+#[tokio::test]
+async fn a_node_may_not_delete_a_service_nor_controllers_a_namespace() {
+    let f = Fairlead::start(&[]);
+    let node_kc = identity(&f, "node.kubeconfig", "system:node:n1", &["system:nodes"]);
+    // kubectl shows kube's message.
+    let out = kubectl_cmd(&node_kc, &["delete", "service", "kubernetes"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(
+                "services \"kubernetes\" is forbidden: User \"system:node:n1\" cannot delete resource \"services\" in API group \"\" in the namespace \"default\""
+            ),
+        "{out:?}"
+    );
+    // The raw answer is a 403 Status with reason Forbidden.
+    let client = client_for(&node_kc).await;
+    let svcs: Api<Service> = Api::namespaced(client.clone(), "default");
+    match svcs.delete("kubernetes", &Default::default()).await {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!((e.code, e.reason.as_str()), (403, "Forbidden"), "{e:?}");
+        }
+        other => panic!("a node deleted a Service: {other:?}"),
+    }
+    // What a node does need is allowed.
+    svcs.list(&Default::default())
+        .await
+        .expect("a node lists Services");
+    f.kubectl_ok(&["get", "service", "kubernetes"]);
+
+    let cm_kc = identity(&f, "cm.kubeconfig", "system:kube-controller-manager", &[]);
+    let cm = client_for(&cm_kc).await;
+    let nss: Api<Namespace> = Api::all(cm);
+    nss.list(&Default::default())
+        .await
+        .expect("controllers list namespaces");
+    match nss.delete("default", &Default::default()).await {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 403),
+        other => panic!("the controllers deleted a Namespace: {other:?}"),
+    }
+    f.kubectl_ok(&["get", "namespace", "default"]);
+
+    // A plain user sees discovery but not the API server's metrics.
+    let jane = identity(&f, "jane.kubeconfig", "jane", &[]);
+    let ok = kubectl_cmd(&jane, &["get", "--raw", "/apis"])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{ok:?}");
+    let metrics = kubectl_cmd(&jane, &["get", "--raw", "/metrics"])
+        .output()
+        .unwrap();
+    assert!(
+        !metrics.status.success() && String::from_utf8_lossy(&metrics.stderr).contains("Forbidden"),
+        "{metrics:?}"
+    );
+}
+
+async fn client_for(kubeconfig: &std::path::Path) -> kube::Client {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .expect("kubeconfig");
+    kube::Client::try_from(cfg).expect("client")
+}
