@@ -132,6 +132,59 @@ async fn can_i_answers_per_role_and_bindings_grant_per_namespace() {
     ));
     assert!(!can_i(&f, &[&["delete", "namespaces"][..], &ann].concat()));
 
+    // Escalation: ann (admin in dev) may grant what she holds, not more.
+    let ann_kc = identity(&f, "ann.kubeconfig", "ann", &[]);
+    let as_ann = |args: &[&str]| kubectl_cmd(&ann_kc, args).output().unwrap();
+    let ok = as_ann(&[
+        "create",
+        "rolebinding",
+        "carl-edit",
+        "--clusterrole=edit",
+        "--user=carl",
+        "-n",
+        "dev",
+    ]);
+    assert!(ok.status.success(), "{ok:?}");
+    let ok = as_ann(&[
+        "create",
+        "role",
+        "pod-reader",
+        "--verb=get,list",
+        "--resource=pods",
+        "-n",
+        "dev",
+    ]);
+    assert!(ok.status.success(), "{ok:?}");
+    for args in [
+        &[
+            "create",
+            "rolebinding",
+            "carl-root",
+            "--clusterrole=cluster-admin",
+            "--user=carl",
+            "-n",
+            "dev",
+        ][..],
+        &[
+            "create",
+            "role",
+            "node-reader",
+            "--verb=get",
+            "--resource=nodes",
+            "-n",
+            "dev",
+        ][..],
+    ] {
+        let out = as_ann(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.contains("is attempting to grant RBAC permissions not currently held"),
+            "{args:?}: {out:?}"
+        );
+    }
+    assert!(!can_i(&f, &["get", "nodes", "--as", "carl"]));
+
     // A Role (not a ClusterRole) with resource names.
     f.kubectl_ok(&[
         "create",

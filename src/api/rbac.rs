@@ -203,6 +203,19 @@ impl Policy {
         Decision::Denied
     }
 
+    /// The effective rules of a ClusterRole (none if it does not exist).
+    pub fn cluster_role_rules(&self, name: &str) -> Vec<PolicyRule> {
+        self.cluster_roles.get(name).cloned().unwrap_or_default()
+    }
+
+    /// The rules of a Role in `namespace` (none if it does not exist).
+    pub fn role_rules(&self, namespace: &str, name: &str) -> Vec<PolicyRule> {
+        self.roles
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Every rule that applies to the user in `namespace` (what
     /// SelfSubjectRulesReview lists), resource rules and non-resource
     /// rules alike.

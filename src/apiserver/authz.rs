@@ -234,6 +234,69 @@ async fn follow(
 }
 
 impl super::Server {
+    /// RBAC's escalation check (kube's): a requester may create or change
+    /// a role only with rules it holds itself (or the `escalate` verb on
+    /// it), and a binding only to a role whose rules it holds (or the
+    /// `bind` verb on that role), where it binds. Otherwise anyone who may
+    /// write RoleBindings in a namespace could bind `cluster-admin` there.
+    pub fn check_escalation(
+        &self,
+        def: &crate::api::resources::ResourceDef,
+        ns: Option<&str>,
+        obj: &Value,
+        opts: &super::objects::WriteOpts,
+    ) -> Result<(), crate::api::status::ApiError> {
+        use k8s_openapi::api::rbac::v1::PolicyRule;
+        let Some(ident) = &opts.requester else {
+            return Ok(());
+        };
+        let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+        let (verb, resource, target_name, rules): (_, _, &str, Vec<PolicyRule>) = match def.kind {
+            Kind::Role | Kind::ClusterRole => {
+                let rules = serde_json::from_value(obj["rules"].clone()).unwrap_or_default();
+                ("escalate", def.plural, name, rules)
+            }
+            Kind::RoleBinding | Kind::ClusterRoleBinding => {
+                let role = obj["roleRef"]["name"].as_str().unwrap_or_default();
+                let policy = self.authz.policy();
+                let rules = match obj["roleRef"]["kind"].as_str() {
+                    Some("Role") => policy.role_rules(ns.unwrap_or_default(), role),
+                    _ => policy.cluster_role_rules(role),
+                };
+                let resource = if obj["roleRef"]["kind"] == "Role" {
+                    "roles"
+                } else {
+                    "clusterroles"
+                };
+                ("bind", resource, role, rules)
+            }
+            _ => return Ok(()),
+        };
+        let t = Target::Resource {
+            group: "rbac.authorization.k8s.io",
+            resource,
+            subresource: None,
+            name: Some(target_name),
+            namespace: ns,
+        };
+        if self.authz.decide(ident, verb, t).allowed() {
+            return Ok(());
+        }
+        let held =
+            self.authz
+                .policy()
+                .rules_for(&ident.user, &ident.groups, ns.unwrap_or_default());
+        match rbac::uncovered(&held, &rules) {
+            None => Ok(()),
+            Some(missing) => Err(crate::api::status::ApiError::forbidden(format!(
+                "{} \"{name}\" is forbidden: user \"{}\" (groups={:?}) is attempting to grant RBAC permissions not currently held: {missing}",
+                super::objects::resource_ref(def),
+                ident.user,
+                ident.groups,
+            ))),
+        }
+    }
+
     /// Create the bootstrap ClusterRoles and ClusterRoleBindings, and put
     /// back what is missing from those still marked for auto-update.
     pub(super) async fn bootstrap_rbac(&self) -> anyhow::Result<()> {

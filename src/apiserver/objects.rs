@@ -38,6 +38,9 @@ pub fn encode(obj: &Value) -> Vec<u8> {
 /// Options shared by writes.
 #[derive(Clone, Debug, Default)]
 pub struct WriteOpts {
+    /// Who asks, for RBAC's escalation check on roles and bindings
+    /// (`None`: the server's own writes).
+    pub requester: Option<super::Identity>,
     pub dry_run: bool,
     /// `fieldValidation`: Strict, Warn (default) or Ignore.
     pub field_validation: String,
@@ -242,6 +245,7 @@ impl Server {
                 self.check_namespace_open(ns).await?;
             }
         }
+        self.check_escalation(def, ns, &obj, opts)?;
         hooks::before_create(self, def, &mut obj)?;
         let key = def.key(ns, &name);
         // Allocation retries: a randomly picked address may be taken by a
@@ -402,6 +406,7 @@ impl Server {
             m.remove("resourceVersion");
         }
         if sub != Some("status") {
+            self.check_escalation(def, ns, &new, opts)?;
             hooks::before_update(self, def, &old, &mut new)?;
         }
         if new.get("spec") != old.get("spec") && new.get("spec").is_some() {

@@ -654,6 +654,7 @@ impl Server {
         let out = output(&req);
         let ns = r.namespace.as_deref();
         let opts = WriteOpts {
+            requester: Some(ident.clone()),
             dry_run: q.get("dryRun").is_some_and(|v| v == "All"),
             field_validation: q
                 .get("fieldValidation")
@@ -1239,6 +1240,7 @@ fn delete_opts(q: &Query, body: &[u8], dry_run: bool) -> Result<DeleteOpts, ApiE
 /// Write options from the query (`dryRun`, `fieldValidation`).
 fn opts_of(q: &Query) -> WriteOpts {
     WriteOpts {
+        requester: None,
         dry_run: q.get("dryRun").is_some_and(|v| v == "All"),
         field_validation: q
             .get("fieldValidation")
