@@ -676,6 +676,10 @@ pub struct ApiServerArgs {
     /// Seconds between store compactions.
     #[arg(long, default_value_t = 300)]
     pub compaction_interval_seconds: u64,
+    /// How long a request (other than a watch or a log stream) may take
+    /// before it is answered 504 Timeout (a duration: 60s, 1m0s).
+    #[arg(long, default_value = "1m0s", value_parser = crate::node::config::parse_duration)]
+    pub request_timeout: Duration,
     /// tolerationSeconds of the not-ready:NoExecute toleration added to
     /// every Pod that has none.
     #[arg(long, default_value_t = 300)]
@@ -697,6 +701,7 @@ impl ApiServerArgs {
             etcd_servers: self.etcd_servers.clone(),
             token_auth_file: self.token_auth_file.clone(),
             compaction_interval: Duration::from_secs(self.compaction_interval_seconds.max(1)),
+            request_timeout: self.request_timeout,
             default_toleration_seconds: (
                 self.default_not_ready_toleration_seconds,
                 self.default_unreachable_toleration_seconds,

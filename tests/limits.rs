@@ -9,6 +9,9 @@
 //!   writes get a 507 Status saying so, reads go on, nothing acknowledged
 //!   is lost (also across a restart), and writes resume once space
 //!   returns.
+//! * A store that stops answering (etcd under SIGSTOP): requests end
+//!   with a 504 `Timeout` Status at `--request-timeout` instead of
+//!   hanging, and the server serves again once the store is back.
 //! * (ignored: passes narrowly) 500 concurrent requests from one user
 //!   leave another user's p99 under 1 s (fair seats,
 //!   `apiserver::fairness`).
@@ -240,6 +243,64 @@ fn api_error(e: &kube::Error) -> (u16, String) {
     match e {
         kube::Error::Api(s) => (s.code, s.message.clone()),
         other => (0, other.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_store_times_requests_out() {
+    let etcd = tokio::task::block_in_place(common::Etcd::start);
+    let endpoint = etcd.endpoint.clone();
+    let f = tokio::task::block_in_place(|| {
+        Fairlead::start(&["--etcd-servers", &endpoint, "--request-timeout", "2s"])
+    });
+    let cms: Api<ConfigMap> = Api::namespaced(f.client().await, "default");
+    cms.create(&PostParams::default(), &config_map(0, "v"))
+        .await
+        .expect("create");
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &etcd.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} etcd");
+    };
+    signal("-STOP");
+    // kubectl, not kube-rs: kube-rs retries a 504 on its own.
+    let t = Instant::now();
+    let out = tokio::task::block_in_place(|| {
+        common::server::kubectl_cmd(&f.kubeconfig, &["get", "configmap", "cm-00000"])
+            .output()
+            .unwrap()
+    });
+    let took = t.elapsed();
+    signal("-CONT");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(
+                "Error from server (Timeout): Timeout: request did not complete within the allotted timeout"
+            ),
+        "{out:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(10),
+        "answered after {took:?}, not at the 2 s limit"
+    );
+    // Back: the same request is served.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match cms.get("cm-00000").await {
+            Ok(cm) => {
+                assert_eq!(cm.data.unwrap()["v"], "v");
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("not serving after the store came back: {e}"),
+        }
     }
 }
 

@@ -68,6 +68,9 @@ pub struct Config {
     pub token_auth_file: Option<PathBuf>,
     /// How often old revisions are compacted away (Kubernetes: 5 minutes).
     pub compaction_interval: Duration,
+    /// `--request-timeout`: how long any request but a watch or a log
+    /// may take before it is answered 504 (kube-apiserver: 1m0s).
+    pub request_timeout: Duration,
     /// Seconds of the `node.kubernetes.io/not-ready` and
     /// `node.kubernetes.io/unreachable` NoExecute tolerations every new
     /// Pod gets unless it has its own (kube-apiserver's

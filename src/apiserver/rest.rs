@@ -533,7 +533,17 @@ impl Server {
         } else {
             self.fairness.admit(&ident.user).await?
         };
-        let result: Result<Response<Body>, ApiError> = async {
+        // Every other request ends within --request-timeout, or the
+        // client's shorter `timeout` (kubectl --request-timeout), as in
+        // kube-apiserver: a stuck store must not pile requests up.
+        let limit = q
+            .get("timeout")
+            .and_then(|t| crate::node::config::parse_duration(t).ok())
+            .filter(|t| !t.is_zero())
+            .map_or(self.config.request_timeout, |t| {
+                t.min(self.config.request_timeout)
+            });
+        let result = async {
             if let Route::Review(review) = route {
                 return self.review(req, review, &ident).await;
             }
@@ -587,8 +597,18 @@ impl Server {
                     resp
                 }
             }
-        }
-        .await;
+        };
+        let result: Result<Response<Body>, ApiError> = if long_running {
+            result.await
+        } else {
+            tokio::time::timeout(limit, result)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ApiError::timeout(
+                        "Timeout: request did not complete within the allotted timeout",
+                    ))
+                })
+        };
         // The seat goes with the response body: writing a large answer is
         // part of the request's cost.
         result.map(|resp| resp.map(|body| Seated { body, _seat: seat }.boxed_unsync()))

@@ -210,18 +210,35 @@ fn set_duration(v: &Option<String>) -> Result<Option<Duration>, String> {
 /// Parse a Go-style duration ("1s", "500ms", "2m").
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" | "" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("invalid duration {s:?}: unknown unit {unit:?}")),
-    };
+    // A bare number is seconds; otherwise Go's form, as kube components
+    // print durations: a sequence of number+unit (`1m0s`, `1h30m`, `500ms`).
+    if let Ok(n) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(n)
+            .map_err(|_| format!("invalid duration {s:?}: out of range"));
+    }
+    let mut rest = s;
+    let mut secs = 0.0;
+    while !rest.is_empty() {
+        let split = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(|| format!("invalid duration {s:?}: missing unit"))?;
+        let (num, tail) = rest.split_at(split);
+        let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        secs += n * match unit {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(format!("invalid duration {s:?}: unknown unit {unit:?}")),
+        };
+        rest = tail;
+    }
     // (A number too large for a Duration is an error, not a panic: found
     // by fuzzing `--config`.)
     Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {s:?}: out of range"))
@@ -384,6 +401,12 @@ mod tests {
     fn durations_and_addresses() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        // Go's form, as kube components print durations.
+        assert_eq!(parse_duration("1m0s").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("1m0").is_err());
         assert!(parse_duration("3x").is_err());
         let huge = format!("{}h", "7".repeat(40));
         assert!(parse_duration(&huge).unwrap_err().contains("out of range"));

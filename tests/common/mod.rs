@@ -60,6 +60,15 @@ impl Etcd {
         self.cluster.restart(0);
     }
 
+    /// etcd's process id (to stop it with SIGSTOP: a store that hangs).
+    pub fn pid(&self) -> u32 {
+        self.cluster.members[0]
+            .child
+            .as_ref()
+            .expect("etcd running")
+            .id()
+    }
+
     /// The directory holding etcd's data and log.
     pub fn dir(&self) -> &Path {
         self.cluster.members[0].dir.path()
