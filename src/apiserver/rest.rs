@@ -1002,6 +1002,11 @@ impl Server {
                 // Objects of a sibling namespace never match a namespace
                 // prefix, but a cluster-wide prefix contains every namespace.
                 let obj = objects::decode(&kv)?;
+                // Decoding is the CPU of a list: let the worker run other
+                // tasks (and poll for I/O) between objects once the
+                // task's budget is spent, so a flood of big lists cannot
+                // hold back another user's request for many polls.
+                tokio::task::consume_budget().await;
                 if selected(&obj, &labels, &fields) {
                     items.push(obj);
                     last_key = Some(kv.key.clone());
