@@ -70,6 +70,7 @@ pub const METRICS: &[(&str, Type, &str)] = &[
     ("fairlead_proxy_bytes_total", Type::Counter, "Bytes proxied, by direction."),
     ("fairlead_proxy_spliced_bytes_total", Type::Counter, "Bytes proxied with splice(2), without copies through userspace."),
     ("fairlead_proxy_udp_flows", Type::Gauge, "UDP flows (client sessions) the userspace proxy tracks."),
+    ("fairlead_proxy_dropped_total", Type::Counter, "Connections reset and datagrams dropped by the userspace proxy's caps, by reason (tcp_client_limit, udp_flow_limit)."),
     ("fairlead_proxy_http_requests_total", Type::Counter, "HTTP requests balanced per request (appProtocol h2c, grpc, http), by code."),
     ("fairlead_proxy_http_request_duration_seconds", Type::Histogram, "Latency of HTTP requests balanced per request."),
     ("fairlead_apiserver_lb_switches_total", Type::Counter, "Times a joined agent's API load balancer moved to another server."),

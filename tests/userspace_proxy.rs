@@ -955,3 +955,124 @@ async fn throughput_vs_direct() {
     );
     proxy.shutdown().await;
 }
+
+/// `fairlead_proxy_dropped_total{reason="<reason>"}`, 0 if not yet counted.
+fn dropped(reason: &str) -> f64 {
+    let prefix = format!("fairlead_proxy_dropped_total{{reason=\"{reason}\"}}");
+    fairlead::metrics::render()
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// One client address may hold only so many connections: the next is
+/// reset (and counted) while another client still gets through, and a
+/// closed connection frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_client_are_capped() {
+    fairlead::metrics::init();
+    let a = echo("cap-a").await;
+    let vip = ip(20);
+    let port = free_port(vip);
+    let svc = SocketAddr::new(vip, port);
+    let proxy = UserspaceProxy::new(UserspaceConfig {
+        max_connections_per_client: 3,
+        ..config()
+    });
+    let tcp = endpoint(a.tcp_addr.unwrap(), NODE);
+    sync_one(
+        &proxy,
+        (spn("cap", "tcp", Protocol::Tcp), info(vip, port, vec![tcp])),
+    )
+    .await;
+
+    // An echo round trip on a connection: its bytes back, or why not.
+    async fn echo_on(s: &mut TcpStream, msg: &str) -> io::Result<String> {
+        s.write_all(msg.as_bytes()).await?;
+        let mut buf = vec![0u8; msg.len()];
+        tokio::time::timeout(IO, s.read_exact(&mut buf))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no echo"))??;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+    let client = ip(21);
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let mut s = connect_from(svc, Some(client)).await.unwrap();
+        assert_eq!(
+            echo_on(&mut s, &format!("c{i}")).await.unwrap(),
+            format!("c{i}")
+        );
+        open.push(s);
+    }
+    let before = dropped("tcp_client_limit");
+    // The kernel completes the handshake before the proxy accepts; the
+    // reset comes then, so the connection fails at connect or on use.
+    if let Ok(mut over) = connect_from(svc, Some(client)).await {
+        assert!(
+            echo_on(&mut over, "over").await.is_err(),
+            "a 4th connection from one client was served"
+        );
+    }
+    assert_eq!(dropped("tcp_client_limit"), before + 1.0);
+    // Another client is not affected.
+    let mut other = connect_from(svc, Some(ip(22))).await.unwrap();
+    assert_eq!(echo_on(&mut other, "other").await.unwrap(), "other");
+    // Closing one frees a slot (the proxy sees the close asynchronously).
+    drop(open.pop());
+    let deadline = Instant::now() + IO;
+    loop {
+        if let Ok(mut s) = connect_from(svc, Some(client)).await {
+            if echo_on(&mut s, "again").await.is_ok() {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a closed connection's slot was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.shutdown().await;
+}
+
+/// A service port tracks only so many UDP flows: a datagram that would
+/// start one more is dropped (and counted), the flows it has go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flows_are_capped() {
+    fairlead::metrics::init();
+    let a = echo("ucap-a").await;
+    let vip = ip(23);
+    let port = free_port(vip);
+    let svc = SocketAddr::new(vip, port);
+    let proxy = UserspaceProxy::new(UserspaceConfig {
+        max_udp_flows: 2,
+        ..config()
+    });
+    let ep = endpoint(a.udp_addr.unwrap(), NODE);
+    sync_one(
+        &proxy,
+        (spn("ucap", "dns", Protocol::Udp), info(vip, port, vec![ep])),
+    )
+    .await;
+    let mut clients = Vec::new();
+    for i in 0..2 {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        udp_roundtrip(&s, svc, &format!("f{i}")).await.unwrap();
+        clients.push(s);
+    }
+    let before = dropped("udp_flow_limit");
+    let third = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    assert!(
+        udp_roundtrip(&third, svc, "f2").await.is_err(),
+        "a third flow was served"
+    );
+    assert_eq!(dropped("udp_flow_limit"), before + 1.0);
+    for (i, s) in clients.iter().enumerate() {
+        let (reply, _) = udp_roundtrip(s, svc, &format!("again{i}")).await.unwrap();
+        assert!(reply.ends_with(&format!("again{i}")), "{reply}");
+    }
+    proxy.shutdown().await;
+}

@@ -62,6 +62,14 @@ pub struct UserspaceConfig {
     pub workers: usize,
     /// Their thread names: `<worker_name>-<i>` (the kernel keeps 15 bytes).
     pub worker_name: String,
+    /// TCP connections one client address may have open through the
+    /// proxy, over all Services; past it, new ones are reset and counted
+    /// in `fairlead_proxy_dropped_total{reason="tcp_client_limit"}`.
+    pub max_connections_per_client: usize,
+    /// UDP flows one service port tracks (each holds a socket); past it,
+    /// datagrams that would start a flow are dropped and counted
+    /// (`reason="udp_flow_limit"`).
+    pub max_udp_flows: usize,
 }
 
 impl Default for UserspaceConfig {
@@ -77,6 +85,8 @@ impl Default for UserspaceConfig {
             manage_addresses: true,
             workers: 0,
             worker_name: "fl-proxy".to_string(),
+            max_connections_per_client: 4096,
+            max_udp_flows: 32_768,
         }
     }
 }
@@ -204,6 +214,8 @@ impl UserspaceProxy {
             endpoint_backoff: cfg.endpoint_backoff,
             drain_grace: cfg.drain_grace,
             udp_idle_timeout: cfg.udp_idle_timeout,
+            max_udp_flows: cfg.max_udp_flows.max(1),
+            clients: Arc::new(routes::ClientSlots::new(cfg.max_connections_per_client)),
         });
         UserspaceProxy {
             cfg,

@@ -247,6 +247,65 @@ pub(crate) struct Settings {
     pub(crate) endpoint_backoff: Duration,
     pub(crate) drain_grace: Option<Duration>,
     pub(crate) udp_idle_timeout: Duration,
+    pub(crate) max_udp_flows: usize,
+    /// Open TCP connections per client address (all service ports).
+    pub(crate) clients: Arc<ClientSlots>,
+}
+
+/// Counts open TCP connections per client address, to cap them: one
+/// client (a pod in a loop, a scanner) must not take every descriptor
+/// the proxy has. A lock per accept and per close: nothing next to the
+/// connect the accept leads to.
+#[derive(Debug)]
+pub(crate) struct ClientSlots {
+    max: u32,
+    open: Mutex<HashMap<IpAddr, u32>>,
+    dropped: Counter,
+}
+
+impl ClientSlots {
+    pub(crate) fn new(max: usize) -> ClientSlots {
+        ClientSlots {
+            max: max.clamp(1, u32::MAX as usize) as u32,
+            open: Mutex::new(HashMap::new()),
+            dropped: metrics::counter!("fairlead_proxy_dropped_total", "reason" => "tcp_client_limit"),
+        }
+    }
+
+    /// A slot for a new connection from `ip`, or `None` (counted) when it
+    /// has `max` open.
+    pub(crate) fn claim(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        let mut open = self.open.lock().expect("client slots");
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            drop(open);
+            self.dropped.increment(1);
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            slots: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One open connection's slot; released on drop.
+pub(crate) struct ClientSlot {
+    slots: Arc<ClientSlots>,
+    ip: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().expect("client slots");
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Affinity entries: client IP → endpoint, last used.
@@ -491,6 +550,8 @@ mod tests {
                 endpoint_backoff: Duration::from_secs(5),
                 drain_grace: grace,
                 udp_idle_timeout: Duration::from_secs(30),
+                max_udp_flows: 16,
+                clients: Arc::new(ClientSlots::new(16)),
             }),
         )
     }

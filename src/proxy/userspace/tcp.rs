@@ -58,8 +58,16 @@ pub(crate) async fn accept_loop(
         for _ in 0..ACCEPT_BATCH {
             match ready.try_io(|l| l.get_ref().accept()) {
                 Ok(Ok((stream, peer))) => {
+                    let Some(slot) = rt.settings.clients.claim(peer.ip()) else {
+                        // Over the client's cap: reset, not a silent close.
+                        let _ = socket2::SockRef::from(&stream)
+                            .set_linger(Some(std::time::Duration::ZERO));
+                        drop(stream);
+                        continue;
+                    };
                     let rt = rt.clone();
                     workers.dispatch(move || async move {
+                        let _slot = slot;
                         let std = std::net::TcpStream::from(std::os::fd::OwnedFd::from(stream));
                         match TcpStream::from_std(std) {
                             Ok(client) => serve(client, peer, rt, role).await,

@@ -171,6 +171,11 @@ async fn datagram(
             rt.metrics.udp_flows.decrement(1.0);
         }
     }
+    if flows.len() >= rt.settings.max_udp_flows {
+        metrics::counter!("fairlead_proxy_dropped_total", "reason" => "udp_flow_limit")
+            .increment(1);
+        return;
+    }
     let routes = rt.routes();
     for _ in 0..routes.set(role).len() {
         let Some(ep) = rt.choose(&routes, role, client.ip(), Instant::now()) else {
