@@ -41,6 +41,18 @@ use std::sync::Arc;
 use tokio::runtime::{Builder, Handle};
 use tokio::sync::mpsc;
 
+thread_local! {
+    /// The index of the loop this thread runs (`None` off the pools).
+    static LOOP: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The index of the event loop the calling thread runs, if it runs one:
+/// for state kept per loop (the L7 proxy's upstream connections), so a
+/// loop uses what lives on its own thread.
+pub fn current_loop() -> Option<usize> {
+    LOOP.with(|l| l.get())
+}
+
 /// Work handed to a loop: called on its thread, where it spawns a local
 /// task (so that task need not be `Send`: it never moves).
 type Job = Box<dyn FnOnce() + Send>;
@@ -82,6 +94,7 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .spawn(move || {
+                    LOOP.with(|l| l.set(Some(i)));
                     // Runs the jobs' tasks until the pool is dropped (the
                     // queue closes); the tasks left go with the LocalSet.
                     let local = tokio::task::LocalSet::new();

@@ -264,6 +264,22 @@ async fn can_i_answers_per_role_and_bindings_grant_per_namespace() {
         &[&["delete", "pods", "-n", "dev"][..], &sched].concat()
     ));
 
+    // The reviews are in discovery, as kube-apiserver lists them.
+    let reviews = f.kubectl_ok(&[
+        "api-resources",
+        "--api-group=authorization.k8s.io",
+        "-o",
+        "name",
+    ]);
+    assert!(
+        reviews.contains("selfsubjectaccessreviews.authorization.k8s.io"),
+        "{reviews}"
+    );
+    assert!(
+        reviews.contains("localsubjectaccessreviews.authorization.k8s.io"),
+        "{reviews}"
+    );
+
     // `can-i --list` and `whoami` for a user with a binding.
     let list = f.kubectl_ok(&["auth", "can-i", "--list", "-n", "dev", "--as", "jane"]);
     assert!(list.contains("deployments.apps"), "{list}");

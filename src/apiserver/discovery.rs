@@ -31,6 +31,106 @@ pub fn version() -> Value {
     })
 }
 
+/// What a review answers (see `rest.rs`'s `review`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReviewKind {
+    /// May the requester do this (`kubectl auth can-i VERB RESOURCE`)?
+    SelfAccess,
+    /// What may the requester do in a namespace (`kubectl auth can-i --list`)?
+    SelfRules,
+    /// Who is the requester (`kubectl auth whoami`)?
+    WhoAmI,
+    /// May a given user do this (admins, webhooks; a local review within
+    /// its namespace)?
+    Access,
+}
+
+/// A create-only resource that is answered, never stored.
+#[derive(Debug)]
+pub struct ReviewDef {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub plural: &'static str,
+    pub kind: &'static str,
+    pub namespaced: bool,
+    pub review: ReviewKind,
+}
+
+const fn review_def(
+    group: &'static str,
+    plural: &'static str,
+    kind: &'static str,
+    namespaced: bool,
+    review: ReviewKind,
+) -> ReviewDef {
+    ReviewDef {
+        group,
+        version: "v1",
+        plural,
+        kind,
+        namespaced,
+        review,
+    }
+}
+
+/// The reviews served next to the resource table, in discovery too (so
+/// `kubectl api-resources` lists them).
+pub static REVIEWS: &[ReviewDef] = &[
+    review_def(
+        "authorization.k8s.io",
+        "selfsubjectaccessreviews",
+        "SelfSubjectAccessReview",
+        false,
+        ReviewKind::SelfAccess,
+    ),
+    review_def(
+        "authorization.k8s.io",
+        "selfsubjectrulesreviews",
+        "SelfSubjectRulesReview",
+        false,
+        ReviewKind::SelfRules,
+    ),
+    review_def(
+        "authorization.k8s.io",
+        "subjectaccessreviews",
+        "SubjectAccessReview",
+        false,
+        ReviewKind::Access,
+    ),
+    review_def(
+        "authorization.k8s.io",
+        "localsubjectaccessreviews",
+        "LocalSubjectAccessReview",
+        true,
+        ReviewKind::Access,
+    ),
+    review_def(
+        "authentication.k8s.io",
+        "selfsubjectreviews",
+        "SelfSubjectReview",
+        false,
+        ReviewKind::WhoAmI,
+    ),
+];
+
+/// The review served at `group`/`version`/`plural`.
+pub fn review(group: &str, version: &str, plural: &str) -> Option<&'static ReviewDef> {
+    REVIEWS
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+/// Every (group, version) served: the resource table's, then the reviews'.
+fn group_versions() -> Vec<(&'static str, &'static str)> {
+    let mut out = resources::group_versions();
+    for r in REVIEWS {
+        if !out.contains(&(r.group, r.version)) {
+            out.push((r.group, r.version));
+        }
+    }
+    out
+}
+
 /// `/api`.
 pub fn api_versions(config: &Config) -> Value {
     json!({
@@ -44,7 +144,7 @@ pub fn api_versions(config: &Config) -> Value {
 }
 
 fn group_entry(group: &str) -> Value {
-    let versions: Vec<Value> = resources::group_versions()
+    let versions: Vec<Value> = group_versions()
         .into_iter()
         .filter(|(g, _)| *g == group)
         .map(|(g, v)| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
@@ -59,7 +159,7 @@ fn group_entry(group: &str) -> Value {
 /// `/apis`: every named group.
 pub fn group_list() -> Value {
     let mut groups: Vec<&str> = Vec::new();
-    for (g, _) in resources::group_versions() {
+    for (g, _) in group_versions() {
         if !g.is_empty() && !groups.contains(&g) {
             groups.push(g);
         }
@@ -73,7 +173,7 @@ pub fn group_list() -> Value {
 
 /// `/apis/<group>`.
 pub fn group(group: &str) -> Option<Value> {
-    if group.is_empty() || !resources::group_versions().iter().any(|(g, _)| *g == group) {
+    if group.is_empty() || !group_versions().iter().any(|(g, _)| *g == group) {
         return None;
     }
     let mut v = group_entry(group);
@@ -88,8 +188,22 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
         .iter()
         .filter(|r| r.group == group && r.version == version)
         .collect();
-    let first = defs.first()?;
-    let mut list = Vec::new();
+    let mut list: Vec<Value> = REVIEWS
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+        .map(|r| {
+            json!({"name": r.plural, "singularName": "", "namespaced": r.namespaced,
+                "kind": r.kind, "verbs": ["create"]})
+        })
+        .collect();
+    if defs.is_empty() && list.is_empty() {
+        return None;
+    }
+    let group_version = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
     for r in &defs {
         let mut verbs = vec![
             "create",
@@ -179,7 +293,7 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
     Some(json!({
         "kind": "APIResourceList",
         "apiVersion": "v1",
-        "groupVersion": first.api_version,
+        "groupVersion": group_version,
         "resources": list,
     }))
 }

@@ -118,23 +118,9 @@ enum Route {
     OpenApi(String),
     /// `authorization.k8s.io` / `authentication.k8s.io` reviews: created,
     /// answered, never stored.
-    Review(Review),
+    /// The review, and the namespace of a local one.
+    Review(&'static discovery::ReviewDef, Option<String>),
     Resource(ResourceRoute),
-}
-
-/// The access reviews a client may create.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Review {
-    /// `kubectl auth can-i VERB RESOURCE`.
-    SelfSubjectAccess,
-    /// `kubectl auth can-i --list`.
-    SelfSubjectRules,
-    /// `kubectl auth whoami`.
-    SelfSubject,
-    /// Any user's access (admins, webhooks).
-    SubjectAccess,
-    /// Any user's access within one namespace.
-    LocalSubjectAccess(String),
 }
 
 /// A request for objects of one resource.
@@ -163,20 +149,19 @@ fn route(path: &str) -> Result<Route, ApiError> {
         ["apis"] => return Ok(Route::Apis),
         ["openapi", "v3"] => return Ok(Route::OpenApiIndex),
         ["openapi", "v3", rest @ ..] => return Ok(Route::OpenApi(rest.join("/"))),
-        ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"] => {
-            return Ok(Route::Review(Review::SelfSubjectAccess))
+        ["apis", g, v, plural]
+            if discovery::review(g, v, plural).is_some_and(|d| !d.namespaced) =>
+        {
+            return Ok(Route::Review(
+                discovery::review(g, v, plural).expect("matched"),
+                None,
+            ))
         }
-        ["apis", "authorization.k8s.io", "v1", "selfsubjectrulesreviews"] => {
-            return Ok(Route::Review(Review::SelfSubjectRules))
-        }
-        ["apis", "authorization.k8s.io", "v1", "subjectaccessreviews"] => {
-            return Ok(Route::Review(Review::SubjectAccess))
-        }
-        ["apis", "authorization.k8s.io", "v1", "namespaces", ns, "localsubjectaccessreviews"] => {
-            return Ok(Route::Review(Review::LocalSubjectAccess(ns.to_string())))
-        }
-        ["apis", "authentication.k8s.io", "v1", "selfsubjectreviews"] => {
-            return Ok(Route::Review(Review::SelfSubject))
+        ["apis", g, v, "namespaces", ns, plural]
+            if discovery::review(g, v, plural).is_some_and(|d| d.namespaced) =>
+        {
+            let def = discovery::review(g, v, plural).expect("matched");
+            return Ok(Route::Review(def, Some(ns.to_string())));
         }
         ["apis", g] => return Ok(Route::Group(g.to_string())),
         ["api", v, rest @ ..] => ("", *v, rest),
@@ -544,8 +529,8 @@ impl Server {
                 t.min(self.config.request_timeout)
             });
         let result = async {
-            if let Route::Review(review) = route {
-                return self.review(req, review, &ident).await;
+            if let Route::Review(def, ns) = route {
+                return self.review(req, def, ns, &ident).await;
             }
             if req.method() != Method::GET && !matches!(route, Route::Resource(_)) {
                 return Err(ApiError::method_not_allowed(
@@ -553,7 +538,7 @@ impl Server {
                 ));
             }
             match route {
-                Route::Health | Route::Version | Route::CaCerts | Route::Review(_) => {
+                Route::Health | Route::Version | Route::CaCerts | Route::Review(..) => {
                     unreachable!("handled above")
                 }
                 Route::Metrics => {
@@ -1456,25 +1441,18 @@ impl Server {
     async fn review(
         &self,
         req: Request<Incoming>,
-        review: Review,
+        def: &'static discovery::ReviewDef,
+        namespace: Option<String>,
         ident: &Identity,
     ) -> Result<Response<Body>, ApiError> {
+        use discovery::ReviewKind;
         if req.method() != Method::POST {
             return Err(ApiError::method_not_allowed(
                 "the server does not allow this method on the requested resource",
             ));
         }
-        let (group, resource, namespace) = match &review {
-            Review::SelfSubjectAccess => ("authorization.k8s.io", "selfsubjectaccessreviews", None),
-            Review::SelfSubjectRules => ("authorization.k8s.io", "selfsubjectrulesreviews", None),
-            Review::SubjectAccess => ("authorization.k8s.io", "subjectaccessreviews", None),
-            Review::LocalSubjectAccess(ns) => (
-                "authorization.k8s.io",
-                "localsubjectaccessreviews",
-                Some(ns.as_str()),
-            ),
-            Review::SelfSubject => ("authentication.k8s.io", "selfsubjectreviews", None),
-        };
+        let (group, resource) = (def.group, def.plural);
+        let namespace = namespace.as_deref();
         let t = Target::Resource {
             group,
             resource,
@@ -1494,15 +1472,15 @@ impl Server {
             return Err(ApiError::bad_request("the review must be an object"));
         }
         let spec = obj.get("spec").cloned().unwrap_or(json!({}));
-        let status = match &review {
-            Review::SelfSubject => json!({"userInfo": {
+        let status = match def.review {
+            ReviewKind::WhoAmI => json!({"userInfo": {
                 "username": ident.user, "groups": ident.groups}}),
-            Review::SelfSubjectRules => {
+            ReviewKind::SelfRules => {
                 let ns = spec["namespace"].as_str().unwrap_or("");
                 self.rules_review(ident, ns)
             }
-            Review::SelfSubjectAccess => self.access_review(ident, &spec, None)?,
-            Review::SubjectAccess | Review::LocalSubjectAccess(_) => {
+            ReviewKind::SelfAccess => self.access_review(ident, &spec, None)?,
+            ReviewKind::Access => {
                 let Some(user) = spec["user"].as_str().filter(|u| !u.is_empty()) else {
                     return Err(ApiError::invalid(
                         "SubjectAccessReview",
@@ -1523,11 +1501,7 @@ impl Server {
                         .filter_map(|g| g.as_str().map(String::from))
                         .collect(),
                 };
-                let ns = match &review {
-                    Review::LocalSubjectAccess(ns) => Some(ns.as_str()),
-                    _ => None,
-                };
-                self.access_review(&subject, &spec, ns)?
+                self.access_review(&subject, &spec, namespace)?
             }
         };
         obj["status"] = status;
@@ -1595,18 +1569,19 @@ impl Server {
             .authz
             .policy()
             .rules_for(&ident.user, &ident.groups, ns);
+        // system:masters may do everything, binding or not.
         if ident.groups.iter().any(|g| g == super::tls::ADMIN_GROUP) {
             let (roles, _) = crate::api::rbac::bootstrap();
-            rules.extend(
-                roles
-                    .into_iter()
-                    .find_map(|r| {
-                        (r.metadata.name.as_deref() == Some("cluster-admin"))
-                            .then(|| r.rules.unwrap_or_default())
-                    })
-                    .into_iter()
-                    .flatten(),
-            );
+            let admin = roles
+                .into_iter()
+                .find(|r| r.metadata.name.as_deref() == Some("cluster-admin"))
+                .and_then(|r| r.rules)
+                .unwrap_or_default();
+            for r in admin {
+                if !rules.contains(&r) {
+                    rules.push(r);
+                }
+            }
         }
         let mut resource_rules = Vec::new();
         let mut non_resource_rules = Vec::new();

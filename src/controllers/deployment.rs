@@ -485,6 +485,7 @@ pub async fn run(client: kube::Client) {
     let deployments: Api<Deployment> = Api::all(client.clone());
     let sets: Api<ReplicaSet> = Api::all(client.clone());
     Controller::new(deployments, watcher::Config::default())
+        .trigger_backoff(super::WatchBackoff::default())
         .owns(sets, watcher::Config::default())
         .run(reconcile, error_policy, Arc::new(Ctx { client }))
         .for_each(|_| futures::future::ready(()))

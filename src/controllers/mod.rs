@@ -335,7 +335,7 @@ pub async fn run_controllers(client: kube::Client, max_endpoints_per_slice: usiz
     let (svc_store, svc_writer) = reflector::store();
     let (cleanup_tx, cleanup_rx) = tokio::sync::mpsc::unbounded_channel();
     let service_events = watcher(services, watcher::Config::default())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .reflect(svc_writer)
         .inspect_ok(move |ev| {
             let msg = match ev {
@@ -356,7 +356,7 @@ pub async fn run_controllers(client: kube::Client, max_endpoints_per_slice: usiz
     let (managed, writer) = reflector::store();
     let _managed = AbortOnDrop(tokio::spawn(
         reflector::reflector(writer, watcher(slices.clone(), managed_config.clone()))
-            .default_backoff()
+            .backoff(WatchBackoff::default())
             .for_each(|_| futures::future::ready(())),
     ));
     // Decisions that skip the API rely on the cache: have it first.
@@ -378,7 +378,8 @@ pub async fn run_controllers(client: kube::Client, max_endpoints_per_slice: usiz
         let name = svc.metadata.name.as_deref().unwrap_or_default();
         futures::future::ready(endpointslice::has_selector(svc) || has_managed(&has_ours, ns, name))
     });
-    let controller = Controller::for_stream(triggers, svc_store.clone());
+    let controller = Controller::for_stream(triggers, svc_store.clone())
+        .trigger_backoff(WatchBackoff::default());
     let ctx = Arc::new(Ctx {
         client,
         max: max_endpoints_per_slice,
@@ -420,6 +421,45 @@ pub async fn run_controllers(client: kube::Client, max_endpoints_per_slice: usiz
         .await;
 }
 
+/// How every watch here backs off after an error: exponential from 100 ms
+/// to at most 5 s, with jitter, reset by the next event. kube-rs's default
+/// grows to 30 s, so after an API server outage of a minute a node or a
+/// controller could wait another 30 s before it noticed the server was
+/// back (tests/apiserver_down.rs caught the node doing so); the jitter
+/// keeps many nodes from reconnecting in step.
+pub struct WatchBackoff {
+    next: std::time::Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(5);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<std::time::Duration> {
+        use rand::Rng;
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        // 50-100 % of the step.
+        Some(base.mul_f64(rand::rng().random_range(0.5..=1.0)))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
 /// A reflector of every `K` (a cache to read with `state()`), whose every
 /// event wakes `wake`: the shape of the periodic controllers (scheduler,
 /// node lifecycle, disruption budgets) that look at whole sets at once.
@@ -435,7 +475,7 @@ where
 {
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .touched_objects();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);

@@ -167,7 +167,8 @@ fn error_policy(node: Arc<Node>, err: &Error, _ctx: Arc<Ctx>) -> Action {
 /// Give every Node a pod CIDR, until the future is dropped.
 pub async fn run(client: kube::Client, cfg: IpamConfig) {
     let nodes: Api<Node> = Api::all(client);
-    let controller = Controller::new(nodes.clone(), watcher::Config::default());
+    let controller = Controller::new(nodes.clone(), watcher::Config::default())
+        .trigger_backoff(super::WatchBackoff::default());
     let ctx = Arc::new(Ctx {
         nodes,
         cfg,

@@ -254,6 +254,7 @@ pub async fn run(client: kube::Client) {
     let sets: Api<ReplicaSet> = Api::all(client.clone());
     let pods: Api<Pod> = Api::all(client.clone());
     Controller::new(sets, watcher::Config::default())
+        .trigger_backoff(super::WatchBackoff::default())
         .owns(pods, watcher::Config::default())
         .run(reconcile, error_policy, Arc::new(Ctx { client }))
         .for_each(|_| futures::future::ready(()))

@@ -50,6 +50,7 @@ pub async fn run(client: kube::Client) {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let accounts: Api<ServiceAccount> = Api::all(client.clone());
     Controller::new(namespaces, watcher::Config::default())
+        .trigger_backoff(super::WatchBackoff::default())
         // A deleted default account: its namespace again.
         .watches(
             accounts,

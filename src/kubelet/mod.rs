@@ -181,7 +181,8 @@ pub async fn run(client: kube::Client, cfg: KubeletConfig) -> anyhow::Result<()>
     });
     let api: Api<Pod> = Api::all(client);
     let wc = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let mut events = std::pin::pin!(watcher(api, wc).default_backoff());
+    let mut events =
+        std::pin::pin!(watcher(api, wc).backoff(crate::controllers::WatchBackoff::default()));
     let mut workers: HashMap<String, watch::Sender<Option<Pod>>> = HashMap::new();
     let mut listed: HashSet<String> = HashSet::new();
     let (done_tx, mut done) = mpsc::unbounded_channel::<String>();

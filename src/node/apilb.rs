@@ -233,8 +233,9 @@ impl ApiLb {
     pub async fn follow(self, client: kube::Client) {
         let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
         let config = watcher::Config::default().labels("kubernetes.io/service-name=kubernetes");
-        let mut events =
-            std::pin::pin!(watcher(slices, config).default_backoff().applied_objects());
+        let mut events = std::pin::pin!(watcher(slices, config)
+            .backoff(crate::controllers::WatchBackoff::default())
+            .applied_objects());
         while let Some(ev) = events.next().await {
             match ev {
                 Ok(slice) => self.set_servers(slice_servers(&slice)),

@@ -111,7 +111,8 @@ fn watch<K>(
         + 'static,
 {
     tokio::spawn(async move {
-        let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+        let mut events = std::pin::pin!(watcher(api, watcher::Config::default())
+            .backoff(crate::controllers::WatchBackoff::default()));
         while let Some(ev) = events.next().await {
             match ev {
                 Err(e) => tracing::debug!(error = %e, kind = metric, "watch error (retrying)"),

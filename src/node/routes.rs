@@ -116,7 +116,7 @@ async fn apply(want: &BTreeMap<String, IpAddr>) {
 pub async fn run(client: kube::Client, me: String) {
     let (reader, writer) = reflector::store();
     let events = watcher(Api::<Node>::all(client), watcher::Config::default())
-        .default_backoff()
+        .backoff(crate::controllers::WatchBackoff::default())
         .reflect(writer);
     let mut events = std::pin::pin!(events);
     let mut current: Option<BTreeMap<String, IpAddr>> = None;

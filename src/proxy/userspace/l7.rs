@@ -51,15 +51,31 @@ pub(crate) type RespBody = Either<Incoming, Full<Bytes>>;
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
 /// The connections to one endpoint, shared by every request the port
-/// sends it.
+/// sends it, kept per event loop ([`crate::workers::current_loop`]): a
+/// connection's task lives on the loop that opened it, so a request sent
+/// on another loop's connection would cross threads twice (it did: one
+/// HTTP/2 connection per endpoint for all loops).
 #[derive(Default)]
 pub(crate) struct Upstream {
-    /// HTTP/2: one connection, every stream on it.
-    h2: std::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
+    /// HTTP/2: one connection per loop, every stream of that loop on it.
+    h2: std::sync::Mutex<Vec<Option<http2::SendRequest<Incoming>>>>,
     /// Held while connecting, so concurrent requests share the new one.
     h2_connecting: tokio::sync::Mutex<()>,
-    /// HTTP/1.1: idle connections, each ready for its next request.
-    h1: std::sync::Mutex<Vec<http1::SendRequest<Incoming>>>,
+    /// HTTP/1.1: idle connections per loop, each ready for its next request.
+    h1: std::sync::Mutex<Vec<Vec<http1::SendRequest<Incoming>>>>,
+}
+
+/// This thread's loop: the index of its upstream slots.
+fn loop_index() -> usize {
+    crate::workers::current_loop().unwrap_or(0)
+}
+
+/// Slot `i` of a per-loop vector, grown to have it.
+fn slot<T: Default>(v: &mut Vec<T>, i: usize) -> &mut T {
+    if v.len() <= i {
+        v.resize_with(i + 1, T::default);
+    }
+    &mut v[i]
 }
 
 impl std::fmt::Debug for Upstream {
@@ -208,9 +224,10 @@ async fn send_h2(
             Err(mut e) => match e.take_message() {
                 Some(r) => {
                     req = r;
-                    let mut slot = lock(&ep.upstream.h2);
-                    if slot.as_ref().is_some_and(|s| s.is_closed()) {
-                        *slot = None;
+                    let mut conns = lock(&ep.upstream.h2);
+                    let mine = slot(&mut conns, loop_index());
+                    if mine.as_ref().is_some_and(|s| s.is_closed()) {
+                        *mine = None;
                     }
                 }
                 None => return Err(SendError::Failed(e.into_error().to_string())),
@@ -230,7 +247,7 @@ async fn connect_h2(
         .await
         .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
     tokio::spawn(conn);
-    *lock(&ep.upstream.h2) = Some(s.clone());
+    *slot(&mut lock(&ep.upstream.h2), loop_index()) = Some(s.clone());
     Ok(s)
 }
 
@@ -241,6 +258,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The endpoint's HTTP/2 connection, if it has a live one.
 fn live_h2(ep: &EndpointLife) -> Option<http2::SendRequest<Incoming>> {
     lock(&ep.upstream.h2)
+        .get(loop_index())?
         .as_ref()
         .filter(|s| !s.is_closed())
         .cloned()
@@ -251,9 +269,11 @@ async fn send_h1(
     mut req: Request<Incoming>,
     rt: &ServiceRuntime,
 ) -> Result<Response<Incoming>, SendError> {
+    let here = loop_index();
     loop {
         let idle = {
-            let mut pool = lock(&ep.upstream.h1);
+            let mut pools = lock(&ep.upstream.h1);
+            let pool = slot(&mut pools, here);
             std::iter::from_fn(|| pool.pop()).find(|s| s.is_ready())
         };
         let (mut sender, fresh) = match idle {
@@ -278,7 +298,8 @@ async fn send_h1(
                 let ep = ep.clone();
                 tokio::spawn(async move {
                     if sender.ready().await.is_ok() {
-                        let mut pool = lock(&ep.upstream.h1);
+                        let mut pools = lock(&ep.upstream.h1);
+                        let pool = slot(&mut pools, here);
                         if pool.len() < MAX_IDLE_PER_ENDPOINT {
                             pool.push(sender);
                         }
