@@ -359,6 +359,78 @@ async fn a_node_may_not_delete_a_service_nor_controllers_a_namespace() {
     svcs.list(&Default::default())
         .await
         .expect("a node lists Services");
+    // A node writes only its own Node and Lease (kube's NodeRestriction).
+    {
+        use k8s_openapi::api::coordination::v1::Lease;
+        use k8s_openapi::api::core::v1::Node;
+        use kube::api::{Patch, PatchParams, PostParams};
+        let nodes: Api<Node> = Api::all(client.clone());
+        let node = |name: &str| -> Node {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap()
+        };
+        nodes
+            .create(&PostParams::default(), &node("n1"))
+            .await
+            .expect("a node registers itself");
+        let label = Patch::Merge(serde_json::json!({"metadata": {"labels": {"x": "y"}}}));
+        nodes
+            .patch("n1", &PatchParams::default(), &label)
+            .await
+            .expect("a node labels itself");
+        let status = Patch::Merge(
+            serde_json::json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
+        nodes
+            .patch_status("n1", &PatchParams::default(), &status)
+            .await
+            .expect("its own status");
+        let refused = |r: Result<Node, kube::Error>, what: &str| match r {
+            Err(kube::Error::Api(e)) => {
+                assert_eq!(e.code, 403, "{what}: {e:?}");
+                assert!(
+                    e.message
+                        .contains("node \"n1\" is not allowed to modify node \"n2\""),
+                    "{what}: {}",
+                    e.message
+                );
+            }
+            other => panic!("{what}: {other:?}"),
+        };
+        refused(
+            nodes.create(&PostParams::default(), &node("n2")).await,
+            "create another node",
+        );
+        let admin: Api<Node> = Api::all(f.client().await);
+        admin
+            .create(&PostParams::default(), &node("n2"))
+            .await
+            .unwrap();
+        refused(
+            nodes.patch("n2", &PatchParams::default(), &label).await,
+            "label another node",
+        );
+        refused(
+            nodes
+                .patch_status("n2", &PatchParams::default(), &status)
+                .await,
+            "another node's status",
+        );
+        let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+        let lease = |name: &str| -> Lease {
+            serde_json::from_value(
+                serde_json::json!({"metadata": {"name": name}, "spec": {"holderIdentity": name}}),
+            )
+            .unwrap()
+        };
+        leases
+            .create(&PostParams::default(), &lease("n1"))
+            .await
+            .expect("its own lease");
+        assert!(
+            matches!(leases.create(&PostParams::default(), &lease("n2")).await, Err(kube::Error::Api(e)) if e.code == 403),
+            "a node wrote another node's lease"
+        );
+    }
     f.kubectl_ok(&["get", "service", "kubernetes"]);
 
     let cm_kc = identity(&f, "cm.kubeconfig", "system:kube-controller-manager", &[]);

@@ -634,7 +634,7 @@ pub fn bootstrap() -> (Vec<ClusterRole>, Vec<ClusterRoleBinding>) {
                 rule("create update patch", "core events.k8s.io", "events"),
                 rule("create", "core", "serviceaccounts/token"),
                 rule(
-                    &format!("{READ} create update patch delete"),
+                    &format!("{READ} create update patch"),
                     "coordination.k8s.io",
                     "leases",
                 ),

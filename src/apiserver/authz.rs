@@ -233,6 +233,41 @@ async fn follow(
     }
 }
 
+/// kube's NodeRestriction for what a node writes by name: a node
+/// (`system:node:<name>` in `system:nodes`) may create and change only
+/// its own Node (and its status) and its own Lease in `kube-node-lease`,
+/// so one compromised host cannot taint, relabel or fake the heartbeat of
+/// another.
+pub fn node_restriction(
+    def: &crate::api::resources::ResourceDef,
+    ns: Option<&str>,
+    obj: &Value,
+    opts: &super::objects::WriteOpts,
+) -> Result<(), crate::api::status::ApiError> {
+    let Some(ident) = &opts.requester else {
+        return Ok(());
+    };
+    if !in_group(ident, "system:nodes") {
+        return Ok(());
+    }
+    let Some(me) = ident.user.strip_prefix("system:node:") else {
+        return Ok(());
+    };
+    let what = match def.kind {
+        Kind::Node => "node",
+        Kind::Lease if ns == Some(crate::node::register::LEASE_NAMESPACE) => "lease",
+        _ => return Ok(()),
+    };
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+    if name == me {
+        return Ok(());
+    }
+    Err(crate::api::status::ApiError::forbidden(format!(
+        "{} \"{name}\" is forbidden: node \"{me}\" is not allowed to modify {what} \"{name}\"",
+        super::objects::resource_ref(def),
+    )))
+}
+
 impl super::Server {
     /// RBAC's escalation check (kube's): a requester may create or change
     /// a role only with rules it holds itself (or the `escalate` verb on

@@ -246,6 +246,7 @@ impl Server {
             }
         }
         self.check_escalation(def, ns, &obj, opts)?;
+        super::authz::node_restriction(def, ns, &obj, opts)?;
         hooks::before_create(self, def, &mut obj)?;
         let key = def.key(ns, &name);
         // Allocation retries: a randomly picked address may be taken by a
@@ -405,6 +406,7 @@ impl Server {
             m.remove("selfLink");
             m.remove("resourceVersion");
         }
+        super::authz::node_restriction(def, ns, &new, opts)?;
         if sub != Some("status") {
             self.check_escalation(def, ns, &new, opts)?;
             hooks::before_update(self, def, &old, &mut new)?;
