@@ -270,9 +270,14 @@ async fn a_stuck_store_times_requests_out() {
     // kubectl, not kube-rs: kube-rs retries a 504 on its own.
     let t = Instant::now();
     let out = tokio::task::block_in_place(|| {
-        common::server::kubectl_cmd(&f.kubeconfig, &["get", "configmap", "cm-00000"])
-            .output()
-            .unwrap()
+        // kubectl's own deadline (20 s, sent as ?timeout=20s, which the
+        // server's 2 s undercuts) bounds the test if the server hangs.
+        common::server::kubectl_cmd(
+            &f.kubeconfig,
+            &["get", "configmap", "cm-00000", "--request-timeout=20s"],
+        )
+        .output()
+        .unwrap()
     });
     let took = t.elapsed();
     signal("-CONT");

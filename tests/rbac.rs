@@ -7,7 +7,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::server::{kubectl_cmd, Fairlead};
+use common::server::{client_for, kubectl_cmd, Fairlead};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use kube::Api;
 
@@ -22,15 +22,16 @@ fn identity(f: &Fairlead, file: &str, user: &str, groups: &[&str]) -> PathBuf {
     path
 }
 
-/// `kubectl auth can-i` as the admin impersonating `as_args`: its
-/// answer, checked against its exit code (0 yes, 1 no).
-fn can_i(f: &Fairlead, args: &[&str]) -> bool {
-    let out = f.kubectl(&[&["auth", "can-i"], args].concat());
+/// `kubectl auth can-i <args>` as the admin, impersonating `who` (the
+/// `--as`/`--as-group` flags): its answer, checked against its exit code
+/// (0 yes, 1 no).
+fn can_i(f: &Fairlead, who: &[&str], args: &[&str]) -> bool {
+    let out = f.kubectl(&[&["auth", "can-i"], args, who].concat());
     let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
     match (said.as_str(), out.status.code()) {
         ("yes", Some(0)) => true,
         ("no", Some(1)) => false,
-        _ => panic!("kubectl auth can-i {args:?}: {out:?}"),
+        _ => panic!("kubectl auth can-i {args:?} {who:?}: {out:?}"),
     }
 }
 
@@ -58,10 +59,7 @@ async fn can_i_answers_per_role_and_bindings_grant_per_namespace() {
 
     // Per role, through impersonation (`--as`), which the admin may do.
     let jane = ["--as", "jane"];
-    assert!(!can_i(
-        &f,
-        &[&["list", "pods", "-n", "dev"][..], &jane].concat()
-    ));
+    assert!(!can_i(&f, &jane, &["list", "pods", "-n", "dev"]));
     f.kubectl_ok(&[
         "create",
         "rolebinding",
@@ -74,24 +72,13 @@ async fn can_i_answers_per_role_and_bindings_grant_per_namespace() {
     // A RoleBinding grants within its namespace, and only what the role has.
     assert!(can_i(
         &f,
-        &[&["create", "deployments.apps", "-n", "dev"][..], &jane].concat()
+        &jane,
+        &["create", "deployments.apps", "-n", "dev"]
     ));
-    assert!(can_i(
-        &f,
-        &[&["delete", "pods", "-n", "dev"][..], &jane].concat()
-    ));
-    assert!(!can_i(
-        &f,
-        &[&["list", "pods", "-n", "prod"][..], &jane].concat()
-    ));
-    assert!(!can_i(
-        &f,
-        &[&["list", "pods", "--all-namespaces"][..], &jane].concat()
-    ));
-    assert!(!can_i(
-        &f,
-        &[&["create", "rolebindings", "-n", "dev"][..], &jane].concat()
-    ));
+    assert!(can_i(&f, &jane, &["delete", "pods", "-n", "dev"]));
+    assert!(!can_i(&f, &jane, &["list", "pods", "-n", "prod"]));
+    assert!(!can_i(&f, &jane, &["list", "pods", "--all-namespaces"]));
+    assert!(!can_i(&f, &jane, &["create", "rolebindings", "-n", "dev"]));
 
     let bob = ["--as", "bob"];
     f.kubectl_ok(&[
@@ -103,18 +90,9 @@ async fn can_i_answers_per_role_and_bindings_grant_per_namespace() {
         "-n",
         "dev",
     ]);
-    assert!(can_i(
-        &f,
-        &[&["list", "pods", "-n", "dev"][..], &bob].concat()
-    ));
-    assert!(!can_i(
-        &f,
-        &[&["delete", "pods", "-n", "dev"][..], &bob].concat()
-    ));
-    assert!(!can_i(
-        &f,
-        &[&["get", "secrets", "-n", "dev"][..], &bob].concat()
-    ));
+    assert!(can_i(&f, &bob, &["list", "pods", "-n", "dev"]));
+    assert!(!can_i(&f, &bob, &["delete", "pods", "-n", "dev"]));
+    assert!(!can_i(&f, &bob, &["get", "secrets", "-n", "dev"]));
 
     let ann = ["--as", "ann"];
     f.kubectl_ok(&[
@@ -126,11 +104,8 @@ async fn can_i_answers_per_role_and_bindings_grant_per_namespace() {
         "-n",
         "dev",
     ]);
-    assert!(can_i(
-        &f,
-        &[&["create", "rolebindings", "-n", "dev"][..], &ann].concat()
-    ));
-    assert!(!can_i(&f, &[&["delete", "namespaces"][..], &ann].concat()));
+    assert!(can_i(&f, &ann, &["create", "rolebindings", "-n", "dev"]));
+    assert!(!can_i(&f, &ann, &["delete", "namespaces"]));
 
     // Escalation: ann (admin in dev) may grant what she holds, not more.
     let ann_kc = identity(&f, "ann.kubeconfig", "ann", &[]);
@@ -183,7 +158,7 @@ async fn can_i_answers_per_role_and_bindings_grant_per_namespace() {
             "{args:?}: {out:?}"
         );
     }
-    assert!(!can_i(&f, &["get", "nodes", "--as", "carl"]));
+    assert!(!can_i(&f, &["--as", "carl"], &["get", "nodes"]));
 
     // A Role (not a ClusterRole) with resource names.
     f.kubectl_ok(&[
@@ -207,62 +182,39 @@ async fn can_i_answers_per_role_and_bindings_grant_per_namespace() {
     ]);
     assert!(can_i(
         &f,
-        &[&["get", "configmaps/settings", "-n", "prod"][..], &bob].concat()
+        &bob,
+        &["get", "configmaps/settings", "-n", "prod"]
     ));
-    assert!(!can_i(
-        &f,
-        &[&["get", "configmaps/other", "-n", "prod"][..], &bob].concat()
-    ));
+    assert!(!can_i(&f, &bob, &["get", "configmaps/other", "-n", "prod"]));
 
     // Components.
     let node = ["--as", "system:node:n1", "--as-group", "system:nodes"];
+    assert!(can_i(&f, &node, &["watch", "services", "--all-namespaces"]));
     assert!(can_i(
         &f,
-        &[&["watch", "services", "--all-namespaces"][..], &node].concat()
-    ));
-    assert!(can_i(
-        &f,
+        &node,
         &[
-            &[
-                "list",
-                "endpointslices.discovery.k8s.io",
-                "--all-namespaces"
-            ][..],
-            &node
+            "list",
+            "endpointslices.discovery.k8s.io",
+            "--all-namespaces"
         ]
-        .concat()
     ));
-    assert!(!can_i(
-        &f,
-        &[&["delete", "services", "-n", "default"][..], &node].concat()
-    ));
-    assert!(!can_i(
-        &f,
-        &[&["get", "secrets", "-n", "default"][..], &node].concat()
-    ));
+    assert!(!can_i(&f, &node, &["delete", "services", "-n", "default"]));
+    assert!(!can_i(&f, &node, &["get", "secrets", "-n", "default"]));
     let cm = ["--as", "system:kube-controller-manager"];
     assert!(can_i(
         &f,
-        &[
-            &["create", "endpointslices.discovery.k8s.io", "-n", "dev"][..],
-            &cm
-        ]
-        .concat()
+        &cm,
+        &["create", "endpointslices.discovery.k8s.io", "-n", "dev"]
     ));
-    assert!(!can_i(&f, &[&["delete", "namespaces"][..], &cm].concat()));
+    assert!(!can_i(&f, &cm, &["delete", "namespaces"]));
     let sched = ["--as", "system:kube-scheduler"];
     assert!(can_i(
         &f,
-        &[
-            &["create", "pods", "--subresource=binding", "-n", "dev"][..],
-            &sched
-        ]
-        .concat()
+        &sched,
+        &["create", "pods", "--subresource=binding", "-n", "dev"]
     ));
-    assert!(!can_i(
-        &f,
-        &[&["delete", "pods", "-n", "dev"][..], &sched].concat()
-    ));
+    assert!(!can_i(&f, &sched, &["delete", "pods", "-n", "dev"]));
 
     // The reviews are in discovery, as kube-apiserver lists them.
     let reviews = f.kubectl_ok(&[
@@ -326,7 +278,8 @@ async fn can_i_answers_per_role_and_bindings_grant_per_namespace() {
     f.kubectl_ok(&["delete", "rolebinding", "jane-edit", "-n", "dev"]);
     assert!(!can_i(
         &f,
-        &[&["create", "deployments.apps", "-n", "dev"][..], &jane].concat()
+        &jane,
+        &["create", "deployments.apps", "-n", "dev"]
     ));
 }
 
@@ -458,12 +411,4 @@ async fn a_node_may_not_delete_a_service_nor_controllers_a_namespace() {
         !metrics.status.success() && String::from_utf8_lossy(&metrics.stderr).contains("Forbidden"),
         "{metrics:?}"
     );
-}
-
-async fn client_for(kubeconfig: &std::path::Path) -> kube::Client {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .expect("kubeconfig");
-    kube::Client::try_from(cfg).expect("client")
 }

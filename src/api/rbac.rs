@@ -279,8 +279,8 @@ pub fn rule_allows(r: &PolicyRule, verb: &str, target: &Target<'_>) -> bool {
                 None => has(resources, resource),
                 Some(sub) => resources.iter().any(|x| {
                     x == "*"
-                        || *x == format!("{resource}/{sub}")
-                        || x.strip_prefix("*/") == Some(sub)
+                        || x.split_once('/')
+                            .is_some_and(|(r, s)| (r == resource || r == "*") && s == sub)
                 }),
             };
             has(groups, group)

@@ -285,6 +285,7 @@ impl super::Server {
         let Some(ident) = &opts.requester else {
             return Ok(());
         };
+        let policy = self.authz.policy();
         let name = obj["metadata"]["name"].as_str().unwrap_or_default();
         let (verb, resource, target_name, rules): (_, _, &str, Vec<PolicyRule>) = match def.kind {
             Kind::Role | Kind::ClusterRole => {
@@ -293,7 +294,6 @@ impl super::Server {
             }
             Kind::RoleBinding | Kind::ClusterRoleBinding => {
                 let role = obj["roleRef"]["name"].as_str().unwrap_or_default();
-                let policy = self.authz.policy();
                 let rules = match obj["roleRef"]["kind"].as_str() {
                     Some("Role") => policy.role_rules(ns.unwrap_or_default(), role),
                     _ => policy.cluster_role_rules(role),
@@ -317,10 +317,7 @@ impl super::Server {
         if self.authz.decide(ident, verb, t).allowed() {
             return Ok(());
         }
-        let held =
-            self.authz
-                .policy()
-                .rules_for(&ident.user, &ident.groups, ns.unwrap_or_default());
+        let held = policy.rules_for(&ident.user, &ident.groups, ns.unwrap_or_default());
         match rbac::uncovered(&held, &rules) {
             None => Ok(()),
             Some(missing) => Err(crate::api::status::ApiError::forbidden(format!(

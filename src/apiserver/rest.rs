@@ -1349,13 +1349,16 @@ impl Server {
     }
 }
 
+/// Where a refused request acted, as kube-apiserver's 403 says it.
+fn scope(namespace: Option<&str>) -> String {
+    namespace.map_or(" at the cluster scope".into(), |n| {
+        format!(" in the namespace \"{n}\"")
+    })
+}
+
 /// kube-apiserver's 403 for a resource request.
 fn forbidden(ident: &Identity, verb: &str, r: &ResourceRoute) -> ApiError {
-    let ns = r
-        .namespace
-        .as_deref()
-        .map(|n| format!(" in the namespace \"{n}\""))
-        .unwrap_or_else(|| " at the cluster scope".into());
+    let ns = scope(r.namespace.as_deref());
     let res = match &r.sub {
         Some(s) => format!("{}/{s}", r.def.plural),
         None => r.def.plural.to_string(),
@@ -1417,7 +1420,7 @@ impl Server {
                 return Err(ApiError::forbidden(format!(
                     "{resource} \"{name}\" is forbidden: User \"{}\" cannot impersonate resource \"{resource}\" in API group \"\"{}",
                     ident.user,
-                    namespace.map_or(" at the cluster scope".into(), |n| format!(" in the namespace \"{n}\""))
+                    scope(namespace)
                 )));
             }
         }
@@ -1464,7 +1467,7 @@ impl Server {
             return Err(ApiError::forbidden(format!(
                 "{resource}.{group} is forbidden: User \"{}\" cannot create resource \"{resource}\" in API group \"{group}\"{}",
                 ident.user,
-                namespace.map_or(" at the cluster scope".into(), |n| format!(" in the namespace \"{n}\""))
+                scope(namespace)
             )));
         }
         let mut obj = read_object(req).await?;

@@ -134,11 +134,7 @@ impl Fairlead {
 
     /// A kube-rs client authenticated with the admin kubeconfig.
     pub async fn client(&self) -> kube::Client {
-        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("read kubeconfig");
-        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .expect("kubeconfig");
-        kube::Client::try_from(cfg).expect("client")
+        client_for(&self.kubeconfig).await
     }
 }
 
@@ -146,6 +142,15 @@ impl Drop for Fairlead {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// A kube-rs client for a kubeconfig file (its user's identity).
+pub async fn client_for(kubeconfig: &Path) -> kube::Client {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .expect("kubeconfig");
+    kube::Client::try_from(cfg).expect("client")
 }
 
 /// A kubectl command using `kubeconfig`.
