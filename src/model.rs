@@ -212,6 +212,15 @@ impl SliceView {
     }
 }
 
+/// `v` without spare capacity. A view lives as long as its object, and a
+/// vector collected from a filtering iterator grows by doubling: ten
+/// endpoints would hold room for sixteen, a third of the node's memory
+/// for slices at 30,000 Services.
+fn exact<T>(mut v: Vec<T>) -> Vec<T> {
+    v.shrink_to_fit();
+    v
+}
+
 fn parse_protocol(p: Option<&str>) -> Option<Protocol> {
     Protocol::parse(p.unwrap_or("TCP"))
 }
@@ -368,8 +377,8 @@ impl SliceView {
             .collect();
         SliceView {
             service,
-            ports,
-            endpoints,
+            ports: exact(ports),
+            endpoints: exact(endpoints),
             trigger_time,
         }
     }
