@@ -6,13 +6,13 @@
 //! The proxy's path:
 //!
 //! ```text
-//!  node runtime:  accept loop per frontend ── accept4(NONBLOCK) via mio,
-//!                 (few wake-ups)               not registered anywhere
-//!                        │ least-loaded worker
-//!                        ▼
 //!  fl-proxy-0 … fl-proxy-N-1: one current-thread tokio runtime each, its
-//!                 own epoll; the connection is registered there once and
-//!                 both its legs live there until they close
+//!                 own epoll. Each TCP frontend's listener joins one loop
+//!                 (in turn); that loop accepts (mio's accept4(NONBLOCK))
+//!                        │ least-loaded loop, itself on a tie
+//!                        ▼
+//!                 the connection is registered there once and both its
+//!                 legs live there until they close
 //! ```
 //!
 //! **Why not the node's multi-thread runtime.** It has one I/O driver for
@@ -32,6 +32,8 @@
 //! listener per worker: a Service frontend stays one socket (thousands of
 //! Services would otherwise cost a listener per core each), and the
 //! least-loaded choice evens out long connections that a hash would not.
+//! The accept loops used to run on the node's runtime: every accepted
+//! batch then woke one of its threads and then a loop's.
 
 use std::future::Future;
 use std::io;
@@ -71,6 +73,8 @@ struct Worker {
 pub struct Workers {
     workers: Vec<Worker>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// The loop [`Workers::spawn_next`] uses next.
+    next: AtomicUsize,
 }
 
 /// Counts a connection against its worker while it lives.
@@ -111,30 +115,51 @@ impl Workers {
             });
             threads.push(thread);
         }
-        Ok(Workers { workers, threads })
+        Ok(Workers {
+            workers,
+            threads,
+            next: AtomicUsize::new(0),
+        })
     }
 
-    /// Run `serve` on the worker with the fewest connections. `serve` is
-    /// called on that worker's thread, inside its runtime, so the sockets it
-    /// registers (`TcpStream::from_std`) belong to that worker's epoll.
-    /// (Spawned straight onto the runtime: one task per connection, no
-    /// queue hop.)
+    /// Run `serve` on the worker with the fewest connections, the calling
+    /// loop itself when it is one of those (an accept loop runs on a
+    /// worker: its own connections then start without waking a thread).
+    /// `serve` is called on that worker's thread, inside its runtime, so
+    /// the sockets it registers (`TcpStream::from_std`) belong to that
+    /// worker's epoll. (Spawned straight onto the runtime: one task per
+    /// connection, no queue hop.)
     pub fn dispatch<F, Fut>(&self, serve: F)
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let w = self
+        let load = |w: &Worker| w.load.load(Ordering::Relaxed);
+        let least = self
             .workers
             .iter()
-            .min_by_key(|w| w.load.load(Ordering::Relaxed))
+            .min_by_key(|w| load(w))
             .expect("at least one worker");
+        let w = match current_loop().and_then(|i| self.workers.get(i)) {
+            Some(me) if load(me) <= load(least) => me,
+            _ => least,
+        };
         w.load.fetch_add(1, Ordering::Relaxed);
         let load = Load(w.load.clone());
         w.handle.spawn(async move {
             let _load = load;
             serve().await
         });
+    }
+
+    /// Run `task` on the loops in turn (a long-lived task per call, such
+    /// as a listener's accept loop, spread over them).
+    pub fn spawn_next<F, Fut>(&self, task: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        self.spawn_on(self.next.fetch_add(1, Ordering::Relaxed), task);
     }
 
     /// Run `task` on worker `i` (modulo the pool's size), for work pinned
@@ -222,5 +247,32 @@ mod tests {
             names_rx.recv_timeout(Duration::from_secs(5)).unwrap(),
             "fl-test-1"
         );
+    }
+
+    #[test]
+    fn a_loop_keeps_what_it_accepts_when_it_is_among_the_least_loaded() {
+        let pool = Arc::new(Workers::start(2, "fl-keep").unwrap());
+        let (names_tx, names_rx) = std::sync::mpsc::channel::<(String, String)>();
+        // From each loop in turn (as an accept loop runs there), with the
+        // loads equal (the previous connection has ended): the connection
+        // stays on the dispatching loop. (The least-loaded choice alone
+        // would send both to fl-keep-0.)
+        for expect in ["fl-keep-0", "fl-keep-1"] {
+            let (p, names) = (pool.clone(), names_tx.clone());
+            pool.spawn_next(move || async move {
+                let from = std::thread::current().name().unwrap_or("").to_string();
+                p.dispatch(move || async move {
+                    let on = std::thread::current().name().unwrap_or("").to_string();
+                    names.send((from, on)).unwrap();
+                });
+            });
+            let (from, on) = names_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            assert_eq!((from.as_str(), on.as_str()), (expect, expect));
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while pool.loads() != [0, 0] {
+                assert!(std::time::Instant::now() < deadline, "{:?}", pool.loads());
+                std::thread::yield_now();
+            }
+        }
     }
 }

@@ -163,14 +163,28 @@ struct ListenKey {
 /// A running listener task and its stop signal.
 struct Running {
     stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
+    task: Task,
+}
+
+/// Where a listener's task runs: TCP accept loops on a worker loop (ended
+/// when `done`'s sender is dropped), UDP frontends on the node's runtime.
+enum Task {
+    Loop(oneshot::Receiver<()>),
+    Runtime(JoinHandle<()>),
 }
 
 impl Running {
     /// Stop accepting and wait until the socket is closed.
     async fn close(self) {
         drop(self.stop);
-        let _ = self.task.await;
+        match self.task {
+            Task::Loop(done) => {
+                let _ = done.await;
+            }
+            Task::Runtime(t) => {
+                let _ = t.await;
+            }
+        }
     }
 }
 
@@ -622,11 +636,14 @@ impl UserspaceProxy {
             Protocol::Tcp => {
                 let workers = self.workers()?;
                 let l = sys::tcp_listener(key.addr)?;
-                tokio::spawn(tcp::accept_loop(l, rt, role, workers, stop_rx))
+                let (done, task) = oneshot::channel();
+                let w = workers.clone();
+                workers.spawn_next(move || tcp::accept_loop(l, rt, role, w, stop_rx, done));
+                Task::Loop(task)
             }
             Protocol::Udp => {
                 let f = udp::UdpFrontend::bind(key.addr)?;
-                tokio::spawn(udp::serve(f, rt, role, stop_rx))
+                Task::Runtime(tokio::spawn(udp::serve(f, rt, role, stop_rx)))
             }
             Protocol::Sctp => {
                 return Err(std::io::Error::new(

@@ -2,7 +2,7 @@
 //! sockets, and `IP_PKTINFO`/`IPV6_PKTINFO` so a wildcard (NodePort) UDP
 //! socket can answer from the address the client sent to. `socket2` makes
 //! and binds the sockets; `nix` carries the control messages. One unsafe
-//! call: handing a listener we own to tokio's reactor (`tcp_listener`).
+//! call: handing a listener we own to tokio's reactor (`register`).
 
 use std::io;
 use std::io::{IoSlice, IoSliceMut};
@@ -28,7 +28,7 @@ const BACKLOG: i32 = 1024;
 /// A mio listener in tokio's reactor: its accepts (`accept4` with
 /// `SOCK_NONBLOCK`) give sockets registered nowhere yet, for the worker
 /// that serves them to register once ([`crate::workers`]).
-pub(crate) fn tcp_listener(addr: SocketAddr) -> io::Result<AsyncFd<mio::net::TcpListener>> {
+pub(crate) fn tcp_listener(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
@@ -37,7 +37,14 @@ pub(crate) fn tcp_listener(addr: SocketAddr) -> io::Result<AsyncFd<mio::net::Tcp
     }
     s.bind(&addr.into())?;
     s.listen(BACKLOG)?;
-    let listener = mio::net::TcpListener::from_std(s.into());
+    Ok(mio::net::TcpListener::from_std(s.into()))
+}
+
+/// Register a listener from [`tcp_listener`] with the calling thread's
+/// runtime (the loop that accepts on it).
+pub(crate) fn register(
+    listener: mio::net::TcpListener,
+) -> io::Result<AsyncFd<mio::net::TcpListener>> {
     // SAFETY: the AsyncFd owns the listener, so its descriptor stays open
     // and the same until the AsyncFd is dropped (what tokio cannot check).
     unsafe { AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE) }

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use metrics::{Counter, Gauge};
-use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
@@ -35,14 +34,25 @@ const ACCEPT_BATCH: usize = 64;
 
 /// Accept until told to stop (or the stop sender is dropped); every
 /// connection is served on the least-loaded worker, where it outlives the
-/// listener.
+/// listener. Runs on a worker loop, whose epoll the listener joins: an
+/// accept needs no thread but the loops', and a connection kept on the
+/// accepting loop starts without a hand-over. `_done` is dropped when the
+/// loop ends and the listener is closed.
 pub(crate) async fn accept_loop(
-    listener: AsyncFd<mio::net::TcpListener>,
+    listener: mio::net::TcpListener,
     rt: Arc<ServiceRuntime>,
     role: Role,
     workers: Arc<Workers>,
     mut stop: oneshot::Receiver<()>,
+    _done: oneshot::Sender<()>,
 ) {
+    let listener = match super::sys::register(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(service = %rt.name, error = %e, "listener not registered");
+            return;
+        }
+    };
     loop {
         let mut ready = tokio::select! {
             biased;
