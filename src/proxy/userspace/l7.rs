@@ -140,7 +140,8 @@ async fn forward(
     }
     let mut req = prepare(req, app);
     let routes = rt.routes();
-    let mut why = "no endpoints".to_string();
+    // Filled in only when a try fails (no allocation per request).
+    let mut why = std::borrow::Cow::Borrowed("no endpoints");
     for _ in 0..routes.set(role).len() {
         let Some(ep) = rt.choose(&routes, role, peer.ip(), Instant::now()) else {
             break;
@@ -158,7 +159,7 @@ async fn forward(
             Err(SendError::Unsent(r, e)) => {
                 tracing::debug!(service = %rt.name, endpoint = %ep.addr, error = %e, "request not sent; next endpoint");
                 req = r;
-                why = e;
+                why = e.into();
             }
             Err(SendError::Failed(e)) => {
                 tracing::debug!(service = %rt.name, endpoint = %ep.addr, error = %e, "request failed");
