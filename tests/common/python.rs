@@ -21,6 +21,11 @@ pub fn python_with(module: &str, package: &str) -> PathBuf {
             return p;
         }
     }
+    // One installer at a time: two tests of a binary running pip into the
+    // same venv at once saw a half-installed package (CI: "cannot import
+    // grpc" while the other test's pip was still writing it).
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyvenv");
     let py = venv.join("bin/python");
     if !can_import(&py, module) {

@@ -92,7 +92,7 @@ pub(crate) async fn serve(
     role: Role,
     app: AppProtocol,
 ) {
-    let _ = client.set_nodelay(true);
+    // (TCP_NODELAY: inherited from the listener, `sys::tcp_listener`.)
     rt.metrics.connections.increment(1);
     rt.metrics.active.increment(1.0);
     let _active = super::tcp::Active(&rt.metrics.active);

@@ -35,6 +35,9 @@ pub(crate) fn tcp_listener(addr: SocketAddr) -> io::Result<mio::net::TcpListener
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
+    // Linux copies it to every accepted socket: one setsockopt per
+    // listener instead of one per connection.
+    s.set_tcp_nodelay(true)?;
     s.bind(&addr.into())?;
     s.listen(BACKLOG)?;
     Ok(mio::net::TcpListener::from_std(s.into()))
@@ -149,6 +152,18 @@ pub(crate) fn send_from(fd: RawFd, buf: &[u8], to: SocketAddr, from: IpAddr) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        let l = tcp_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        // SAFETY: the descriptor comes from into_raw_fd, owned once.
+        let l = unsafe { std::net::TcpListener::from_raw_fd(l.into_raw_fd()) };
+        l.set_nonblocking(false).unwrap();
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (accepted, _) = l.accept().unwrap();
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY not inherited");
+    }
 
     #[test]
     fn sockaddr_round_trip() {

@@ -167,7 +167,7 @@ async fn serve(client: TcpStream, peer: SocketAddr, rt: Arc<ServiceRuntime>, rol
         drop(routes);
         return super::l7::serve(client, peer, rt, role, app).await;
     }
-    let _ = client.set_nodelay(true);
+    // (TCP_NODELAY: inherited from the listener, `sys::tcp_listener`.)
     let connected = connect_upstream(&rt, &routes, role, peer).await;
     // (Not kept for the connection's life: a later table replaces it.)
     drop(routes);
