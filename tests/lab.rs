@@ -833,10 +833,17 @@ fn faults(lab: &Lab, web: &Web, f: &mut Findings) {
             "a2 cut off: last failed request {} after the cut",
             secs(d)
         ));
+        // Lingering endpoints of a2 fail about every other request (3 of
+        // 6 endpoints); one late failure alone is the known drop (CI saw
+        // one at +22.1 s, 2.5 s after a2's pods were gone from the
+        // endpoints).
+        let limit = unreachable_for + common::lab::CONNECT_TIMEOUT;
+        let (_, late, why) = load.attempts.window(from + limit, Instant::now());
         f.check(
-            d <= unreachable_for + common::lab::CONNECT_TIMEOUT,
+            late <= 1,
             format!(
-                "requests failed until {d:?} after the cut (limit {unreachable_for:?} + a timeout)"
+                "{late} requests failed later than {limit:?} after the cut (limit {unreachable_for:?} \
+                 + a timeout; one allowed: {KNOWN_DROP}), last at {d:?}: {why:?}"
             ),
         );
     }
