@@ -101,7 +101,8 @@
 //! `FAIRLEAD_BENCH_DNS_REUSEPORT` (1: a socket per receive loop; 0: one
 //! shared socket), `FAIRLEAD_BENCH_DNS_BATCH` (datagrams per `recvmmsg`,
 //! 32; 1 is a plain receive loop), `FAIRLEAD_BENCH_DNS_LOOPS` (UDP receive
-//! loops, 2). A run takes (3 servers × (ROUNDS + FIXED_ROUNDS × rates) +
+//! loops, 2), `FAIRLEAD_BENCH_DNS_BLOCKING` (1: receive threads blocked in
+//! `recvmmsg`; 0: tasks on per-core event loops). A run takes (3 servers × (ROUNDS + FIXED_ROUNDS × rates) +
 //! 2 × ROUNDS) × duration plus ~30 s (~5.5 min with the defaults). The servers, dnsperf
 //! and the memory children are killed when this process ends, panics
 //! included (drop guards, plus `PR_SET_PDEATHSIG` for the case it is
@@ -1004,6 +1005,9 @@ impl InProcessDns {
             // `FAIRLEAD_BENCH_DNS_STEER=0`: datagrams spread by the
             // kernel's hash instead of by CPU.
             udp_steer_by_cpu: std::env::var("FAIRLEAD_BENCH_DNS_STEER").as_deref() != Ok("0"),
+            // `FAIRLEAD_BENCH_DNS_BLOCKING=0`: receive loops as tasks on
+            // per-core event loops (epoll) instead of blocking threads.
+            udp_blocking: std::env::var("FAIRLEAD_BENCH_DNS_BLOCKING").as_deref() != Ok("0"),
             udp_batch: std::env::var("FAIRLEAD_BENCH_DNS_BATCH")
                 .ok()
                 .and_then(|v| v.parse().ok())

@@ -1,7 +1,9 @@
 //! Per-core event loops, as HAProxy's threads and Pingora's runtimes do
 //! it: the userspace proxy's TCP connections (handed to the least-loaded
-//! loop) and cluster DNS's UDP receive loops (one socket per loop) run
-//! here, not on the node's multi-thread runtime.
+//! loop) run here, not on the node's multi-thread runtime. (Cluster DNS's
+//! UDP receive loops ran here too; they now block in `recvmmsg` on threads
+//! of their own, and use these loops only with `udp_blocking` off: see
+//! [`crate::dns::udp`].)
 //!
 //! The proxy's path:
 //!

@@ -1806,6 +1806,36 @@ fn udp_receive_loops_have_a_socket_each() {
     }
 }
 
+/// Stopping the server wakes its receive threads (blocked in `recvmmsg`
+/// with nothing arriving) and closes their sockets before it returns: the
+/// port is free at once, for a restarted node to bind.
+#[test]
+fn stopping_frees_the_udp_port_while_receivers_wait() {
+    for blocking in [true, false] {
+        let mut dns = Dns::start(Vec::new(), |c| {
+            c.udp_workers = 2;
+            c.udp_blocking = blocking;
+        });
+        dns.update(&fixture_services(), &fixture_slices(), &["default"]);
+        let a = dns.dig(&["web.default.svc.cluster.local", "A"]);
+        assert_eq!(a.answers("A"), vec!["10.96.0.20"], "{}", a.raw);
+        let addr = dns.addr;
+        let (done, stopped) = std::sync::mpsc::channel();
+        let server = dns.server.take().expect("running");
+        let rt = dns.rt.handle().clone();
+        std::thread::spawn(move || {
+            let _runtime = rt.enter();
+            drop(server);
+            let _ = done.send(());
+        });
+        stopped
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("blocking={blocking}: stopping hung"));
+        UdpSocket::bind(addr)
+            .unwrap_or_else(|e| panic!("blocking={blocking}: {addr} still bound after stop: {e}"));
+    }
+}
+
 #[test]
 fn tcp_queries() {
     let (dns, _up) = fixture();

@@ -113,6 +113,10 @@ pub struct DnsConfig {
     /// Datagrams a receive loop takes per `recvmmsg` (1 to
     /// [`udp::MAX_BATCH`]; 1 is a plain receive loop, for comparison).
     pub udp_batch: usize,
+    /// Run each UDP receive loop as a thread blocked in `recvmmsg`
+    /// ([`udp::Receiver`]) rather than as a task on an event loop
+    /// ([`udp::serve`]).
+    pub udp_blocking: bool,
     /// Give each UDP receive loop its own socket (`SO_REUSEPORT`: the
     /// kernel spreads clients over them) instead of one shared socket.
     pub udp_reuseport: bool,
@@ -141,6 +145,7 @@ impl Default for DnsConfig {
                 .map_or(1, |n| n.get())
                 .clamp(1, 4),
             udp_reuseport: true,
+            udp_blocking: true,
             thread_name: "fl-dns".to_string(),
             udp_batch: udp::MAX_BATCH,
             udp_steer_by_cpu: true,
@@ -212,8 +217,10 @@ pub struct DnsServer {
     cfg: IndexConfig,
     local_addrs: Vec<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
-    /// The UDP receive loops' threads (see `shutdown`).
+    /// The UDP receive loops' threads (see `shutdown`): event loops, or
+    /// blocking receivers.
     workers: Option<Workers>,
+    receivers: Vec<udp::Receiver>,
 }
 
 impl DnsServer {
@@ -277,11 +284,17 @@ impl DnsServer {
             rrl: cfg.rrl.map(rrl::RateLimiter::new),
         });
         let loops = cfg.udp_workers.max(1);
-        let workers = Workers::start(loops, &cfg.thread_name).map_err(|source| DnsError::Bind {
-            proto: "udp",
-            addr: local_addrs[0],
-            source,
-        })?;
+        let workers = if cfg.udp_blocking {
+            None
+        } else {
+            let w = Workers::start(loops, &cfg.thread_name).map_err(|source| DnsError::Bind {
+                proto: "udp",
+                addr: local_addrs[0],
+                source,
+            })?;
+            Some(w)
+        };
+        let mut receivers = Vec::new();
         let mut tasks = Vec::new();
         for (addr, udp, tcp) in sockets {
             let label: Arc<str> = Arc::from(format!("dns://{addr}"));
@@ -311,6 +324,14 @@ impl DnsServer {
             }
             for (i, sock) in socks.into_iter().enumerate() {
                 let (shared, label, batch) = (shared.clone(), label.clone(), cfg.udp_batch);
+                let Some(workers) = &workers else {
+                    // Forwarded queries run on the calling runtime, as TCP.
+                    let name = format!("{}-r{i}", cfg.thread_name);
+                    let forwards = tokio::runtime::Handle::current();
+                    let r = udp::Receiver::spawn(name, sock, shared, label, batch, forwards);
+                    receivers.push(r.map_err(bind_err)?);
+                    continue;
+                };
                 workers.spawn_on(i, move || async move {
                     match udp::Udp::new(sock) {
                         Ok(sock) => udp::serve(Rc::new(sock), shared, label, batch).await,
@@ -335,7 +356,8 @@ impl DnsServer {
             cfg: index_cfg,
             local_addrs,
             tasks,
-            workers: Some(workers),
+            workers,
+            receivers,
         })
     }
 
@@ -463,6 +485,7 @@ impl DnsServer {
         // Stops the receive loops' threads and waits for them, so their
         // sockets are closed when this returns.
         self.workers.take();
+        self.receivers.clear();
     }
 }
 
