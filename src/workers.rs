@@ -155,13 +155,27 @@ impl Workers {
     }
 
     /// Run `task` on the loops in turn (a long-lived task per call, such
-    /// as a listener's accept loop, spread over them).
-    pub fn spawn_next<F, Fut>(&self, task: F)
+    /// as a listener's accept loop, spread over them), with what `make`
+    /// returns. `make` runs here, inside that loop's runtime: the sockets it
+    /// registers (`AsyncFd`) join that loop's epoll, and a registration
+    /// error reaches the caller rather than ending the task unseen.
+    pub fn spawn_next<T, F, Fut>(
+        &self,
+        make: impl FnOnce() -> io::Result<T>,
+        task: F,
+    ) -> io::Result<()>
     where
-        F: FnOnce() -> Fut + Send + 'static,
+        T: Send + 'static,
+        F: FnOnce(T) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + 'static,
     {
-        self.spawn_on(self.next.fetch_add(1, Ordering::Relaxed), task);
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        let made = {
+            let _runtime = self.workers[i].handle.enter();
+            make()?
+        };
+        self.spawn_on(i, move || task(made));
+        Ok(())
     }
 
     /// Run `task` on worker `i` (modulo the pool's size), for work pinned
@@ -261,13 +275,17 @@ mod tests {
         // would send both to fl-keep-0.)
         for expect in ["fl-keep-0", "fl-keep-1"] {
             let (p, names) = (pool.clone(), names_tx.clone());
-            pool.spawn_next(move || async move {
-                let from = std::thread::current().name().unwrap_or("").to_string();
-                p.dispatch(move || async move {
-                    let on = std::thread::current().name().unwrap_or("").to_string();
-                    names.send((from, on)).unwrap();
-                });
-            });
+            let spawned = pool.spawn_next(
+                || Ok(()),
+                move |()| async move {
+                    let from = std::thread::current().name().unwrap_or("").to_string();
+                    p.dispatch(move || async move {
+                        let on = std::thread::current().name().unwrap_or("").to_string();
+                        names.send((from, on)).unwrap();
+                    });
+                },
+            );
+            spawned.unwrap();
             let (from, on) = names_rx.recv_timeout(Duration::from_secs(5)).unwrap();
             assert_eq!((from.as_str(), on.as_str()), (expect, expect));
             let deadline = std::time::Instant::now() + Duration::from_secs(5);

@@ -638,7 +638,12 @@ impl UserspaceProxy {
                 let l = sys::tcp_listener(key.addr)?;
                 let (done, task) = oneshot::channel();
                 let w = workers.clone();
-                workers.spawn_next(move || tcp::accept_loop(l, rt, role, w, stop_rx, done));
+                // Registered on the chosen loop's epoll here, so a failure
+                // is a bind error (retried next sync) like the others.
+                workers.spawn_next(
+                    || sys::register(l),
+                    move |l| tcp::accept_loop(l, rt, role, w, stop_rx, done),
+                )?;
                 Task::Loop(task)
             }
             Protocol::Udp => {

@@ -43,8 +43,9 @@ pub(crate) fn tcp_listener(addr: SocketAddr) -> io::Result<mio::net::TcpListener
     Ok(mio::net::TcpListener::from_std(s.into()))
 }
 
-/// Register a listener from [`tcp_listener`] with the calling thread's
-/// runtime (the loop that accepts on it).
+/// Register a listener from [`tcp_listener`] with the runtime the caller
+/// has entered: the loop that will accept on it
+/// ([`crate::workers::Workers::spawn_next`]).
 pub(crate) fn register(
     listener: mio::net::TcpListener,
 ) -> io::Result<AsyncFd<mio::net::TcpListener>> {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use metrics::{Counter, Gauge};
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
@@ -39,20 +40,13 @@ const ACCEPT_BATCH: usize = 64;
 /// accepting loop starts without a hand-over. `_done` is dropped when the
 /// loop ends and the listener is closed.
 pub(crate) async fn accept_loop(
-    listener: mio::net::TcpListener,
+    listener: AsyncFd<mio::net::TcpListener>,
     rt: Arc<ServiceRuntime>,
     role: Role,
     workers: Arc<Workers>,
     mut stop: oneshot::Receiver<()>,
     _done: oneshot::Sender<()>,
 ) {
-    let listener = match super::sys::register(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(service = %rt.name, error = %e, "listener not registered");
-            return;
-        }
-    };
     loop {
         let mut ready = tokio::select! {
             biased;
