@@ -99,7 +99,7 @@
 //! `FAIRLEAD_BENCH_DNS_THREADS` (2), `FAIRLEAD_BENCH_DNS_OUTSTANDING` (200),
 //! `FAIRLEAD_BENCH_DNS_SERVICES` (memory phase, `1000,10000,30000`),
 //! `FAIRLEAD_BENCH_DNS_REUSEPORT` (1: a socket per receive loop; 0: one
-//! shared socket), `FAIRLEAD_BENCH_DNS_BATCH` (datagrams per `recvmmsg`,
+//! shared socket; default 0 for blocking receivers, 1 for event loops), `FAIRLEAD_BENCH_DNS_BATCH` (datagrams per `recvmmsg`,
 //! 32; 1 is a plain receive loop), `FAIRLEAD_BENCH_DNS_LOOPS` (UDP receive
 //! loops, 2), `FAIRLEAD_BENCH_DNS_BLOCKING` (1: receive threads blocked in
 //! `recvmmsg`; 0: tasks on per-core event loops). A run takes (3 servers × (ROUNDS + FIXED_ROUNDS × rates) +
@@ -997,9 +997,15 @@ impl InProcessDns {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(2),
-            // `FAIRLEAD_BENCH_DNS_REUSEPORT=0`: one socket shared by the
-            // receive loops (to measure SO_REUSEPORT against it).
-            udp_reuseport: std::env::var("FAIRLEAD_BENCH_DNS_REUSEPORT").as_deref() != Ok("0"),
+            // `FAIRLEAD_BENCH_DNS_REUSEPORT=1`: a socket per receive loop
+            // (SO_REUSEPORT), `=0`: one shared socket. Default: shared for
+            // blocking receivers (as `fairlead`), a socket each for event
+            // loops.
+            udp_reuseport: match std::env::var("FAIRLEAD_BENCH_DNS_REUSEPORT").as_deref() {
+                Ok("1") => true,
+                Ok("0") => false,
+                _ => std::env::var("FAIRLEAD_BENCH_DNS_BLOCKING").as_deref() == Ok("0"),
+            },
             // `FAIRLEAD_BENCH_DNS_BATCH=1`: one datagram per receive call
             // (to measure recvmmsg batches against a plain loop).
             // `FAIRLEAD_BENCH_DNS_STEER=0`: datagrams spread by the

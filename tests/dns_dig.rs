@@ -1777,7 +1777,10 @@ fn tcp_flood_from_one_client_leaves_udp_and_other_clients_served() {
 /// are all answered.
 #[test]
 fn udp_receive_loops_have_a_socket_each() {
-    let dns = Dns::start(Vec::new(), |c| c.udp_workers = 3);
+    let dns = Dns::start(Vec::new(), |c| {
+        c.udp_workers = 3;
+        c.udp_reuseport = true;
+    });
     dns.update(&fixture_services(), &fixture_slices(), &["default"]);
     let port = dns.addr.port().to_string();
     let out = Command::new("ss")
@@ -1812,9 +1815,12 @@ fn udp_receive_loops_have_a_socket_each() {
 #[test]
 fn stopping_frees_the_udp_port_while_receivers_wait() {
     for blocking in [true, false] {
+        // Blocking receivers on one shared socket (the default), and event
+        // loops with a socket each.
         let mut dns = Dns::start(Vec::new(), |c| {
             c.udp_workers = 2;
             c.udp_blocking = blocking;
+            c.udp_reuseport = !blocking;
         });
         dns.update(&fixture_services(), &fixture_slices(), &["default"]);
         let a = dns.dig(&["web.default.svc.cluster.local", "A"]);

@@ -118,7 +118,9 @@ pub struct DnsConfig {
     /// ([`udp::serve`]).
     pub udp_blocking: bool,
     /// Give each UDP receive loop its own socket (`SO_REUSEPORT`: the
-    /// kernel spreads clients over them) instead of one shared socket.
+    /// kernel spreads clients over them) instead of one shared socket. Off
+    /// by default: blocking receivers do best on one shared queue (see
+    /// [`udp`]); turn it on with `udp_blocking` off.
     pub udp_reuseport: bool,
     /// Answers per second per client over UDP (`--dns-rrl`; `None`: no
     /// limit). See [`rrl`].
@@ -144,7 +146,7 @@ impl Default for DnsConfig {
             udp_workers: std::thread::available_parallelism()
                 .map_or(1, |n| n.get())
                 .clamp(1, 4),
-            udp_reuseport: true,
+            udp_reuseport: false,
             udp_blocking: true,
             thread_name: "fl-dns".to_string(),
             udp_batch: udp::MAX_BATCH,
