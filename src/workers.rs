@@ -159,22 +159,28 @@ impl Workers {
     /// returns. `make` runs here, inside that loop's runtime: the sockets it
     /// registers (`AsyncFd`) join that loop's epoll, and a registration
     /// error reaches the caller rather than ending the task unseen.
+    ///
+    /// The task is spawned on the loop's runtime itself, not as a local
+    /// task: a local task's wake-up (its socket is ready) wakes the
+    /// `LocalSet`, whose waker is the loop's `block_on` waker, and that one
+    /// always writes the loop's eventfd (a system call), even from its own
+    /// thread.
     pub fn spawn_next<T, F, Fut>(
         &self,
         make: impl FnOnce() -> io::Result<T>,
         task: F,
     ) -> io::Result<()>
     where
-        T: Send + 'static,
-        F: FnOnce(T) -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + 'static,
+        F: FnOnce(T) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
     {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        let w = &self.workers[i];
         let made = {
-            let _runtime = self.workers[i].handle.enter();
+            let _runtime = w.handle.enter();
             make()?
         };
-        self.spawn_on(i, move || task(made));
+        w.handle.spawn(task(made));
         Ok(())
     }
 

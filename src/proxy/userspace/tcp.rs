@@ -12,7 +12,7 @@ use metrics::{Counter, Gauge};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::routes::{drain_deadline, EndpointLife, Role, Routes, ServiceRuntime};
@@ -47,6 +47,9 @@ pub(crate) async fn accept_loop(
     mut stop: oneshot::Receiver<()>,
     _done: oneshot::Sender<()>,
 ) {
+    // A local, so it is closed before the parameters are dropped: `_done`
+    // must tell `Running::close` only once the port is free.
+    let listener = listener;
     loop {
         let mut ready = tokio::select! {
             biased;
@@ -114,16 +117,33 @@ fn reset(s: &TcpStream) {
     let _ = s.set_zero_linger();
 }
 
+/// A non-blocking connect whose success costs no `getsockopt(SO_ERROR)`
+/// (tokio's `TcpSocket::connect` asks for it every time): a refused or
+/// reset handshake shows as EPOLLHUP/EPOLLERR in the same readiness that
+/// says writable, and only then is the error fetched. The socket is made
+/// non-blocking in `socket(2)` itself, and TCP_NODELAY set before the
+/// handshake (kept for the connection).
 async fn connect(addr: SocketAddr, rt: &ServiceRuntime) -> io::Result<TcpStream> {
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    let stream = tokio::time::timeout(rt.settings.connect_timeout, sock.connect(addr))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-    stream.set_nodelay(true)?;
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
+    sock.set_tcp_nodelay(true)?;
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
+    let ready = tokio::time::timeout(
+        rt.settings.connect_timeout,
+        stream.ready(tokio::io::Interest::WRITABLE),
+    )
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    if ready.is_write_closed() {
+        return Err(stream
+            .take_error()?
+            .unwrap_or_else(|| io::ErrorKind::ConnectionRefused.into()));
+    }
     Ok(stream)
 }
 
@@ -203,19 +223,39 @@ async fn relay(
 ) -> io::Result<()> {
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
-    let one_done = AtomicBool::new(false);
+    let (up_ended, down_ended) = (AtomicBool::new(false), AtomicBool::new(false));
     tokio::try_join!(
-        one_way(&mut cr, &mut uw, &rt.metrics.bytes_up, rt, &one_done),
-        one_way(&mut ur, &mut cw, &rt.metrics.bytes_down, rt, &one_done),
+        one_way(
+            &mut cr,
+            &mut uw,
+            &rt.metrics.bytes_up,
+            rt,
+            [&up_ended, &down_ended]
+        ),
+        one_way(
+            &mut ur,
+            &mut cw,
+            &rt.metrics.bytes_down,
+            rt,
+            [&down_ended, &up_ended]
+        ),
     )?;
     Ok(())
 }
 
 /// Copy until EOF, then half-close the writer (FIN) so the other side sees
-/// the end of this direction while the other one keeps flowing. The
-/// direction that ends second skips that `shutdown(2)`: both sockets are
-/// read to EOF by then, so closing them sends the same FIN, one system
-/// call fewer per connection (`one_done` tells the two apart).
+/// the end of this direction while the other one keeps flowing. When the
+/// other direction has ended too (`ended`: this one's flag, the other's),
+/// that `shutdown(2)` is skipped: both sockets are read to EOF, so closing
+/// them sends the same FIN, one system call fewer. The direction that
+/// ends first yields before deciding, until the loop has polled its epoll
+/// once more (`yield_now` defers the task past the next driver poll): the
+/// other side's FIN is often in by then. A request/response client that
+/// closes as soon as it has the response (wrk with `Connection: close`)
+/// then costs no `shutdown` at all: `strace -c` of the loops under
+/// `cargo bench --bench userspace`, 8,550 `shutdown`s for 8,605
+/// connections before, 70 for 7,596 after. The FIN to the first side is
+/// late by one loop turn at most.
 ///
 /// Bytes go through a buffer until one read fills [`BUF`] (a bulk
 /// transfer, not requests and responses); from then on they are
@@ -227,7 +267,7 @@ async fn one_way(
     w: &mut WriteHalf<'_>,
     bytes: &Counter,
     rt: &ServiceRuntime,
-    one_done: &AtomicBool,
+    ended: [&AtomicBool; 2],
 ) -> io::Result<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(FIRST_BUF);
     loop {
@@ -247,7 +287,12 @@ async fn one_way(
             buf.reserve((n * 4).min(BUF) - n);
         }
     }
-    if one_done.swap(true, Ordering::AcqRel) {
+    ended[0].store(true, Ordering::Release);
+    if ended[1].load(Ordering::Acquire) {
+        return Ok(());
+    }
+    tokio::task::yield_now().await;
+    if ended[1].load(Ordering::Acquire) {
         return Ok(());
     }
     match w.shutdown().await {
