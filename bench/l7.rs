@@ -22,7 +22,8 @@
 //! -c1 -m100` (one connection, 100 concurrent streams) and `-c10 -m10`,
 //! `FAIRLEAD_BENCH_REQUESTS` requests each (default 100,000). Printed:
 //! requests/s, the p99 of h2load's per-request times (its `--log-file`), the
-//! requests each backend got, and the ratios to HAProxy.
+//! requests each backend got, the ratios to HAProxy, and the proxy's CPU
+//! per request (fairlead: its event loops' threads; HAProxy: its process).
 
 mod common;
 
@@ -33,7 +34,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use common::{
-    apt_install, env_u64, fairlead_bin, free_port, pct, print_rows, which, InProcessProxy, Proc,
+    apt_install, env_u64, fairlead_bin, free_port, pct, print_rows, stat_cpu, threads_cpu, which,
+    InProcessProxy, Proc,
 };
 use fairlead::proxy::AppProtocol;
 
@@ -83,7 +85,8 @@ fn main() -> Result<()> {
     std::fs::write(&cfg, haproxy_config(ha_addr, &addrs))?;
     let mut cmd = Command::new(&haproxy);
     cmd.args(["-db", "-f"]).arg(&cfg);
-    let _ha = Proc::spawn("haproxy".into(), cmd, dir.path().join("haproxy.log"))?;
+    let ha = Proc::spawn("haproxy".into(), cmd, dir.path().join("haproxy.log"))?;
+    let ha_stat = format!("/proc/{}/stat", ha.pid());
     wait_listening(ha_addr)?;
 
     println!(
@@ -103,6 +106,7 @@ fn main() -> Result<()> {
         "per backend".into(),
         "req/s vs haproxy".into(),
         "p99 vs haproxy".into(),
+        "proxy CPU us/req".into(),
     ]];
     for (shape, c, m) in [
         ("1 conn x 100 streams", 1, 100),
@@ -110,18 +114,26 @@ fn main() -> Result<()> {
     ] {
         let mut results = Vec::new();
         for (label, addr) in targets {
+            // The proxy's CPU: fairlead's loop threads, HAProxy's process.
+            let cpu = || match label {
+                "fairlead" => Some(threads_cpu("fl-proxy")),
+                "haproxy" => stat_cpu(&ha_stat),
+                _ => None,
+            };
             let before = counts(&backends)?;
+            let cpu_before = cpu();
             let r = run_h2load(&h2load, dir.path(), addr, requests, c, m)?;
+            let cpu_used = cpu().zip(cpu_before).map(|(a, b)| a - b);
             let after = counts(&backends)?;
             let spread: Vec<String> = before
                 .iter()
                 .zip(&after)
                 .map(|(b, a)| (a - b).to_string())
                 .collect();
-            results.push((label, r, spread.join("/")));
+            results.push((label, r, spread.join("/"), cpu_used));
         }
         let ha = results[1].1;
-        for (label, (rps, p99), spread) in results {
+        for (label, (rps, p99), spread, cpu) in results {
             rows.push([
                 shape.to_string(),
                 label.to_string(),
@@ -130,6 +142,7 @@ fn main() -> Result<()> {
                 spread,
                 format!("{:.2}", rps / ha.0),
                 format!("{:.2}", p99 / ha.1),
+                cpu.map_or("-".into(), |s| format!("{:.1}", s * 1e6 / requests as f64)),
             ]);
         }
     }

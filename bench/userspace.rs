@@ -43,7 +43,8 @@
 //!
 //! Sizes come from the environment: `FAIRLEAD_BENCH_DURATION` (seconds per
 //! wrk run, 10), `FAIRLEAD_BENCH_CONNS` (50), `FAIRLEAD_BENCH_BULK_MB`
-//! (MiB per download, 1024), `FAIRLEAD_BENCH_BULK_REPS` (2). A run takes
+//! (MiB per download, 1024), `FAIRLEAD_BENCH_BULK_REPS` (2),
+//! `FAIRLEAD_BENCH_SCENARIOS` (`keep-alive,close,bulk`). A run takes
 //! 6 × duration plus a few seconds. Child processes (backends, HAProxy,
 //! wrk) are killed when this process ends, panics included (drop guards,
 //! plus `PR_SET_PDEATHSIG` for the case it is killed).
@@ -128,7 +129,10 @@ fn main() -> Result<()> {
     // HAProxy.
     let haproxy_addr = SocketAddr::new(IpAddr::V4(HAPROXY_IP), SERVICE_PORT);
     let cfg = dir.path().join("haproxy.cfg");
-    std::fs::write(&cfg, haproxy_config(haproxy_addr, &backend_addrs))?;
+    std::fs::write(
+        &cfg,
+        haproxy_config(haproxy_addr, &backend_addrs, s.haproxy_splice),
+    )?;
     let mut cmd = Command::new(&tools.haproxy);
     cmd.arg("-db").arg("-f").arg(&cfg);
     let mut haproxy = Proc::spawn("haproxy".to_string(), cmd, dir.path().join("haproxy.log"))?;
@@ -168,6 +172,9 @@ fn main() -> Result<()> {
 
     let mut runs: BTreeMap<(&str, &str), Run> = BTreeMap::new();
     for (scenario, close) in [("keep-alive", false), ("close", true)] {
+        if !s.runs(scenario) {
+            continue;
+        }
         for t in &targets {
             let before = Sample::take(t.cpu);
             let w = tools.wrk(&s, t.addr, close)?;
@@ -183,7 +190,7 @@ fn main() -> Result<()> {
         }
     }
     let bulk_bytes = s.bulk_mib << 20;
-    for t in &targets {
+    for t in targets.iter().filter(|_| s.runs("bulk")) {
         let before = Sample::take(t.cpu);
         let mut best: f64 = 0.0;
         let mut all = Vec::new();
@@ -227,6 +234,12 @@ struct Settings {
     wrk: WrkSpec,
     bulk_mib: u64,
     bulk_reps: u64,
+    /// `FAIRLEAD_BENCH_SCENARIOS`: the scenarios to run (comma-separated;
+    /// all when unset).
+    scenarios: Option<Vec<String>>,
+    /// `FAIRLEAD_BENCH_HAPROXY_SPLICE=1`: HAProxy with `option
+    /// splice-auto` (off by default, like its default build's behaviour).
+    haproxy_splice: bool,
 }
 
 impl Settings {
@@ -239,7 +252,17 @@ impl Settings {
             },
             bulk_mib: env_u64("FAIRLEAD_BENCH_BULK_MB", 1024)?.max(1),
             bulk_reps: env_u64("FAIRLEAD_BENCH_BULK_REPS", 2)?.max(1),
+            scenarios: std::env::var("FAIRLEAD_BENCH_SCENARIOS")
+                .ok()
+                .map(|v| v.split(',').map(|s| s.trim().to_string()).collect()),
+            haproxy_splice: env_u64("FAIRLEAD_BENCH_HAPROXY_SPLICE", 0)? != 0,
         })
+    }
+
+    fn runs(&self, scenario: &str) -> bool {
+        self.scenarios
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|s| s == scenario))
     }
 }
 
@@ -278,7 +301,12 @@ impl Tools {
     }
 }
 
-fn haproxy_config(listen: SocketAddr, backends: &[SocketAddr]) -> String {
+fn haproxy_config(listen: SocketAddr, backends: &[SocketAddr], splice: bool) -> String {
+    let splice = if splice {
+        "    option splice-auto\n"
+    } else {
+        ""
+    };
     let mut c = format!(
         "global\n\
          \x20   nbthread 2\n\
@@ -288,6 +316,7 @@ fn haproxy_config(listen: SocketAddr, backends: &[SocketAddr]) -> String {
          \x20   timeout connect 1s\n\
          \x20   timeout client 60s\n\
          \x20   timeout server 60s\n\
+         {splice}\
          frontend fe\n\
          \x20   bind {listen}\n\
          \x20   default_backend be\n\
@@ -496,12 +525,13 @@ fn print_table(runs: &BTreeMap<(&str, &str), Run>) {
         "fairlead",
         "haproxy",
         "fairlead/haproxy",
+        "fairlead/direct",
     ]
     .map(String::from)];
     for (scenario, unit, pick, prec) in metrics {
         let get = |t: &str| runs.get(&(scenario, t)).and_then(pick);
         let cell = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.prec$}"));
-        let ratio = match (get("fairlead"), get("haproxy")) {
+        let ratio = |to: &str| match (get("fairlead"), get(to)) {
             (Some(f), Some(h)) if h > 0.0 => format!("{:.2}", f / h),
             _ => "-".into(),
         };
@@ -510,7 +540,8 @@ fn print_table(runs: &BTreeMap<(&str, &str), Run>) {
             cell(get("direct")),
             cell(get("fairlead")),
             cell(get("haproxy")),
-            ratio,
+            ratio("haproxy"),
+            ratio("direct"),
         ]);
     }
     println!();

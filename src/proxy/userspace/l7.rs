@@ -27,25 +27,112 @@
 //! the last in-flight request is done and the table forgets them.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{Either, Full};
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 use super::routes::{EndpointLife, Role, ServiceRuntime};
 use crate::proxy::AppProtocol;
 
-/// What a frontend answers with: an endpoint's response as it streams, or
-/// one of ours.
-pub(crate) type RespBody = Either<Incoming, Full<Bytes>>;
+/// What a frontend answers with: an endpoint's response as it streams
+/// (from an HTTP/1.1 or an HTTP/2 connection), or one of ours.
+pub(crate) enum RespBody {
+    Http1(Incoming),
+    H2(H2Body),
+    Ours(Full<Bytes>),
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        fn boxed<E: Into<BoxError>>(
+            p: Poll<Option<Result<Frame<Bytes>, E>>>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            p.map(|f| f.map(|f| f.map_err(Into::into)))
+        }
+        match self.get_mut() {
+            RespBody::Http1(b) => boxed(Pin::new(b).poll_frame(cx)),
+            RespBody::H2(b) => boxed(Pin::new(b).poll_frame(cx)),
+            RespBody::Ours(b) => boxed(Pin::new(b).poll_frame(cx)),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::Http1(b) => b.is_end_stream(),
+            RespBody::H2(b) => b.is_end_stream(),
+            RespBody::Ours(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::Http1(b) => b.size_hint(),
+            RespBody::H2(b) => b.size_hint(),
+            RespBody::Ours(b) => b.size_hint(),
+        }
+    }
+}
+
+/// An endpoint's HTTP/2 response body: its data frames (each one's flow
+/// control window handed back to the endpoint as it is passed on), then
+/// its trailers (gRPC's `grpc-status`).
+pub(crate) struct H2Body {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match self.recv.poll_data(cx) {
+                Poll::Ready(Some(Ok(data))) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => self.data_done = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match self.recv.poll_trailers(cx) {
+            Poll::Ready(Ok(Some(t))) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            Poll::Ready(Ok(None)) => Poll::Ready(None),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+}
 
 /// Idle keep-alive connections kept per endpoint (HTTP/1.1).
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
@@ -58,11 +145,25 @@ const MAX_IDLE_PER_ENDPOINT: usize = 64;
 #[derive(Default)]
 pub(crate) struct Upstream {
     /// HTTP/2: one connection per loop, every stream of that loop on it.
-    h2: std::sync::Mutex<Vec<Option<http2::SendRequest<Incoming>>>>,
+    h2: std::sync::Mutex<Vec<Option<H2Conn>>>,
     /// Held while connecting, so concurrent requests share the new one.
     h2_connecting: tokio::sync::Mutex<()>,
     /// HTTP/1.1: idle connections per loop, each ready for its next request.
     h1: std::sync::Mutex<Vec<Vec<http1::SendRequest<Incoming>>>>,
+}
+
+/// One multiplexed HTTP/2 connection to an endpoint, spoken with the `h2`
+/// crate itself rather than hyper's client on top of it: hyper spawns a
+/// task per request and hands each request and response through a channel
+/// to the connection's task (`perf`, one client connection × 100 streams:
+/// a tenth of the loop's samples, most of them moves of those tasks and
+/// messages). Here the request's own task opens the stream and reads the
+/// response.
+#[derive(Clone)]
+struct H2Conn {
+    send: h2::client::SendRequest<Bytes>,
+    /// Set when the connection's task ends (closed, GOAWAY'd, failed).
+    closed: Arc<AtomicBool>,
 }
 
 /// This thread's loop: the index of its upstream slots.
@@ -154,7 +255,7 @@ async fn forward(
             Ok(resp) => {
                 ep.mark_ok();
                 rt.metrics.http_response(resp.status().as_u16(), started);
-                return resp.map(Either::Left);
+                return resp;
             }
             Err(SendError::Unsent(r, e)) => {
                 tracing::debug!(service = %rt.name, endpoint = %ep.addr, error = %e, "request not sent; next endpoint");
@@ -173,103 +274,171 @@ async fn forward(
 /// Connect to an endpoint (the port's connect timeout); a failure puts the
 /// endpoint in backoff.
 async fn connect(ep: &EndpointLife, rt: &ServiceRuntime) -> Result<TcpStream, String> {
-    let sock = if ep.addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(|e| e.to_string())?;
-    let r = tokio::time::timeout(rt.settings.connect_timeout, sock.connect(ep.addr)).await;
-    match r {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(s)
-        }
-        Ok(Err(e)) => {
-            rt.metrics.connect_errors.increment(1);
-            ep.mark_failed(Instant::now(), rt.settings.endpoint_backoff);
-            Err(format!("connect {}: {e}", ep.addr))
-        }
-        Err(_) => {
-            rt.metrics.connect_errors.increment(1);
-            ep.mark_failed(Instant::now(), rt.settings.endpoint_backoff);
-            Err(format!("connect {}: timed out", ep.addr))
-        }
-    }
+    super::tcp::connect(ep.addr, rt).await.map_err(|e| {
+        rt.metrics.connect_errors.increment(1);
+        ep.mark_failed(Instant::now(), rt.settings.endpoint_backoff);
+        format!("connect {}: {e}", ep.addr)
+    })
 }
 
 async fn send_h2(
     ep: &EndpointLife,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     rt: &ServiceRuntime,
-) -> Result<Response<Incoming>, SendError> {
+) -> Result<Response<RespBody>, SendError> {
     // A cached connection may turn out closed (the endpoint restarted, or
     // sent GOAWAY): then one fresh one.
     for _ in 0..2 {
-        let mut sender = match live_h2(ep) {
-            Some(s) => s,
+        let conn = match live_h2(ep) {
+            Some(c) => c,
             None => {
                 let _connecting = ep.upstream.h2_connecting.lock().await;
                 match live_h2(ep) {
                     // Another request connected meanwhile.
-                    Some(s) => s,
+                    Some(c) => c,
                     None => match connect_h2(ep, rt).await {
-                        Ok(s) => s,
+                        Ok(c) => c,
                         Err(e) => return Err(SendError::Unsent(req, e)),
                     },
                 }
             }
         };
-        match sender.try_send_request(req).await {
-            Ok(resp) => return Ok(resp),
-            Err(mut e) => match e.take_message() {
-                Some(r) => {
-                    req = r;
-                    let mut conns = lock(&ep.upstream.h2);
-                    let mine = slot(&mut conns, loop_index());
-                    if mine.as_ref().is_some_and(|s| s.is_closed()) {
-                        *mine = None;
-                    }
-                }
-                None => return Err(SendError::Failed(e.into_error().to_string())),
-            },
+        // Waits while the endpoint's stream limit is reached; fails (the
+        // request still ours) when the connection is gone.
+        let mut send = match conn.send.ready().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::trace!(endpoint = %ep.addr, error = %e, "HTTP/2 connection gone");
+                conn.closed.store(true, Ordering::Relaxed);
+                continue;
+            }
+        };
+        let (parts, body) = req.into_parts();
+        let end = body.is_end_stream();
+        let (response, stream) = send
+            .send_request(Request::from_parts(parts, ()), end)
+            .map_err(|e| SendError::Failed(e.to_string()))?;
+        if !end {
+            send_body(body, stream);
         }
+        return match response.await {
+            Ok(resp) => Ok(resp.map(|recv| {
+                RespBody::H2(H2Body {
+                    recv,
+                    data_done: false,
+                })
+            })),
+            Err(e) => Err(SendError::Failed(e.to_string())),
+        };
     }
     Err(SendError::Unsent(req, "HTTP/2 connection closed".into()))
 }
 
+/// Stream a request's body (and trailers) to the endpoint, within the
+/// stream's flow control window. Tried once here, where a body that has
+/// fully arrived (a unary gRPC call) is sent at once; the rest of a
+/// streaming body gets a task of its own, as the response may come (and
+/// be relayed) before the request has ended.
+fn send_body(body: Incoming, stream: h2::SendStream<Bytes>) {
+    let mut pipe = Box::pin(pipe_body(body, stream));
+    let waker = std::task::Waker::noop();
+    if pipe
+        .as_mut()
+        .poll(&mut Context::from_waker(waker))
+        .is_pending()
+    {
+        tokio::spawn(pipe);
+    }
+}
+
+async fn pipe_body(mut body: Incoming, mut stream: h2::SendStream<Bytes>) {
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(_) => {
+                // The client's side failed: the endpoint must not take a
+                // truncated body as whole.
+                stream.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+        };
+        match frame.into_data() {
+            Ok(mut data) => {
+                while !data.is_empty() {
+                    stream.reserve_capacity(data.len());
+                    let granted = std::future::poll_fn(|cx| stream.poll_capacity(cx)).await;
+                    let n = match granted {
+                        Some(Ok(n)) => n.min(data.len()),
+                        // Reset by the endpoint, or the connection is gone.
+                        _ => return,
+                    };
+                    if n == 0 {
+                        continue;
+                    }
+                    if stream.send_data(data.split_to(n), false).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = stream.send_trailers(trailers);
+                }
+                return;
+            }
+        }
+    }
+    let _ = stream.send_data(Bytes::new(), true);
+}
+
 /// A new HTTP/2 connection to the endpoint, kept for the next requests.
-async fn connect_h2(
-    ep: &EndpointLife,
-    rt: &ServiceRuntime,
-) -> Result<http2::SendRequest<Incoming>, String> {
+/// Windows as hyper's client sets them (2 MiB a stream, 5 MiB the
+/// connection), so a streamed body is not held back by 64 KiB ones.
+async fn connect_h2(ep: &EndpointLife, rt: &ServiceRuntime) -> Result<H2Conn, String> {
     let tcp = connect(ep, rt).await?;
-    let (s, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+    let (send, conn) = h2::client::Builder::new()
+        .enable_push(false)
+        .initial_window_size(2 << 20)
+        .initial_connection_window_size(5 << 20)
+        .max_send_buffer_size(1 << 20)
+        .handshake::<_, Bytes>(tcp)
         .await
         .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-    tokio::spawn(conn);
-    *slot(&mut lock(&ep.upstream.h2), loop_index()) = Some(s.clone());
-    Ok(s)
+    let closed = Arc::new(AtomicBool::new(false));
+    let done = closed.clone();
+    let addr = ep.addr;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::trace!(endpoint = %addr, error = %e, "HTTP/2 connection ended");
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+    let c = H2Conn { send, closed };
+    *slot(&mut lock(&ep.upstream.h2), loop_index()) = Some(c.clone());
+    Ok(c)
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The endpoint's HTTP/2 connection, if it has a live one.
-fn live_h2(ep: &EndpointLife) -> Option<http2::SendRequest<Incoming>> {
-    lock(&ep.upstream.h2)
-        .get(loop_index())?
-        .as_ref()
-        .filter(|s| !s.is_closed())
-        .cloned()
+/// The endpoint's HTTP/2 connection on this loop, if it has a live one
+/// (a closed one is forgotten).
+fn live_h2(ep: &EndpointLife) -> Option<H2Conn> {
+    let mut conns = lock(&ep.upstream.h2);
+    let mine = conns.get_mut(loop_index())?;
+    if mine.as_ref()?.closed.load(Ordering::Relaxed) {
+        *mine = None;
+        return None;
+    }
+    mine.clone()
 }
 
 async fn send_h1(
     ep: &Arc<EndpointLife>,
     mut req: Request<Incoming>,
     rt: &ServiceRuntime,
-) -> Result<Response<Incoming>, SendError> {
+) -> Result<Response<RespBody>, SendError> {
     let here = loop_index();
     loop {
         let idle = {
@@ -306,7 +475,7 @@ async fn send_h1(
                         }
                     }
                 });
-                return Ok(resp);
+                return Ok(resp.map(RespBody::Http1));
             }
             Err(mut e) => match e.take_message() {
                 // An idle connection closed under us: take another.
@@ -366,7 +535,7 @@ async fn upgrade(
                 }
             });
         }
-        return resp.map(Either::Left);
+        return resp.map(RespBody::Http1);
     }
     bad_gateway(rt, false, &why, started)
 }
@@ -480,7 +649,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// status 14 (UNAVAILABLE), which gRPC clients treat as retryable.
 fn bad_gateway(rt: &ServiceRuntime, grpc: bool, why: &str, started: Instant) -> Response<RespBody> {
     let resp = if grpc {
-        let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
+        let mut r = Response::new(RespBody::Ours(Full::new(Bytes::new())));
         let h = r.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -492,7 +661,7 @@ fn bad_gateway(rt: &ServiceRuntime, grpc: bool, why: &str, started: Instant) -> 
         }
         r
     } else {
-        let mut r = Response::new(Either::Right(Full::new(Bytes::from(format!(
+        let mut r = Response::new(RespBody::Ours(Full::new(Bytes::from(format!(
             "fairlead: no endpoint of {} answered: {why}\n",
             rt.name
         )))));

@@ -123,7 +123,7 @@ fn reset(s: &TcpStream) {
 /// says writable, and only then is the error fetched. The socket is made
 /// non-blocking in `socket(2)` itself, and TCP_NODELAY set before the
 /// handshake (kept for the connection).
-async fn connect(addr: SocketAddr, rt: &ServiceRuntime) -> io::Result<TcpStream> {
+pub(super) async fn connect(addr: SocketAddr, rt: &ServiceRuntime) -> io::Result<TcpStream> {
     use socket2::{Domain, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
     sock.set_tcp_nodelay(true)?;
