@@ -275,6 +275,22 @@ fn http_balanced_per_request(mode: &str) {
     assert_eq!(connects, 1, "one keep-alive connection ({mode})");
     assert_eq!(counts(&names), even(100), "HTTP/1.1 per request ({mode})");
 
+    // Across protocols: an HTTP/2 client of the HTTP/1.1 port, and an
+    // HTTP/1.1 client of the h2c port, each still balanced per request.
+    let names = l7.nghttp("h1", 30);
+    assert_eq!(
+        counts(&names),
+        even(10),
+        "h2 client, HTTP/1.1 endpoints ({mode})"
+    );
+    let (names, connects) = l7.one_connection("h2", 30, &["--http1.1"]);
+    assert_eq!(connects, 1, "one HTTP/1.1 connection to h2c ({mode})");
+    assert_eq!(
+        counts(&names),
+        even(10),
+        "HTTP/1.1 client, h2c endpoints ({mode})"
+    );
+
     // An HTTP/1.1 upgrade through the L7 port: 101, then bytes both ways
     // on the same connection (as a WebSocket would).
     let h1 = SocketAddr::new(l7.c.cluster_ip("h1"), 80);

@@ -36,7 +36,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper::header::{self, HeaderMap, HeaderValue};
@@ -65,11 +65,6 @@ impl Body for RespBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        fn boxed<E: Into<BoxError>>(
-            p: Poll<Option<Result<Frame<Bytes>, E>>>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            p.map(|f| f.map(|f| f.map_err(Into::into)))
-        }
         match self.get_mut() {
             RespBody::Http1(b) => boxed(Pin::new(b).poll_frame(cx)),
             RespBody::H2(b) => boxed(Pin::new(b).poll_frame(cx)),
@@ -94,12 +89,63 @@ impl Body for RespBody {
     }
 }
 
-/// An endpoint's HTTP/2 response body: its data frames (each one's flow
+/// A request's body as it comes from the client: from hyper (an HTTP/1.1
+/// client) or from an HTTP/2 client's stream.
+pub(crate) enum ReqBody {
+    Http1(Incoming),
+    H2(H2Body),
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ReqBody::Http1(b) => boxed(Pin::new(b).poll_frame(cx)),
+            ReqBody::H2(b) => boxed(Pin::new(b).poll_frame(cx)),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Http1(b) => b.is_end_stream(),
+            ReqBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Http1(b) => b.size_hint(),
+            ReqBody::H2(b) => b.size_hint(),
+        }
+    }
+}
+
+fn boxed<E: Into<BoxError>>(
+    p: Poll<Option<Result<Frame<Bytes>, E>>>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    p.map(|f| f.map(|f| f.map_err(Into::into)))
+}
+
+/// An HTTP/2 body (an endpoint's response, or an HTTP/2 client's request): its data frames (each one's flow
 /// control window handed back to the endpoint as it is passed on), then
 /// its trailers (gRPC's `grpc-status`).
 pub(crate) struct H2Body {
     recv: h2::RecvStream,
     data_done: bool,
+}
+
+impl H2Body {
+    fn new(recv: h2::RecvStream) -> H2Body {
+        H2Body {
+            recv,
+            data_done: false,
+        }
+    }
 }
 
 impl Body for H2Body {
@@ -149,7 +195,7 @@ pub(crate) struct Upstream {
     /// Held while connecting, so concurrent requests share the new one.
     h2_connecting: tokio::sync::Mutex<()>,
     /// HTTP/1.1: idle connections per loop, each ready for its next request.
-    h1: std::sync::Mutex<Vec<Vec<http1::SendRequest<Incoming>>>>,
+    h1: std::sync::Mutex<Vec<Vec<http1::SendRequest<ReqBody>>>>,
 }
 
 /// One multiplexed HTTP/2 connection to an endpoint, spoken with the `h2`
@@ -197,13 +243,17 @@ pub(crate) async fn serve(
     rt.metrics.connections.increment(1);
     rt.metrics.active.increment(1.0);
     let _active = super::tcp::Active(&rt.metrics.active);
+    if speaks_h2(&client).await {
+        return serve_h2(client, peer, &rt, role, app).await;
+    }
     let svc_rt = rt.clone();
-    let svc = hyper::service::service_fn(move |req| {
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let rt = svc_rt.clone();
-        // Boxed: hyper spawns a task per HTTP/2 stream, and moving the
-        // whole (large) forwarding future into each task was a tenth of
-        // the proxy's CPU.
-        let fwd = Box::pin(async move { forward(&rt, role, peer, app, req).await });
+        // Boxed: hyper spawns a task per request it serves concurrently,
+        // and moving the whole (large) forwarding future into each was a
+        // tenth of the proxy's CPU.
+        let fwd =
+            Box::pin(async move { forward(&rt, role, peer, app, req.map(ReqBody::Http1)).await });
         async move { Ok::<_, Infallible>(fwd.await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -215,12 +265,114 @@ pub(crate) async fn serve(
     }
 }
 
+/// Whether the client opens with HTTP/2's connection preface (h2c with
+/// prior knowledge, as gRPC does), looked at without reading it. No
+/// HTTP/1.1 request starts with `PRI`.
+async fn speaks_h2(client: &TcpStream) -> bool {
+    const PREFACE: &[u8] = b"PRI";
+    let mut buf = [0u8; 3];
+    for _ in 0..100 {
+        let n = match client.peek(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        if buf[..n] != PREFACE[..n] {
+            return false;
+        }
+        if n == PREFACE.len() {
+            return true;
+        }
+        // A preface split after its first bytes: wait for the rest (peek
+        // returns what is there at once).
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    false
+}
+
+/// An HTTP/2 client connection, served with the `h2` crate: every stream
+/// is a future in this one task (hyper's server spawns a task per stream
+/// and wraps each request and response again), and the connection is
+/// polled for I/O between them, so the responses that are ready go out
+/// together.
+async fn serve_h2(
+    client: TcpStream,
+    peer: SocketAddr,
+    rt: &ServiceRuntime,
+    role: Role,
+    app: AppProtocol,
+) {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    // As hyper's server: 1 MiB windows, 200 concurrent streams.
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(1 << 20)
+        .max_concurrent_streams(200)
+        .max_send_buffer_size(400 << 10)
+        .handshake::<_, Bytes>(client)
+        .await;
+    let mut conn = match handshake {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::trace!(service = %rt.name, error = %e, "HTTP/2 handshake failed");
+            return;
+        }
+    };
+    let mut streams = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            biased;
+            Some(()) = streams.next(), if !streams.is_empty() => {}
+            accepted = conn.accept() => match accepted {
+                Some(Ok((req, respond))) => {
+                    streams.push(h2_stream(rt, role, peer, app, req, respond));
+                }
+                Some(Err(e)) => {
+                    tracing::trace!(service = %rt.name, error = %e, "L7 client connection ended");
+                    break;
+                }
+                None => break,
+            },
+        }
+    }
+}
+
+/// One stream of an HTTP/2 client: balance its request, then relay the
+/// response. A reset from the client ends it (and so the endpoint's
+/// stream) at any point.
+async fn h2_stream(
+    rt: &ServiceRuntime,
+    role: Role,
+    peer: SocketAddr,
+    app: AppProtocol,
+    req: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
+    let req = req.map(|recv| ReqBody::H2(H2Body::new(recv)));
+    let resp = tokio::select! {
+        biased;
+        r = forward(rt, role, peer, app, req) => r,
+        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
+    };
+    let (mut head, body) = resp.into_parts();
+    if matches!(body, RespBody::Http1(_)) {
+        // From an HTTP/1.1 endpoint: HTTP/2 has no hop-by-hop headers.
+        strip_hop_by_hop(&mut head.headers);
+    }
+    head.version = hyper::Version::HTTP_2;
+    let end = body.is_end_stream();
+    match respond.send_response(Response::from_parts(head, ()), end) {
+        Ok(stream) if !end => pipe_body(body, stream).await,
+        Ok(_) => {}
+        Err(e) => tracing::trace!(service = %rt.name, error = %e, "response not sent"),
+    }
+}
+
 /// Why a request was not answered by an endpoint. (Returned once per
 /// failed try, so its size does not matter.)
 #[allow(clippy::large_enum_variant)]
 enum SendError {
     /// It never reached the endpoint: try the next one with it.
-    Unsent(Request<Incoming>, String),
+    Unsent(Request<ReqBody>, String),
     /// It may have: the client gets the error.
     Failed(String),
 }
@@ -232,7 +384,7 @@ async fn forward(
     role: Role,
     peer: SocketAddr,
     app: AppProtocol,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Response<RespBody> {
     let started = Instant::now();
     let grpc = is_grpc(req.headers());
@@ -283,7 +435,7 @@ async fn connect(ep: &EndpointLife, rt: &ServiceRuntime) -> Result<TcpStream, St
 
 async fn send_h2(
     ep: &EndpointLife,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     rt: &ServiceRuntime,
 ) -> Result<Response<RespBody>, SendError> {
     // A cached connection may turn out closed (the endpoint restarted, or
@@ -322,12 +474,7 @@ async fn send_h2(
             send_body(body, stream);
         }
         return match response.await {
-            Ok(resp) => Ok(resp.map(|recv| {
-                RespBody::H2(H2Body {
-                    recv,
-                    data_done: false,
-                })
-            })),
+            Ok(resp) => Ok(resp.map(|recv| RespBody::H2(H2Body::new(recv)))),
             Err(e) => Err(SendError::Failed(e.to_string())),
         };
     }
@@ -339,7 +486,7 @@ async fn send_h2(
 /// fully arrived (a unary gRPC call) is sent at once; the rest of a
 /// streaming body gets a task of its own, as the response may come (and
 /// be relayed) before the request has ended.
-fn send_body(body: Incoming, stream: h2::SendStream<Bytes>) {
+fn send_body(body: ReqBody, stream: h2::SendStream<Bytes>) {
     let mut pipe = Box::pin(pipe_body(body, stream));
     let waker = std::task::Waker::noop();
     if pipe
@@ -351,32 +498,62 @@ fn send_body(body: Incoming, stream: h2::SendStream<Bytes>) {
     }
 }
 
-async fn pipe_body(mut body: Incoming, mut stream: h2::SendStream<Bytes>) {
-    while let Some(frame) = body.frame().await {
-        let frame = match frame {
-            Ok(f) => f,
-            Err(_) => {
-                // The client's side failed: the endpoint must not take a
-                // truncated body as whole.
+/// Relay a body's frames into an HTTP/2 stream, within the stream's flow
+/// control window, until its end (the last data frame carries END_STREAM
+/// when the body knows it is the last) or its trailers. Stops when the
+/// other side resets the stream (dropping `body` then tells its own
+/// sender), and resets the stream when `body` fails, so a truncated body
+/// is never taken as whole.
+async fn pipe_body<B>(mut body: B, mut stream: h2::SendStream<Bytes>)
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    loop {
+        let next = std::future::poll_fn(|cx| {
+            if let Poll::Ready(reset) = stream.poll_reset(cx) {
+                return Poll::Ready(Err(reset));
+            }
+            Pin::new(&mut body).poll_frame(cx).map(Ok)
+        })
+        .await;
+        let frame = match next {
+            Ok(Some(Ok(f))) => f,
+            Ok(None) => break,
+            Ok(Some(Err(_))) => {
                 stream.send_reset(h2::Reason::CANCEL);
                 return;
             }
+            Err(_reset) => return,
         };
         match frame.into_data() {
             Ok(mut data) => {
-                while !data.is_empty() {
+                let last = body.is_end_stream();
+                if data.is_empty() && !last {
+                    continue;
+                }
+                loop {
+                    if data.is_empty() {
+                        // (Only an empty last frame: END_STREAM alone.)
+                        let _ = stream.send_data(data, true);
+                        return;
+                    }
                     stream.reserve_capacity(data.len());
                     let granted = std::future::poll_fn(|cx| stream.poll_capacity(cx)).await;
                     let n = match granted {
                         Some(Ok(n)) => n.min(data.len()),
-                        // Reset by the endpoint, or the connection is gone.
+                        // Reset, or the connection is gone.
                         _ => return,
                     };
                     if n == 0 {
                         continue;
                     }
-                    if stream.send_data(data.split_to(n), false).is_err() {
+                    let chunk = data.split_to(n);
+                    let end = last && data.is_empty();
+                    if stream.send_data(chunk, end).is_err() || end {
                         return;
+                    }
+                    if data.is_empty() {
+                        break;
                     }
                 }
             }
@@ -436,7 +613,7 @@ fn live_h2(ep: &EndpointLife) -> Option<H2Conn> {
 
 async fn send_h1(
     ep: &Arc<EndpointLife>,
-    mut req: Request<Incoming>,
+    mut req: Request<ReqBody>,
     rt: &ServiceRuntime,
 ) -> Result<Response<RespBody>, SendError> {
     let here = loop_index();
@@ -494,7 +671,7 @@ async fn upgrade(
     rt: &ServiceRuntime,
     role: Role,
     peer: SocketAddr,
-    mut req: Request<Incoming>,
+    mut req: Request<ReqBody>,
     started: Instant,
 ) -> Response<RespBody> {
     let client_upgrade = hyper::upgrade::on(&mut req);
@@ -546,14 +723,14 @@ fn is_grpc(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+fn is_upgrade(req: &Request<ReqBody>) -> bool {
     req.version() <= hyper::Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
 }
 
 /// The request as the endpoint's protocol wants it: without hop-by-hop
 /// headers; with the origin form and a Host for HTTP/1.1, the scheme and
 /// authority for HTTP/2.
-fn prepare(mut req: Request<Incoming>, app: AppProtocol) -> Request<Incoming> {
+fn prepare(mut req: Request<ReqBody>, app: AppProtocol) -> Request<ReqBody> {
     strip_hop_by_hop(req.headers_mut());
     // From an HTTP/2 client to an HTTP/2 endpoint: already in shape.
     if app == AppProtocol::H2c
