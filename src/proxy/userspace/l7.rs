@@ -389,7 +389,9 @@ async fn forward(
     let started = Instant::now();
     let grpc = is_grpc(req.headers());
     if is_upgrade(&req) {
-        return upgrade(rt, role, peer, req, started).await;
+        // (Boxed, as the connects below: rare paths kept out of the
+        // future every request's stream carries.)
+        return Box::pin(upgrade(rt, role, peer, req, started)).await;
     }
     let mut req = prepare(req, app);
     let routes = rt.routes();
@@ -448,7 +450,7 @@ async fn send_h2(
                 match live_h2(ep) {
                     // Another request connected meanwhile.
                     Some(c) => c,
-                    None => match connect_h2(ep, rt).await {
+                    None => match Box::pin(connect_h2(ep, rt)).await {
                         Ok(c) => c,
                         Err(e) => return Err(SendError::Unsent(req, e)),
                     },
@@ -625,19 +627,10 @@ async fn send_h1(
         };
         let (mut sender, fresh) = match idle {
             Some(s) => (s, false),
-            None => {
-                let tcp = match connect(ep, rt).await {
-                    Ok(t) => t,
-                    Err(e) => return Err(SendError::Unsent(req, e)),
-                };
-                match http1::handshake(TokioIo::new(tcp)).await {
-                    Ok((s, conn)) => {
-                        tokio::spawn(conn);
-                        (s, true)
-                    }
-                    Err(e) => return Err(SendError::Unsent(req, format!("HTTP/1.1: {e}"))),
-                }
-            }
+            None => match Box::pin(connect_h1(ep, rt)).await {
+                Ok(s) => (s, true),
+                Err(e) => return Err(SendError::Unsent(req, e)),
+            },
         };
         match sender.try_send_request(req).await {
             Ok(resp) => {
@@ -662,6 +655,19 @@ async fn send_h1(
             },
         }
     }
+}
+
+/// A new HTTP/1.1 connection to the endpoint.
+async fn connect_h1(
+    ep: &EndpointLife,
+    rt: &ServiceRuntime,
+) -> Result<http1::SendRequest<ReqBody>, String> {
+    let tcp = connect(ep, rt).await?;
+    let (s, conn) = http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("HTTP/1.1: {e}"))?;
+    tokio::spawn(conn);
+    Ok(s)
 }
 
 /// An HTTP/1.1 upgrade (WebSocket and the like): a connection of its own
