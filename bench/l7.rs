@@ -20,7 +20,10 @@
 //!
 //! Two client shapes, each against the three targets back to back: `h2load
 //! -c1 -m100` (one connection, 100 concurrent streams) and `-c10 -m10`,
-//! `FAIRLEAD_BENCH_REQUESTS` requests each (default 100,000). Printed:
+//! `FAIRLEAD_BENCH_REQUESTS` requests each (default 100,000), repeated
+//! `FAIRLEAD_BENCH_ROUNDS` times (default 1; with more, the median ratios
+//! to HAProxy are printed too: this machine's speed drifts between runs,
+//! so only same-round ratios compare). Printed:
 //! requests/s, the p99 of h2load's per-request times (its `--log-file`), the
 //! requests each backend got, the ratios to HAProxy, and the proxy's CPU
 //! per request (fairlead: its event loops' threads; HAProxy: its process).
@@ -52,6 +55,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let requests = env_u64("FAIRLEAD_BENCH_REQUESTS", 100_000)?.max(1000);
+    let rounds = env_u64("FAIRLEAD_BENCH_ROUNDS", 1)?.max(1);
     let (h2load, haproxy) = tools()?;
     let fairlead = fairlead_bin()?;
     let dir = tempfile::Builder::new()
@@ -108,45 +112,78 @@ fn main() -> Result<()> {
         "p99 vs haproxy".into(),
         "proxy CPU us/req".into(),
     ]];
-    for (shape, c, m) in [
-        ("1 conn x 100 streams", 1, 100),
-        ("10 conns x 10 streams", 10, 10),
-    ] {
-        let mut results = Vec::new();
-        for (label, addr) in targets {
-            // The proxy's CPU: fairlead's loop threads, HAProxy's process.
-            let cpu = || match label {
-                "fairlead" => Some(threads_cpu("fl-proxy")),
-                "haproxy" => stat_cpu(&ha_stat),
-                _ => None,
+    // Per shape, the ratios to HAProxy of every round: (req/s, p99, CPU).
+    let mut ratios: Vec<(&str, Vec<[f64; 3]>)> = Vec::new();
+    for round in 1..=rounds {
+        for (shape, c, m) in [
+            ("1 conn x 100 streams", 1, 100),
+            ("10 conns x 10 streams", 10, 10),
+        ] {
+            let shape_label = if rounds > 1 {
+                format!("{shape} #{round}")
+            } else {
+                shape.to_string()
             };
-            let before = counts(&backends)?;
-            let cpu_before = cpu();
-            let r = run_h2load(&h2load, dir.path(), addr, requests, c, m)?;
-            let cpu_used = cpu().zip(cpu_before).map(|(a, b)| a - b);
-            let after = counts(&backends)?;
-            let spread: Vec<String> = before
-                .iter()
-                .zip(&after)
-                .map(|(b, a)| (a - b).to_string())
-                .collect();
-            results.push((label, r, spread.join("/"), cpu_used));
-        }
-        let ha = results[1].1;
-        for (label, (rps, p99), spread, cpu) in results {
-            rows.push([
-                shape.to_string(),
-                label.to_string(),
-                format!("{rps:.0}"),
-                format!("{p99:.2}"),
-                spread,
-                format!("{:.2}", rps / ha.0),
-                format!("{:.2}", p99 / ha.1),
-                cpu.map_or("-".into(), |s| format!("{:.1}", s * 1e6 / requests as f64)),
-            ]);
+            let mut results = Vec::new();
+            for (label, addr) in targets {
+                // The proxy's CPU: fairlead's loop threads, HAProxy's process.
+                let cpu = || match label {
+                    "fairlead" => Some(threads_cpu("fl-proxy")),
+                    "haproxy" => stat_cpu(&ha_stat),
+                    _ => None,
+                };
+                let before = counts(&backends)?;
+                let cpu_before = cpu();
+                let r = run_h2load(&h2load, dir.path(), addr, requests, c, m)?;
+                let cpu_used = cpu().zip(cpu_before).map(|(a, b)| a - b);
+                let after = counts(&backends)?;
+                let spread: Vec<String> = before
+                    .iter()
+                    .zip(&after)
+                    .map(|(b, a)| (a - b).to_string())
+                    .collect();
+                results.push((label, r, spread.join("/"), cpu_used));
+            }
+            let ha = results[1].1;
+            let per_req = |cpu: Option<f64>| cpu.map(|s| s * 1e6 / requests as f64);
+            if let (Some(f), Some(h)) = (per_req(results[0].3), per_req(results[1].3)) {
+                let r = [results[0].1 .0 / ha.0, results[0].1 .1 / ha.1, f / h];
+                match ratios.iter_mut().find(|(s, _)| *s == shape) {
+                    Some((_, v)) => v.push(r),
+                    None => ratios.push((shape, vec![r])),
+                }
+            }
+            for (label, (rps, p99), spread, cpu) in results {
+                rows.push([
+                    shape_label.clone(),
+                    label.to_string(),
+                    format!("{rps:.0}"),
+                    format!("{p99:.2}"),
+                    spread,
+                    format!("{:.2}", rps / ha.0),
+                    format!("{:.2}", p99 / ha.1),
+                    per_req(cpu).map_or("-".into(), |us| format!("{us:.1}")),
+                ]);
+            }
         }
     }
     print_rows(&rows);
+    if rounds > 1 {
+        println!("\nfairlead / haproxy, median (min-max) of {rounds} rounds:");
+        for (shape, v) in &mut ratios {
+            let col = |i: usize| {
+                let mut x: Vec<f64> = v.iter().map(|r| r[i]).collect();
+                x.sort_by(f64::total_cmp);
+                format!("{:.2} ({:.2}-{:.2})", x[x.len() / 2], x[0], x[x.len() - 1])
+            };
+            println!(
+                "  {shape:<22} req/s {}  p99 {}  CPU/req {}",
+                col(0),
+                col(1),
+                col(2)
+            );
+        }
+    }
     println!("targets: req/s >= 1.0x haproxy, p99 <= 1.0x haproxy");
     drop(proxy);
     Ok(())
