@@ -397,8 +397,9 @@ async fn forward(
     let routes = rt.routes();
     // Filled in only when a try fails (no allocation per request).
     let mut why = std::borrow::Cow::Borrowed("no endpoints");
+    let mut now = started;
     for _ in 0..routes.set(role).len() {
-        let Some(ep) = rt.choose(&routes, role, peer.ip(), Instant::now()) else {
+        let Some(ep) = rt.choose(&routes, role, peer.ip(), now) else {
             break;
         };
         let sent = match app {
@@ -413,6 +414,7 @@ async fn forward(
             }
             Err(SendError::Unsent(r, e)) => {
                 tracing::debug!(service = %rt.name, endpoint = %ep.addr, error = %e, "request not sent; next endpoint");
+                now = Instant::now();
                 req = r;
                 why = e.into();
             }
@@ -737,7 +739,11 @@ fn is_upgrade(req: &Request<ReqBody>) -> bool {
 /// headers; with the origin form and a Host for HTTP/1.1, the scheme and
 /// authority for HTTP/2.
 fn prepare(mut req: Request<ReqBody>, app: AppProtocol) -> Request<ReqBody> {
-    strip_hop_by_hop(req.headers_mut());
+    // HTTP/2 has no hop-by-hop headers but `te: trailers` (the h2 crate
+    // refuses a request with any other as malformed).
+    if req.version() != hyper::Version::HTTP_2 {
+        strip_hop_by_hop(req.headers_mut());
+    }
     // From an HTTP/2 client to an HTTP/2 endpoint: already in shape.
     if app == AppProtocol::H2c
         && req.version() == hyper::Version::HTTP_2
