@@ -44,7 +44,10 @@
 //! Sizes come from the environment: `FAIRLEAD_BENCH_DURATION` (seconds per
 //! wrk run, 10), `FAIRLEAD_BENCH_CONNS` (50), `FAIRLEAD_BENCH_BULK_MB`
 //! (MiB per download, 1024), `FAIRLEAD_BENCH_BULK_REPS` (2),
-//! `FAIRLEAD_BENCH_SCENARIOS` (`keep-alive,close,bulk`). A run takes
+//! `FAIRLEAD_BENCH_SCENARIOS` (`keep-alive,close,bulk`),
+//! `FAIRLEAD_BENCH_ROUNDS` (1: with more, the two wrk scenarios are run
+//! again, HAProxy first every other round, and the median of each ratio is
+//! printed; the machine's speed drifts between runs). A run takes
 //! 6 × duration plus a few seconds. Child processes (backends, HAProxy,
 //! wrk) are killed when this process ends, panics included (drop guards,
 //! plus `PR_SET_PDEATHSIG` for the case it is killed).
@@ -171,22 +174,56 @@ fn main() -> Result<()> {
     ];
 
     let mut runs: BTreeMap<(&str, &str), Run> = BTreeMap::new();
-    for (scenario, close) in [("keep-alive", false), ("close", true)] {
-        if !s.runs(scenario) {
-            continue;
-        }
-        for t in &targets {
-            let before = Sample::take(t.cpu);
-            let w = tools.wrk(&s, t.addr, close)?;
-            let after = Sample::take(t.cpu);
-            check_running(&mut backends, &mut haproxy)?;
-            let run = Run {
-                wrk: Some(w),
-                mbps: None,
-                usage: after.since(&before),
+    // Per scenario, fairlead's ratios to HAProxy in each round: (req/s,
+    // p99, CPU per request).
+    let mut ratios: BTreeMap<&str, Vec<[f64; 3]>> = BTreeMap::new();
+    for round in 1..=s.rounds {
+        for (scenario, close) in [("keep-alive", false), ("close", true)] {
+            if !s.runs(scenario) {
+                continue;
+            }
+            // The direct run once; the proxies in turn, in the other order
+            // every other round (the machine's speed drifts).
+            let mut order: Vec<&Target> = targets
+                .iter()
+                .filter(|t| round == 1 || t.label != "direct")
+                .collect();
+            if round % 2 == 0 {
+                order.reverse();
+            }
+            for t in order {
+                let before = Sample::take(t.cpu);
+                let w = tools.wrk(&s, t.addr, close)?;
+                let after = Sample::take(t.cpu);
+                check_running(&mut backends, &mut haproxy)?;
+                let run = Run {
+                    wrk: Some(w),
+                    mbps: None,
+                    usage: after.since(&before),
+                };
+                let tag = if s.rounds > 1 {
+                    format!(" #{round}")
+                } else {
+                    String::new()
+                };
+                println!("{scenario:<10} {:<8}{tag} {}", t.label, run.describe());
+                runs.insert((scenario, t.label), run);
+            }
+            let (Some(f), Some(h)) = (
+                runs.get(&(scenario, "fairlead")),
+                runs.get(&(scenario, "haproxy")),
+            ) else {
+                continue;
             };
-            println!("{scenario:<10} {:<8} {}", t.label, run.describe());
-            runs.insert((scenario, t.label), run);
+            let (Some(fw), Some(hw)) = (&f.wrk, &h.wrk) else {
+                continue;
+            };
+            let per_req = |r: &Run, w: &WrkResult| r.usage.proxy_secs / w.requests.max(1) as f64;
+            ratios.entry(scenario).or_default().push([
+                fw.rps / hw.rps,
+                fw.p99_ms / hw.p99_ms,
+                per_req(f, fw) / per_req(h, hw),
+            ]);
         }
     }
     let bulk_bytes = s.bulk_mib << 20;
@@ -219,6 +256,25 @@ fn main() -> Result<()> {
 
     print_table(&runs);
     print_cpu_table(&runs, bulk_bytes * s.bulk_reps);
+    if s.rounds > 1 {
+        println!(
+            "\nfairlead / haproxy, median (min-max) of {} rounds:",
+            s.rounds
+        );
+        for (scenario, v) in &ratios {
+            let col = |i: usize| {
+                let mut x: Vec<f64> = v.iter().map(|r| r[i]).collect();
+                x.sort_by(f64::total_cmp);
+                format!("{:.2} ({:.2}-{:.2})", x[x.len() / 2], x[0], x[x.len() - 1])
+            };
+            println!(
+                "  {scenario:<10} req/s {}  p99 {}  CPU/req {}",
+                col(0),
+                col(1),
+                col(2)
+            );
+        }
+    }
     print_metrics();
 
     drop(proxy);
@@ -237,6 +293,9 @@ struct Settings {
     /// `FAIRLEAD_BENCH_SCENARIOS`: the scenarios to run (comma-separated;
     /// all when unset).
     scenarios: Option<Vec<String>>,
+    /// `FAIRLEAD_BENCH_ROUNDS`: the wrk scenarios repeated (the tables
+    /// show the last round; the medians of the ratios follow).
+    rounds: u64,
     /// `FAIRLEAD_BENCH_HAPROXY_SPLICE=1`: HAProxy with `option
     /// splice-auto` (off by default, like its default build's behaviour).
     haproxy_splice: bool,
@@ -256,6 +315,7 @@ impl Settings {
                 .ok()
                 .map(|v| v.split(',').map(|s| s.trim().to_string()).collect()),
             haproxy_splice: env_u64("FAIRLEAD_BENCH_HAPROXY_SPLICE", 0)? != 0,
+            rounds: env_u64("FAIRLEAD_BENCH_ROUNDS", 1)?.max(1),
         })
     }
 
