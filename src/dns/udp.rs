@@ -346,7 +346,10 @@ pub async fn serve(sock: Rc<Udp>, shared: Arc<Shared>, server: Arc<str>, batch: 
 /// runtime), whose tasks send their replies on the same socket.
 ///
 /// Stopped by [`Receiver::stop`] (also on drop): `shutdown(SHUT_RD)` wakes
-/// a receiver blocked on a UDP socket, and the thread sees the flag.
+/// a receiver blocked on a UDP socket, and the thread sees the flag. (Both
+/// are needed: a shut-down UDP socket still hands out the datagrams
+/// queued on it, and under a flood new ones keep coming, so the empty
+/// message that ends an idle receiver may never reach a busy one.)
 pub struct Receiver {
     sock: Arc<std::net::UdpSocket>,
     stop: Arc<AtomicBool>,
