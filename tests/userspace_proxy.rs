@@ -547,7 +547,7 @@ async fn udp_roundtrip(
 async fn udp_flows_are_balanced_and_answered_from_the_service_address() {
     fairlead::metrics::init();
     let (a, b, c) = (echo("ud-a").await, echo("ud-b").await, echo("ud-c").await);
-    let vip = ip(8);
+    let vip = ip(15);
     let port = free_port(vip);
     let svc = SocketAddr::new(vip, port);
     let eps = [&a, &b, &c]
@@ -770,7 +770,11 @@ async fn sync_is_incremental_and_idempotent() {
 async fn a_bind_failure_does_not_break_other_services_and_is_retried() {
     let a = echo("bind-a").await;
     let vip = ip(13);
-    let (p1, p2) = (free_port(vip), free_port(vip));
+    // (Two distinct ports: two probes may be handed the same one.)
+    let p1 = free_port(vip);
+    let p2 = std::iter::repeat_with(|| free_port(vip))
+        .find(|p| *p != p1)
+        .unwrap();
     // Someone else holds p1 (without SO_REUSEPORT).
     let squatter = std::net::TcpListener::bind((vip, p1)).unwrap();
     let proxy = UserspaceProxy::new(config());
