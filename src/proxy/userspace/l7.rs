@@ -205,7 +205,6 @@ pub(crate) struct Upstream {
 /// a tenth of the loop's samples, most of them moves of those tasks and
 /// messages). Here the request's own task opens the stream and reads the
 /// response.
-#[derive(Clone)]
 struct H2Conn {
     send: h2::client::SendRequest<Bytes>,
     /// Set when the connection's task ends (closed, GOAWAY'd, failed).
@@ -442,47 +441,92 @@ async fn send_h2(
     req: Request<ReqBody>,
     rt: &ServiceRuntime,
 ) -> Result<Response<RespBody>, SendError> {
-    // A cached connection may turn out closed (the endpoint restarted, or
-    // sent GOAWAY): then one fresh one.
-    for _ in 0..2 {
-        let conn = match live_h2(ep) {
-            Some(c) => c,
-            None => {
+    let mut req = req;
+    // No connection yet, or the cached one turned out closed (the endpoint
+    // restarted, or sent GOAWAY): a fresh one, twice at most.
+    for _ in 0..3 {
+        let response = match open_h2(ep, req).await {
+            Opened::Sent(response) => response,
+            Opened::Failed(e) => return Err(SendError::Failed(e)),
+            Opened::NoConnection(r) => {
+                req = r;
                 let _connecting = ep.upstream.h2_connecting.lock().await;
-                match live_h2(ep) {
-                    // Another request connected meanwhile.
-                    Some(c) => c,
-                    None => match Box::pin(connect_h2(ep, rt)).await {
-                        Ok(c) => c,
-                        Err(e) => return Err(SendError::Unsent(req, e)),
-                    },
+                if !has_live_h2(ep) {
+                    if let Err(e) = Box::pin(connect_h2(ep, rt)).await {
+                        return Err(SendError::Unsent(req, e));
+                    }
                 }
-            }
-        };
-        // Waits while the endpoint's stream limit is reached; fails (the
-        // request still ours) when the connection is gone.
-        let mut send = match conn.send.ready().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::trace!(endpoint = %ep.addr, error = %e, "HTTP/2 connection gone");
-                conn.closed.store(true, Ordering::Relaxed);
                 continue;
             }
         };
-        let (parts, body) = req.into_parts();
-        let end = body.is_end_stream();
-        let (response, stream) = send
-            .send_request(Request::from_parts(parts, ()), end)
-            .map_err(|e| SendError::Failed(e.to_string()))?;
-        if !end {
-            send_body(body, stream);
-        }
         return match response.await {
             Ok(resp) => Ok(resp.map(|recv| RespBody::H2(H2Body::new(recv)))),
             Err(e) => Err(SendError::Failed(e.to_string())),
         };
     }
     Err(SendError::Unsent(req, "HTTP/2 connection closed".into()))
+}
+
+/// What [`open_h2`] did with a request. (Returned once per request,
+/// straight to its caller, so the variants' sizes do not matter.)
+#[allow(clippy::large_enum_variant)]
+enum Opened {
+    /// A stream is open (its body, if any, on its way); the response
+    /// comes here.
+    Sent(h2::client::ResponseFuture),
+    /// This loop has no live connection to the endpoint: the request back.
+    NoConnection(Request<ReqBody>),
+    /// The stream was refused as it was opened.
+    Failed(String),
+}
+
+/// Open a stream for `req` on this loop's connection to the endpoint,
+/// once the endpoint's stream limit allows it. The connection's handle is
+/// used in place (under the slot's lock, never across an await) rather
+/// than cloned per request: each clone and drop of an `h2` handle takes
+/// the connection's own lock.
+async fn open_h2(ep: &EndpointLife, req: Request<ReqBody>) -> Opened {
+    let mut req = Some(req);
+    let here = loop_index();
+    let (opened, body) = std::future::poll_fn(|cx| {
+        let mut conns = lock(&ep.upstream.h2);
+        let mine = slot(&mut conns, here);
+        let gone = |mine: &mut Option<H2Conn>, req: &mut Option<Request<ReqBody>>| {
+            *mine = None;
+            let r = req.take().expect("polled after it was done");
+            Poll::Ready((Opened::NoConnection(r), None))
+        };
+        let Some(conn) = mine.as_mut() else {
+            return gone(mine, &mut req);
+        };
+        if conn.closed.load(Ordering::Relaxed) {
+            return gone(mine, &mut req);
+        }
+        match conn.send.poll_ready(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => {
+                tracing::trace!(endpoint = %ep.addr, error = %e, "HTTP/2 connection gone");
+                gone(mine, &mut req)
+            }
+            Poll::Ready(Ok(())) => {
+                let (parts, body) = req.take().expect("polled after it was done").into_parts();
+                let end = body.is_end_stream();
+                Poll::Ready(
+                    match conn.send.send_request(Request::from_parts(parts, ()), end) {
+                        Ok((response, stream)) => {
+                            (Opened::Sent(response), (!end).then_some((body, stream)))
+                        }
+                        Err(e) => (Opened::Failed(e.to_string()), None),
+                    },
+                )
+            }
+        }
+    })
+    .await;
+    if let Some((body, stream)) = body {
+        send_body(body, stream);
+    }
+    opened
 }
 
 /// Stream a request's body (and trailers) to the endpoint, within the
@@ -575,7 +619,7 @@ where
 /// A new HTTP/2 connection to the endpoint, kept for the next requests.
 /// Windows as hyper's client sets them (2 MiB a stream, 5 MiB the
 /// connection), so a streamed body is not held back by 64 KiB ones.
-async fn connect_h2(ep: &EndpointLife, rt: &ServiceRuntime) -> Result<H2Conn, String> {
+async fn connect_h2(ep: &EndpointLife, rt: &ServiceRuntime) -> Result<(), String> {
     let tcp = connect(ep, rt).await?;
     let (send, conn) = h2::client::Builder::new()
         .enable_push(false)
@@ -594,25 +638,20 @@ async fn connect_h2(ep: &EndpointLife, rt: &ServiceRuntime) -> Result<H2Conn, St
         }
         done.store(true, Ordering::Relaxed);
     });
-    let c = H2Conn { send, closed };
-    *slot(&mut lock(&ep.upstream.h2), loop_index()) = Some(c.clone());
-    Ok(c)
+    *slot(&mut lock(&ep.upstream.h2), loop_index()) = Some(H2Conn { send, closed });
+    Ok(())
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The endpoint's HTTP/2 connection on this loop, if it has a live one
-/// (a closed one is forgotten).
-fn live_h2(ep: &EndpointLife) -> Option<H2Conn> {
-    let mut conns = lock(&ep.upstream.h2);
-    let mine = conns.get_mut(loop_index())?;
-    if mine.as_ref()?.closed.load(Ordering::Relaxed) {
-        *mine = None;
-        return None;
-    }
-    mine.clone()
+/// Whether this loop has a live HTTP/2 connection to the endpoint.
+fn has_live_h2(ep: &EndpointLife) -> bool {
+    lock(&ep.upstream.h2)
+        .get(loop_index())
+        .and_then(Option::as_ref)
+        .is_some_and(|c| !c.closed.load(Ordering::Relaxed))
 }
 
 async fn send_h1(
