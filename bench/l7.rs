@@ -125,7 +125,12 @@ fn main() -> Result<()> {
                 shape.to_string()
             };
             let mut results = Vec::new();
-            for (label, addr) in targets {
+            // fairlead and HAProxy in turn, HAProxy first every other round.
+            let mut order = targets;
+            if round % 2 == 0 {
+                order.swap(0, 1);
+            }
+            for (label, addr) in order {
                 // The proxy's CPU: fairlead's loop threads, HAProxy's process.
                 let cpu = || match label {
                     "fairlead" => Some(threads_cpu("fl-proxy")),
@@ -143,6 +148,9 @@ fn main() -> Result<()> {
                     .map(|(b, a)| (a - b).to_string())
                     .collect();
                 results.push((label, r, spread.join("/"), cpu_used));
+            }
+            if round % 2 == 0 {
+                results.swap(0, 1);
             }
             let ha = results[1].1;
             let per_req = |cpu: Option<f64>| cpu.map(|s| s * 1e6 / requests as f64);
