@@ -6,13 +6,22 @@
 //! (kubernetes/kubernetes issue 38456).
 //!
 //! ```text
-//!  client ─ HTTP/1.1 or h2c ─► frontend (hyper server, either protocol)
+//!  client ─ h2c (preface peeked) ─► serve_h2: h2::server, every stream a
+//!                                    future in the connection's one task
+//!         ─ HTTP/1.1 ─────────────► hyper's server
 //!     each request: rt.choose (the port's round robin, backoff, affinity)
-//!        └─► that endpoint's Upstream (kept in its EndpointLife):
-//!              H2c:   one multiplexed HTTP/2 connection
-//!              Http1: a pool of idle keep-alive connections
+//!        └─► that endpoint's Upstream (kept in its EndpointLife), per loop:
+//!              H2c:   one multiplexed HTTP/2 connection (h2::client)
+//!              Http1: a pool of idle keep-alive connections (hyper)
 //!     response: headers, streamed body and trailers (grpc-status) as they come
 //! ```
+//!
+//! HTTP/2 is spoken with the `h2` crate rather than through hyper: hyper
+//! spawns a task per stream on the server side and per request on the
+//! client side, and hands each request through a channel to its
+//! connection's task; for one busy client connection, on one loop, that
+//! was a fifth of the proxy's CPU per request (README, "HTTP/2 per request
+//! vs HAProxy").
 //!
 //! A request that surely never reached an endpoint (the connect failed, or
 //! the pooled connection was closed before the request was written) goes to
