@@ -769,3 +769,22 @@ impl Drop for InProcessProxy {
         self.rt.block_on(self.proxy.shutdown());
     }
 }
+
+/// The median (min-max) of each of fairlead's per-round ratios to a peer
+/// (req/s, p99, CPU per request), one line per row label.
+pub fn print_medians(rounds: u64, peer: &str, rows: &[(&str, &Vec<[f64; 3]>)]) {
+    println!("\nfairlead / {peer}, median (min-max) of {rounds} rounds:");
+    for (label, v) in rows {
+        let col = |i: usize| {
+            let mut x: Vec<f64> = v.iter().map(|r| r[i]).collect();
+            x.sort_by(f64::total_cmp);
+            format!("{:.2} ({:.2}-{:.2})", x[x.len() / 2], x[0], x[x.len() - 1])
+        };
+        println!(
+            "  {label:<22} req/s {}  p99 {}  CPU/req {}",
+            col(0),
+            col(1),
+            col(2)
+        );
+    }
+}

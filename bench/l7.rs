@@ -177,20 +177,11 @@ fn main() -> Result<()> {
     }
     print_rows(&rows);
     if rounds > 1 {
-        println!("\nfairlead / haproxy, median (min-max) of {rounds} rounds:");
-        for (shape, v) in &mut ratios {
-            let col = |i: usize| {
-                let mut x: Vec<f64> = v.iter().map(|r| r[i]).collect();
-                x.sort_by(f64::total_cmp);
-                format!("{:.2} ({:.2}-{:.2})", x[x.len() / 2], x[0], x[x.len() - 1])
-            };
-            println!(
-                "  {shape:<22} req/s {}  p99 {}  CPU/req {}",
-                col(0),
-                col(1),
-                col(2)
-            );
-        }
+        common::print_medians(
+            rounds,
+            "haproxy",
+            &ratios.iter().map(|(k, v)| (*k, v)).collect::<Vec<_>>(),
+        );
     }
     println!("targets: req/s >= 1.0x haproxy, p99 <= 1.0x haproxy");
     drop(proxy);

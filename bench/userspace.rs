@@ -257,23 +257,11 @@ fn main() -> Result<()> {
     print_table(&runs);
     print_cpu_table(&runs, bulk_bytes * s.bulk_reps);
     if s.rounds > 1 {
-        println!(
-            "\nfairlead / haproxy, median (min-max) of {} rounds:",
-            s.rounds
+        common::print_medians(
+            s.rounds,
+            "haproxy",
+            &ratios.iter().map(|(k, v)| (*k, v)).collect::<Vec<_>>(),
         );
-        for (scenario, v) in &ratios {
-            let col = |i: usize| {
-                let mut x: Vec<f64> = v.iter().map(|r| r[i]).collect();
-                x.sort_by(f64::total_cmp);
-                format!("{:.2} ({:.2}-{:.2})", x[x.len() / 2], x[0], x[x.len() - 1])
-            };
-            println!(
-                "  {scenario:<10} req/s {}  p99 {}  CPU/req {}",
-                col(0),
-                col(1),
-                col(2)
-            );
-        }
     }
     print_metrics();
 

@@ -56,17 +56,24 @@ use tokio::net::TcpStream;
 use super::routes::{EndpointLife, Role, ServiceRuntime};
 use crate::proxy::AppProtocol;
 
-/// What a frontend answers with: an endpoint's response as it streams
-/// (from an HTTP/1.1 or an HTTP/2 connection), or one of ours.
-pub(crate) enum RespBody {
+/// A body the L7 proxy relays: from hyper (an HTTP/1.1 peer), from an
+/// HTTP/2 stream, or one of ours (an error response). A request's body is
+/// one of the first two, a response's any of the three.
+pub(crate) enum L7Body {
     Http1(Incoming),
     H2(H2Body),
     Ours(Full<Bytes>),
 }
 
+/// What a frontend answers with: an endpoint's response as it streams, or
+/// one of ours.
+pub(crate) type RespBody = L7Body;
+/// A request's body as it comes from the client.
+pub(crate) type ReqBody = L7Body;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-impl Body for RespBody {
+impl Body for L7Body {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -75,61 +82,25 @@ impl Body for RespBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            RespBody::Http1(b) => boxed(Pin::new(b).poll_frame(cx)),
-            RespBody::H2(b) => boxed(Pin::new(b).poll_frame(cx)),
-            RespBody::Ours(b) => boxed(Pin::new(b).poll_frame(cx)),
+            L7Body::Http1(b) => boxed(Pin::new(b).poll_frame(cx)),
+            L7Body::H2(b) => boxed(Pin::new(b).poll_frame(cx)),
+            L7Body::Ours(b) => boxed(Pin::new(b).poll_frame(cx)),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RespBody::Http1(b) => b.is_end_stream(),
-            RespBody::H2(b) => b.is_end_stream(),
-            RespBody::Ours(b) => b.is_end_stream(),
+            L7Body::Http1(b) => b.is_end_stream(),
+            L7Body::H2(b) => b.is_end_stream(),
+            L7Body::Ours(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RespBody::Http1(b) => b.size_hint(),
-            RespBody::H2(b) => b.size_hint(),
-            RespBody::Ours(b) => b.size_hint(),
-        }
-    }
-}
-
-/// A request's body as it comes from the client: from hyper (an HTTP/1.1
-/// client) or from an HTTP/2 client's stream.
-pub(crate) enum ReqBody {
-    Http1(Incoming),
-    H2(H2Body),
-}
-
-impl Body for ReqBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ReqBody::Http1(b) => boxed(Pin::new(b).poll_frame(cx)),
-            ReqBody::H2(b) => boxed(Pin::new(b).poll_frame(cx)),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ReqBody::Http1(b) => b.is_end_stream(),
-            ReqBody::H2(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ReqBody::Http1(b) => b.size_hint(),
-            ReqBody::H2(b) => b.size_hint(),
+            L7Body::Http1(b) => b.size_hint(),
+            L7Body::H2(b) => b.size_hint(),
+            L7Body::Ours(b) => b.size_hint(),
         }
     }
 }
@@ -261,7 +232,7 @@ pub(crate) async fn serve(
         // and moving the whole (large) forwarding future into each was a
         // tenth of the proxy's CPU.
         let fwd =
-            Box::pin(async move { forward(&rt, role, peer, app, req.map(ReqBody::Http1)).await });
+            Box::pin(async move { forward(&rt, role, peer, app, req.map(L7Body::Http1)).await });
         async move { Ok::<_, Infallible>(fwd.await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -355,14 +326,14 @@ async fn h2_stream(
     req: Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
 ) {
-    let req = req.map(|recv| ReqBody::H2(H2Body::new(recv)));
+    let req = req.map(|recv| L7Body::H2(H2Body::new(recv)));
     let resp = tokio::select! {
         biased;
         r = forward(rt, role, peer, app, req) => r,
         _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
     };
     let (mut head, body) = resp.into_parts();
-    if matches!(body, RespBody::Http1(_)) {
+    if matches!(body, L7Body::Http1(_)) {
         // From an HTTP/1.1 endpoint: HTTP/2 has no hop-by-hop headers.
         strip_hop_by_hop(&mut head.headers);
     }
@@ -469,7 +440,7 @@ async fn send_h2(
             }
         };
         return match response.await {
-            Ok(resp) => Ok(resp.map(|recv| RespBody::H2(H2Body::new(recv)))),
+            Ok(resp) => Ok(resp.map(|recv| L7Body::H2(H2Body::new(recv)))),
             Err(e) => Err(SendError::Failed(e.to_string())),
         };
     }
@@ -695,7 +666,7 @@ async fn send_h1(
                         }
                     }
                 });
-                return Ok(resp.map(RespBody::Http1));
+                return Ok(resp.map(L7Body::Http1));
             }
             Err(mut e) => match e.take_message() {
                 // An idle connection closed under us: take another.
@@ -768,7 +739,7 @@ async fn upgrade(
                 }
             });
         }
-        return resp.map(RespBody::Http1);
+        return resp.map(L7Body::Http1);
     }
     bad_gateway(rt, false, &why, started)
 }
@@ -886,7 +857,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// status 14 (UNAVAILABLE), which gRPC clients treat as retryable.
 fn bad_gateway(rt: &ServiceRuntime, grpc: bool, why: &str, started: Instant) -> Response<RespBody> {
     let resp = if grpc {
-        let mut r = Response::new(RespBody::Ours(Full::new(Bytes::new())));
+        let mut r = Response::new(L7Body::Ours(Full::new(Bytes::new())));
         let h = r.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -898,7 +869,7 @@ fn bad_gateway(rt: &ServiceRuntime, grpc: bool, why: &str, started: Instant) -> 
         }
         r
     } else {
-        let mut r = Response::new(RespBody::Ours(Full::new(Bytes::from(format!(
+        let mut r = Response::new(L7Body::Ours(Full::new(Bytes::from(format!(
             "fairlead: no endpoint of {} answered: {why}\n",
             rt.name
         )))));
