@@ -34,6 +34,11 @@
 //!    connect but includes the proxy's upstream connect.
 //! 3. Bulk: one connection downloads `/bytes?n=N` (1 GiB), best of 2 → MB/s
 //!    (10^6 bytes/s), counted from the request until the last body byte.
+//!    Also through a **splice relay** (127.0.0.57): a blocking thread per
+//!    connection that `splice(2)`s the backend's bytes to the client through
+//!    a 1 MiB pipe, with no event loop, balancing or accounting: about the
+//!    least a userspace relay can do. `fairlead/relay` separates what the
+//!    proxy costs from what the second TCP connection costs the kernel.
 //!
 //! Besides the table, the CPU time the proxy under test used in each run
 //! (fairlead: the threads of its runtime; HAProxy: its process) and how busy
@@ -71,6 +76,8 @@ use common::{
 const FAIRLEAD_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 55);
 /// HAProxy's frontend address.
 const HAPROXY_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 56);
+/// The splice relay's address (bulk only).
+const RELAY_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 57);
 const SERVICE_PORT: u16 = 80;
 const BACKENDS: usize = 3;
 /// How long a backend or HAProxy may take to answer its first request.
@@ -227,7 +234,12 @@ fn main() -> Result<()> {
         }
     }
     let bulk_bytes = s.bulk_mib << 20;
-    for t in targets.iter().filter(|_| s.runs("bulk")) {
+    let relay = Target {
+        label: "relay",
+        addr: start_splice_relay(SocketAddr::new(IpAddr::V4(RELAY_IP), 0), backend_addrs[0])?,
+        cpu: Cpu::None,
+    };
+    for t in targets.iter().chain([&relay]).filter(|_| s.runs("bulk")) {
         let before = Sample::take(t.cpu);
         let mut best: f64 = 0.0;
         let mut all = Vec::new();
@@ -458,6 +470,52 @@ fn bulk(addr: SocketAddr, n: u64) -> Result<f64> {
     Ok(n as f64 / secs / 1e6)
 }
 
+/// A splice relay on `listen` (port 0: any) to `backend`, for bulk
+/// downloads: per connection, one thread copies the client's bytes to the
+/// backend and another `splice(2)`s the backend's bytes to the client
+/// through a pipe, both blocking, each half-closing its writer at EOF. The
+/// threads are detached; they end with their connections or the process.
+fn start_splice_relay(listen: SocketAddr, backend: SocketAddr) -> Result<SocketAddr> {
+    use std::net::{Shutdown, TcpListener};
+    let listener = TcpListener::bind(listen)?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let upstream = TcpStream::connect(backend)?;
+                client.set_nodelay(true)?;
+                upstream.set_nodelay(true)?;
+                let (mut c_in, mut u_out) = (client.try_clone()?, upstream.try_clone()?);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut u_out);
+                    let _ = u_out.shutdown(Shutdown::Write);
+                });
+                splice_all(&upstream, &client)?;
+                client.shutdown(Shutdown::Write)
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// `splice(2)` from `r` to `w` through a 1 MiB pipe until `r`'s EOF,
+/// blocking.
+fn splice_all(r: &TcpStream, w: &TcpStream) -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+    let (pipe_r, pipe_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let chunk = fcntl(&pipe_w, FcntlArg::F_SETPIPE_SZ(1 << 20)).map_or(64 << 10, |n| n as usize);
+    loop {
+        let n = splice(r, None, &pipe_w, None, chunk, SpliceFFlags::SPLICE_F_MOVE)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut left = n;
+        while left > 0 {
+            left -= splice(&pipe_r, None, w, None, left, SpliceFFlags::SPLICE_F_MOVE)?;
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // CPU accounting
 
@@ -572,8 +630,10 @@ fn print_table(runs: &BTreeMap<(&str, &str), Run>) {
         "direct",
         "fairlead",
         "haproxy",
+        "relay",
         "fairlead/haproxy",
         "fairlead/direct",
+        "fairlead/relay",
     ]
     .map(String::from)];
     for (scenario, unit, pick, prec) in metrics {
@@ -588,8 +648,10 @@ fn print_table(runs: &BTreeMap<(&str, &str), Run>) {
             cell(get("direct")),
             cell(get("fairlead")),
             cell(get("haproxy")),
+            cell(get("relay")),
             ratio("haproxy"),
             ratio("direct"),
+            ratio("relay"),
         ]);
     }
     println!();
