@@ -294,6 +294,64 @@ async fn failover_skips_a_dead_endpoint() {
     proxy.shutdown().await;
 }
 
+/// An endpoint that never answers a handshake: a listener whose accept
+/// queue (backlog 0) is filled by one connection nobody accepts, so the
+/// kernel drops every later SYN. Keep the returned sockets alive.
+fn silent_endpoint(ip: IpAddr) -> (SocketAddr, socket2::Socket, std::net::TcpStream) {
+    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    l.bind(&SocketAddr::new(ip, 0).into()).unwrap();
+    l.listen(0).unwrap();
+    let addr = l.local_addr().unwrap().as_socket().unwrap();
+    let filler = std::net::TcpStream::connect(addr).unwrap();
+    (addr, l, filler)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_endpoint_times_out_and_the_next_one_serves() {
+    fairlead::metrics::init();
+    let a = echo("to-a").await;
+    let (silent, _listener, _filler) = silent_endpoint(ip(24));
+    let vip = ip(25);
+    let port = free_port(vip);
+    let proxy = UserspaceProxy::new(UserspaceConfig {
+        connect_timeout: Duration::from_millis(300),
+        ..config()
+    });
+    let mut eps = http_eps(&[&a]);
+    eps.push(endpoint(silent, NODE));
+    sync_one(
+        &proxy,
+        (spn("timeout", "http", Protocol::Tcp), info(vip, port, eps)),
+    )
+    .await;
+
+    // Of the first two connections, one is sent to the silent endpoint:
+    // its connect times out (on the loop's deadline queue) and the
+    // connection goes to the other endpoint.
+    let svc = SocketAddr::new(vip, port);
+    let mut slowest = Duration::ZERO;
+    for i in 0..4 {
+        let t = Instant::now();
+        let name = get(svc, "/hostname")
+            .await
+            .unwrap_or_else(|e| panic!("request {i} failed: {e}"));
+        assert_eq!(name, "to-a");
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(
+        slowest >= Duration::from_millis(300) && slowest < Duration::from_secs(2),
+        "{slowest:?}"
+    );
+    assert_eq!(
+        metric(
+            "fairlead_proxy_backend_connect_errors_total",
+            "default/timeout:http"
+        ),
+        Some(1.0)
+    );
+    proxy.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_endpoints_is_refused_at_once() {
     let vip = ip(3);

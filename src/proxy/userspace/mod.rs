@@ -17,6 +17,7 @@
 //! instead of a listener accepting and hanging up.
 
 mod addrs;
+mod deadlines;
 pub use addrs::LO_LABEL;
 mod l7;
 mod routes;
