@@ -234,12 +234,20 @@ fn main() -> Result<()> {
         }
     }
     let bulk_bytes = s.bulk_mib << 20;
-    let relay = Target {
-        label: "relay",
-        addr: start_splice_relay(SocketAddr::new(IpAddr::V4(RELAY_IP), 0), backend_addrs[0])?,
-        cpu: Cpu::None,
+    let relay = if s.runs("bulk") {
+        Some(Target {
+            label: "relay",
+            addr: start_splice_relay(SocketAddr::new(IpAddr::V4(RELAY_IP), 0), backend_addrs[0])?,
+            cpu: Cpu::None,
+        })
+    } else {
+        None
     };
-    for t in targets.iter().chain([&relay]).filter(|_| s.runs("bulk")) {
+    for t in targets
+        .iter()
+        .chain(relay.as_ref())
+        .filter(|_| s.runs("bulk"))
+    {
         let before = Sample::take(t.cpu);
         let mut best: f64 = 0.0;
         let mut all = Vec::new();

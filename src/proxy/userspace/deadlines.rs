@@ -7,8 +7,9 @@
 //! always the earliest (the one before it had already been cancelled), so
 //! each connection paid an eventfd `write` and an extra `epoll_wait` turn
 //! (`strace -c` of the loops under `cargo bench --bench userspace`'s
-//! Connection: close run: 0.95 eventfd writes per connection with the
-//! timers, 0.42 without).
+//! Connection: close run: 0.94-0.96 eventfd writes per connection with a
+//! timer per connect, 0.41-0.58 with this queue; what is left is the
+//! hand-over of accepted connections between loops).
 //!
 //! How: every connect on a loop has the same timeout, so deadlines arrive
 //! in order and a FIFO of them is a timer wheel. A connect appends its
@@ -19,12 +20,14 @@
 //! re-armed only when it fires, later than before, so tokio has no reason
 //! to wake its driver early.
 //!
-//! Off an event loop (tests, the node's own runtime), or when a deadline
-//! would be out of order (proxies with different timeouts sharing a loop),
-//! [`Deadline::start`] says no and the caller uses `tokio::time::timeout`.
+//! [`timeout`] is the entry point, shaped as `tokio::time::timeout`, which
+//! it falls back to off an event loop (tests, the node's own runtime) or
+//! when a deadline would be out of order (proxies with different timeouts
+//! sharing a loop).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::future::Future;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -46,15 +49,40 @@ struct Queue {
 
 struct Entry {
     at: Instant,
-    /// `None` once its connect has ended; the waker to call if the
-    /// deadline passes first.
-    waiting: Option<Option<Waker>>,
+    state: State,
+}
+
+enum State {
+    /// Its connect is on; the waker to call if the deadline passes first
+    /// (none until the connect has been polled).
+    Waiting(Option<Waker>),
+    /// Its connect has ended; the entry leaves once it is at the front.
+    Ended,
+}
+
+/// `fut`, or `None` if it has not finished within `limit`.
+pub(super) async fn timeout<F: Future>(limit: Duration, fut: F) -> Option<F::Output> {
+    let Some(deadline) = Deadline::start(limit) else {
+        return tokio::time::timeout(limit, fut).await.ok();
+    };
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        deadline.poll_expired(cx).map(|()| None)
+    })
+    .await
 }
 
 impl Queue {
     /// Drop the ended entries at the front.
     fn trim(&mut self) {
-        while self.entries.front().is_some_and(|e| e.waiting.is_none()) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|e| matches!(e.state, State::Ended))
+        {
             self.entries.pop_front();
             self.base += 1;
         }
@@ -65,10 +93,10 @@ impl Queue {
     /// pending.
     fn sweep(&mut self, now: Instant) -> Option<Instant> {
         while let Some(front) = self.entries.front_mut() {
-            match &mut front.waiting {
-                None => {}
-                Some(_) if front.at > now => return Some(front.at),
-                Some(waker) => {
+            match &mut front.state {
+                State::Ended => {}
+                State::Waiting(_) if front.at > now => return Some(front.at),
+                State::Waiting(waker) => {
                     if let Some(w) = waker.take() {
                         w.wake();
                     }
@@ -84,14 +112,14 @@ impl Queue {
 
 /// One connect's deadline on its loop's queue. Ends (leaves the queue)
 /// when dropped.
-pub(super) struct Deadline {
+struct Deadline {
     seq: u64,
 }
 
 impl Deadline {
     /// A deadline `timeout` from now on this loop's queue, or `None` off
     /// an event loop or when it would be earlier than one already queued.
-    pub(super) fn start(timeout: Duration) -> Option<Deadline> {
+    fn start(timeout: Duration) -> Option<Deadline> {
         crate::workers::current_loop()?;
         let at = Instant::now() + timeout;
         QUEUE.with(|q| {
@@ -101,7 +129,7 @@ impl Deadline {
             }
             q.entries.push_back(Entry {
                 at,
-                waiting: Some(None),
+                state: State::Waiting(None),
             });
             let seq = q.base + q.entries.len() as u64 - 1;
             if !q.sweeping {
@@ -114,7 +142,7 @@ impl Deadline {
 
     /// Ready once the deadline has passed; until then `cx`'s waker is
     /// kept to be woken when it does.
-    pub(super) fn poll_expired(&self, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll_expired(&self, cx: &mut Context<'_>) -> Poll<()> {
         QUEUE.with(|q| {
             let mut q = q.borrow_mut();
             // Expired entries are the only ones removed while their
@@ -122,11 +150,10 @@ impl Deadline {
             let Some(i) = self.seq.checked_sub(q.base) else {
                 return Poll::Ready(());
             };
-            match &mut q.entries[i as usize].waiting {
-                Some(w) if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) => {
+            if let State::Waiting(w) = &mut q.entries[i as usize].state {
+                if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                     *w = Some(cx.waker().clone());
                 }
-                _ => {}
             }
             Poll::Pending
         })
@@ -139,7 +166,7 @@ impl Drop for Deadline {
         let _ = QUEUE.try_with(|q| {
             let mut q = q.borrow_mut();
             if let Some(i) = self.seq.checked_sub(q.base) {
-                q.entries[i as usize].waiting = None;
+                q.entries[i as usize].state = State::Ended;
                 q.trim();
             }
         });
@@ -173,7 +200,7 @@ mod tests {
             .iter()
             .map(|s| Entry {
                 at: t0 + Duration::from_secs(*s),
-                waiting: Some(None),
+                state: State::Waiting(None),
             })
             .collect();
         let q = Queue {
@@ -201,14 +228,14 @@ mod tests {
     #[test]
     fn ended_entries_leave_from_the_front_only() {
         let (mut q, t0) = queue(&[1, 2, 3]);
-        q.entries[1].waiting = None;
+        q.entries[1].state = State::Ended;
         q.trim();
         assert_eq!((q.base, q.entries.len()), (10, 3));
-        q.entries[0].waiting = None;
+        q.entries[0].state = State::Ended;
         q.trim();
         assert_eq!((q.base, q.entries.len()), (12, 1));
         // An ended entry is skipped by the sweep without waiting for it.
-        q.entries[0].waiting = None;
+        q.entries[0].state = State::Ended;
         assert_eq!(q.sweep(t0), None);
     }
 
@@ -217,12 +244,15 @@ mod tests {
         let workers = crate::workers::Workers::start(1, "fl-deadline").unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         workers.spawn_on(0, move || async move {
-            let d = Deadline::start(Duration::from_millis(50)).expect("on a loop");
+            // On the loop's queue, not a tokio timer of its own.
+            assert!(Deadline::start(Duration::from_secs(1)).is_some());
             let started = Instant::now();
-            std::future::poll_fn(|cx| d.poll_expired(cx)).await;
-            let _ = tx.send(started.elapsed());
+            let out = timeout(Duration::from_millis(50), std::future::pending::<()>()).await;
+            let quick = timeout(Duration::from_secs(5), async { 7 }).await;
+            let _ = tx.send((out, quick, started.elapsed()));
         });
-        let took = rx.recv_timeout(Duration::from_secs(10)).expect("expired");
+        let (out, quick, took) = rx.recv_timeout(Duration::from_secs(10)).expect("expired");
+        assert_eq!((out, quick), (None, Some(7)));
         assert!(took >= Duration::from_millis(50), "{took:?}");
     }
 

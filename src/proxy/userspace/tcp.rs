@@ -2,12 +2,10 @@
 //! ([`crate::workers`]), pick an endpoint (with failover), and relay bytes both
 //! ways with correct half-close.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Instant;
 
 use metrics::{Counter, Gauge};
@@ -135,26 +133,14 @@ pub(super) async fn connect(addr: SocketAddr, rt: &ServiceRuntime) -> io::Result
         Err(e) => return Err(e),
     }
     let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
-    let ready = stream.ready(tokio::io::Interest::WRITABLE);
-    // The timeout: on the loop's deadline queue where there is one (no
-    // tokio timer per connect; see `deadlines`).
-    let ready = match super::deadlines::Deadline::start(rt.settings.connect_timeout) {
-        Some(deadline) => {
-            let mut ready = std::pin::pin!(ready);
-            std::future::poll_fn(|cx| {
-                if let Poll::Ready(r) = ready.as_mut().poll(cx) {
-                    return Poll::Ready(Some(r));
-                }
-                deadline.poll_expired(cx).map(|()| None)
-            })
-            .await
-        }
-        None => tokio::time::timeout(rt.settings.connect_timeout, ready)
-            .await
-            .ok(),
-    };
-    let ready =
-        ready.ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    // (On the loop's deadline queue, not a tokio timer per connect: see
+    // `deadlines`.)
+    let ready = super::deadlines::timeout(
+        rt.settings.connect_timeout,
+        stream.ready(tokio::io::Interest::WRITABLE),
+    )
+    .await
+    .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     if ready.is_write_closed() {
         return Err(stream
             .take_error()?
