@@ -288,6 +288,77 @@ fn netlink_encoding_lists_like_nft_f() {
     }
 }
 
+/// The pod network's egress rule (`kubelet::network`, written over netlink
+/// so the static image needs no `nft`): lists like the same rule through
+/// `nft -f`, for byte-aligned and unaligned prefixes.
+#[test]
+fn pod_masquerade_rule_lists_like_nft_f() {
+    use fairlead::proxy::nftables::diff::Op;
+    use fairlead::proxy::nftables::ruleset::{BaseChain, Hook, Rule};
+    use fairlead::proxy::nftables::socket::Socket;
+    if !have_nft("pod_masquerade_rule_lists_like_nft_f") {
+        return;
+    }
+    static POSTROUTING: BaseChain = BaseChain {
+        name: "postrouting",
+        kind: "nat",
+        hook: Hook::Postrouting,
+        priority: 100,
+    };
+    let ns = Netns::new();
+    let mut socket = Socket::open(Some(&ns.name)).expect("netlink socket in the namespace");
+    for (from, inside) in [
+        (("10.244.1.0", 24), ("10.244.0.0", 16)),
+        (("10.42.16.0", 20), ("10.40.0.0", 13)),
+    ] {
+        let from_s = format!("{}/{}", from.0, from.1);
+        let inside_s = format!("{}/{}", inside.0, inside.1);
+        let rule = Rule::MasqueradeLeaving {
+            from: (from.0.parse().unwrap(), from.1),
+            inside: (inside.0.parse().unwrap(), inside.1),
+        };
+        assert_eq!(
+            rule.to_string(),
+            format!("ip saddr {from_s} ip daddr != {inside_s} masquerade")
+        );
+        let ops = [
+            (0, Op::AddTable { comment: None }),
+            (0, Op::AddBaseChain(&POSTROUTING)),
+            (0, Op::FlushChain("postrouting")),
+            (
+                0,
+                Op::AddRule {
+                    chain: "postrouting",
+                    rule: &rule,
+                    comment: None,
+                },
+            ),
+        ];
+        // Twice: the second run replaces the rule rather than adding one.
+        for _ in 0..2 {
+            socket.transact("pods", &ops).expect("transaction applied");
+        }
+        ns.nft_f(&format!(
+            "add table ip reference\n\
+             add chain ip reference postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
+             add rule ip reference postrouting {rule}\n"
+        ));
+        assert_eq!(normalized(&ns, "pods"), normalized(&ns, "reference"));
+        let ours = nft(&ns, &["list", "table", "ip", "pods"]);
+        assert!(
+            ours.contains(&format!(
+                "ip saddr {from_s} ip daddr != {inside_s} masquerade"
+            )),
+            "{ours}"
+        );
+        assert_eq!(ours.matches("masquerade").count(), 1, "{ours}");
+        nft(&ns, &["delete", "table", "ip", "reference"]);
+        socket
+            .transact("pods", &[(0, Op::DeleteTable)])
+            .expect("table deleted");
+    }
+}
+
 /// `nft -a list table`: the listing with every rule's kernel handle.
 fn handles(ns: &Netns) -> String {
     nft(ns, &["-a", "list", "table", "ip", "fairlead"])

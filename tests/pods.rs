@@ -449,6 +449,18 @@ fn cleanup_leaves_nothing_behind() {
     }
     let links = c.ns.run_ok("ip", &["-o", "link"]);
     assert!(links.contains("flbr0") && links.contains("flv"), "{links}");
+    // Pod egress is masqueraded (the table is written over netlink).
+    let out = c.kubectl(&["get", "nodes", "-o", "jsonpath={.items[0].spec.podCIDR}"]);
+    let pod_cidr = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!pod_cidr.is_empty(), "the node has a podCIDR");
+    let masq =
+        c.ns.run_ok("nft", &["list", "table", "ip", "fairlead-pods"]);
+    assert!(
+        masq.contains(&format!(
+            "ip saddr {pod_cidr} ip daddr != 10.244.0.0/16 masquerade"
+        )),
+        "{masq}"
+    );
 
     // The node goes away; its pods keep running until cleaned up.
     c.proc("up").kill9();

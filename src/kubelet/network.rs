@@ -5,7 +5,7 @@
 //!   flbr0 (bridge, <gateway>/<podCIDR>) ── veth ── eth0 <pod ip>/32
 //!                                                      route <gateway> dev eth0
 //!                                                      default via <gateway>
-//!   nft table ip fairlead-pods:
+//!   nft table ip fairlead-pods (written over nf_tables netlink):
 //!     postrouting: ip saddr <podCIDR> ip daddr != <cluster CIDR> masquerade
 //! ```
 //!
@@ -33,6 +33,9 @@ use std::sync::Mutex;
 
 use crate::api::service::ServiceCidr;
 use crate::netlink::{self, is_errno, NewLink, Rtnl};
+use crate::proxy::nftables::diff::Op;
+use crate::proxy::nftables::ruleset::{BaseChain, Hook, Rule};
+use crate::proxy::nftables::socket::{Socket, TxError};
 
 /// The node bridge every pod's veth is a port of.
 pub const BRIDGE: &str = "flbr0";
@@ -122,16 +125,38 @@ impl PodNetwork {
                 tracing::warn!(path, error = %e, "setting a sysctl for pod networking");
             }
         }
-        let rules = format!(
-            "add table ip {MASQ_TABLE}\nflush table ip {MASQ_TABLE}\n\
-             add chain ip {MASQ_TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
-             add rule ip {MASQ_TABLE} postrouting ip saddr {} ip daddr != {} masquerade\n",
-            self.pod_cidr, self.cluster_cidr
-        );
-        if let Err(e) = run_stdin("nft", &["-f", "-"], &rules).await {
+        if let Err(e) = self.masquerade().await {
             tracing::warn!(error = %e, "pod traffic leaving the cluster is not masqueraded");
         }
         Ok(())
+    }
+
+    /// (Re)write the masquerade table, in one nf_tables transaction over
+    /// netlink (no `nft` binary: the static image has none).
+    async fn masquerade(&self) -> Result<(), String> {
+        let rule = Rule::MasqueradeLeaving {
+            from: cidr(self.pod_cidr),
+            inside: cidr(self.cluster_cidr),
+        };
+        transact(move |s| {
+            s.transact(
+                MASQ_TABLE,
+                &[
+                    (0, Op::AddTable { comment: None }),
+                    (0, Op::AddBaseChain(&POSTROUTING)),
+                    (0, Op::FlushChain(POSTROUTING.name)),
+                    (
+                        0,
+                        Op::AddRule {
+                            chain: POSTROUTING.name,
+                            rule: &rule,
+                            comment: None,
+                        },
+                    ),
+                ],
+            )
+        })
+        .await
     }
 
     /// The address held for pod `uid`, if any.
@@ -259,40 +284,39 @@ pub async fn remove_node() {
     if let Ok(rtnl) = Rtnl::open() {
         let _ = rtnl.del_link(BRIDGE).await;
     }
-    let _ = tokio::process::Command::new("nft")
-        .args(["delete", "table", "ip", MASQ_TABLE])
-        .output()
-        .await;
+    // (Added first, so that deleting it never fails for being absent.)
+    let _ = transact(|s| {
+        s.transact(
+            MASQ_TABLE,
+            &[(0, Op::AddTable { comment: None }), (0, Op::DeleteTable)],
+        )
+    })
+    .await;
 }
 
-async fn run_stdin(prog: &str, args: &[&str], input: &str) -> Result<(), String> {
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new(prog)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("running {prog}: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(input.as_bytes())
-            .await
-            .map_err(|e| format!("writing to {prog}: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|e| format!("running {prog}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{prog} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+/// The masquerade table's one chain.
+static POSTROUTING: BaseChain = BaseChain {
+    name: "postrouting",
+    kind: "nat",
+    hook: Hook::Postrouting,
+    priority: 100,
+};
+
+fn cidr(c: ServiceCidr) -> (Ipv4Addr, u8) {
+    (Ipv4Addr::from(c.base), c.prefix)
+}
+
+/// One nf_tables transaction in this network namespace, off the runtime
+/// (the netlink socket blocks).
+async fn transact<T>(
+    f: impl FnOnce(&mut Socket) -> Result<T, TxError> + Send + 'static,
+) -> Result<(), String> {
+    let done = tokio::task::spawn_blocking(move || {
+        let mut s = Socket::open(None).map_err(|e| format!("opening nf_tables netlink: {e}"))?;
+        f(&mut s).map(|_| ()).map_err(|e| e.to_string())
+    })
+    .await;
+    done.map_err(|e| e.to_string())?
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@
 //! kernel compares in registers from host-order sources (marks, `ct state`,
 //! `fib` results, `numgen`) are in host order.
 
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use super::diff::Op;
 use super::ruleset::{bucket_map, EntryKey, Key, MapName, NodeportMatch, Rule, Target, Verdict};
@@ -340,6 +340,18 @@ fn bitwise(buf: &mut Vec<u8>, reg: u32, mask: u32, xor: u32) {
     });
 }
 
+/// `ip saddr` (at `offset` 12) or `ip daddr` (16) `==` / `!=` a prefix:
+/// the address masked to its first `prefix` bits, compared with the
+/// network's (masks and addresses in network order).
+fn prefix_match(buf: &mut Vec<u8>, offset: u32, (net, prefix): (Ipv4Addr, u8), op: u32) {
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(prefix.min(32)))
+        .unwrap_or(0);
+    payload(buf, REG_1, PAYLOAD_NETWORK, offset, 4);
+    bitwise(buf, REG_1, u32::from_ne_bytes(mask.to_be_bytes()), 0);
+    cmp(buf, REG_1, op, &(u32::from(net) & mask).to_be_bytes());
+}
+
 fn ct_load(buf: &mut Vec<u8>, key: u32, dreg: u32) {
     expr(buf, "ct", |b| {
         attr_u32(b, 2, key);
@@ -480,6 +492,11 @@ pub fn encode_rule(buf: &mut Vec<u8>, rule: &Rule) {
         Rule::Masquerade => expr(buf, "masq", |b| {
             attr_u32(b, 1, NAT_RANGE_PROTO_RANDOM_FULLY);
         }),
+        Rule::MasqueradeLeaving { from, inside } => {
+            prefix_match(buf, 12, *from, CMP_EQ);
+            prefix_match(buf, 16, *inside, CMP_NEQ);
+            expr(buf, "masq", |_| {});
+        }
         Rule::RejectTcpReset => {
             meta_load(buf, META_L4PROTO, REG_1);
             cmp(buf, REG_1, CMP_EQ, &[proto_number(Protocol::Tcp)]);

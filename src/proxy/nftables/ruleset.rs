@@ -357,6 +357,13 @@ pub enum Rule {
     MarkOr(u32),
     /// `masquerade fully-random`
     Masquerade,
+    /// `ip saddr <from> ip daddr != <inside> masquerade`: traffic from
+    /// `from` leaving `inside` (the pod network's egress rule,
+    /// [`crate::kubelet::network`]).
+    MasqueradeLeaving {
+        from: (Ipv4Addr, u8),
+        inside: (Ipv4Addr, u8),
+    },
     /// `meta l4proto tcp reject with tcp reset`
     RejectTcpReset,
     /// `reject` (ICMP port unreachable)
@@ -421,6 +428,11 @@ impl fmt::Display for Rule {
             Rule::MarkXor(m) => write!(f, "meta mark set meta mark ^ {m:#x}"),
             Rule::MarkOr(m) => write!(f, "meta mark set meta mark | {m:#x}"),
             Rule::Masquerade => f.write_str("masquerade fully-random"),
+            Rule::MasqueradeLeaving { from, inside } => write!(
+                f,
+                "ip saddr {}/{} ip daddr != {}/{} masquerade",
+                from.0, from.1, inside.0, inside.1
+            ),
             Rule::RejectTcpReset => f.write_str("meta l4proto tcp reject with tcp reset"),
             Rule::Reject => f.write_str("reject"),
             Rule::Verdict(v) => write!(f, "{v}"),
