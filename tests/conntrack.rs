@@ -5,14 +5,14 @@
 //! address. A client socket with a fixed source port is one long-lived UDP
 //! flow, like a resolver's.
 //!
-//! Needs root, `nft` and `conntrack` (tests skip, saying so, when either
-//! program is missing; scripts/test installs both).
+//! Needs root and `nft` for the stand-in rules (tests skip, saying so,
+//! when it is missing); the deletions themselves speak ctnetlink.
 
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
-use common::netns::{have_nft_and_conntrack, Netns, UdpClient, UdpEcho};
+use common::netns::{have_nft, Netns, UdpClient, UdpEcho};
 use fairlead::proxy::conntrack::{
     delete_udp_to_endpoint, delete_udp_to_node_port, delete_udp_to_service,
 };
@@ -91,7 +91,7 @@ fn rt() -> tokio::runtime::Runtime {
 
 #[test]
 fn deleting_entries_to_a_removed_endpoint_moves_the_flow() {
-    if !have_nft_and_conntrack("deleting_entries_to_a_removed_endpoint_moves_the_flow") {
+    if !have_nft("deleting_entries_to_a_removed_endpoint_moves_the_flow") {
         return;
     }
     let s = setup();
@@ -130,7 +130,7 @@ fn deleting_entries_to_a_removed_endpoint_moves_the_flow() {
 
 #[test]
 fn deleting_entries_to_a_service_and_a_node_port() {
-    if !have_nft_and_conntrack("deleting_entries_to_a_service_and_a_node_port") {
+    if !have_nft("deleting_entries_to_a_service_and_a_node_port") {
         return;
     }
     let s = setup();
@@ -164,7 +164,7 @@ fn deleting_entries_to_a_service_and_a_node_port() {
 
 #[test]
 fn nothing_to_delete_is_zero() {
-    if !have_nft_and_conntrack("nothing_to_delete_is_zero") {
+    if !have_nft("nothing_to_delete_is_zero") {
         return;
     }
     let s = setup();
@@ -196,7 +196,7 @@ fn nothing_to_delete_is_zero() {
 
 #[test]
 fn a_missing_namespace_is_a_one_line_error() {
-    if !have_nft_and_conntrack("a_missing_namespace_is_a_one_line_error") {
+    if !have_nft("a_missing_namespace_is_a_one_line_error") {
         return;
     }
     let err = rt()

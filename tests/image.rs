@@ -304,6 +304,13 @@ fn image_builds_has_no_shell_and_serves_up() {
         );
     }
     println!("pods answered through the node port: {seen:?}");
+    // The pods' egress masquerade is written over netlink: the image,
+    // which has no `nft`, sets it up too.
+    let log = text(&podman(&["logs", &name]));
+    assert!(
+        log.contains("running pods") && !log.contains("not masqueraded"),
+        "{log}"
+    );
 }
 
 fn podman_owned(args: &[String]) -> Output {

@@ -20,8 +20,7 @@
 //!   client socket) moves off a removed endpoint, and reaches a service
 //!   port's first endpoint, within 2 s.
 //!
-//! Needs root and `nft`, and for the UDP conntrack tests `conntrack`
-//! (tests skip, saying so, when a program is missing).
+//! Needs root and `nft` (tests skip, saying so, when it is missing).
 //! `cargo test --test nftables -- --ignored --nocapture scale` measures full
 //! syncs of 1,000 and 10,000 Services × 10 endpoints.
 
@@ -32,7 +31,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::netns::{have_nft, have_nft_and_conntrack, Agent, Netns, Proc, UdpClient, UdpEcho};
+use common::netns::{have_nft, Agent, Netns, Proc, UdpClient, UdpEcho};
 use common::server::poll;
 use fairlead::proxy::nftables::ruleset::{bucket_chain, bucket_of, service_hash};
 use fairlead::proxy::nftables::sample::{ep, every_shape, info, spn};
@@ -786,10 +785,9 @@ struct UdpSetup {
     ns: Netns,
 }
 
-/// [`UdpSetup`], or `None` (`test` is skipped, as printed) without `nft`
-/// or `conntrack`.
+/// [`UdpSetup`], or `None` (`test` is skipped, as printed) without `nft`.
 fn udp_setup(test: &str) -> Option<UdpSetup> {
-    if !have_nft_and_conntrack(test) {
+    if !have_nft(test) {
         return None;
     }
     let ns = traffic_netns();

@@ -26,43 +26,107 @@
 //!   [`delete_udp_to_service`] for each ClusterIP / external IP, and
 //!   [`delete_udp_to_node_port`] for its NodePort.
 //!
-//! The work is done by the `conntrack` program (conntrack-tools; Debian
-//! package `conntrack`), run once per call; with `netns: Some(name)` it runs
-//! as `ip netns exec <name> conntrack ...` (conntrack tables are per network
-//! namespace; tests use their own namespace, the daemon passes `None`).
-//! IPv4 only, like the rest of the nftables mode for now.
+//! The work is done over ctnetlink, the connection tracker's netlink
+//! interface (no `conntrack` program, so the static image does it too), as
+//! `conntrack -D` with a filter does it: one dump of the IPv4 entries, the
+//! UDP ones that match picked out here, then one delete per entry by its
+//! original tuple (and zone). An entry that ended in between is not
+//! counted. With `netns: Some(name)` the socket is opened in that network
+//! namespace (conntrack tables are per namespace; tests use their own, the
+//! daemon passes `None`). IPv4 only, like the rest of the nftables mode
+//! for now.
+//!
+//! ```text
+//! IPCTNL_MSG_CT_GET, NLM_F_DUMP, family AF_INET
+//!   ← IPCTNL_MSG_CT_NEW per entry:
+//!       CTA_TUPLE_ORIG  { CTA_TUPLE_IP { V4_SRC, V4_DST },
+//!                         CTA_TUPLE_PROTO { NUM, SRC_PORT, DST_PORT } }
+//!       CTA_TUPLE_REPLY { the same, as the reply travels }
+//!       CTA_ZONE (if not 0)
+//! IPCTNL_MSG_CT_DELETE, NLM_F_ACK: CTA_TUPLE_ORIG { ... }, CTA_ZONE
+//! ```
 
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::process::Stdio;
-use std::time::Duration;
 
-/// How long one `conntrack` run may take before it is killed.
-const DEADLINE: Duration = Duration::from_secs(30);
+use crate::proxy::nftables::netlink::attrs;
+use crate::proxy::nftables::socket::Socket;
 
-/// How much of conntrack's stderr goes into an error.
-const STDERR_LIMIT: usize = 512;
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const IPCTNL_MSG_CT_NEW: u16 = 0;
+const IPCTNL_MSG_CT_GET: u16 = 1;
+const IPCTNL_MSG_CT_DELETE: u16 = 2;
+
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLA_F_NESTED: u16 = 0x8000;
+
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_ZONE: u16 = 18;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V4_DST: u16 = 2;
+const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_SRC_PORT: u16 = 2;
+const CTA_PROTO_DST_PORT: u16 = 3;
+
+const IPPROTO_UDP: u8 = 17;
 
 /// Why deleting conntrack entries failed (each message is one line).
 #[derive(Debug, thiserror::Error)]
 pub enum ConntrackError {
-    #[error("`conntrack` is not installed (Debian: apt-get install conntrack)")]
-    NotInstalled,
-    #[error("`ip` is not installed (Debian: apt-get install iproute2), needed to enter network namespace {0}")]
-    NoIp(String),
-    #[error("could not run `{command}`: {source}")]
-    Spawn {
-        command: String,
+    #[error("opening a netfilter netlink socket{}: {source}", in_netns(.netns))]
+    Open {
+        netns: Option<String>,
         #[source]
         source: std::io::Error,
     },
-    #[error("`{command}` did not finish within {}s", DEADLINE.as_secs())]
-    TimedOut { command: String },
-    #[error("`{command}` failed ({status}): {stderr}")]
-    Failed {
-        command: String,
-        status: String,
-        stderr: String,
+    #[error("{what} conntrack entries: {source}")]
+    Netlink {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
     },
+}
+
+fn in_netns(netns: &Option<String>) -> String {
+    netns
+        .as_ref()
+        .map(|n| format!(" in network namespace {n}"))
+        .unwrap_or_default()
+}
+
+/// One direction of a flow, as the connection tracker records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tuple {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+}
+
+/// One entry of the dump: what the filters look at, and what a delete
+/// names it by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Entry {
+    orig: Tuple,
+    reply: Tuple,
+    zone: u16,
+}
+
+impl Default for Tuple {
+    fn default() -> Tuple {
+        Tuple {
+            src: Ipv4Addr::UNSPECIFIED,
+            dst: Ipv4Addr::UNSPECIFIED,
+            proto: 0,
+            sport: 0,
+            dport: 0,
+        }
+    }
 }
 
 /// Delete every UDP flow whose reply comes from `endpoint`, i.e. every flow
@@ -73,20 +137,9 @@ pub async fn delete_udp_to_endpoint(
     netns: Option<&str>,
     endpoint: SocketAddrV4,
 ) -> Result<u64, ConntrackError> {
-    let ip = endpoint.ip().to_string();
-    let port = endpoint.port().to_string();
-    run(
-        netns,
-        &[
-            "-D",
-            "-p",
-            "udp",
-            "--reply-src",
-            &ip,
-            "--reply-port-src",
-            &port,
-        ],
-    )
+    delete_udp(netns, move |e| {
+        e.reply.src == *endpoint.ip() && e.reply.sport == endpoint.port()
+    })
     .await
 }
 
@@ -98,21 +151,7 @@ pub async fn delete_udp_to_service(
     ip: Ipv4Addr,
     port: u16,
 ) -> Result<u64, ConntrackError> {
-    let ip = ip.to_string();
-    let port = port.to_string();
-    run(
-        netns,
-        &[
-            "-D",
-            "-p",
-            "udp",
-            "--orig-dst",
-            &ip,
-            "--orig-port-dst",
-            &port,
-        ],
-    )
-    .await
+    delete_udp(netns, move |e| e.orig.dst == ip && e.orig.dport == port).await
 }
 
 /// Delete every UDP flow sent to destination port `node_port` on any
@@ -121,171 +160,265 @@ pub async fn delete_udp_to_node_port(
     netns: Option<&str>,
     node_port: u16,
 ) -> Result<u64, ConntrackError> {
-    let port = node_port.to_string();
-    run(netns, &["-D", "-p", "udp", "--orig-port-dst", &port]).await
+    delete_udp(netns, move |e| e.orig.dport == node_port).await
 }
 
-/// The program and arguments that run `conntrack <args>` (in `netns`).
-fn command_line(netns: Option<&str>, args: &[&str]) -> Vec<String> {
-    let mut argv: Vec<String> = match netns {
-        Some(ns) => vec!["ip".into(), "netns".into(), "exec".into(), ns.into()],
-        None => Vec::new(),
-    };
-    argv.push("conntrack".into());
-    argv.extend(args.iter().map(|a| a.to_string()));
-    argv
-}
-
-/// Run `conntrack <args>` and return the number of entries it deleted.
-async fn run(netns: Option<&str>, args: &[&str]) -> Result<u64, ConntrackError> {
-    let argv = command_line(netns, args);
-    let command = argv.join(" ");
-    let child = tokio::process::Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        // The deleted entries, one line each: possibly many, not needed.
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn();
-    let child = match child {
-        Ok(c) => c,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(match netns {
-                Some(ns) => ConntrackError::NoIp(ns.to_string()),
-                None => ConntrackError::NotInstalled,
-            })
-        }
-        Err(source) => return Err(ConntrackError::Spawn { command, source }),
-    };
-    let out = match tokio::time::timeout(DEADLINE, child.wait_with_output()).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(source)) => return Err(ConntrackError::Spawn { command, source }),
-        // Dropping the wait future kills the child (kill_on_drop).
-        Err(_) => return Err(ConntrackError::TimedOut { command }),
-    };
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    interpret(
-        command,
-        out.status.success(),
-        &out.status.to_string(),
-        &stderr,
-    )
-}
-
-/// The outcome of a conntrack run from its exit status and stderr.
-/// conntrack reports "N flow entries have been deleted." on stderr, and
-/// exits with status 1 when N is 0: that is "nothing matched", not an error.
-fn interpret(
-    command: String,
-    success: bool,
-    status: &str,
-    stderr: &str,
+/// Dump, pick the UDP entries `matches` accepts, delete them (on a blocking
+/// thread: the netlink socket blocks).
+async fn delete_udp(
+    netns: Option<&str>,
+    matches: impl Fn(&Entry) -> bool + Send + 'static,
 ) -> Result<u64, ConntrackError> {
-    let deleted = deleted_count(stderr);
-    match deleted {
-        Some(n) if success => Ok(n),
-        Some(0) => Ok(0),
-        _ => {
-            // `ip netns exec` reports a missing program itself.
-            if stderr.contains("exec of \"conntrack\" failed: No such file") {
-                return Err(ConntrackError::NotInstalled);
-            }
-            let mut stderr = stderr.trim().replace('\n', "; ");
-            if stderr.len() > STDERR_LIMIT {
-                let mut cut = STDERR_LIMIT;
-                while !stderr.is_char_boundary(cut) {
-                    cut -= 1;
+    let netns = netns.map(str::to_string);
+    let work = tokio::task::spawn_blocking(move || {
+        let mut socket = Socket::open(netns.as_deref())
+            .map_err(|source| ConntrackError::Open { netns, source })?;
+        let seq = socket.batch_seq();
+        let mut doomed = Vec::new();
+        socket
+            .request(&dump_request(seq), seq, &mut |ty, payload| {
+                if ty == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW {
+                    if let Some(e) = parse_entry(payload) {
+                        if e.orig.proto == IPPROTO_UDP && matches(&e) {
+                            doomed.push(e);
+                        }
+                    }
                 }
-                stderr.truncate(cut);
-                stderr.push_str(" ...");
-            }
-            if success {
-                stderr = format!("no \"flow entries have been deleted\" count in {stderr:?}");
-            }
-            Err(ConntrackError::Failed {
-                command,
-                status: status.to_string(),
-                stderr,
             })
+            .map_err(|source| ConntrackError::Netlink {
+                what: "listing",
+                source,
+            })?;
+        let mut deleted = 0;
+        for e in doomed {
+            let seq = socket.batch_seq();
+            match socket.request(&delete_request(&e, seq), seq, &mut |_, _| {}) {
+                Ok(()) => deleted += 1,
+                // It ended (or was deleted) since the dump.
+                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(source) => {
+                    return Err(ConntrackError::Netlink {
+                        what: "deleting",
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(deleted)
+    });
+    work.await.unwrap_or_else(|e| {
+        Err(ConntrackError::Netlink {
+            what: "deleting",
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
+}
+
+// ---- encoding ----------------------------------------------------------------
+
+/// A ctnetlink message: netlink header, nfgenmsg (AF_INET, version 0), and
+/// the attributes `body` appends.
+fn message(ty: u16, flags: u16, seq: u32, body: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(96);
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    buf.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | ty).to_ne_bytes());
+    buf.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+    buf.extend_from_slice(&seq.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    buf.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0]);
+    body(&mut buf);
+    let len = buf.len() as u32;
+    buf[0..4].copy_from_slice(&len.to_ne_bytes());
+    buf
+}
+
+fn attr(buf: &mut Vec<u8>, ty: u16, value: &[u8]) {
+    buf.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
+    buf.extend_from_slice(&ty.to_ne_bytes());
+    buf.extend_from_slice(value);
+    buf.resize(buf.len().next_multiple_of(4), 0);
+}
+
+fn nest(buf: &mut Vec<u8>, ty: u16, f: impl FnOnce(&mut Vec<u8>)) {
+    let start = buf.len();
+    buf.extend_from_slice(&[0, 0]);
+    buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+    f(buf);
+    let len = (buf.len() - start) as u16;
+    buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+}
+
+fn dump_request(seq: u32) -> Vec<u8> {
+    message(IPCTNL_MSG_CT_GET, NLM_F_DUMP, seq, |_| {})
+}
+
+fn delete_request(e: &Entry, seq: u32) -> Vec<u8> {
+    message(IPCTNL_MSG_CT_DELETE, NLM_F_ACK, seq, |b| {
+        nest(b, CTA_TUPLE_ORIG, |b| {
+            let t = &e.orig;
+            nest(b, CTA_TUPLE_IP, |b| {
+                attr(b, CTA_IP_V4_SRC, &t.src.octets());
+                attr(b, CTA_IP_V4_DST, &t.dst.octets());
+            });
+            nest(b, CTA_TUPLE_PROTO, |b| {
+                attr(b, CTA_PROTO_NUM, &[t.proto]);
+                attr(b, CTA_PROTO_SRC_PORT, &t.sport.to_be_bytes());
+                attr(b, CTA_PROTO_DST_PORT, &t.dport.to_be_bytes());
+            });
+        });
+        if e.zone != 0 {
+            attr(b, CTA_ZONE, &e.zone.to_be_bytes());
+        }
+    })
+}
+
+// ---- parsing -------------------------------------------------------------------
+
+/// An entry from a `IPCTNL_MSG_CT_NEW` payload (nfgenmsg first); `None`
+/// for one without both tuples (not IPv4, say).
+fn parse_entry(payload: &[u8]) -> Option<Entry> {
+    let mut e = Entry::default();
+    let (mut orig, mut reply) = (false, false);
+    for (ty, v) in attrs(payload.get(4..)?) {
+        match ty {
+            CTA_TUPLE_ORIG => orig = parse_tuple(v, &mut e.orig),
+            CTA_TUPLE_REPLY => reply = parse_tuple(v, &mut e.reply),
+            CTA_ZONE => e.zone = u16::from_be_bytes(v.get(..2)?.try_into().ok()?),
+            _ => {}
         }
     }
+    (orig && reply).then_some(e)
 }
 
-/// N from conntrack's "... N flow entries have been deleted." line.
-fn deleted_count(stderr: &str) -> Option<u64> {
-    stderr.lines().find_map(|line| {
-        let (before, _) = line.split_once("flow entries have been deleted")?;
-        before.split_whitespace().last()?.parse().ok()
-    })
+/// Fill `t` from a tuple attribute; false if it lacks an IPv4 address.
+fn parse_tuple(v: &[u8], t: &mut Tuple) -> bool {
+    let mut ip = false;
+    for (ty, v) in attrs(v) {
+        match ty {
+            CTA_TUPLE_IP => {
+                for (ty, v) in attrs(v) {
+                    let Ok(a) = <[u8; 4]>::try_from(v) else {
+                        continue;
+                    };
+                    match ty {
+                        CTA_IP_V4_SRC => t.src = Ipv4Addr::from(a),
+                        CTA_IP_V4_DST => {
+                            t.dst = Ipv4Addr::from(a);
+                            ip = true;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            CTA_TUPLE_PROTO => {
+                for (ty, v) in attrs(v) {
+                    match (ty, v) {
+                        (CTA_PROTO_NUM, [p, ..]) => t.proto = *p,
+                        (CTA_PROTO_SRC_PORT, [a, b, ..]) => t.sport = u16::from_be_bytes([*a, *b]),
+                        (CTA_PROTO_DST_PORT, [a, b, ..]) => t.dport = u16::from_be_bytes([*a, *b]),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    ip
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::nftables::netlink::messages;
 
-    #[test]
-    fn command_lines() {
-        assert_eq!(
-            command_line(None, &["-D", "-p", "udp"]).join(" "),
-            "conntrack -D -p udp"
-        );
-        assert_eq!(
-            command_line(Some("fl-1"), &["-D"]).join(" "),
-            "ip netns exec fl-1 conntrack -D"
-        );
+    fn entry() -> Entry {
+        Entry {
+            orig: Tuple {
+                src: Ipv4Addr::new(10, 0, 0, 5),
+                dst: Ipv4Addr::new(10, 96, 0, 10),
+                proto: IPPROTO_UDP,
+                sport: 40000,
+                dport: 53,
+            },
+            reply: Tuple {
+                src: Ipv4Addr::new(10, 244, 0, 11),
+                dst: Ipv4Addr::new(10, 0, 0, 5),
+                proto: IPPROTO_UDP,
+                sport: 5353,
+                dport: 40000,
+            },
+            zone: 7,
+        }
+    }
+
+    /// A dump's entry as the kernel sends it: both tuples and the zone,
+    /// with attributes parse_entry must skip (status, timeout).
+    fn as_dumped(e: &Entry) -> Vec<u8> {
+        let tuple = |b: &mut Vec<u8>, ty: u16, t: &Tuple| {
+            nest(b, ty, |b| {
+                nest(b, CTA_TUPLE_IP, |b| {
+                    attr(b, CTA_IP_V4_SRC, &t.src.octets());
+                    attr(b, CTA_IP_V4_DST, &t.dst.octets());
+                });
+                nest(b, CTA_TUPLE_PROTO, |b| {
+                    attr(b, CTA_PROTO_NUM, &[t.proto]);
+                    attr(b, CTA_PROTO_SRC_PORT, &t.sport.to_be_bytes());
+                    attr(b, CTA_PROTO_DST_PORT, &t.dport.to_be_bytes());
+                });
+            })
+        };
+        message(IPCTNL_MSG_CT_NEW, 0, 1, |b| {
+            tuple(b, CTA_TUPLE_ORIG, &e.orig);
+            tuple(b, CTA_TUPLE_REPLY, &e.reply);
+            attr(b, 3, &0x18au32.to_be_bytes());
+            attr(b, 7, &30u32.to_be_bytes());
+            attr(b, CTA_ZONE, &e.zone.to_be_bytes());
+        })
     }
 
     #[test]
-    fn counts_and_nothing_matched() {
-        let ok = |success, stderr: &str| interpret("c".into(), success, "s", stderr);
-        assert_eq!(
-            ok(
-                true,
-                "conntrack v1.4.7 (conntrack-tools): 3 flow entries have been deleted.\n"
-            )
-            .unwrap(),
-            3
-        );
-        // Exit status 1 with nothing deleted: not an error.
-        assert_eq!(
-            ok(
-                false,
-                "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted.\n"
-            )
-            .unwrap(),
-            0
-        );
+    fn a_dumped_entry_parses_back() {
+        let e = entry();
+        let bytes = as_dumped(&e);
+        let m = messages(&bytes).next().expect("one message");
+        assert_eq!(m.ty, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW);
+        assert_eq!(parse_entry(m.payload), Some(e));
     }
 
     #[test]
-    fn failures_are_one_line() {
-        let e = interpret(
-            "ip netns exec x conntrack -D".into(),
-            false,
-            "exit status: 255",
-            "Cannot open network namespace \"x\": No such file or directory\n",
-        )
-        .unwrap_err();
-        let msg = e.to_string();
-        assert!(!msg.contains('\n'), "{msg}");
-        assert!(msg.contains("Cannot open network namespace"), "{msg}");
+    fn an_entry_without_an_ipv4_tuple_is_skipped() {
+        let bytes = message(IPCTNL_MSG_CT_NEW, 0, 1, |b| {
+            nest(b, CTA_TUPLE_ORIG, |b| {
+                nest(b, CTA_TUPLE_PROTO, |b| attr(b, CTA_PROTO_NUM, &[17]));
+            });
+        });
+        let m = messages(&bytes).next().unwrap();
+        assert_eq!(parse_entry(m.payload), None);
+    }
 
-        let e = interpret(
-            "c".into(),
-            false,
-            "exit status: 255",
-            "exec of \"conntrack\" failed: No such file or directory\n",
-        )
-        .unwrap_err();
-        assert!(matches!(e, ConntrackError::NotInstalled), "{e}");
-        assert!(e.to_string().contains("apt-get install conntrack"));
-
-        // Success without the count line is not silently taken as 0.
-        let e = interpret("c".into(), true, "exit status: 0", "").unwrap_err();
-        assert!(
-            e.to_string().contains("flow entries have been deleted"),
-            "{e}"
-        );
+    #[test]
+    fn a_delete_names_the_original_tuple_and_zone() {
+        let e = entry();
+        let bytes = delete_request(&e, 42);
+        let m = messages(&bytes).next().expect("one message");
+        assert_eq!(m.ty, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE);
+        assert_eq!(m.seq, 42);
+        // The same attributes a dump carries, read back by the dump's
+        // parser: the original tuple and the zone, no reply tuple.
+        let mut orig = Tuple::default();
+        let mut zone = 0;
+        let mut kinds = Vec::new();
+        for (ty, v) in attrs(&m.payload[4..]) {
+            kinds.push(ty);
+            match ty {
+                CTA_TUPLE_ORIG => assert!(parse_tuple(v, &mut orig)),
+                CTA_ZONE => zone = u16::from_be_bytes([v[0], v[1]]),
+                _ => {}
+            }
+        }
+        assert_eq!(kinds, [CTA_TUPLE_ORIG, CTA_ZONE]);
+        assert_eq!((orig, zone), (e.orig, 7));
+        let flags = u16::from_ne_bytes([bytes[6], bytes[7]]);
+        assert_eq!(flags, NLM_F_REQUEST | NLM_F_ACK);
     }
 }

@@ -209,12 +209,6 @@ pub fn have_nft(test: &str) -> bool {
     have_program(test, "nft", "nftables")
 }
 
-/// Whether `nft` and `conntrack` can run; prints why `test` is skipped
-/// otherwise.
-pub fn have_nft_and_conntrack(test: &str) -> bool {
-    have_nft(test) && have_program(test, "conntrack", "conntrack")
-}
-
 // ---- UDP in a namespace ----------------------------------------------------
 
 /// A UDP server in a namespace answering every datagram with `reply`

@@ -313,6 +313,29 @@ impl Socket {
         ty: u16,
         each: &mut dyn FnMut(&[u8]),
     ) -> io::Result<bool> {
+        let answered = self.request(request, seq, &mut |t, payload| {
+            if netlink::nft_type(t) == Some(ty) {
+                each(payload.get(4..).unwrap_or_default());
+            }
+        });
+        match answered {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Send one request of any netfilter subsystem (sequence `seq`, from
+    /// [`Socket::batch_seq`]) and hand every reply message, (netlink type,
+    /// payload after the netlink header), to `each` until the dump ends or
+    /// the request is acknowledged. An error answer is returned as its
+    /// errno.
+    pub fn request(
+        &mut self,
+        request: &[u8],
+        seq: u32,
+        each: &mut dyn FnMut(u16, &[u8]),
+    ) -> io::Result<()> {
         self.send(request)?;
         loop {
             let n = self.recv()?;
@@ -321,18 +344,14 @@ impl Socket {
                     continue;
                 }
                 match m.ty {
-                    netlink::NLMSG_DONE => return Ok(true),
+                    netlink::NLMSG_DONE => return Ok(()),
                     netlink::NLMSG_ERROR => {
                         return match netlink::error_code(m.payload) {
-                            0 => Ok(true),
-                            code if code == -libc::ENOENT => Ok(false),
+                            0 => Ok(()),
                             code => Err(io::Error::from_raw_os_error(-code)),
                         };
                     }
-                    t if netlink::nft_type(t) == Some(ty) => {
-                        each(m.payload.get(4..).unwrap_or_default());
-                    }
-                    _ => {}
+                    t => each(t, m.payload),
                 }
             }
         }
