@@ -303,7 +303,12 @@ async fn serve_h2(
             Some(()) = streams.next(), if !streams.is_empty() => {}
             accepted = conn.accept() => match accepted {
                 Some(Ok((req, respond))) => {
-                    streams.push(h2_stream(rt, role, peer, app, req, respond));
+                    // Boxed first: pushing a stream's ~4 KB future as it
+                    // is moves it three times on its way into the set's
+                    // task (a memmove each); boxed, once. Measured: CPU per
+                    // request, one connection, 1.29-1.30x HAProxy's
+                    // unboxed, 1.21-1.23x boxed.
+                    streams.push(Box::pin(h2_stream(rt, role, peer, app, req, respond)));
                 }
                 Some(Err(e)) => {
                     tracing::trace!(service = %rt.name, error = %e, "L7 client connection ended");
