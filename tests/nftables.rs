@@ -750,6 +750,90 @@ fn traffic_round_robin_nodeport_affinity_reject() {
     drop(procs);
 }
 
+/// While a Service's endpoint count keeps changing (2, 3, ... 6, 2, ...,
+/// a sync every millisecond), no new connection through its ClusterIP goes
+/// without a DNAT. A shrink used to delete the map entries of the old
+/// count in the transaction that replaced the rule: a packet that ran the
+/// old rule as it committed found no entry, kept no translation in
+/// conntrack, and its connection timed out (5 in 13,600 connections in
+/// 20 s of this; see `diff::Script::trailing`).
+#[test]
+fn no_connection_misses_its_dnat_while_the_endpoint_count_changes() {
+    let test = "no_connection_misses_its_dnat_while_the_endpoint_count_changes";
+    if !have_nft(test) {
+        return;
+    }
+    let ns = traffic_netns();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(&ns, "agent");
+    let backends: Vec<String> = (11..17).map(|i| format!("10.244.0.{i}")).collect();
+    let mut procs: Vec<Proc> = Vec::new();
+    for (i, a) in backends.clone().iter().enumerate() {
+        if i >= BACKENDS.len() {
+            ns.run_ok("ip", &["addr", "add", &format!("{a}/32"), "dev", "lo"]);
+        }
+        let name = format!("c{i}");
+        let mut cmd = ns.command(FAIRLEAD);
+        cmd.args(["echo", "--name", &name, "--bind", a, "--http-port", "8080"]);
+        procs.push(ns.spawn(cmd, &dir.path().join(format!("{name}.log"))));
+        let addr: SocketAddr = format!("{a}:8080").parse().unwrap();
+        poll(&format!("backend {name}"), Duration::from_secs(20), || {
+            (agent.names(addr, 1, None)[0].as_deref() == Ok(name.as_str())).then_some(())
+        });
+    }
+    let state = move |n: usize| {
+        let eps = backends[..2 + n % 5]
+            .iter()
+            .map(|a| ep(&format!("{a}:8080"), "node-a"))
+            .collect();
+        let mut st = ProxyState::new();
+        st.insert(
+            spn("d", "web", "", Protocol::Tcp),
+            Arc::new(info("10.96.1.1", 80, eps)),
+        );
+        st
+    };
+    let proxy = NftablesProxy::new(config(&ns, "fairlead"));
+    rt().block_on(proxy.sync(&state(0))).expect("first sync");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let rt = rt();
+            let mut n = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let stats = rt.block_on(proxy.sync(&state(n))).expect("sync");
+                assert_eq!(stats.fallbacks, 0, "a partial sync failed");
+                n += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            n
+        })
+    };
+    let started = Instant::now();
+    let (mut requests, mut failed) = (0, Vec::new());
+    while started.elapsed() < Duration::from_secs(15) {
+        for r in agent.names("10.96.1.1:80".parse().unwrap(), 100, None) {
+            requests += 1;
+            if let Err(e) = r {
+                failed.push(format!("{:.1?}: {e}", started.elapsed()));
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let syncs = churn.join().expect("the syncs went through");
+    println!(
+        "{requests} connections, {syncs} syncs, {} failed",
+        failed.len()
+    );
+    assert!(syncs > 1000, "only {syncs} syncs");
+    assert!(
+        failed.is_empty(),
+        "{} of {requests} failed: {failed:?}",
+        failed.len()
+    );
+}
+
 // ---- UDP flows and conntrack -------------------------------------------------
 
 /// The UDP service port of the conntrack tests (a cluster DNS).

@@ -33,7 +33,7 @@
 //! dropped, so rebuilding 30,000 Services never holds all their rules at
 //! once.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
@@ -257,16 +257,31 @@ impl Op<'_> {
     }
 }
 
-/// The operations of one transaction, each on its table, and what they do.
+/// The operations of one transaction, each on its table, and what they do;
+/// and those of a second one, sent right after it ([`Script::trailing`]).
 #[derive(Clone, Debug, Default)]
 pub struct Script<'a> {
     pub ops: Vec<(TableId, Op<'a>)>,
+    /// Deletions of bucket map entries that no rule of the new ruleset
+    /// reads, for a second transaction right after `ops`'. Why not in the
+    /// first: a packet picks the generation of the rules it runs when it
+    /// enters the hook, but each map lookup reads the generation current
+    /// at that moment. A packet that ran a frontend's old rule (`numgen inc
+    /// mod 6`) as the transaction that shrinks it to `mod 2` committed
+    /// then looked up index 4 among the new generation's entries, found
+    /// none, and left without a DNAT: its connection's conntrack entry
+    /// kept it un-translated, so the client's retransmits went nowhere
+    /// too (a connect timeout; 7 in 112,400 connections while the
+    /// endpoints changed 10,000 times, none with the endpoint count held).
+    /// Left for a transaction of their own, those entries outlive every
+    /// packet that could still read them through an old rule.
+    pub trailing: Vec<(TableId, Op<'a>)>,
     pub stats: ScriptStats,
 }
 
 impl Script<'_> {
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
+        self.ops.is_empty() && self.trailing.is_empty()
     }
 
     /// Fill in the kernel handles of the rules to delete: `rules(table,
@@ -312,10 +327,11 @@ impl Script<'_> {
             .any(|(_, op)| matches!(op, Op::DeleteRule { .. }))
     }
 
-    /// The script as `nft -f` text, `base` naming the main table.
+    /// The script as `nft -f` text (both transactions, one after the
+    /// other), `base` naming the main table.
     pub fn text(&self, base: &str) -> String {
         let mut out = String::with_capacity(96 * self.ops.len());
-        for (t, op) in &self.ops {
+        for (t, op) in self.ops.iter().chain(&self.trailing) {
             op.render(&table_name(base, *t), &mut out);
             out.push('\n');
         }
@@ -912,12 +928,25 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
         }
     }
     // Entries of maps that stay: a data map, so these need no
-    // re-validation (nor do the deletes of whole maps, last).
-    ops.extend(
-        del_entries
+    // re-validation (nor do the deletes of whole maps, last). An entry no
+    // rule reads any more (not written again here, its map staying) goes
+    // in the trailing transaction (see [`Script::trailing`]).
+    let rewritten: HashSet<(TableId, &str, EntryKey)> = add_entries
+        .iter()
+        .map(|(t, m, k, _)| (*t, *m, *k))
+        .collect();
+    let mut trailing = Vec::new();
+    for (t, map, key) in &del_entries {
+        let op = (*t, Op::DeleteMapEntry { map, key: *key });
+        let map_stays = !gone_maps
             .iter()
-            .map(|(t, map, key)| (*t, Op::DeleteMapEntry { map, key: *key })),
-    );
+            .any(|(gt, b)| gt == t && bucket_map(*b) == *map);
+        if map_stays && !rewritten.contains(&(*t, *map, *key)) {
+            trailing.push(op);
+        } else {
+            ops.push(op);
+        }
+    }
     ops.extend(add_entries.iter().map(|(t, map, key, to)| {
         (
             *t,
@@ -1048,9 +1077,13 @@ pub fn partial<'a>(applied: &Ruleset, changes: &'a [Change]) -> Script<'a> {
     stats.sets_deleted = del_sets.len();
     stats.elements_added = add_elements.len();
     stats.elements_deleted = del_elements.len();
-    tables.extend(ops.iter().map(|(t, _)| *t));
+    tables.extend(ops.iter().chain(&trailing).map(|(t, _)| *t));
     stats.tables = tables.len();
-    Script { ops, stats }
+    Script {
+        ops,
+        trailing,
+        stats,
+    }
 }
 
 #[cfg(test)]
@@ -1415,6 +1448,72 @@ pub(crate) mod tests {
         let mut s = sim_of(&new);
         s.apply(&text).unwrap();
         assert_eq!(s, sim_of(&third));
+    }
+
+    #[test]
+    fn entries_a_shrunk_rule_no_longer_reads_go_in_a_second_transaction() {
+        let st = golden_state();
+        let web = spn("default", "web", "http", Protocol::Tcp);
+        let with = |n: usize, first: u8| {
+            let mut st = st.clone();
+            let mut w = (*st[&web]).clone();
+            w.endpoints = (0..n)
+                .map(|i| ep(&format!("10.244.0.{}:8080", first as usize + i), "node-a"))
+                .collect();
+            st.insert(web.clone(), Arc::new(w));
+            Ruleset::build(cfg(), &st)
+        };
+        let render = |ops: &[(TableId, Op)]| -> Vec<String> {
+            ops.iter()
+                .map(|(t, op)| {
+                    let mut line = String::new();
+                    op.render(&table_name("fairlead", *t), &mut line);
+                    line
+                })
+                .collect()
+        };
+        let script = |old: &Ruleset, new: &Ruleset| {
+            let ch = changes(old, new);
+            let mut s = partial(old, &ch);
+            let sim = sim_of(old);
+            s.resolve_handles(|t, c: &str| sim.rule_comments(&table_name("fairlead", t), c))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let mut after = sim_of(old);
+            after.apply(&s.text("fairlead")).unwrap();
+            assert_eq!(after, sim_of(new), "both transactions give the new tables");
+            (render(&s.ops), render(&s.trailing))
+        };
+
+        // 4 endpoints to 2: the rule (mod 4 to mod 2) is replaced in the
+        // first transaction, with entries 2 and 3 still there for a packet
+        // that ran the old rule; they go in the second.
+        let (ops, trailing) = script(&with(4, 11), &with(2, 11));
+        assert!(ops.iter().any(|l| l.starts_with("delete rule")), "{ops:?}");
+        assert!(ops.iter().any(|l| l.contains("mod 2 map")), "{ops:?}");
+        assert!(
+            !ops.iter()
+                .any(|l| l.contains("delete element ip fairlead eps-bucket")),
+            "{ops:?}"
+        );
+        assert_eq!(
+            trailing,
+            [
+                "delete element ip fairlead eps-bucket-08 { 10.96.1.1 . tcp . 80 . 2 }",
+                "delete element ip fairlead eps-bucket-08 { 10.96.1.1 . tcp . 80 . 3 }",
+            ]
+        );
+
+        // The same count, other endpoints: entries rewritten in place, in
+        // the one transaction (old and new rules read them alike).
+        let (ops, trailing) = script(&with(4, 11), &with(4, 21));
+        assert!(trailing.is_empty(), "{trailing:?}");
+        assert!(ops
+            .iter()
+            .any(|l| l.contains("delete element ip fairlead eps-bucket-08")));
+
+        // Growing: nothing to leave for later.
+        let (_, trailing) = script(&with(2, 11), &with(4, 11));
+        assert!(trailing.is_empty(), "{trailing:?}");
     }
 
     #[test]

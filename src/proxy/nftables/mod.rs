@@ -3,13 +3,16 @@
 //! `--table` (default `fairlead`): the main table and, once there are
 //! enough Services, shard tables `fairlead-1` ... `fairlead-<K-1>`. Every
 //! sync is one atomic nf_tables transaction (over all of them), sent over
-//! netlink.
+//! netlink, and when a service port's endpoint count shrank, a second one
+//! right after it that deletes the map entries its old rule read (see
+//! [`diff::Script::trailing`] for the race that makes them wait).
 //!
 //! ```text
 //!  apply(changes) ── per changed service port: its rules before (recomputed
 //!        │           from the applied input) and after (ruleset::service_rules)
 //!        ▼
-//!  diff::partial(applied model, changes) ──► netlink batch (one transaction)
+//!  diff::partial(applied model, changes) ──► netlink batch (one transaction;
+//!        │                                   then the trailing deletions)
 //!        │  ok: commit the changes into the applied model
 //!        └─ error, or more shards needed: diff::full_ops (recreate every
 //!           table, streamed into one batch, atomic)
@@ -399,7 +402,16 @@ impl NftablesProxy {
             } else {
                 Ok(())
             }
-            .and_then(|()| s.transact(table, &script.ops));
+            .and_then(|()| s.transact(table, &script.ops))
+            .and_then(|(batch, generation)| {
+                // What no rule reads any more, once no packet can still be
+                // reading it through an old rule (`Script::trailing`).
+                if script.trailing.is_empty() {
+                    return Ok((batch, generation));
+                }
+                s.transact(table, &script.trailing)
+                    .map(|(_, generation)| (batch, generation))
+            });
             match sent {
                 Ok((batch, generation)) => {
                     let secs = started.elapsed().as_secs_f64();
