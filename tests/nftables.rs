@@ -759,7 +759,20 @@ fn traffic_round_robin_nodeport_affinity_reject() {
 /// 20 s of this; see `diff::Script::trailing`).
 #[test]
 fn no_connection_misses_its_dnat_while_the_endpoint_count_changes() {
-    let test = "no_connection_misses_its_dnat_while_the_endpoint_count_changes";
+    churn_without_misses(
+        "no_connection_misses_its_dnat_while_the_endpoint_count_changes",
+        |n, eps| (eps[..2 + n % 5].to_vec(), None),
+    );
+}
+
+/// The endpoints and NodePort of the n-th state, from all the backends.
+type Shape = fn(usize, &[Endpoint]) -> (Vec<Endpoint>, Option<u16>);
+
+/// 15 s of new connections to 10.96.1.1:80 while a thread syncs
+/// `shape(n, backends)` in turn, a sync every millisecond: none may fail.
+/// (A shape that moves the Service between a bucket chain and its own, a
+/// NodePort every other state, still fails: see the issue note.)
+fn churn_without_misses(test: &str, shape: Shape) {
     if !have_nft(test) {
         return;
     }
@@ -768,7 +781,7 @@ fn no_connection_misses_its_dnat_while_the_endpoint_count_changes() {
     let mut agent = Agent::start(&ns, "agent");
     let backends: Vec<String> = (11..17).map(|i| format!("10.244.0.{i}")).collect();
     let mut procs: Vec<Proc> = Vec::new();
-    for (i, a) in backends.clone().iter().enumerate() {
+    for (i, a) in backends.iter().enumerate() {
         if i >= BACKENDS.len() {
             ns.run_ok("ip", &["addr", "add", &format!("{a}/32"), "dev", "lo"]);
         }
@@ -781,16 +794,16 @@ fn no_connection_misses_its_dnat_while_the_endpoint_count_changes() {
             (agent.names(addr, 1, None)[0].as_deref() == Ok(name.as_str())).then_some(())
         });
     }
+    let all: Vec<Endpoint> = backends
+        .iter()
+        .map(|a| ep(&format!("{a}:8080"), "node-a"))
+        .collect();
     let state = move |n: usize| {
-        let eps = backends[..2 + n % 5]
-            .iter()
-            .map(|a| ep(&format!("{a}:8080"), "node-a"))
-            .collect();
+        let (eps, node_port) = shape(n, &all);
+        let mut web = info("10.96.1.1", 80, eps);
+        web.node_port = node_port;
         let mut st = ProxyState::new();
-        st.insert(
-            spn("d", "web", "", Protocol::Tcp),
-            Arc::new(info("10.96.1.1", 80, eps)),
-        );
+        st.insert(spn("d", "web", "", Protocol::Tcp), Arc::new(web));
         st
     };
     let proxy = NftablesProxy::new(config(&ns, "fairlead"));
@@ -823,7 +836,7 @@ fn no_connection_misses_its_dnat_while_the_endpoint_count_changes() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let syncs = churn.join().expect("the syncs went through");
     println!(
-        "{requests} connections, {syncs} syncs, {} failed",
+        "{test}: {requests} connections, {syncs} syncs, {} failed",
         failed.len()
     );
     assert!(syncs > 1000, "only {syncs} syncs");
