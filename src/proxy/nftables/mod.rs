@@ -2,17 +2,17 @@
 //! never by userspace. fairlead owns `ip` tables named after
 //! `--table` (default `fairlead`): the main table and, once there are
 //! enough Services, shard tables `fairlead-1` ... `fairlead-<K-1>`. Every
-//! sync is one atomic nf_tables transaction (over all of them), sent over
-//! netlink, and when a service port's endpoint count shrank, a second one
-//! right after it that deletes the map entries its old rule read (see
-//! [`diff::Script::trailing`] for the race that makes them wait).
+//! sync is up to three nf_tables transactions (each over all of them,
+//! atomic), sent over netlink in turn: what nothing leads to yet, the
+//! switch, and the deletion of map entries and maps that old rules read
+//! (see [`diff::Script`] for the races that make them wait).
 //!
 //! ```text
 //!  apply(changes) ── per changed service port: its rules before (recomputed
 //!        │           from the applied input) and after (ruleset::service_rules)
 //!        ▼
-//!  diff::partial(applied model, changes) ──► netlink batch (one transaction;
-//!        │                                   then the trailing deletions)
+//!  diff::partial(applied model, changes) ──► netlink batches: staged adds,
+//!        │                                   the switch, trailing deletes
 //!        │  ok: commit the changes into the applied model
 //!        └─ error, or more shards needed: diff::full_ops (recreate every
 //!           table, streamed into one batch, atomic)
@@ -402,7 +402,12 @@ impl NftablesProxy {
             } else {
                 Ok(())
             }
-            .and_then(|()| s.transact(table, &script.ops))
+            .and_then(|()| {
+                if !script.staged.is_empty() {
+                    s.transact(table, &script.staged)?;
+                }
+                s.transact(table, &script.ops)
+            })
             .and_then(|(batch, generation)| {
                 // What no rule reads any more, once no packet can still be
                 // reading it through an old rule (`Script::trailing`).
