@@ -48,18 +48,13 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use crate::proxy::nftables::netlink::attrs;
+use crate::proxy::nftables::netlink::{attr, attrs, nest, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
 use crate::proxy::nftables::socket::Socket;
 
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_NEW: u16 = 0;
 const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
-
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLA_F_NESTED: u16 = 0x8000;
 
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
@@ -232,40 +227,29 @@ fn message(ty: u16, flags: u16, seq: u32, body: impl FnOnce(&mut Vec<u8>)) -> Ve
     buf
 }
 
-fn attr(buf: &mut Vec<u8>, ty: u16, value: &[u8]) {
-    buf.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
-    buf.extend_from_slice(&ty.to_ne_bytes());
-    buf.extend_from_slice(value);
-    buf.resize(buf.len().next_multiple_of(4), 0);
-}
-
-fn nest(buf: &mut Vec<u8>, ty: u16, f: impl FnOnce(&mut Vec<u8>)) {
-    let start = buf.len();
-    buf.extend_from_slice(&[0, 0]);
-    buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
-    f(buf);
-    let len = (buf.len() - start) as u16;
-    buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
-}
-
 fn dump_request(seq: u32) -> Vec<u8> {
     message(IPCTNL_MSG_CT_GET, NLM_F_DUMP, seq, |_| {})
 }
 
+/// A tuple attribute (`CTA_TUPLE_ORIG` or `CTA_TUPLE_REPLY`), as a dump
+/// carries it and a delete names an entry.
+fn tuple(b: &mut Vec<u8>, ty: u16, t: &Tuple) {
+    nest(b, ty, |b| {
+        nest(b, CTA_TUPLE_IP, |b| {
+            attr(b, CTA_IP_V4_SRC, &t.src.octets());
+            attr(b, CTA_IP_V4_DST, &t.dst.octets());
+        });
+        nest(b, CTA_TUPLE_PROTO, |b| {
+            attr(b, CTA_PROTO_NUM, &[t.proto]);
+            attr(b, CTA_PROTO_SRC_PORT, &t.sport.to_be_bytes());
+            attr(b, CTA_PROTO_DST_PORT, &t.dport.to_be_bytes());
+        });
+    })
+}
+
 fn delete_request(e: &Entry, seq: u32) -> Vec<u8> {
     message(IPCTNL_MSG_CT_DELETE, NLM_F_ACK, seq, |b| {
-        nest(b, CTA_TUPLE_ORIG, |b| {
-            let t = &e.orig;
-            nest(b, CTA_TUPLE_IP, |b| {
-                attr(b, CTA_IP_V4_SRC, &t.src.octets());
-                attr(b, CTA_IP_V4_DST, &t.dst.octets());
-            });
-            nest(b, CTA_TUPLE_PROTO, |b| {
-                attr(b, CTA_PROTO_NUM, &[t.proto]);
-                attr(b, CTA_PROTO_SRC_PORT, &t.sport.to_be_bytes());
-                attr(b, CTA_PROTO_DST_PORT, &t.dport.to_be_bytes());
-            });
-        });
+        tuple(b, CTA_TUPLE_ORIG, &e.orig);
         if e.zone != 0 {
             attr(b, CTA_ZONE, &e.zone.to_be_bytes());
         }
@@ -354,19 +338,6 @@ mod tests {
     /// A dump's entry as the kernel sends it: both tuples and the zone,
     /// with attributes parse_entry must skip (status, timeout).
     fn as_dumped(e: &Entry) -> Vec<u8> {
-        let tuple = |b: &mut Vec<u8>, ty: u16, t: &Tuple| {
-            nest(b, ty, |b| {
-                nest(b, CTA_TUPLE_IP, |b| {
-                    attr(b, CTA_IP_V4_SRC, &t.src.octets());
-                    attr(b, CTA_IP_V4_DST, &t.dst.octets());
-                });
-                nest(b, CTA_TUPLE_PROTO, |b| {
-                    attr(b, CTA_PROTO_NUM, &[t.proto]);
-                    attr(b, CTA_PROTO_SRC_PORT, &t.sport.to_be_bytes());
-                    attr(b, CTA_PROTO_DST_PORT, &t.dport.to_be_bytes());
-                });
-            })
-        };
         message(IPCTNL_MSG_CT_NEW, 0, 1, |b| {
             tuple(b, CTA_TUPLE_ORIG, &e.orig);
             tuple(b, CTA_TUPLE_REPLY, &e.reply);

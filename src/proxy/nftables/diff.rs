@@ -281,9 +281,9 @@ pub struct Script<'a> {
     pub ops: Vec<(TableId, Op<'a>)>,
     /// Deletions of bucket map entries that no rule of the new ruleset
     /// reads, for a third transaction right after `ops`'. Why not in the
-    /// same one as the rule change: a packet picks the generation of the rules it runs when it
-    /// enters the hook, but each map lookup reads the generation current
-    /// at that moment. A packet that ran a frontend's old rule (`numgen inc
+    /// same one as the rule change: a packet picks the generation of the
+    /// rules it runs when it enters the hook, but each map lookup reads the
+    /// generation current at that moment. A packet that ran a frontend's old rule (`numgen inc
     /// mod 6`) as the transaction that shrinks it to `mod 2` committed
     /// then looked up index 4 among the new generation's entries, found
     /// none, and left without a DNAT: its connection's conntrack entry

@@ -229,7 +229,9 @@ fn pad(buf: &mut Vec<u8>) {
     buf.resize(align4(buf.len()), 0);
 }
 
-fn attr(buf: &mut Vec<u8>, ty: u16, data: &[u8]) {
+/// Append one attribute (netlink order header, 4-byte padded). Shared
+/// with ctnetlink ([`crate::proxy::conntrack`]).
+pub(crate) fn attr(buf: &mut Vec<u8>, ty: u16, data: &[u8]) {
     let len = 4 + data.len();
     buf.extend_from_slice(&(len as u16).to_ne_bytes());
     buf.extend_from_slice(&ty.to_ne_bytes());
@@ -251,7 +253,7 @@ fn attr_str(buf: &mut Vec<u8>, ty: u16, s: &str) {
 }
 
 /// Write a nested attribute whose contents `f` writes.
-fn nest(buf: &mut Vec<u8>, ty: u16, f: impl FnOnce(&mut Vec<u8>)) {
+pub(crate) fn nest(buf: &mut Vec<u8>, ty: u16, f: impl FnOnce(&mut Vec<u8>)) {
     let start = buf.len();
     buf.extend_from_slice(&[0, 0]);
     buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
