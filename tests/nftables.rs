@@ -18,7 +18,11 @@
 //!   NodePort, ClientIP affinity, reject without endpoints, hairpin;
 //! * UDP conntrack clean-up after a sync: a long-lived UDP flow (one
 //!   client socket) moves off a removed endpoint, and reaches a service
-//!   port's first endpoint, within 2 s.
+//!   port's first endpoint, within 2 s;
+//! * no new connection misses its DNAT while a sync every millisecond
+//!   changes the Service's shape (endpoint count, chains, affinity,
+//!   traffic policies) or a restarted proxy rebuilds every table; a
+//!   connection left untranslated connects once the tables are rebuilt.
 //!
 //! Needs root and `nft` (tests skip, saying so, when it is missing).
 //! `cargo test --test nftables -- --ignored --nocapture scale` measures full
@@ -761,7 +765,10 @@ fn traffic_round_robin_nodeport_affinity_reject() {
 fn no_connection_misses_its_dnat_while_the_endpoint_count_changes() {
     churn_without_misses(
         "no_connection_misses_its_dnat_while_the_endpoint_count_changes",
-        |n, eps| (eps[..2 + n % 5].to_vec(), None),
+        Churn {
+            shape: |n, eps, web| web.endpoints = eps[..2 + n % 5].to_vec(),
+            ..Churn::default()
+        },
     );
 }
 
@@ -774,16 +781,162 @@ fn no_connection_misses_its_dnat_while_the_endpoint_count_changes() {
 fn no_connection_misses_its_dnat_while_the_service_changes_chains() {
     churn_without_misses(
         "no_connection_misses_its_dnat_while_the_service_changes_chains",
-        |n, eps| (eps[..3].to_vec(), (n % 2 == 1).then_some(30080)),
+        Churn {
+            shape: |n, _, web| web.node_port = (n % 2 == 1).then_some(30080),
+            ..Churn::default()
+        },
     );
 }
 
-/// The endpoints and NodePort of the n-th state, from all the backends.
-type Shape = fn(usize, &[Endpoint]) -> (Vec<Endpoint>, Option<u16>);
+/// The same while ClientIP affinity comes and goes (endpoint chains and
+/// their affinity sets appear and go) and the endpoint count changes.
+#[test]
+fn no_connection_misses_its_dnat_while_affinity_comes_and_goes() {
+    churn_without_misses(
+        "no_connection_misses_its_dnat_while_affinity_comes_and_goes",
+        Churn {
+            shape: |n, eps, web| {
+                web.endpoints = eps[..2 + n % 3].to_vec();
+                web.affinity_timeout = (n % 2 == 1).then_some(Duration::from_secs(10800));
+            },
+            ..Churn::default()
+        },
+    );
+}
 
-/// 15 s of new connections to 10.96.1.1:80 while a thread syncs
-/// `shape(n, backends)` in turn, a sync every millisecond: none may fail.
-fn churn_without_misses(test: &str, shape: Shape) {
+/// The same while the traffic policies flip: internal Local and Cluster
+/// (the dispatch element moves between `svl-` and `svc-`), and, on the
+/// NodePort, external Local and Cluster (the `ext-` chain's rules).
+#[test]
+fn no_connection_misses_its_dnat_while_the_traffic_policies_flip() {
+    for (test, target) in [
+        ("traffic_policies_flip (ClusterIP)", "10.96.1.1:80"),
+        ("traffic_policies_flip (NodePort)", "10.0.0.1:30080"),
+    ] {
+        churn_without_misses(
+            test,
+            Churn {
+                target,
+                shape: |n, eps, web| {
+                    web.endpoints = eps[..3 + n % 2].to_vec();
+                    web.node_port = Some(30080);
+                    web.internal_local = n % 2 == 1;
+                    web.external_local = n % 4 >= 2;
+                },
+                ..Churn::default()
+            },
+        );
+    }
+}
+
+/// The same across restarts that find the tables changed: each state is
+/// programmed by a new proxy, which recreates every table in one
+/// transaction (a full sync) while connections keep coming.
+#[test]
+fn no_connection_misses_its_dnat_while_a_restart_recreates_the_tables() {
+    churn_without_misses(
+        "no_connection_misses_its_dnat_while_a_restart_recreates_the_tables",
+        Churn {
+            shape: |n, eps, web| {
+                web.endpoints = eps[..2 + n % 5].to_vec();
+                web.node_port = (n % 2 == 1).then_some(30080);
+            },
+            restart: true,
+            ..Churn::default()
+        },
+    );
+}
+
+/// A connection whose first SYN passed the tables untranslated (here: the
+/// Service was not in them yet; in the race, the old tables' maps were
+/// gone as the SYN read them) is recorded so by conntrack, and every
+/// retransmission would follow that entry to nowhere. A restarted proxy
+/// that recreates the tables deletes such entries, so the client's next
+/// SYN is DNATed and connects.
+#[test]
+fn a_connection_left_untranslated_connects_after_the_tables_are_recreated() {
+    if !have_nft("a_connection_left_untranslated_connects_after_the_tables_are_recreated") {
+        return;
+    }
+    let ns = traffic_netns();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(&ns, "agent");
+    let (name, addr) = BACKENDS[0];
+    let mut cmd = ns.command(FAIRLEAD);
+    cmd.args([
+        "echo",
+        "--name",
+        name,
+        "--bind",
+        addr,
+        "--http-port",
+        "8080",
+    ]);
+    let _backend = ns.spawn(cmd, &dir.path().join("b1.log"));
+    let direct: SocketAddr = format!("{addr}:8080").parse().unwrap();
+    poll("backend b1", Duration::from_secs(20), || {
+        (agent.names(direct, 1, None)[0].as_deref() == Ok(name)).then_some(())
+    });
+    // Tables without the Service: its ClusterIP is nothing to them.
+    rt().block_on(NftablesProxy::new(config(&ns, "fairlead")).sync(&ProxyState::new()))
+        .expect("first sync");
+    // The client starts: curl retries its SYN for up to 10 s.
+    let mut curl = ns.command("curl");
+    curl.args(["-sS", "--max-time", "10", "http://10.96.1.1:80/hostname"]);
+    let client = std::thread::spawn(move || curl.output().expect("curl runs"));
+    poll("curl's SYN sent", Duration::from_secs(5), || {
+        ns.run_ok("ss", &["-Htn", "state", "syn-sent", "dst", "10.96.1.1"])
+            .contains("10.96.1.1:80")
+            .then_some(())
+    });
+    let mut st = ProxyState::new();
+    st.insert(
+        spn("d", "web", "", Protocol::Tcp),
+        Arc::new(info(
+            "10.96.1.1",
+            80,
+            vec![ep(&format!("{addr}:8080"), "node-a")],
+        )),
+    );
+    // A restart, with the Service.
+    let proxy = NftablesProxy::new(config(&ns, "fairlead"));
+    let stats = rt().block_on(proxy.sync(&st)).expect("sync");
+    assert!(stats.full, "{stats:?}");
+    let out = client.join().unwrap();
+    assert!(
+        out.status.success(),
+        "curl: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), name);
+}
+
+/// What [`churn_without_misses`] changes, and where its connections go.
+struct Churn {
+    /// `ip:port` the connections go to.
+    target: &'static str,
+    /// The n-th state of the Service (10.96.1.1:80 over the first three
+    /// backends, no NodePort, before it): from all six backends.
+    shape: fn(usize, &[Endpoint], &mut ServicePortInfo),
+    /// Each state is programmed by a new proxy (a restart: a full sync)
+    /// rather than by a partial sync of the same one.
+    restart: bool,
+}
+
+impl Default for Churn {
+    fn default() -> Self {
+        Churn {
+            target: "10.96.1.1:80",
+            shape: |_, _, _| {},
+            restart: false,
+        }
+    }
+}
+
+/// 15 s of new connections to `churn.target` while a thread syncs
+/// `churn.shape(n)` in turn, a sync every millisecond: none may fail.
+fn churn_without_misses(test: &str, churn: Churn) {
     if !have_nft(test) {
         return;
     }
@@ -809,10 +962,14 @@ fn churn_without_misses(test: &str, shape: Shape) {
         .iter()
         .map(|a| ep(&format!("{a}:8080"), "node-a"))
         .collect();
+    let Churn {
+        target,
+        shape,
+        restart,
+    } = churn;
     let state = move |n: usize| {
-        let (eps, node_port) = shape(n, &all);
-        let mut web = info("10.96.1.1", 80, eps);
-        web.node_port = node_port;
+        let mut web = info("10.96.1.1", 80, all[..3].to_vec());
+        shape(n, &all, &mut web);
         let mut st = ProxyState::new();
         st.insert(spn("d", "web", "", Protocol::Tcp), Arc::new(web));
         st
@@ -822,12 +979,18 @@ fn churn_without_misses(test: &str, shape: Shape) {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let churn = {
         let stop = stop.clone();
+        let cfg = config(&ns, "fairlead");
         std::thread::spawn(move || {
             let rt = rt();
+            let mut proxy = proxy;
             let mut n = 1;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if restart {
+                    proxy = NftablesProxy::new(cfg.clone());
+                }
                 let stats = rt.block_on(proxy.sync(&state(n))).expect("sync");
                 assert_eq!(stats.fallbacks, 0, "a partial sync failed");
+                assert_eq!(stats.full, restart, "{stats:?}");
                 n += 1;
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -836,8 +999,9 @@ fn churn_without_misses(test: &str, shape: Shape) {
     };
     let started = Instant::now();
     let (mut requests, mut failed) = (0, Vec::new());
+    let target: SocketAddr = target.parse().unwrap();
     while started.elapsed() < Duration::from_secs(15) {
-        for r in agent.names("10.96.1.1:80".parse().unwrap(), 100, None) {
+        for r in agent.names(target, 100, None) {
             requests += 1;
             if let Err(e) = r {
                 failed.push(format!("{:.1?}: {e}", started.elapsed()));
@@ -850,7 +1014,10 @@ fn churn_without_misses(test: &str, shape: Shape) {
         "{test}: {requests} connections, {syncs} syncs, {} failed",
         failed.len()
     );
-    assert!(syncs > 1000, "only {syncs} syncs");
+    assert!(
+        syncs > if restart { 200 } else { 1000 },
+        "only {syncs} syncs"
+    );
     assert!(
         failed.is_empty(),
         "{} of {requests} failed: {failed:?}",

@@ -24,7 +24,18 @@
 //! * a UDP service port went from no endpoints to some (flows created while
 //!   it had none were not DNATed and would keep missing the new endpoints):
 //!   [`delete_udp_to_service`] for each ClusterIP / external IP, and
-//!   [`delete_udp_to_node_port`] for its NodePort.
+//!   [`delete_udp_to_node_port`] for its NodePort;
+//! * the tables were recreated (a full sync): [`delete_untranslated`], for
+//!   flows of either protocol that were never DNATed and never answered.
+//!   A connection's first packet that was in the old tables' chains as the
+//!   transaction committed finds their maps empty (deleting a map
+//!   deactivates its elements in the new generation, which is the one its
+//!   lookups read), so it leaves without a translation, and conntrack
+//!   records that: every retransmitted SYN then follows the entry, never
+//!   the nat chains, and the connection times out. Deleted, the entry
+//!   costs the client one retransmission (a partial sync avoids the race
+//!   instead, by deleting maps in a later transaction; a full one cannot,
+//!   as the tables it deletes and recreates have the same names).
 //!
 //! The work is done over ctnetlink, the connection tracker's netlink
 //! interface (no `conntrack` program, so the static image does it too), as
@@ -58,6 +69,7 @@ const IPCTNL_MSG_CT_DELETE: u16 = 2;
 
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_STATUS: u16 = 3;
 const CTA_ZONE: u16 = 18;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
@@ -68,6 +80,11 @@ const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
 
 const IPPROTO_UDP: u8 = 17;
+
+/// `CTA_STATUS` bits: the flow saw a packet in the reply direction; its
+/// destination was translated.
+const IPS_SEEN_REPLY: u32 = 1 << 1;
+const IPS_DST_NAT: u32 = 1 << 5;
 
 /// Why deleting conntrack entries failed (each message is one line).
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +127,8 @@ struct Entry {
     orig: Tuple,
     reply: Tuple,
     zone: u16,
+    /// `IPS_*` bits.
+    status: u32,
 }
 
 impl Default for Tuple {
@@ -132,8 +151,10 @@ pub async fn delete_udp_to_endpoint(
     netns: Option<&str>,
     endpoint: SocketAddrV4,
 ) -> Result<u64, ConntrackError> {
-    delete_udp(netns, move |e| {
-        e.reply.src == *endpoint.ip() && e.reply.sport == endpoint.port()
+    delete(netns, move |e| {
+        e.orig.proto == IPPROTO_UDP
+            && e.reply.src == *endpoint.ip()
+            && e.reply.sport == endpoint.port()
     })
     .await
 }
@@ -146,7 +167,10 @@ pub async fn delete_udp_to_service(
     ip: Ipv4Addr,
     port: u16,
 ) -> Result<u64, ConntrackError> {
-    delete_udp(netns, move |e| e.orig.dst == ip && e.orig.dport == port).await
+    delete(netns, move |e| {
+        e.orig.proto == IPPROTO_UDP && e.orig.dst == ip && e.orig.dport == port
+    })
+    .await
 }
 
 /// Delete every UDP flow sent to destination port `node_port` on any
@@ -155,12 +179,42 @@ pub async fn delete_udp_to_node_port(
     netns: Option<&str>,
     node_port: u16,
 ) -> Result<u64, ConntrackError> {
-    delete_udp(netns, move |e| e.orig.dport == node_port).await
+    delete(netns, move |e| {
+        e.orig.proto == IPPROTO_UDP && e.orig.dport == node_port
+    })
+    .await
 }
 
-/// Dump, pick the UDP entries `matches` accepts, delete them (on a blocking
+/// Service frontends, for [`delete_untranslated`].
+#[derive(Debug, Default, Clone)]
+pub struct Frontends {
+    /// ClusterIPs, external and LoadBalancer IPs: (address, IP protocol
+    /// number, port).
+    pub addrs: std::collections::HashSet<(Ipv4Addr, u8, u16)>,
+    /// NodePorts, on any address: (IP protocol number, port).
+    pub node_ports: std::collections::HashSet<(u8, u16)>,
+}
+
+/// Delete every flow sent to one of `frontends` that was not translated
+/// and has seen no reply (see the module doc). Returns how many entries
+/// were deleted.
+pub async fn delete_untranslated(
+    netns: Option<&str>,
+    frontends: Frontends,
+) -> Result<u64, ConntrackError> {
+    delete(netns, move |e| {
+        e.status & (IPS_DST_NAT | IPS_SEEN_REPLY) == 0
+            && (frontends
+                .addrs
+                .contains(&(e.orig.dst, e.orig.proto, e.orig.dport))
+                || frontends.node_ports.contains(&(e.orig.proto, e.orig.dport)))
+    })
+    .await
+}
+
+/// Dump, pick the entries `matches` accepts, delete them (on a blocking
 /// thread: the netlink socket blocks).
-async fn delete_udp(
+async fn delete(
     netns: Option<&str>,
     matches: impl Fn(&Entry) -> bool + Send + 'static,
 ) -> Result<u64, ConntrackError> {
@@ -174,7 +228,7 @@ async fn delete_udp(
             .request(&dump_request(seq), seq, &mut |ty, payload| {
                 if ty == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW {
                     if let Some(e) = parse_entry(payload) {
-                        if e.orig.proto == IPPROTO_UDP && matches(&e) {
+                        if matches(&e) {
                             doomed.push(e);
                         }
                     }
@@ -268,6 +322,7 @@ fn parse_entry(payload: &[u8]) -> Option<Entry> {
             CTA_TUPLE_ORIG => orig = parse_tuple(v, &mut e.orig),
             CTA_TUPLE_REPLY => reply = parse_tuple(v, &mut e.reply),
             CTA_ZONE => e.zone = u16::from_be_bytes(v.get(..2)?.try_into().ok()?),
+            CTA_STATUS => e.status = u32::from_be_bytes(v.get(..4)?.try_into().ok()?),
             _ => {}
         }
     }
@@ -332,16 +387,17 @@ mod tests {
                 dport: 40000,
             },
             zone: 7,
+            status: 0x18a,
         }
     }
 
-    /// A dump's entry as the kernel sends it: both tuples and the zone,
-    /// with attributes parse_entry must skip (status, timeout).
+    /// A dump's entry as the kernel sends it: both tuples, the status and
+    /// the zone, with an attribute parse_entry must skip (the timeout).
     fn as_dumped(e: &Entry) -> Vec<u8> {
         message(IPCTNL_MSG_CT_NEW, 0, 1, |b| {
             tuple(b, CTA_TUPLE_ORIG, &e.orig);
             tuple(b, CTA_TUPLE_REPLY, &e.reply);
-            attr(b, 3, &0x18au32.to_be_bytes());
+            attr(b, CTA_STATUS, &e.status.to_be_bytes());
             attr(b, 7, &30u32.to_be_bytes());
             attr(b, CTA_ZONE, &e.zone.to_be_bytes());
         })

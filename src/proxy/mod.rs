@@ -49,6 +49,14 @@ impl Protocol {
             Protocol::Sctp => "SCTP",
         }
     }
+    /// The IP protocol number (as nftables and conntrack name it).
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
 }
 
 /// The HTTP protocol a TCP service port opts into with the standard

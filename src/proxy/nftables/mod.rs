@@ -220,6 +220,32 @@ struct Inner {
     sock: Option<Socket>,
     /// The ruleset generation our last transaction produced.
     generation: Option<u32>,
+    /// The tables were recreated since the last conntrack clean-up of
+    /// untranslated flows ([`NftablesProxy::clear_untranslated`]).
+    recreated: bool,
+}
+
+impl Inner {
+    /// Once after each recreation of the tables: the frontends whose
+    /// untranslated flows are to go.
+    fn take_recreated(&mut self) -> Option<crate::proxy::conntrack::Frontends> {
+        if !std::mem::take(&mut self.recreated) {
+            return None;
+        }
+        let mut f = crate::proxy::conntrack::Frontends::default();
+        for (spn, info) in self.model.infos() {
+            let proto = spn.protocol.number();
+            for ip in info.cluster_ips.iter().chain(&info.external_ips) {
+                if let IpAddr::V4(ip) = ip {
+                    f.addrs.insert((*ip, proto, info.port));
+                }
+            }
+            if let Some(np) = info.node_port {
+                f.node_ports.insert((proto, np));
+            }
+        }
+        Some(f)
+    }
 }
 
 /// The socket in `slot`, opened on first use (and after an I/O error).
@@ -269,6 +295,7 @@ impl NftablesProxy {
                 adopt_checked: false,
                 sock: None,
                 generation: None,
+                recreated: false,
             }),
         }
     }
@@ -313,11 +340,38 @@ impl NftablesProxy {
             }
         }
         let stats = blocking(|| self.sync_locked(&mut g, changes))?;
+        let recreated = g.take_recreated();
         drop(g);
         // Only once the new rules are in: a datagram in between would
         // recreate an entry towards the old target.
         self.clear_stale_udp(&before, &after).await;
+        self.clear_untranslated(recreated).await;
         Ok(stats)
+    }
+
+    /// After the tables were recreated: delete the conntrack entries of
+    /// flows to Service frontends that passed the old tables untranslated
+    /// as the transaction committed (see [`crate::proxy::conntrack`]).
+    async fn clear_untranslated(&self, frontends: Option<crate::proxy::conntrack::Frontends>) {
+        let Some(frontends) = frontends else {
+            return;
+        };
+        let netns = self.cfg.netns.as_deref();
+        match crate::proxy::conntrack::delete_untranslated(netns, frontends).await {
+            Ok(n) => {
+                metrics::counter!("fairlead_conntrack_entries_deleted_total").increment(n);
+                if n > 0 {
+                    tracing::info!(
+                        entries = n,
+                        "deleted conntrack entries of Service flows left untranslated as the tables were recreated"
+                    );
+                }
+            }
+            Err(e) => {
+                metrics::counter!("fairlead_conntrack_cleanup_failures_total").increment(1);
+                tracing::warn!(error = %e, "deleting untranslated conntrack entries");
+            }
+        }
     }
 
     /// Delete conntrack entries that would keep UDP clients on endpoints
@@ -542,6 +596,7 @@ impl NftablesProxy {
         stats.shards = k;
         g.generation = Some(generation);
         g.needs_full = false;
+        g.recreated = true;
         self.gauges(&g.model);
         tracing::info!(
             services = g.model.service_count(),
@@ -581,7 +636,7 @@ impl NftablesProxy {
     /// been quiet for a while). Ok(true) when it did.
     pub async fn grow_if_due(&self) -> Result<bool, NftError> {
         let mut g = self.inner.lock().await;
-        blocking(|| {
+        let grew = blocking(|| -> Result<bool, NftError> {
             let count = g.model.service_count();
             if g.needs_full || self.cfg.shards_for(count) <= g.model.shards() {
                 return Ok(false);
@@ -598,7 +653,11 @@ impl NftablesProxy {
             let mut stats = SyncStats::default();
             self.full_locked(&mut g, &mut stats)?;
             Ok(true)
-        })
+        })?;
+        let recreated = g.take_recreated();
+        drop(g);
+        self.clear_untranslated(recreated).await;
+        Ok(grew)
     }
 
     /// The periodic check: if anyone committed to nf_tables since our last
@@ -606,7 +665,7 @@ impl NftablesProxy {
     /// whatever they did to them; other tables are not ours to judge).
     pub async fn verify(&self) -> Result<Verified, NftError> {
         let mut g = self.inner.lock().await;
-        blocking(|| {
+        let verified = blocking(|| -> Result<Verified, NftError> {
             if g.needs_full || g.generation.is_none() {
                 return Ok(Verified::NotSynced);
             }
@@ -625,7 +684,11 @@ impl NftablesProxy {
             g.needs_full = true;
             self.sync_locked(&mut g, &[])?;
             Ok(Verified::Repaired)
-        })
+        })?;
+        let recreated = g.take_recreated();
+        drop(g);
+        self.clear_untranslated(recreated).await;
+        Ok(verified)
     }
 
     /// Delete every table (the daemon's `--cleanup`). The next sync

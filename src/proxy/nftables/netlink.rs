@@ -403,14 +403,6 @@ fn fib_addrtype(buf: &mut Vec<u8>, flags: u32, dreg: u32) {
     });
 }
 
-fn proto_number(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => 6,
-        Protocol::Udp => 17,
-        Protocol::Sctp => 132,
-    }
-}
-
 /// `dnat to <ip>:<port>` (`nft` requires a `meta l4proto <p>` match in
 /// front of a DNAT with a port, and [`Target::Dnat`] renders it; the kernel
 /// does not need it: every chain with a DNAT is reached only through a
@@ -501,7 +493,7 @@ pub fn encode_rule(buf: &mut Vec<u8>, rule: &Rule) {
         }
         Rule::RejectTcpReset => {
             meta_load(buf, META_L4PROTO, REG_1);
-            cmp(buf, REG_1, CMP_EQ, &[proto_number(Protocol::Tcp)]);
+            cmp(buf, REG_1, CMP_EQ, &[Protocol::Tcp.number()]);
             expr(buf, "reject", |b| {
                 attr_u32(b, 1, REJECT_TCP_RST);
                 attr(b, 2, &[0]);
@@ -558,7 +550,7 @@ pub fn encode_rule(buf: &mut Vec<u8>, rule: &Rule) {
             payload(buf, REG_1, PAYLOAD_NETWORK, 16, 4);
             cmp(buf, REG_1, CMP_EQ, &ip.octets());
             meta_load(buf, META_L4PROTO, REG_1);
-            cmp(buf, REG_1, CMP_EQ, &[proto_number(*proto)]);
+            cmp(buf, REG_1, CMP_EQ, &[proto.number()]);
             payload(buf, REG_1, PAYLOAD_TRANSPORT, 2, 2);
             cmp(buf, REG_1, CMP_EQ, &port.to_be_bytes());
             encode_rule(buf, then);
@@ -598,13 +590,13 @@ pub fn key_bytes(key: &Key) -> Vec<u8> {
     match key {
         Key::Frontend(ip, p, port) => {
             let mut v = ip.octets().to_vec();
-            v.extend_from_slice(&[proto_number(*p), 0, 0, 0]);
+            v.extend_from_slice(&[p.number(), 0, 0, 0]);
             v.extend_from_slice(&port.to_be_bytes());
             v.extend_from_slice(&[0, 0]);
             v
         }
         Key::NodePort(p, port) => {
-            let mut v = vec![proto_number(*p), 0, 0, 0];
+            let mut v = vec![p.number(), 0, 0, 0];
             v.extend_from_slice(&port.to_be_bytes());
             v.extend_from_slice(&[0, 0]);
             v
