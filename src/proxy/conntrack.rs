@@ -1,4 +1,5 @@
-//! Deleting stale UDP conntrack entries, as kube-proxy does.
+//! Deleting stale conntrack entries: UDP flows on old targets, as kube-proxy
+//! does, and flows to Services that were never translated.
 //!
 //! # Why
 //!
@@ -25,22 +26,27 @@
 //!   it had none were not DNATed and would keep missing the new endpoints):
 //!   [`delete_udp_to_service`] for each ClusterIP / external IP, and
 //!   [`delete_udp_to_node_port`] for its NodePort;
-//! * the tables were recreated (a full sync): [`delete_untranslated`], for
-//!   flows of either protocol that were never DNATed and never answered.
-//!   A connection's first packet that was in the old tables' chains as the
-//!   transaction committed finds their maps empty (deleting a map
-//!   deactivates its elements in the new generation, which is the one its
-//!   lookups read), so it leaves without a translation, and conntrack
-//!   records that: every retransmitted SYN then follows the entry, never
-//!   the nat chains, and the connection times out. Deleted, the entry
-//!   costs the client one retransmission (a partial sync avoids the race
-//!   instead, by deleting maps in a later transaction; a full one cannot,
-//!   as the tables it deletes and recreates have the same names).
+//! * [`delete_untranslated`], for flows of any protocol to Service
+//!   frontends that were never DNATed and never answered: such a flow's
+//!   first packet passed the nat chains without a translation, conntrack
+//!   recorded that, and every retransmitted SYN then follows the entry,
+//!   never the nat chains, until the connect times out. Deleted, the entry
+//!   costs the client one retransmission. Two ways in:
+//!   - a client reached a frontend before its rules were in (a Service just
+//!     created, its address already in DNS): after a sync that gives a
+//!     frontend its first endpoints;
+//!   - the tables were recreated (a full sync): a first packet that was in
+//!     the old tables' chains as the transaction committed found their maps
+//!     empty (deleting a map deactivates its elements in the new
+//!     generation, which is the one its lookups read). A partial sync
+//!     avoids that race instead, by deleting maps in a later transaction; a
+//!     full one cannot, as the tables it deletes and recreates have the
+//!     same names. So after a full sync, every frontend.
 //!
 //! The work is done over ctnetlink, the connection tracker's netlink
 //! interface (no `conntrack` program, so the static image does it too), as
-//! `conntrack -D` with a filter does it: one dump of the IPv4 entries, the
-//! UDP ones that match picked out here, then one delete per entry by its
+//! `conntrack -D` with a filter does it: one dump of the IPv4 entries, those
+//! that match picked out here, then one delete per entry by its
 //! original tuple (and zone). An entry that ended in between is not
 //! counted. With `netns: Some(name)` the socket is opened in that network
 //! namespace (conntrack tables are per namespace; tests use their own, the
@@ -71,6 +77,7 @@ const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_STATUS: u16 = 3;
 const CTA_ZONE: u16 = 18;
+const CTA_STATUS_MASK: u16 = 26;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
@@ -151,7 +158,7 @@ pub async fn delete_udp_to_endpoint(
     netns: Option<&str>,
     endpoint: SocketAddrV4,
 ) -> Result<u64, ConntrackError> {
-    delete(netns, move |e| {
+    delete(netns, None, move |e| {
         e.orig.proto == IPPROTO_UDP
             && e.reply.src == *endpoint.ip()
             && e.reply.sport == endpoint.port()
@@ -167,7 +174,7 @@ pub async fn delete_udp_to_service(
     ip: Ipv4Addr,
     port: u16,
 ) -> Result<u64, ConntrackError> {
-    delete(netns, move |e| {
+    delete(netns, None, move |e| {
         e.orig.proto == IPPROTO_UDP && e.orig.dst == ip && e.orig.dport == port
     })
     .await
@@ -179,7 +186,7 @@ pub async fn delete_udp_to_node_port(
     netns: Option<&str>,
     node_port: u16,
 ) -> Result<u64, ConntrackError> {
-    delete(netns, move |e| {
+    delete(netns, None, move |e| {
         e.orig.proto == IPPROTO_UDP && e.orig.dport == node_port
     })
     .await
@@ -196,13 +203,15 @@ pub struct Frontends {
 }
 
 /// Delete every flow sent to one of `frontends` that was not translated
-/// and has seen no reply (see the module doc). Returns how many entries
-/// were deleted.
+/// and has seen no reply (see the module doc). The kernel filters the dump
+/// by those status bits (Linux 5.15+), so it walks its table but sends
+/// only such flows, which are few. Returns how many entries were deleted.
 pub async fn delete_untranslated(
     netns: Option<&str>,
     frontends: Frontends,
 ) -> Result<u64, ConntrackError> {
-    delete(netns, move |e| {
+    let unanswered = Some((0, IPS_DST_NAT | IPS_SEEN_REPLY));
+    delete(netns, unanswered, move |e| {
         e.status & (IPS_DST_NAT | IPS_SEEN_REPLY) == 0
             && (frontends
                 .addrs
@@ -212,10 +221,12 @@ pub async fn delete_untranslated(
     .await
 }
 
-/// Dump, pick the entries `matches` accepts, delete them (on a blocking
-/// thread: the netlink socket blocks).
+/// Dump (only entries whose status, masked, equals the value, with
+/// `status: Some((value, mask))`), pick the entries `matches` accepts,
+/// delete them (on a blocking thread: the netlink socket blocks).
 async fn delete(
     netns: Option<&str>,
+    status: Option<(u32, u32)>,
     matches: impl Fn(&Entry) -> bool + Send + 'static,
 ) -> Result<u64, ConntrackError> {
     let netns = netns.map(str::to_string);
@@ -225,7 +236,7 @@ async fn delete(
         let seq = socket.batch_seq();
         let mut doomed = Vec::new();
         socket
-            .request(&dump_request(seq), seq, &mut |ty, payload| {
+            .request(&dump_request(seq, status), seq, &mut |ty, payload| {
                 if ty == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW {
                     if let Some(e) = parse_entry(payload) {
                         if matches(&e) {
@@ -281,8 +292,13 @@ fn message(ty: u16, flags: u16, seq: u32, body: impl FnOnce(&mut Vec<u8>)) -> Ve
     buf
 }
 
-fn dump_request(seq: u32) -> Vec<u8> {
-    message(IPCTNL_MSG_CT_GET, NLM_F_DUMP, seq, |_| {})
+fn dump_request(seq: u32, status: Option<(u32, u32)>) -> Vec<u8> {
+    message(IPCTNL_MSG_CT_GET, NLM_F_DUMP, seq, |b| {
+        if let Some((value, mask)) = status {
+            attr(b, CTA_STATUS, &value.to_be_bytes());
+            attr(b, CTA_STATUS_MASK, &mask.to_be_bytes());
+        }
+    })
 }
 
 /// A tuple attribute (`CTA_TUPLE_ORIG` or `CTA_TUPLE_REPLY`), as a dump
@@ -410,6 +426,23 @@ mod tests {
         let m = messages(&bytes).next().expect("one message");
         assert_eq!(m.ty, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW);
         assert_eq!(parse_entry(m.payload), Some(e));
+    }
+
+    #[test]
+    fn a_filtered_dump_carries_the_status_and_its_mask() {
+        let bytes = dump_request(9, Some((0, IPS_DST_NAT | IPS_SEEN_REPLY)));
+        let m = messages(&bytes).next().expect("one message");
+        let got: Vec<(u16, Vec<u8>)> = attrs(&m.payload[4..])
+            .map(|(ty, v)| (ty, v.to_vec()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (CTA_STATUS, vec![0, 0, 0, 0]),
+                (CTA_STATUS_MASK, vec![0, 0, 0, 0x22])
+            ]
+        );
+        assert_eq!(attrs(&dump_request(9, None)[20..]).count(), 0);
     }
 
     #[test]
