@@ -851,22 +851,13 @@ fn no_connection_misses_its_dnat_while_a_restart_recreates_the_tables() {
 /// Service was not in them yet; in the race, the old tables' maps were
 /// gone as the SYN read them) is recorded so by conntrack, and every
 /// retransmission would follow that entry to nowhere. A restarted proxy
-/// that recreates the tables deletes such entries, and so does a partial
-/// sync that gives the frontend its first endpoints: the client's next SYN
-/// is DNATed and connects.
+/// that recreates the tables deletes such entries, so the client's next
+/// SYN is DNATed and connects.
 #[test]
-fn a_connection_left_untranslated_connects_once_its_service_is_programmed() {
-    if !have_nft("a_connection_left_untranslated_connects_once_its_service_is_programmed") {
+fn a_connection_left_untranslated_connects_after_the_tables_are_recreated() {
+    if !have_nft("a_connection_left_untranslated_connects_after_the_tables_are_recreated") {
         return;
     }
-    for restart in [true, false] {
-        left_untranslated(restart);
-    }
-}
-
-/// [`a_connection_left_untranslated_connects_once_its_service_is_programmed`]
-/// with the Service programmed by a restarted proxy, or by a partial sync.
-fn left_untranslated(restart: bool) {
     let ns = traffic_netns();
     let dir = tempfile::tempdir().unwrap();
     let mut agent = Agent::start(&ns, "agent");
@@ -886,10 +877,8 @@ fn left_untranslated(restart: bool) {
     poll("backend b1", Duration::from_secs(20), || {
         (agent.names(direct, 1, None)[0].as_deref() == Ok(name)).then_some(())
     });
-    let rt = rt();
     // Tables without the Service: its ClusterIP is nothing to them.
-    let mut proxy = NftablesProxy::new(config(&ns, "fairlead"));
-    rt.block_on(proxy.sync(&ProxyState::new()))
+    rt().block_on(NftablesProxy::new(config(&ns, "fairlead")).sync(&ProxyState::new()))
         .expect("first sync");
     // The client starts: curl retries its SYN for up to 10 s.
     let mut curl = ns.command("curl");
@@ -901,20 +890,22 @@ fn left_untranslated(restart: bool) {
             .then_some(())
     });
     let mut st = ProxyState::new();
-    let eps = vec![ep(&format!("{addr}:8080"), "node-a")];
     st.insert(
         spn("d", "web", "", Protocol::Tcp),
-        Arc::new(info("10.96.1.1", 80, eps)),
+        Arc::new(info(
+            "10.96.1.1",
+            80,
+            vec![ep(&format!("{addr}:8080"), "node-a")],
+        )),
     );
-    if restart {
-        proxy = NftablesProxy::new(config(&ns, "fairlead"));
-    }
-    let stats = rt.block_on(proxy.sync(&st)).expect("sync");
-    assert_eq!(stats.full, restart, "{stats:?}");
+    // A restart, with the Service.
+    let proxy = NftablesProxy::new(config(&ns, "fairlead"));
+    let stats = rt().block_on(proxy.sync(&st)).expect("sync");
+    assert!(stats.full, "{stats:?}");
     let out = client.join().unwrap();
     assert!(
         out.status.success(),
-        "restart {restart}: curl: {}{}",
+        "curl: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );

@@ -87,7 +87,7 @@ use tokio::sync::Mutex;
 use self::diff::{Change, ScriptStats};
 use self::ruleset::{table_id, table_name, MapName, Ruleset, RulesetConfig, TableId};
 use self::socket::{Socket, TxError};
-use super::{PortChange, ProxyState, ServicePortInfo, ServicePortName};
+use super::{PortChange, ProxyState};
 
 /// Settings of the nftables proxy (flags of `fairlead node`).
 #[derive(Debug, Clone)]
@@ -232,45 +232,20 @@ impl Inner {
         if !std::mem::take(&mut self.recreated) {
             return None;
         }
-        Some(frontends(self.model.infos()))
-    }
-}
-
-/// The frontends of `ports`, for [`crate::proxy::conntrack::delete_untranslated`].
-fn frontends<'a>(
-    ports: impl IntoIterator<Item = (&'a ServicePortName, &'a Arc<ServicePortInfo>)>,
-) -> crate::proxy::conntrack::Frontends {
-    let mut f = crate::proxy::conntrack::Frontends::default();
-    for (spn, info) in ports {
-        let proto = spn.protocol.number();
-        for ip in info.cluster_ips.iter().chain(&info.external_ips) {
-            if let IpAddr::V4(ip) = ip {
-                f.addrs.insert((*ip, proto, info.port));
+        let mut f = crate::proxy::conntrack::Frontends::default();
+        for (spn, info) in self.model.infos() {
+            let proto = spn.protocol.number();
+            for ip in info.cluster_ips.iter().chain(&info.external_ips) {
+                if let IpAddr::V4(ip) = ip {
+                    f.addrs.insert((*ip, proto, info.port));
+                }
+            }
+            if let Some(np) = info.node_port {
+                f.node_ports.insert((proto, np));
             }
         }
-        if let Some(np) = info.node_port {
-            f.node_ports.insert((proto, np));
-        }
+        Some(f)
     }
-    f
-}
-
-/// The frontends of the ports in `after` that have usable endpoints and
-/// had none (or did not exist) in `before`; None if there are none. A
-/// client that reached such a frontend before its rules were in left an
-/// untranslated conntrack entry that its retransmissions would follow.
-fn first_endpoints(
-    before: &ProxyState,
-    after: &ProxyState,
-) -> Option<crate::proxy::conntrack::Frontends> {
-    let has = |i: &ServicePortInfo| !i.usable_endpoints(None).is_empty();
-    // UDP ports: `stale_udp` deletes every flow to such a frontend.
-    let f = frontends(after.iter().filter(|(spn, new)| {
-        spn.protocol != super::Protocol::Udp
-            && has(new)
-            && !before.get(*spn).is_some_and(|o| has(o))
-    }));
-    (!f.addrs.is_empty() || !f.node_ports.is_empty()).then_some(f)
 }
 
 /// The socket in `slot`, opened on first use (and after an I/O error).
@@ -350,11 +325,13 @@ impl NftablesProxy {
         mut g: tokio::sync::MutexGuard<'_, Inner>,
         changes: &[PortChange],
     ) -> Result<SyncStats, NftError> {
-        // What the changed ports were and become, for the conntrack
-        // clean-ups once the new rules are in.
+        // Only UDP service ports can leave stale conntrack entries.
         let mut before = ProxyState::new();
         let mut after = ProxyState::new();
         for (spn, info) in changes {
+            if spn.protocol != super::Protocol::Udp {
+                continue;
+            }
             if let Some(o) = g.model.infos().get(spn) {
                 before.insert(spn.clone(), o.clone());
             }
@@ -363,23 +340,18 @@ impl NftablesProxy {
             }
         }
         let stats = blocking(|| self.sync_locked(&mut g, changes))?;
-        // Every frontend after a rebuild; else those that just got endpoints.
-        let untranslated = g
-            .take_recreated()
-            .or_else(|| first_endpoints(&before, &after));
+        let recreated = g.take_recreated();
         drop(g);
         // Only once the new rules are in: a datagram in between would
         // recreate an entry towards the old target.
         self.clear_stale_udp(&before, &after).await;
-        self.clear_untranslated(untranslated).await;
+        self.clear_untranslated(recreated).await;
         Ok(stats)
     }
 
-    /// Delete the conntrack entries of flows to `frontends` that were
-    /// neither translated nor answered (see [`crate::proxy::conntrack`]):
-    /// after the tables were recreated, flows whose first packet crossed
-    /// the commit; after a frontend got its first endpoints, flows that
-    /// came before its rules did.
+    /// After the tables were recreated: delete the conntrack entries of
+    /// flows to Service frontends that passed the old tables untranslated
+    /// as the transaction committed (see [`crate::proxy::conntrack`]).
     async fn clear_untranslated(&self, frontends: Option<crate::proxy::conntrack::Frontends>) {
         let Some(frontends) = frontends else {
             return;
