@@ -14,7 +14,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use common::netns::{have_nft, Netns, UdpClient, UdpEcho};
 use fairlead::proxy::conntrack::{
-    delete_udp_to_endpoint, delete_udp_to_node_port, delete_udp_to_service,
+    delete_udp, delete_udp_to_endpoint, delete_udp_to_node_port, delete_udp_to_service, StaleUdp,
 };
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -160,6 +160,41 @@ fn deleting_entries_to_a_service_and_a_node_port() {
         .expect("delete");
     assert_eq!(deleted, 1);
     assert_eq!(ask(&c, node_port), POD_B.to_string());
+}
+
+/// A sync's clean-ups go in one call (one dump): here a frontend and a
+/// NodePort together, and only their flows.
+#[test]
+fn one_call_deletes_every_kind_it_names() {
+    if !have_nft("one_call_deletes_every_kind_it_names") {
+        return;
+    }
+    let s = setup();
+    let rt = rt();
+    let ns = Some(s.ns.name.as_str());
+    let svc = SocketAddrV4::new(CLUSTER_IP, PORT);
+    let node_port = SocketAddrV4::new(NODE_IP, NODE_PORT);
+    let (c1, c2, other) = (
+        UdpClient::bind(&s.ns, 40000),
+        UdpClient::bind(&s.ns, 40001),
+        UdpClient::bind(&s.ns, 40002),
+    );
+    assert_eq!(ask(&c1, svc), POD_A.to_string());
+    assert_eq!(ask(&c2, node_port), POD_A.to_string());
+    assert_eq!(
+        ask(&other, SocketAddrV4::new(POD_A, TARGET_PORT)),
+        POD_A.to_string()
+    );
+    point_service_at(&s.ns, POD_B);
+
+    let stale = vec![
+        StaleUdp::ToFrontend(CLUSTER_IP, PORT),
+        StaleUdp::ToNodePort(NODE_PORT),
+    ];
+    assert_eq!(rt.block_on(delete_udp(ns, stale)).expect("delete"), 2);
+    assert_eq!(ask(&c1, svc), POD_B.to_string());
+    assert_eq!(ask(&c2, node_port), POD_B.to_string());
+    assert_eq!(rt.block_on(delete_udp(ns, vec![])).expect("nothing"), 0);
 }
 
 #[test]

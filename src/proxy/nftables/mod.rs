@@ -379,21 +379,13 @@ impl NftablesProxy {
     /// endpoints until now (see [`crate::proxy::conntrack`]).
     async fn clear_stale_udp(&self, before: &ProxyState, after: &ProxyState) {
         use crate::proxy::conntrack;
-        let netns = self.cfg.netns.as_deref();
-        for job in stale_udp(before, after) {
-            let r = match job {
-                StaleUdp::Endpoint(ep) => conntrack::delete_udp_to_endpoint(netns, ep).await,
-                StaleUdp::Frontend(ip, port) => {
-                    conntrack::delete_udp_to_service(netns, ip, port).await
-                }
-                StaleUdp::NodePort(port) => conntrack::delete_udp_to_node_port(netns, port).await,
-            };
-            match r {
-                Ok(n) => metrics::counter!("fairlead_conntrack_entries_deleted_total").increment(n),
-                Err(e) => {
-                    metrics::counter!("fairlead_conntrack_cleanup_failures_total").increment(1);
-                    tracing::warn!(error = %e, ?job, "deleting stale UDP conntrack entries");
-                }
+        let stale: Vec<conntrack::StaleUdp> = stale_udp(before, after).into_iter().collect();
+        let n = stale.len();
+        match conntrack::delete_udp(self.cfg.netns.as_deref(), stale).await {
+            Ok(n) => metrics::counter!("fairlead_conntrack_entries_deleted_total").increment(n),
+            Err(e) => {
+                metrics::counter!("fairlead_conntrack_cleanup_failures_total").increment(1);
+                tracing::warn!(error = %e, kinds = n, "deleting stale UDP conntrack entries");
             }
         }
     }
@@ -716,19 +708,13 @@ impl NftablesProxy {
     }
 }
 
-/// One conntrack clean-up after a sync.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum StaleUdp {
-    /// Flows DNATed to an endpoint no longer used.
-    Endpoint(std::net::SocketAddrV4),
-    /// Flows to a frontend that had no endpoints before.
-    Frontend(std::net::Ipv4Addr, u16),
-    NodePort(u16),
-}
-
 /// What to clean up between two states: for UDP service ports, endpoints
 /// no longer usable, and frontends that gain their first endpoint.
-fn stale_udp(before: &ProxyState, after: &ProxyState) -> std::collections::BTreeSet<StaleUdp> {
+fn stale_udp(
+    before: &ProxyState,
+    after: &ProxyState,
+) -> std::collections::BTreeSet<crate::proxy::conntrack::StaleUdp> {
+    use crate::proxy::conntrack::StaleUdp;
     use std::collections::BTreeSet;
     let v4 = |addrs: Vec<std::net::SocketAddr>| -> BTreeSet<std::net::SocketAddrV4> {
         addrs
@@ -753,7 +739,7 @@ fn stale_udp(before: &ProxyState, after: &ProxyState) -> std::collections::BTree
             .unwrap_or_default();
         for ep in v4(old.usable_endpoints(None)) {
             if !kept.contains(&ep) {
-                out.insert(StaleUdp::Endpoint(ep));
+                out.insert(StaleUdp::ToEndpoint(ep));
             }
         }
     }
@@ -769,11 +755,11 @@ fn stale_udp(before: &ProxyState, after: &ProxyState) -> std::collections::BTree
         }
         for ip in new.cluster_ips.iter().chain(&new.external_ips) {
             if let IpAddr::V4(ip) = ip {
-                out.insert(StaleUdp::Frontend(*ip, new.port));
+                out.insert(StaleUdp::ToFrontend(*ip, new.port));
             }
         }
         if let Some(np) = new.node_port {
-            out.insert(StaleUdp::NodePort(np));
+            out.insert(StaleUdp::ToNodePort(np));
         }
     }
     out
@@ -811,6 +797,7 @@ pub async fn cleanup(netns: Option<&str>, table: &str) -> Result<(), NftError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::conntrack::StaleUdp;
     use crate::proxy::nftables::ruleset::tests::{ep, info, spn};
     use crate::proxy::Protocol;
 
@@ -840,7 +827,7 @@ mod tests {
         let got: Vec<StaleUdp> = stale_udp(&before, &after).into_iter().collect();
         assert_eq!(
             got,
-            vec![StaleUdp::Endpoint("10.244.0.1:53".parse().unwrap())]
+            vec![StaleUdp::ToEndpoint("10.244.0.1:53".parse().unwrap())]
         );
         // A UDP service port going from none to some endpoints.
         let mut empty = info("10.96.0.11", 53, vec![]);
@@ -853,9 +840,9 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                StaleUdp::Endpoint("10.244.0.1:53".parse().unwrap()),
-                StaleUdp::Frontend("10.96.0.11".parse().unwrap(), 53),
-                StaleUdp::NodePort(30053),
+                StaleUdp::ToEndpoint("10.244.0.1:53".parse().unwrap()),
+                StaleUdp::ToFrontend("10.96.0.11".parse().unwrap(), 53),
+                StaleUdp::ToNodePort(30053),
             ]
         );
         // Nothing changed: nothing to do.
