@@ -280,6 +280,13 @@ pub struct NodeArgs {
     /// (default: --config's clusterCIDR, else 10.244.0.0/16).
     #[arg(long)]
     pub cluster_cidr: Option<ServiceCidr>,
+    /// The cluster's Service ClusterIP range (the API server's
+    /// --service-cluster-ip-range). With it, nftables mode drops a new
+    /// connection to the range that no Service translated (one that came
+    /// before its Service's rules), so the client's next SYN is balanced
+    /// instead of the connect timing out.
+    #[arg(long)]
+    pub service_cluster_ip_range: Option<ServiceCidr>,
     #[command(flatten)]
     pub client: ClientArgs,
     #[command(flatten)]
@@ -304,6 +311,9 @@ pub struct JoinArgs {
     /// (default: --config's clusterCIDR, else 10.244.0.0/16).
     #[arg(long)]
     pub cluster_cidr: Option<ServiceCidr>,
+    /// The cluster's Service ClusterIP range (as for `fairlead node`).
+    #[arg(long)]
+    pub service_cluster_ip_range: Option<ServiceCidr>,
     /// Port of the local load balancer to every API server (on 127.0.0.1,
     /// as k3s's agent); 0 connects to --server directly.
     #[arg(long, default_value_t = 6444)]
@@ -821,6 +831,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(args) => {
             let mut node_cfg = args.node.config()?;
             node_cfg.data_dir = args.apiserver.data_dir.clone();
+            node_cfg.service_cidr = Some(args.apiserver.service_cluster_ip_range);
             node_cfg.cluster_cidr = args.ipam.cluster_cidr;
             let running = apiserver::start(args.apiserver.config()).await?;
             let client = client_from(&running.kubeconfig).await?;
@@ -953,6 +964,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("invalid join token: {e}"))?;
             let mut cfg = args.node.config()?;
             cfg.data_dir = args.data_dir.clone();
+            cfg.service_cidr = args.service_cluster_ip_range;
             if let Some(c) = args.cluster_cidr {
                 cfg.cluster_cidr = c;
             }
@@ -982,6 +994,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(args) => {
             let mut cfg = args.node.config()?;
             cfg.data_dir = args.data_dir.clone();
+            cfg.service_cidr = args.service_cluster_ip_range;
             if let Some(c) = args.cluster_cidr {
                 cfg.cluster_cidr = c;
             }

@@ -211,6 +211,7 @@ fn applies_state_and_skips_unchanged() {
         "nat-prerouting",
         "nat-output",
         "nat-postrouting",
+        "untranslated-output",
         "service-endpoints-check",
         "services",
         "masquerading",
@@ -256,12 +257,19 @@ fn netlink_encoding_lists_like_nft_f() {
     let ns = Netns::new();
     let rt = rt();
     let st = every_shape();
-    for nodeport_addresses in [
-        vec![],
-        vec!["192.0.2.1".parse().unwrap(), "10.0.0.1".parse().unwrap()],
+    for (nodeport_addresses, service_ranges) in [
+        (vec![], vec![]),
+        (
+            vec!["192.0.2.1".parse().unwrap(), "10.0.0.1".parse().unwrap()],
+            vec![
+                ("10.96.0.0".parse().unwrap(), 12),
+                ("172.30.0.0".parse().unwrap(), 23),
+            ],
+        ),
     ] {
         let mut cfg = config(&ns, "fairlead");
         cfg.nodeport_addresses = nodeport_addresses.clone();
+        cfg.service_ranges = service_ranges.clone();
         cfg.masquerade_bit = 3;
         let proxy = NftablesProxy::new(cfg);
         assert!(rt.block_on(proxy.sync(&st)).unwrap().full);
@@ -271,6 +279,7 @@ fn netlink_encoding_lists_like_nft_f() {
             node_name: "node-a".into(),
             nodeport_addresses,
             masquerade_bit: 3,
+            service_ranges,
         };
         ns.nft_f(&fairlead::proxy::nftables::ruleset::Ruleset::build(rcfg, &st).render_full());
         assert_eq!(
@@ -850,14 +859,26 @@ fn no_connection_misses_its_dnat_while_a_restart_recreates_the_tables() {
 /// A connection whose first SYN passed the tables untranslated (here: the
 /// Service was not in them yet; in the race, the old tables' maps were
 /// gone as the SYN read them) is recorded so by conntrack, and every
-/// retransmission would follow that entry to nowhere. A restarted proxy
-/// that recreates the tables deletes such entries, so the client's next
-/// SYN is DNATed and connects.
+/// retransmission would follow that entry to nowhere. Two ways out, each
+/// checked: a restarted proxy that recreates the tables deletes such
+/// entries; with the Service range configured, such a SYN is dropped
+/// before conntrack keeps it, so the next one, after a partial sync
+/// programmed the Service, is balanced.
 #[test]
-fn a_connection_left_untranslated_connects_after_the_tables_are_recreated() {
-    if !have_nft("a_connection_left_untranslated_connects_after_the_tables_are_recreated") {
+fn a_connection_left_untranslated_connects_once_its_service_is_programmed() {
+    if !have_nft("a_connection_left_untranslated_connects_once_its_service_is_programmed") {
         return;
     }
+    left_untranslated(true, false, false);
+    left_untranslated(false, true, false);
+    left_untranslated(false, true, true);
+}
+
+/// [`a_connection_left_untranslated_connects_once_its_service_is_programmed`]
+/// with the Service programmed by a restarted proxy or a partial sync,
+/// with or without the Service range (10.96.0.0/12), the client on the
+/// node or in a pod (its SYN forwarded).
+fn left_untranslated(restart: bool, range: bool, from_pod: bool) {
     let ns = traffic_netns();
     let dir = tempfile::tempdir().unwrap();
     let mut agent = Agent::start(&ns, "agent");
@@ -877,35 +898,73 @@ fn a_connection_left_untranslated_connects_after_the_tables_are_recreated() {
     poll("backend b1", Duration::from_secs(20), || {
         (agent.names(direct, 1, None)[0].as_deref() == Ok(name)).then_some(())
     });
+    let rt = rt();
+    let cfg = NftablesConfig {
+        service_ranges: if range {
+            vec![("10.96.0.0".parse().unwrap(), 12)]
+        } else {
+            vec![]
+        },
+        ..config(&ns, "fairlead")
+    };
     // Tables without the Service: its ClusterIP is nothing to them.
-    rt().block_on(NftablesProxy::new(config(&ns, "fairlead")).sync(&ProxyState::new()))
+    let mut proxy = NftablesProxy::new(cfg.clone());
+    rt.block_on(proxy.sync(&ProxyState::new()))
         .expect("first sync");
+    let mut _local = None;
+    if range {
+        // A local address in the range (as the cluster DNS address every
+        // node serves itself) is not a Service's to translate: it passes.
+        ns.run_ok("ip", &["addr", "add", "10.96.0.10/32", "dev", "lo"]);
+        let mut cmd = ns.command(FAIRLEAD);
+        cmd.args([
+            "echo",
+            "--name",
+            "dns",
+            "--bind",
+            "10.96.0.10",
+            "--http-port",
+            "8080",
+        ]);
+        _local = Some(ns.spawn(cmd, &dir.path().join("dns.log")));
+        let local: SocketAddr = "10.96.0.10:8080".parse().unwrap();
+        poll(
+            "a local address in the range",
+            Duration::from_secs(20),
+            || (agent.names(local, 1, None)[0].as_deref() == Ok("dns")).then_some(()),
+        );
+    }
     // The client starts: curl retries its SYN for up to 10 s.
-    let mut curl = ns.command("curl");
+    let pod = from_pod.then(|| ns.pod("10.244.1.2", "169.254.1.1"));
+    let client_ns = pod.as_ref().unwrap_or(&ns);
+    let mut curl = client_ns.command("curl");
     curl.args(["-sS", "--max-time", "10", "http://10.96.1.1:80/hostname"]);
     let client = std::thread::spawn(move || curl.output().expect("curl runs"));
-    poll("curl's SYN sent", Duration::from_secs(5), || {
-        ns.run_ok("ss", &["-Htn", "state", "syn-sent", "dst", "10.96.1.1"])
-            .contains("10.96.1.1:80")
-            .then_some(())
-    });
+    poll(
+        "curl's SYN sent and unanswered",
+        Duration::from_secs(5),
+        || {
+            client_ns
+                .run_ok("ss", &["-Htn", "state", "syn-sent", "dst", "10.96.1.1"])
+                .contains("10.96.1.1:80")
+                .then_some(())
+        },
+    );
     let mut st = ProxyState::new();
+    let eps = vec![ep(&format!("{addr}:8080"), "node-a")];
     st.insert(
         spn("d", "web", "", Protocol::Tcp),
-        Arc::new(info(
-            "10.96.1.1",
-            80,
-            vec![ep(&format!("{addr}:8080"), "node-a")],
-        )),
+        Arc::new(info("10.96.1.1", 80, eps)),
     );
-    // A restart, with the Service.
-    let proxy = NftablesProxy::new(config(&ns, "fairlead"));
-    let stats = rt().block_on(proxy.sync(&st)).expect("sync");
-    assert!(stats.full, "{stats:?}");
+    if restart {
+        proxy = NftablesProxy::new(cfg);
+    }
+    let stats = rt.block_on(proxy.sync(&st)).expect("sync");
+    assert_eq!(stats.full, restart, "{stats:?}");
     let out = client.join().unwrap();
     assert!(
         out.status.success(),
-        "curl: {}{}",
+        "restart {restart}, range {range}, from a pod {from_pod}: curl: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );

@@ -116,29 +116,7 @@ struct PodClient {
 
 impl PodClient {
     fn start(c: &Cluster) -> PodClient {
-        let ns = Netns::new();
-        ip_all(
-            &c.ns,
-            &[
-                format!(
-                    "link add veth-pod type veth peer name eth0 netns {}",
-                    ns.name
-                ),
-                format!("addr add {POD_GATEWAY}/32 dev veth-pod"),
-                "link set veth-pod up".into(),
-                format!("route add {POD_CLIENT}/32 dev veth-pod"),
-            ],
-        );
-        // A node routes for its pods.
-        c.ns.run_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-        ip_all(
-            &ns,
-            &[
-                format!("addr add {POD_CLIENT}/32 dev eth0"),
-                "link set eth0 up".into(),
-                format!("route add default via {POD_GATEWAY} dev eth0 onlink"),
-            ],
-        );
+        let ns = c.ns.pod(POD_CLIENT, POD_GATEWAY);
         let agent = Agent::start(&ns, "agent");
         PodClient { agent, _ns: ns }
     }

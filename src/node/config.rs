@@ -26,6 +26,9 @@ pub struct NodeConfig {
     pub hostname_override: Option<String>,
     /// Addresses NodePorts listen on (empty = all).
     pub nodeport_addresses: Vec<IpAddr>,
+    /// The Service ClusterIP range, if known (nftables mode drops new
+    /// connections to it that no Service rule translated).
+    pub service_cidr: Option<crate::api::service::ServiceCidr>,
     pub metrics_bind_address: SocketAddr,
     pub healthz_bind_address: SocketAddr,
     /// After a burst of two syncs, the least time between syncs (0: none;
@@ -101,6 +104,7 @@ impl Default for NodeConfig {
             proxy_mode: ProxyMode::Userspace,
             hostname_override: None,
             nodeport_addresses: Vec::new(),
+            service_cidr: None,
             metrics_bind_address: "127.0.0.1:10249".parse().unwrap(),
             healthz_bind_address: "0.0.0.0:10256".parse().unwrap(),
             min_sync_period: Duration::ZERO,

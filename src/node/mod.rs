@@ -484,6 +484,11 @@ pub async fn run_from(client: kube::Client, cfg: NodeConfig, source: Source) -> 
             NftablesProxy::new(NftablesConfig {
                 node_name: node_name.clone(),
                 nodeport_addresses: cfg.nodeport_addresses.clone(),
+                service_ranges: cfg
+                    .service_cidr
+                    .iter()
+                    .map(|c| (std::net::Ipv4Addr::from(c.base), c.prefix))
+                    .collect(),
                 ..NftablesConfig::default()
             }),
             // appProtocol ports: the node's own L7 proxy, on its address.

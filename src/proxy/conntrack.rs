@@ -39,15 +39,15 @@
 //!   is the one its lookups read). A partial sync avoids that race
 //!   instead, by deleting maps in a later transaction; a full one cannot,
 //!   as the tables it deletes and recreates have the same names. (A client
-//!   that reached a Service in the few ms before its rules were in is left
-//!   so too, as with kube-proxy: a dump walks the kernel's whole conntrack
-//!   hash, all namespaces' entries, ~10 ms here. One after each sync that
-//!   gave a frontend its first endpoints doubled the node's
-//!   slice-to-traffic latency at 30,000 Services; gathered in the
-//!   background over 250 ms, it still pushed a removal's p99 from ~5 ms
-//!   to 16-55 ms. The fix that costs nothing is kube-proxy's: drop or
-//!   reject new connections to unallocated addresses of the service
-//!   ranges, which needs the ranges (ServiceCIDR objects).)
+//!   that reached a Service in the few ms before its rules were in is not
+//!   cleaned up here: a dump walks the kernel's whole conntrack hash, all
+//!   namespaces' entries, ~10 ms here, and one after each sync that gave a
+//!   frontend its first endpoints doubled the node's slice-to-traffic
+//!   latency at 30,000 Services; gathered in the background over 250 ms,
+//!   it still pushed a removal's p99 from ~5 ms to 16-55 ms. With the
+//!   Service range known, the ruleset drops such a first packet instead,
+//!   which costs nothing: see `untranslated-output` in
+//!   [`crate::proxy::nftables::ruleset`].)
 //!
 //! The work is done over ctnetlink, the connection tracker's netlink
 //! interface (no `conntrack` program, so the static image does it too), as

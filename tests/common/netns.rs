@@ -109,6 +109,35 @@ impl Netns {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// A pod of this namespace (the node): a namespace of its own with
+    /// address `pod` on `eth0`, linked to the node by a veth pair whose
+    /// node end (`veth-pod`) has `gateway`, its default route; the node
+    /// routes for it. Its traffic enters the node through prerouting and
+    /// the forward path, as a pod's does. Drop it before the node.
+    pub fn pod(&self, pod: &str, gateway: &str) -> Netns {
+        let ns = Netns::new();
+        for cmd in [
+            format!(
+                "link add veth-pod type veth peer name eth0 netns {}",
+                ns.name
+            ),
+            format!("addr add {gateway}/32 dev veth-pod"),
+            "link set veth-pod up".into(),
+            format!("route add {pod}/32 dev veth-pod"),
+        ] {
+            self.run_ok("ip", &cmd.split_whitespace().collect::<Vec<_>>());
+        }
+        self.run_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        for cmd in [
+            format!("addr add {pod}/32 dev eth0"),
+            "link set eth0 up".into(),
+            format!("route add default via {gateway} dev eth0 onlink"),
+        ] {
+            ns.run_ok("ip", &cmd.split_whitespace().collect::<Vec<_>>());
+        }
+        ns
+    }
+
     /// Run `program args...` inside the namespace to completion: its
     /// stdout; panics with its stderr when it fails.
     pub fn run_ok(&self, program: &str, args: &[&str]) -> String {

@@ -102,6 +102,10 @@ pub struct NftablesConfig {
     /// The packet-mark bit asking for masquerading (kube-proxy's default:
     /// 14, mark 0x4000).
     pub masquerade_bit: u8,
+    /// The Service ClusterIP ranges (network, prefix length), if known: a
+    /// new connection to them that no Service rule translated is dropped
+    /// rather than left to time out (see [`ruleset`]).
+    pub service_ranges: Vec<(std::net::Ipv4Addr, u8)>,
     /// Program the ruleset of this network namespace (a name under
     /// /run/netns, or a path) instead of the process's own; tests use it.
     pub netns: Option<String>,
@@ -143,6 +147,7 @@ impl Default for NftablesConfig {
             node_name: String::new(),
             nodeport_addresses: Vec::new(),
             masquerade_bit: r.masquerade_bit,
+            service_ranges: r.service_ranges,
             netns: None,
             shard_size: DEFAULT_SHARD_SIZE,
             growth_defer: DEFAULT_GROWTH_DEFER,
@@ -157,6 +162,7 @@ impl NftablesConfig {
             node_name: self.node_name.clone(),
             nodeport_addresses: self.nodeport_addresses.clone(),
             masquerade_bit: self.masquerade_bit,
+            service_ranges: self.service_ranges.clone(),
         }
     }
 

@@ -491,6 +491,12 @@ pub fn encode_rule(buf: &mut Vec<u8>, rule: &Rule) {
             prefix_match(buf, 16, *inside, CMP_NEQ);
             expr(buf, "masq", |_| {});
         }
+        Rule::DropUntranslated(range) => {
+            prefix_match(buf, 16, *range, CMP_EQ);
+            fib_addrtype(buf, FIB_F_DADDR, REG_1);
+            cmp(buf, REG_1, CMP_NEQ, &RTN_LOCAL.to_ne_bytes());
+            immediate_verdict(buf, &Verdict::Drop);
+        }
         Rule::RejectTcpReset => {
             meta_load(buf, META_L4PROTO, REG_1);
             cmp(buf, REG_1, CMP_EQ, &[Protocol::Tcp.number()]);

@@ -43,7 +43,8 @@
 //!   # Filter (priority -110, before DNAT): reject/drop new connections to
 //!   # frontends without endpoints.
 //!   chain filter-input   { hook input;   ct state new jump service-endpoints-check }
-//!   chain filter-forward { hook forward; ct state new jump service-endpoints-check }
+//!   chain filter-forward { hook forward; ct state new jump service-endpoints-check
+//!                          <drop untranslated, below> }
 //!   chain filter-output  { hook output;  ct state new jump service-endpoints-check }
 //!   chain service-endpoints-check {
 //!     ip daddr . meta l4proto . th dport vmap @no-endpoint-services
@@ -62,6 +63,25 @@
 //!   # <nodeport addresses>: `fib daddr type local ip daddr != 127.0.0.0/8`,
 //!   # or, when --nodeport-addresses are given, one rule per address
 //!   # (`ip daddr <address>`).
+//!   # After them (priority -99), for a new connection no table's DNAT
+//!   # translated (nf_nat runs later nat chains only then):
+//!   chain untranslated-output { hook output; <drop untranslated> }
+//!   # <drop untranslated>: with the Service ranges configured, per range
+//!   # `ip daddr <range> fib daddr type != local drop`. Traffic that
+//!   # arrives (from pods) is judged in filter-forward, after prerouting's
+//!   # DNAT and after the reject of frontends without endpoints (a
+//!   # prerouting chain would come before that reject, and drop what it
+//!   # should refuse); the node's own, in untranslated-output (filter-output
+//!   # comes before DNAT).
+//!   # Why drop: such a connection's first packet reached a Service address
+//!   # before the Service's rules were in (a few ms after it was created),
+//!   # or crossed the commit of a rebuild of every table, whose old maps a
+//!   # lookup then finds empty. Let through, it leaves untranslated and
+//!   # conntrack records that: every retransmitted SYN follows the entry,
+//!   # not the nat chains, until the connect times out. Dropped, no entry
+//!   # is kept, and the client's next SYN, a second later, is balanced.
+//!   # Local addresses pass: the cluster DNS address, which every node
+//!   # serves itself, has no DNAT.
 //!   chain masquerading {
 //!     # hairpin: an endpoint reached itself through a Service
 //!     ct status dnat ip saddr . ip daddr @hairpin-endpoints jump mark-for-masquerade
@@ -187,6 +207,9 @@ pub struct RulesetConfig {
     pub nodeport_addresses: Vec<IpAddr>,
     /// The packet-mark bit that asks for masquerading (kube-proxy: 14).
     pub masquerade_bit: u8,
+    /// The Service ClusterIP ranges (network, prefix length): a new
+    /// connection to them that no Service rule translated is dropped.
+    pub service_ranges: Vec<(Ipv4Addr, u8)>,
 }
 
 impl Default for RulesetConfig {
@@ -196,6 +219,7 @@ impl Default for RulesetConfig {
             node_name: String::new(),
             nodeport_addresses: Vec::new(),
             masquerade_bit: 14,
+            service_ranges: Vec::new(),
         }
     }
 }
@@ -364,6 +388,11 @@ pub enum Rule {
         from: (Ipv4Addr, u8),
         inside: (Ipv4Addr, u8),
     },
+    /// `ip daddr <net> fib daddr type != local drop`: a new connection to
+    /// a Service range that no DNAT translated (the node's own addresses
+    /// in it, such as the cluster DNS address every node serves itself,
+    /// are left alone).
+    DropUntranslated((Ipv4Addr, u8)),
     /// `meta l4proto tcp reject with tcp reset`
     RejectTcpReset,
     /// `reject` (ICMP port unreachable)
@@ -433,6 +462,9 @@ impl fmt::Display for Rule {
                 "ip saddr {}/{} ip daddr != {}/{} masquerade",
                 from.0, from.1, inside.0, inside.1
             ),
+            Rule::DropUntranslated((net, len)) => {
+                write!(f, "ip daddr {net}/{len} fib daddr type != local drop")
+            }
             Rule::RejectTcpReset => f.write_str("meta l4proto tcp reject with tcp reset"),
             Rule::Reject => f.write_str("reject"),
             Rule::Verdict(v) => write!(f, "{v}"),
@@ -1180,7 +1212,7 @@ pub struct BaseChain {
     pub priority: i32,
 }
 
-pub const BASE_CHAINS: [BaseChain; 6] = [
+pub const BASE_CHAINS: [BaseChain; 7] = [
     BaseChain {
         name: "filter-input",
         kind: "filter",
@@ -1217,6 +1249,14 @@ pub const BASE_CHAINS: [BaseChain; 6] = [
         hook: Hook::Postrouting,
         priority: 100,
     },
+    // After every table's DNAT chains (-100): nf_nat runs a later nat
+    // chain only for a connection none of them translated.
+    BaseChain {
+        name: "untranslated-output",
+        kind: "nat",
+        hook: Hook::Output,
+        priority: -99,
+    },
 ];
 
 /// The regular chains of the fixed part.
@@ -1250,6 +1290,10 @@ pub fn base_rules(cfg: &RulesetConfig) -> Vec<(&'static str, Rule)> {
     v.push(("nat-prerouting", Rule::Verdict(jump("services"))));
     v.push(("nat-output", Rule::Verdict(jump("services"))));
     v.push(("nat-postrouting", Rule::Verdict(jump("masquerading"))));
+    for range in &cfg.service_ranges {
+        v.push(("filter-forward", Rule::DropUntranslated(*range)));
+        v.push(("untranslated-output", Rule::DropUntranslated(*range)));
+    }
     v.push(("services", Rule::DispatchFrontends(MapName::ServiceIps)));
     for np in &nodeports {
         v.push((
@@ -1271,7 +1315,7 @@ pub fn base_rules(cfg: &RulesetConfig) -> Vec<(&'static str, Rule)> {
 
 /// Bumped when the table's shape changes in a way the per-service
 /// fingerprints would not show, so an upgraded daemon rebuilds the table.
-const FORMAT: &str = "fairlead-nftables-v3";
+const FORMAT: &str = "fairlead-nftables-v4";
 
 /// The hash of the fixed part (not of the table's name: tables with the
 /// same contents have the same fingerprint) and of the number of shards.
@@ -1860,6 +1904,7 @@ pub(crate) mod tests {
             ],
             masquerade_bit: 0,
             table: "fl".into(),
+            service_ranges: vec![("10.96.0.0".parse().unwrap(), 12)],
             ..cfg()
         };
         golden(
