@@ -994,7 +994,8 @@ impl Default for Churn {
 }
 
 /// 15 s of new connections to `churn.target` while a thread syncs
-/// `churn.shape(n)` in turn, a sync every millisecond: none may fail.
+/// `churn.shape(n)` in turn, a sync every millisecond: none may fail (with
+/// the Service range configured, as `fairlead up` does).
 fn churn_without_misses(test: &str, churn: Churn) {
     if !have_nft(test) {
         return;
@@ -1033,12 +1034,18 @@ fn churn_without_misses(test: &str, churn: Churn) {
         st.insert(spn("d", "web", "", Protocol::Tcp), Arc::new(web));
         st
     };
-    let proxy = NftablesProxy::new(config(&ns, "fairlead"));
+    // The Service range, as `fairlead up` programs it: a first packet that
+    // still misses its DNAT is dropped there and retransmitted, not lost.
+    let cfg = NftablesConfig {
+        service_ranges: vec![("10.96.0.0".parse().unwrap(), 12)],
+        ..config(&ns, "fairlead")
+    };
+    let proxy = NftablesProxy::new(cfg.clone());
     rt().block_on(proxy.sync(&state(0))).expect("first sync");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let churn = {
         let stop = stop.clone();
-        let cfg = config(&ns, "fairlead");
+        let cfg = cfg.clone();
         std::thread::spawn(move || {
             let rt = rt();
             let mut proxy = proxy;
